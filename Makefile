@@ -1,0 +1,40 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# KVM live update in Rust: entry points. See README.md.
+#
+#   make check   setup if needed, build, lint, run every test in QEMU
+#   make demo    boot the built kernel and show one live update
+#   make setup   install packages, Rust components and the base tree
+#   make kernel  assemble the tree and build the kernel
+#   make test    run the QEMU tests (T=name runs one)
+#   make lint    rustfmt, clippy and checkpatch over the project's code
+#   make clean   remove the kernel build (the base tree and packages stay)
+
+SHELL := /bin/bash
+export KLU_CACHE ?= $(HOME)/.cache/kvm-luo
+SELFTESTS := tools/testing/selftests/kvm_luo
+RUNNER_ARGS = -s $(KLU_CACHE)/src -b $(KLU_CACHE)/build -o $(KLU_CACHE)/out \
+	$(foreach t,$(T),-t $(t))
+
+.PHONY: check demo setup kernel test lint clean
+
+check:
+	@build/check.sh
+
+demo: kernel
+	@build/demo.sh
+
+setup:
+	@build/setup.sh
+
+kernel: setup
+	@build/kernel.sh all
+
+test:
+	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS)
+
+lint:
+	@build/lint.sh
+
+clean:
+	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/clippy $(KLU_CACHE)/out

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# make check: setup when needed, build the kernel, lint, run every test in
+# QEMU, and end with "N passed, N failed". Exits non-zero if anything failed
+# or could not run.
+set -uo pipefail
+. "$(dirname "$0")/common.sh"
+
+results=$KLU_CACHE/check-results.txt
+mkdir -p "$KLU_CACHE"
+: > "$results"
+start=$(date +%s)
+
+step() {	# step NAME COMMAND...: one result line for a whole step
+	local name=$1 t0=$(date +%s)
+	shift
+	if "$@"; then
+		echo "PASS $name $(($(date +%s) - t0))" >> "$results"
+		return 0
+	fi
+	echo "FAIL $name $(($(date +%s) - t0))" >> "$results"
+	return 1
+}
+
+if step setup "$KLU_TOP/build/setup.sh" && step kernel "$KLU_TOP/build/kernel.sh" all; then
+	"$KLU_TOP/build/lint.sh" -r "$results"
+	"$KLU_TOP/tools/testing/selftests/kvm_luo/run_vmtests.sh" -s "$KLU_SRC" \
+		-b "$KLU_OBJ" -o "$KLU_OUT" -r "$results"
+else
+	echo "FAIL tests 0" >> "$results"	# nothing could run
+fi
+
+echo
+echo "== make check summary ($(($(date +%s) - start))s) =="
+awk '$1 == "FAIL" { print "failed: " $2 }' "$results"
+passed=$(grep -c '^PASS ' "$results")
+failed=$(grep -c '^FAIL ' "$results")
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]

@@ -1,0 +1,25 @@
+# SPDX-License-Identifier: GPL-2.0
+# Shared settings for the project's build scripts. Sourced, not executed.
+
+# Where the project lives, and the persistent cache outside the clone that
+# keeps the base tree, the assembled tree and the kernel build between runs.
+KLU_TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KLU_CACHE=${KLU_CACHE:-$HOME/.cache/kvm-luo}
+
+# The base kernel: Debian's linux-source-7.3 package.
+KLU_BASE_TARBALL=${KLU_BASE_TARBALL:-/usr/src/linux-source-7.3.tar.xz}
+KLU_BASE=$KLU_CACHE/base	# pristine unpacked base, never modified
+KLU_SRC=$KLU_CACHE/src		# base + project files + patches
+KLU_OBJ=$KLU_CACHE/build	# O= build directory
+KLU_OUT=$KLU_CACHE/out		# test binaries, initramfs, logs
+
+export LIBCLANG_PATH=${LIBCLANG_PATH:-/usr/lib/llvm-19/lib}
+export PATH=$HOME/.cargo/bin:$PATH
+
+KLU_MAKE=(make -C "$KLU_SRC" O="$KLU_OBJ" LLVM=-19 ARCH=x86_64 -j"$(nproc)")
+
+# The project directories that hold new files at their kernel paths.
+KLU_KERNEL_DIRS=(Documentation include kernel mm rust virt tools arch)
+
+klu_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+klu_die() { printf 'error: %s\n' "$*" >&2; exit 1; }

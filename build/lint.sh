@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# make lint: rustfmt, clippy and checkpatch over what the project wrote.
+# Prints one result per check and, with -r FILE, appends "PASS|FAIL name
+# seconds" lines to FILE. Exits non-zero if a check fails.
+#
+#   lint:rustfmt     rustfmt --check (kernel .rustfmt.toml) on the project's .rs
+#   lint:clippy      the project's Rust objects built with CLIPPY=1, in a
+#                    separate build directory; any warning in project code fails
+#   lint:checkpatch  scripts/checkpatch.pl on patches/*.patch and new C files
+set -uo pipefail
+. "$(dirname "$0")/common.sh"
+
+results=""
+[ "${1:-}" = -r ] && results=$2
+CLIPPY_OBJ=$KLU_CACHE/clippy
+failed=0
+
+record() {	# record PASS|FAIL name seconds [detail]
+	[ "$1" = PASS ] || failed=1
+	printf '%-6s %-34s %6ss  %s\n' "$([ "$1" = PASS ] && echo ok || echo FAIL)" "$2" "$3" "${4:-}"
+	[ -z "$results" ] || echo "$1 $2 $3" >> "$results"
+}
+
+# The project's files at their kernel paths, filtered by a regex.
+project_files() {
+	git -C "$KLU_TOP" ls-files --cached --others --exclude-standard -- \
+		"${KLU_KERNEL_DIRS[@]}" | grep -E "$1" || true
+}
+
+lint_rustfmt() {
+	local t0=$SECONDS files
+	files=$(project_files '\.rs$' | grep -v '^tools/')
+	if [ -z "$files" ]; then
+		record PASS lint:rustfmt 0 "no project Rust files in the kernel tree yet"
+		return
+	fi
+	if (cd "$KLU_TOP" && rustfmt --check --edition 2021 \
+		--config-path "$KLU_SRC/.rustfmt.toml" $files); then
+		record PASS lint:rustfmt $((SECONDS - t0)) "$(echo "$files" | wc -l) files"
+	else
+		record FAIL lint:rustfmt $((SECONDS - t0)) "run rustfmt on the files above"
+	fi
+}
+
+lint_clippy() {
+	local t0=$SECONDS files dirs f log=$KLU_CACHE/clippy.log
+	files=$(project_files '\.rs$' | grep -v '^tools/')
+	if [ -z "$files" ]; then
+		record PASS lint:clippy 0 "no project Rust files in the kernel tree yet"
+		return
+	fi
+	mkdir -p "$CLIPPY_OBJ"
+	if ! cmp -s "$KLU_OBJ/.config" "$CLIPPY_OBJ/.config"; then
+		cp "$KLU_OBJ/.config" "$CLIPPY_OBJ/.config"
+	fi
+	# Rebuild the project's Rust objects so that their lints are printed
+	# again: the kernel crate when the project adds to rust/kernel, and the
+	# object of every other project directory.
+	dirs=$(echo "$files" | xargs -n1 dirname | sort -u | grep -v '^rust/' || true)
+	if echo "$files" | grep -q '^rust/'; then
+		rm -f "$CLIPPY_OBJ/rust/kernel.o"
+	fi
+	for f in $dirs; do
+		rm -f "$CLIPPY_OBJ/$f"/*.o
+	done
+	if ! make -C "$KLU_SRC" O="$CLIPPY_OBJ" LLVM=-19 ARCH=x86_64 -j"$(nproc)" \
+		CLIPPY=1 -s olddefconfig prepare > "$log" 2>&1 ||
+	   ! make -C "$KLU_SRC" O="$CLIPPY_OBJ" LLVM=-19 ARCH=x86_64 -j"$(nproc)" \
+		CLIPPY=1 -s rust/ $(printf '%s/ ' $dirs) >> "$log" 2>&1; then
+		tail -20 "$log"
+		record FAIL lint:clippy $((SECONDS - t0)) "build failed, log $log"
+		return
+	fi
+	local hits
+	hits=$(grep -E -- '--> ' "$log" | grep -F -f <(echo "$files") || true)
+	if [ -n "$hits" ]; then
+		grep -E -B6 -A6 -- "--> ($(echo "$files" | paste -sd'|'))" "$log" | head -80
+		record FAIL lint:clippy $((SECONDS - t0)) "$(echo "$hits" | wc -l) warning(s), log $log"
+	else
+		record PASS lint:clippy $((SECONDS - t0)) "$(echo "$files" | wc -l) files"
+	fi
+}
+
+lint_checkpatch() {
+	local t0=$SECONDS patches cfiles out bad=0
+	patches=$(grep -v -e '^#' -e '^[[:space:]]*$' "$KLU_TOP/patches/series" |
+		  sed "s|^|$KLU_TOP/patches/|")
+	cfiles=$(project_files '\.(c|h)$' | sed "s|^|$KLU_TOP/|")
+	if [ -n "$patches" ]; then
+		out=$(cd "$KLU_SRC" && scripts/checkpatch.pl -q --no-summary $patches 2>&1) || bad=1
+		[ -z "$out" ] || echo "$out"
+	fi
+	if [ -n "$cfiles" ]; then
+		out=$(cd "$KLU_SRC" && scripts/checkpatch.pl -q --no-summary -f $cfiles 2>&1) || bad=1
+		[ -z "$out" ] || echo "$out"
+	fi
+	local n=$(( $(echo "$patches" | grep -c .) + $(echo "$cfiles" | grep -c .) ))
+	if [ "$bad" = 0 ]; then
+		record PASS lint:checkpatch $((SECONDS - t0)) "$n files"
+	else
+		record FAIL lint:checkpatch $((SECONDS - t0)) "see the report above"
+	fi
+}
+
+[ -d "$KLU_SRC" ] && [ -f "$KLU_OBJ/.config" ] || klu_die "build the kernel first (make kernel)"
+lint_rustfmt
+lint_clippy
+lint_checkpatch
+exit "$failed"

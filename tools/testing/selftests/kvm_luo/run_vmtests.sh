@@ -1,0 +1,248 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# Run the kvm_luo tests in QEMU: one boot per test, two for the tests that
+# kexec. Builds the test binaries statically, packs them with init.c into an
+# initramfs, boots the kernel under TCG with -cpu max (so KVM works inside
+# the guest), and reports every test as passed or failed with its duration.
+# Ends with "N passed, N failed" and exits non-zero if anything failed.
+#
+# Usage: run_vmtests.sh -s SRC -b BUILD -o OUT [-t TEST]... [-r RESULTS]
+#   -s  the assembled kernel source tree
+#   -b  its O= build directory (with bzImage, usr/include, usr/gen_init_cpio)
+#   -o  where binaries, the initramfs and the serial logs go
+#   -t  run only this test (repeatable); default: every test in tests.list
+#   -r  also append "PASS|FAIL name seconds" lines to this file
+# Environment:
+#   KLU_QEMU_MEM     guest memory (default 3G)
+#   KLU_INJECT_FAIL  name of a test to run with a wrong expected exit status,
+#                    to show that a failing test fails the run
+
+set -u
+
+here=$(cd "$(dirname "$0")" && pwd)
+src="" obj="" out="" results=""
+only=()
+
+while getopts 's:b:o:t:r:h' opt; do
+	case $opt in
+	s) src=$(realpath "$OPTARG") ;;
+	b) obj=$(realpath "$OPTARG") ;;
+	o) out=$(realpath -m "$OPTARG") ;;
+	t) only+=("$OPTARG") ;;
+	r) results=$(realpath -m "$OPTARG") ;;
+	*) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 2 ;;
+	esac
+done
+[ -n "$src" ] && [ -n "$obj" ] && [ -n "$out" ] || { echo "need -s, -b and -o" >&2; exit 2; }
+
+kernel=$obj/arch/x86/boot/bzImage
+hdrs=$obj/usr/include
+gen_cpio=$obj/usr/gen_init_cpio
+sel=$src/tools/testing/selftests
+root=$out/root
+logs=$out/logs
+for f in "$kernel" "$gen_cpio" "$hdrs/linux/liveupdate.h"; do
+	[ -e "$f" ] || { echo "missing $f: build the kernel first" >&2; exit 2; }
+done
+
+passed=0 failed=0
+failed_names=()
+
+record() {	# record PASS|FAIL name seconds [reason]
+	local verdict=$1 name=$2 secs=$3 reason=${4:-}
+	if [ "$verdict" = PASS ]; then
+		passed=$((passed + 1))
+		printf 'ok     %-34s %6ss\n' "$name" "$secs"
+	else
+		failed=$((failed + 1))
+		failed_names+=("$name")
+		printf 'FAIL   %-34s %6ss  %s\n' "$name" "$secs" "$reason"
+	fi
+	[ -z "$results" ] || echo "$verdict $name $secs" >> "$results"
+}
+
+# --- build -----------------------------------------------------------------
+
+build_liveupdate() {
+	local t d=$sel/liveupdate
+	mkdir -p "$root/liveupdate"
+	for t in liveupdate luo_kexec_simple luo_multi_session luo_stress_files \
+		 luo_stress_sessions; do
+		gcc -static -O2 -Wall -Wno-unused-function -isystem "$hdrs" \
+			-I "$d/lib/include" -I "$sel" -o "$root/liveupdate/$t" \
+			"$d/$t.c" "$d/lib/lu_utils.c" || return 1
+	done
+}
+
+# The project's own userspace tests and demos.
+build_kvm_luo() {
+	mkdir -p "$root/kvm_luo"
+	gcc -static -O2 -Wall -isystem "$hdrs" -I "$sel/liveupdate/lib/include" \
+		-I "$sel" -o "$root/kvm_luo/memfd_demo" "$here/memfd_demo.c" \
+		"$sel/liveupdate/lib/lu_utils.c"
+}
+
+build_kvm() {
+	local progs=(guest_memfd_test set_memory_region_test x86/sync_regs_test)
+	make -s -C "$sel/kvm" ARCH=x86_64 OUTPUT="$out/kvm" \
+		KHDR_INCLUDES="-isystem $hdrs" EXTRA_CFLAGS=-static \
+		"${progs[@]/#/$out/kvm/}" || return 1
+	local p
+	for p in "${progs[@]}"; do
+		mkdir -p "$root/kvm/$(dirname "$p")"
+		cp "$out/kvm/$p" "$root/kvm/$p"
+	done
+}
+
+build_initramfs() {
+	gcc -static -Os -Wall -o "$root/init" "$here/init.c" || return 1
+	mkdir -p "$root/etc"
+	cp "$here/tests.list" "$root/etc/klu-tests"
+
+	# The inner image is what stage 2 boots; the outer one adds the kernel
+	# and the inner image for init to kexec into.
+	local list=$out/cpio.list
+	{
+		echo "dir /dev 0755 0 0"
+		echo "nod /dev/console 0600 0 0 c 5 1"
+		echo "dir /proc 0755 0 0"
+		echo "dir /sys 0755 0 0"
+		echo "dir /tmp 1777 0 0"
+		(cd "$root" && find . -mindepth 1 | sort) | while read -r p; do
+			p=${p#.}
+			if [ -d "$root$p" ]; then
+				echo "dir $p 0755 0 0"
+			else
+				echo "file $p $root$p $(stat -c %a "$root$p") 0 0"
+			fi
+		done
+	} > "$list"
+	"$gen_cpio" "$list" > "$out/inner.cpio" || return 1
+	{
+		cat "$list"
+		echo "file /kernel $kernel 0644 0 0"
+		echo "file /initrd.img $out/inner.cpio 0644 0 0"
+	} > "$out/outer.list"
+	"$gen_cpio" "$out/outer.list" > "$out/initramfs.cpio"
+}
+
+# --- run -------------------------------------------------------------------
+
+# Names of the lines of tests.list to run.
+test_lines() {
+	grep -v -e '^#' -e '^[[:space:]]*$' "$here/tests.list" | while read -r name rest; do
+		if [ ${#only[@]} -eq 0 ] || [[ " ${only[*]} " == *" $name "* ]]; then
+			echo "$name $rest"
+		fi
+	done
+}
+
+boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE
+	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on klu.test=$1 $4"
+	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp 2 \
+		-m "${KLU_QEMU_MEM:-3G}" -nographic -nodefaults -no-reboot \
+		-serial file:"$3" -kernel "$kernel" -initrd "$out/initramfs.cpio" \
+		-append "$cmdline" </dev/null >"$3.qemu" 2>&1
+}
+
+# Kernel trouble in a log, as one line, or nothing.
+kernel_trouble() {
+	grep -m1 -E 'Kernel panic|BUG:|Oops|WARNING:|Call Trace:|general protection' "$1"
+}
+
+# One result per KUnit suite from the KTAP the kernel printed.
+kunit_results() {	# kunit_results LOG SECONDS
+	local log=$1 secs=$2 plan got=0
+	local lines
+	lines=$(sed -E 's/^\[ *[0-9]+\.[0-9]+\] //' "$log" | tr -d '\r')
+	plan=$(echo "$lines" | grep -m1 -E '^1\.\.[0-9]+$' | cut -d. -f3)
+	if [ -z "$plan" ]; then
+		record FAIL kunit "$secs" "no KTAP plan in $log"
+		return
+	fi
+	while read -r verdict rest; do
+		local name
+		if [ "$verdict" = ok ]; then
+			name=$(echo "$rest" | awk '{print $2}')
+			if [[ "$rest" == *"# SKIP"* ]]; then
+				record FAIL "kunit:$name" "$secs" "skipped"
+			else
+				record PASS "kunit:$name" "$secs"
+			fi
+		else
+			name=$(echo "$rest" | awk '{print $3}')
+			record FAIL "kunit:$name" "$secs" "see $log"
+		fi
+		got=$((got + 1))
+	done < <(echo "$lines" | grep -E '^(not )?ok [0-9]+ ')
+	[ "$got" -eq "$plan" ] || record FAIL kunit "$secs" "$got of $plan suites reported"
+}
+
+run_test() {	# run_test NAME KIND TIMEOUT
+	local name=$1 kind=$2 tmo=$3 log=$logs/$1.log extra="kunit.enable=0"
+	local start secs status trouble
+	[ "$kind" = boot ] && extra=""
+	[ "${KLU_INJECT_FAIL:-}" = "$name" ] && extra="$extra klu.expect=1"
+	rm -f "$log"
+	start=$(date +%s.%N)
+	boot "$name" "$tmo" "$log" "$extra"
+	status=$?
+	secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
+
+	if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+		record FAIL "$name" "$secs" "timed out after ${tmo}s, log $log"
+		return
+	fi
+	if [ ! -s "$log" ]; then
+		record FAIL "$name" "$secs" "no serial output (qemu status $status, $log.qemu)"
+		return
+	fi
+	trouble=$(kernel_trouble "$log")
+	if [ -n "$trouble" ]; then
+		record FAIL "$name" "$secs" "kernel: $trouble (log $log)"
+		return
+	fi
+	case $kind in
+	boot)
+		kunit_results "$log" "$secs" ;;
+	single)
+		if grep -q "KLU: stage 1 of $name: PASS" "$log"; then
+			record PASS "$name" "$secs"
+		else
+			record FAIL "$name" "$secs" "$(grep -m1 "KLU: stage 1 of $name" "$log" | tail -c +1 || echo 'no result') (log $log)"
+		fi ;;
+	kexec)
+		if ! grep -q "KLU: stage 1 of $name: PASS" "$log"; then
+			record FAIL "$name" "$secs" "stage 1 did not pass (log $log)"
+		elif grep -q "KLU: stage 2 of $name: PASS" "$log"; then
+			record PASS "$name" "$secs"
+		else
+			record FAIL "$name" "$secs" "stage 2 did not pass (log $log)"
+		fi ;;
+	*)
+		record FAIL "$name" "$secs" "unknown kind $kind" ;;
+	esac
+}
+
+main() {
+	rm -rf "$logs" "$root"
+	mkdir -p "$logs" "$root"
+	echo "# building test binaries and the initramfs in $out"
+	if ! { build_liveupdate && build_kvm_luo && build_kvm && build_initramfs; }; then
+		record FAIL build 0 "building the tests failed"
+	else
+		local lines name kind tmo
+		lines=$(test_lines)
+		[ -n "$lines" ] || record FAIL select 0 "no test matches: ${only[*]}"
+		while read -r name kind tmo _; do
+			[ -n "$name" ] && run_test "$name" "$kind" "$tmo"
+		done <<< "$lines"
+	fi
+	echo "# logs: $logs"
+	[ ${#failed_names[@]} -eq 0 ] || echo "# failed: ${failed_names[*]}"
+	echo "$passed passed, $failed failed"
+	[ "$failed" -eq 0 ]
+}
+
+main
