@@ -38,6 +38,7 @@
 #define NEXT_INITRD	"/initrd.img"
 
 static char cmdline[CMDLINE_MAX];
+static char *const test_env[] = { "PATH=/bin:/sbin", "HOME=/", NULL };
 
 static void say(const char *fmt, ...)
 {
@@ -51,10 +52,11 @@ static void say(const char *fmt, ...)
 	fflush(stdout);
 }
 
+/* QEMU runs with -no-reboot, so a reset ends it; power-off needs ACPI. */
 static void halt(void)
 {
 	sync();
-	reboot(RB_POWER_OFF);
+	reboot(RB_AUTOBOOT);
 	for (;;)
 		pause();
 }
@@ -159,7 +161,6 @@ static int run(struct test *t, int stage)
 	if (pid < 0)
 		return -1;
 	if (!pid) {
-		char *envp[] = { "PATH=/bin:/sbin", "HOME=/", NULL };
 		char *slash = strrchr(t->argv[0], '/');
 
 		if (slash && slash != t->argv[0]) {
@@ -168,7 +169,7 @@ static int run(struct test *t, int stage)
 				_exit(126);
 			*slash = '/';
 		}
-		execve(t->argv[0], t->argv, envp);
+		execve(t->argv[0], t->argv, test_env);
 		fprintf(stderr, "KLU: cannot execute %s: %s\n", t->argv[0],
 			strerror(errno));
 		_exit(127);

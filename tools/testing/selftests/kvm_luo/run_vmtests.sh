@@ -69,7 +69,7 @@ build_liveupdate() {
 	mkdir -p "$root/liveupdate"
 	for t in liveupdate luo_kexec_simple luo_multi_session luo_stress_files \
 		 luo_stress_sessions; do
-		gcc -static -O2 -Wall -Wno-unused-function -isystem "$hdrs" \
+		gcc -static -O2 -Wall -Wno-unused-function -D_GNU_SOURCE= -isystem "$hdrs" \
 			-I "$d/lib/include" -I "$sel" -o "$root/liveupdate/$t" \
 			"$d/$t.c" "$d/lib/lu_utils.c" || return 1
 	done
