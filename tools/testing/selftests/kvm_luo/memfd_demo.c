@@ -10,7 +10,7 @@
  * how long each step took. The TSC keeps counting across the kexec, so the
  * gap between the two kernels is measured with it.
  */
-#define _GNU_SOURCE
+
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>

@@ -77,10 +77,14 @@ build_liveupdate() {
 
 # The project's own userspace tests and demos.
 build_kvm_luo() {
+	local t
 	mkdir -p "$root/kvm_luo"
-	gcc -static -O2 -Wall -isystem "$hdrs" -I "$sel/liveupdate/lib/include" \
-		-I "$sel" -o "$root/kvm_luo/memfd_demo" "$here/memfd_demo.c" \
-		"$sel/liveupdate/lib/lu_utils.c"
+	for t in memfd_demo kvm_vm_luo_test; do
+		gcc -static -O2 -Wall -D_GNU_SOURCE= -isystem "$hdrs" \
+			-I "$sel/liveupdate/lib/include" -I "$sel" \
+			-o "$root/kvm_luo/$t" "$here/$t.c" \
+			"$sel/liveupdate/lib/lu_utils.c" || return 1
+	done
 }
 
 build_kvm() {

@@ -1,0 +1,371 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Kexec HandOver (KHO): memory that survives a kexec.
+//!
+//! C header: [`include/linux/kexec_handover.h`](srctree/include/linux/kexec_handover.h).
+//!
+//! KHO marks physical memory as preserved so that the next kernel, booted by kexec, does not
+//! reuse it, and lets the next kernel take that memory back ("restore" it). A live update file
+//! handler serializes its state into preserved memory and passes the physical address of that
+//! state to the next kernel through LUO.
+//!
+//! The types here pair every preservation with exactly one way out:
+//!
+//! - [`Preserved<T>`] and [`PreservedVec<T>`] are the outgoing side. While they exist, their
+//!   memory is preserved; dropping them unpreserves and frees it (the live update was cancelled
+//!   before the kexec). If the kexec happens while they exist, the memory is handed over.
+//! - [`Restored<T>`] and [`RestoredVec<T>`] are the incoming side. Creating them takes the
+//!   memory back from KHO, which refuses memory that was not preserved or was already restored;
+//!   dropping them frees it.
+//!
+//! Preserved data is plain old data: `T` must be [`FromBytes`] and [`IntoBytes`], so any bytes
+//! left by the previous kernel are a valid `T` and the caller only has to check their meaning.
+//! Use the little-endian types of [`zerocopy::byteorder`] for fields: the layout is an ABI
+//! between two kernels.
+
+use crate::{
+    alloc::VVec,
+    bindings,
+    error::{
+        from_err_ptr,
+        to_result, //
+    },
+    page::PAGE_SIZE,
+    prelude::*,
+};
+use core::{
+    marker::PhantomData,
+    mem::size_of,
+    ops::{
+        Deref,
+        DerefMut, //
+    },
+    ptr::NonNull,
+};
+use zerocopy::byteorder::little_endian::{
+    U16,
+    U32,
+    U64, //
+};
+
+/// Returns whether KHO is enabled in this kernel.
+pub fn is_enabled() -> bool {
+    // SAFETY: `kho_is_enabled` has no preconditions.
+    unsafe { bindings::kho_is_enabled() }
+}
+
+/// A `T` in memory preserved across kexec, allocated with `kho_alloc_preserve()`.
+///
+/// The memory is zeroed when allocated, and is handed over to the next kernel if a kexec happens
+/// while this object exists. Dropping it unpreserves and frees the memory.
+///
+/// # Invariants
+///
+/// `ptr` was returned by a successful `kho_alloc_preserve(size_of::<T>())`, is preserved, and is
+/// exclusively owned by this object.
+pub struct Preserved<T: FromBytes + IntoBytes> {
+    ptr: NonNull<T>,
+}
+
+impl<T: FromBytes + IntoBytes> Preserved<T> {
+    /// Allocates preserved, zeroed memory for a `T` and stores `value` in it.
+    ///
+    /// # Errors
+    ///
+    /// Returns `ENOMEM` when memory cannot be allocated and the error of `kho_preserve_folio()`
+    /// when it cannot be preserved.
+    pub fn new(value: T) -> Result<Self> {
+        const { assert!(size_of::<T>() > 0) };
+        // SAFETY: `kho_alloc_preserve` can be called with any non-zero size.
+        let ptr = from_err_ptr(unsafe { bindings::kho_alloc_preserve(size_of::<T>()) })?;
+        let ptr = NonNull::new(ptr.cast::<T>()).ok_or(ENOMEM)?;
+        // SAFETY: The memory is page-aligned, at least `size_of::<T>()` bytes long, and owned by
+        // us; any `T` may be written to it.
+        unsafe { ptr.as_ptr().write(value) };
+        // INVARIANT: `ptr` comes from a successful `kho_alloc_preserve()`.
+        Ok(Self { ptr })
+    }
+
+    /// The physical address to pass to the next kernel, for [`Restored::restore`].
+    pub fn phys(&self) -> u64 {
+        // SAFETY: `ptr` is a valid direct-map address by the type invariants.
+        unsafe { bindings::virt_to_phys(self.ptr.as_ptr().cast()) }
+    }
+}
+
+impl<T: FromBytes + IntoBytes> Deref for Preserved<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: `ptr` points to a `T` owned by `self`, by the type invariants.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T: FromBytes + IntoBytes> DerefMut for Preserved<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: `ptr` points to a `T` exclusively owned by `self`, by the type invariants.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl<T: FromBytes + IntoBytes> Drop for Preserved<T> {
+    fn drop(&mut self) {
+        // SAFETY: By the type invariants `ptr` came from `kho_alloc_preserve()` and is still
+        // preserved; this is the only place that gives it back.
+        unsafe { bindings::kho_unpreserve_free(self.ptr.as_ptr().cast()) };
+    }
+}
+
+// SAFETY: `Preserved<T>` owns its `T` like a `Box<T>`; it can be sent to another thread if `T`
+// can.
+unsafe impl<T: FromBytes + IntoBytes + Send> Send for Preserved<T> {}
+// SAFETY: `&Preserved<T>` only gives out `&T`.
+unsafe impl<T: FromBytes + IntoBytes + Sync> Sync for Preserved<T> {}
+
+/// A `T` the previous kernel preserved with [`Preserved`], taken back from KHO.
+///
+/// The bytes are whatever the previous kernel left; `T: FromBytes` makes any of them a valid `T`,
+/// and the caller validates their meaning. Dropping this object frees the memory.
+///
+/// # Invariants
+///
+/// `folio` was returned by `kho_restore_folio()`, we own its only reference, and it is at least
+/// `size_of::<T>()` bytes long.
+pub struct Restored<T: FromBytes> {
+    folio: NonNull<bindings::folio>,
+    _t: PhantomData<T>,
+}
+
+impl<T: FromBytes> Restored<T> {
+    /// Takes back the `T` at physical address `phys` that the previous kernel preserved.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` when `phys` is not the start of memory preserved by the previous kernel,
+    /// was already restored, or is too small for a `T`.
+    pub fn restore(phys: u64) -> Result<Self> {
+        if phys == 0 || phys % PAGE_SIZE as u64 != 0 {
+            return Err(EINVAL);
+        }
+        // SAFETY: `kho_restore_folio` checks that `phys` is the head of a folio preserved by the
+        // previous kernel and not yet restored, and returns NULL otherwise.
+        let folio = NonNull::new(unsafe { bindings::kho_restore_folio(phys) }).ok_or(EINVAL)?;
+        // SAFETY: `folio` is a valid folio we hold the only reference to.
+        let size = unsafe { bindings::folio_size(folio.as_ptr()) };
+        if size < size_of::<T>() {
+            // SAFETY: We own the reference returned by `kho_restore_folio`.
+            unsafe { bindings::folio_put(folio.as_ptr()) };
+            return Err(EINVAL);
+        }
+        // INVARIANT: Checked above.
+        Ok(Self {
+            folio,
+            _t: PhantomData,
+        })
+    }
+}
+
+impl<T: FromBytes> Deref for Restored<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: The folio is in the direct map (KHO folios are never highmem on 64-bit), at
+        // least `size_of::<T>()` long by the type invariants, page-aligned, and any bytes are a
+        // valid `T`.
+        unsafe { &*bindings::folio_address(self.folio.as_ptr()).cast::<T>() }
+    }
+}
+
+impl<T: FromBytes> Drop for Restored<T> {
+    fn drop(&mut self) {
+        // SAFETY: We own the only reference to the restored folio; dropping it frees the memory.
+        unsafe { bindings::folio_put(self.folio.as_ptr()) };
+    }
+}
+
+// SAFETY: `Restored<T>` owns its `T` like a `Box<T>`.
+unsafe impl<T: FromBytes + Send> Send for Restored<T> {}
+// SAFETY: `&Restored<T>` only gives out `&T`.
+unsafe impl<T: FromBytes + Sync> Sync for Restored<T> {}
+
+/// How the previous kernel describes a preserved vmalloc area, in the layout of
+/// `struct kho_vmalloc`, to embed in a handler's serialized state.
+#[repr(C)]
+#[derive(Clone, Copy, Default, FromBytes, IntoBytes)]
+pub struct VmallocDesc {
+    first: U64,
+    total_pages: U32,
+    flags: U16,
+    order: U16,
+}
+
+impl VmallocDesc {
+    fn from_raw(raw: &bindings::kho_vmalloc) -> Self {
+        // SAFETY: `first` is a union of a pointer and its physical address; KHO stores the
+        // physical address in it, and both are 64 bits wide.
+        let first = unsafe { raw.first.phys };
+        Self {
+            first: first.into(),
+            total_pages: raw.total_pages.into(),
+            flags: raw.flags.into(),
+            order: raw.order.into(),
+        }
+    }
+
+    fn to_raw(self) -> bindings::kho_vmalloc {
+        let mut raw: bindings::kho_vmalloc = pin_init::zeroed();
+        raw.first.phys = self.first.get();
+        raw.total_pages = self.total_pages.get();
+        raw.flags = self.flags.get();
+        raw.order = self.order.get();
+        raw
+    }
+
+    /// Whether this describes no memory at all (an empty vector).
+    pub fn is_empty(&self) -> bool {
+        self.first.get() == 0
+    }
+
+    /// Number of bytes the preserved area holds.
+    fn capacity_bytes(&self) -> usize {
+        (self.total_pages.get() as usize).saturating_mul(PAGE_SIZE)
+    }
+}
+
+/// A vector in vmalloc memory preserved across kexec with `kho_preserve_vmalloc()`.
+///
+/// Build the contents in a [`VVec`], then preserve it. The elements cannot change length while
+/// preserved. Dropping this object unpreserves the memory and frees the vector.
+///
+/// # Invariants
+///
+/// If `vec` is not empty, its whole vmalloc area is preserved and `desc` describes it.
+pub struct PreservedVec<T: FromBytes + IntoBytes> {
+    vec: VVec<T>,
+    desc: bindings::kho_vmalloc,
+}
+
+impl<T: FromBytes + IntoBytes> PreservedVec<T> {
+    /// Preserves the memory of `vec`.
+    ///
+    /// # Errors
+    ///
+    /// Returns the error of `kho_preserve_vmalloc()`, in which case `vec` is dropped.
+    pub fn new(vec: VVec<T>) -> Result<Self> {
+        let mut desc: bindings::kho_vmalloc = pin_init::zeroed();
+        if !vec.is_empty() && size_of::<T>() != 0 {
+            // SAFETY: A non-empty `VVec` is the start of its own vmalloc area, which stays alive
+            // (and unchanged in size) as long as `self`.
+            to_result(unsafe {
+                bindings::kho_preserve_vmalloc(vec.as_ptr().cast_mut().cast(), &mut desc)
+            })?;
+        }
+        // INVARIANT: Preserved above, or empty.
+        Ok(Self { vec, desc })
+    }
+
+    /// The descriptor to pass to the next kernel, for [`RestoredVec::restore`].
+    pub fn desc(&self) -> VmallocDesc {
+        VmallocDesc::from_raw(&self.desc)
+    }
+}
+
+impl<T: FromBytes + IntoBytes> Deref for PreservedVec<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        &self.vec
+    }
+}
+
+impl<T: FromBytes + IntoBytes> Drop for PreservedVec<T> {
+    fn drop(&mut self) {
+        if !self.vec.is_empty() && size_of::<T>() != 0 {
+            // SAFETY: The area was preserved in `new` and `desc` describes it, by the type
+            // invariants. The vector itself is freed after this, by dropping `vec`.
+            unsafe { bindings::kho_unpreserve_vmalloc(&mut self.desc) };
+        }
+    }
+}
+
+// SAFETY: `PreservedVec<T>` owns its elements like a `VVec<T>`; the descriptor is only used by
+// `drop`, which has exclusive access.
+unsafe impl<T: FromBytes + IntoBytes + Send> Send for PreservedVec<T> {}
+// SAFETY: `&PreservedVec<T>` only gives out `&[T]` and a copy of the descriptor.
+unsafe impl<T: FromBytes + IntoBytes + Sync> Sync for PreservedVec<T> {}
+
+/// A vector the previous kernel preserved with [`PreservedVec`], taken back from KHO.
+///
+/// # Invariants
+///
+/// `ptr` is null (and `len` zero), or a vmalloc address returned by `kho_restore_vmalloc()`
+/// that we own, holding at least `len` elements of `T`.
+pub struct RestoredVec<T: FromBytes> {
+    ptr: *mut T,
+    len: usize,
+}
+
+impl<T: FromBytes> RestoredVec<T> {
+    /// Takes back the vector described by `desc`.
+    ///
+    /// The result holds as many elements as the preserved pages can hold, which may be more
+    /// than the vector had (vmalloc rounds up to pages): the caller knows the real length from
+    /// its own serialized data, validates it against [`RestoredVec::len`], and slices.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` when KHO refuses the memory (not preserved, already restored,
+    /// inconsistent descriptor).
+    pub fn restore(desc: &VmallocDesc) -> Result<Self> {
+        if desc.is_empty() {
+            return Ok(Self {
+                ptr: core::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        let raw = desc.to_raw();
+        // SAFETY: `kho_restore_vmalloc` validates each chunk and page against the KHO records
+        // and returns NULL if any is not preserved.
+        let ptr = unsafe { bindings::kho_restore_vmalloc(&raw) };
+        if ptr.is_null() {
+            return Err(EINVAL);
+        }
+        let len = match size_of::<T>() {
+            0 => 0,
+            size => desc.capacity_bytes() / size,
+        };
+        // INVARIANT: The area is `total_pages` pages, which hold `len` elements.
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl<T: FromBytes> Deref for RestoredVec<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        if self.ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: By the type invariants `ptr` holds `len` elements; any bytes are a valid `T`,
+        // and vmalloc memory is page-aligned.
+        unsafe { core::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl<T: FromBytes> Drop for RestoredVec<T> {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: `ptr` is a vmalloc area we own, by the type invariants.
+            unsafe { bindings::vfree(self.ptr.cast()) };
+        }
+    }
+}
+
+// SAFETY: `RestoredVec<T>` owns its elements like a `VVec<T>`.
+unsafe impl<T: FromBytes + Send> Send for RestoredVec<T> {}
+// SAFETY: `&RestoredVec<T>` only gives out `&[T]`.
+unsafe impl<T: FromBytes + Sync> Sync for RestoredVec<T> {}

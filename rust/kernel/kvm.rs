@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! KVM virtual machines, as seen by in-kernel users such as live update handlers.
+//!
+//! C header: [`include/linux/kvm_host.h`](srctree/include/linux/kvm_host.h).
+//!
+//! A VM is a `struct kvm`. Userspace holds it through the file `KVM_CREATE_VM` returns, whose
+//! private data is the VM; the file pins one reference on it. More references are taken with
+//! `kvm_get_kvm()` and dropped with `kvm_put_kvm()`; the VM is destroyed when the last one goes.
+//! [`Kvm`] is that object; `ARef<Kvm>` owns one reference.
+//!
+//! Memory attributes (`KVM_SET_MEMORY_ATTRIBUTES`) are per guest frame. Only VMs with private
+//! memory support them (e.g. `KVM_X86_SW_PROTECTED_VM`); for other VMs every frame is shared.
+
+use crate::{
+    bindings,
+    error::{
+        from_err_ptr,
+        to_result, //
+    },
+    fs::File,
+    prelude::*,
+    sync::aref::{
+        ARef,
+        AlwaysRefCounted, //
+    },
+    types::Opaque,
+};
+use core::ptr::NonNull;
+
+/// The memory attribute that makes a guest frame private.
+pub const MEMORY_ATTRIBUTE_PRIVATE: u64 = bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
+
+/// A KVM virtual machine.
+///
+/// # Invariants
+///
+/// The object is a valid `struct kvm` whose refcount is non-zero while a reference to it exists.
+#[repr(transparent)]
+pub struct Kvm {
+    inner: Opaque<bindings::kvm>,
+}
+
+// SAFETY: `kvm_get_kvm()` and `kvm_put_kvm()` may be called from any thread.
+unsafe impl Send for Kvm {}
+// SAFETY: The methods on `&Kvm` take KVM's own locks where they need them.
+unsafe impl Sync for Kvm {}
+
+// SAFETY: The refcount is managed by `kvm_get_kvm()` and `kvm_put_kvm()`; a `&Kvm` implies a
+// non-zero count.
+unsafe impl AlwaysRefCounted for Kvm {
+    fn inc_ref(&self) {
+        // SAFETY: The existence of `&self` means the refcount is non-zero.
+        unsafe { bindings::kvm_get_kvm(self.as_ptr()) };
+    }
+
+    unsafe fn dec_ref(obj: NonNull<Self>) {
+        // SAFETY: The caller owns a reference to give back.
+        unsafe { bindings::kvm_put_kvm(obj.cast().as_ptr()) };
+    }
+}
+
+impl Kvm {
+    fn as_ptr(&self) -> *mut bindings::kvm {
+        self.inner.get()
+    }
+
+    /// Returns the VM of a file from `KVM_CREATE_VM`, or `None` for any other file.
+    ///
+    /// The VM lives at least as long as the file.
+    pub fn from_file(file: &File) -> Option<&Kvm> {
+        // SAFETY: `file` is a valid file.
+        if !unsafe { bindings::file_is_kvm(file.as_ptr()) } {
+            return None;
+        }
+        // SAFETY: A KVM VM file's private data is its `struct kvm`, on which the file holds a
+        // reference until it is released, which cannot happen while `file` is borrowed.
+        let kvm = unsafe { (*file.as_ptr()).private_data }.cast::<Kvm>();
+        // SAFETY: `Kvm` is `repr(transparent)` over `struct kvm`; see above for the lifetime.
+        Some(unsafe { &*kvm })
+    }
+
+    /// The type this VM was created with (the argument of `KVM_CREATE_VM`).
+    pub fn vm_type(&self) -> u64 {
+        // SAFETY: `self` is a valid VM; `create_type` is written once, before the VM is
+        // published.
+        unsafe { (*self.as_ptr()).create_type as u64 }
+    }
+
+    /// Whether KVM has marked this VM dead or bugged; such a VM only fails its ioctls.
+    pub fn is_dead(&self) -> bool {
+        let kvm = self.as_ptr();
+        // SAFETY: `self` is a valid VM. The flags only ever go from false to true; like
+        // `READ_ONCE()` in C, a volatile read sees a value that was written.
+        unsafe {
+            core::ptr::read_volatile(&raw const (*kvm).vm_dead)
+                || core::ptr::read_volatile(&raw const (*kvm).vm_bugged)
+        }
+    }
+
+    /// The memory attributes this VM supports.
+    #[cfg(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES)]
+    pub fn supported_mem_attributes(&self) -> u64 {
+        // SAFETY: `self` is a valid VM.
+        unsafe { bindings::kvm_supported_mem_attributes(self.as_ptr()) }
+    }
+
+    /// The memory attributes this VM supports: none, without memory attribute support.
+    #[cfg(not(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES))]
+    pub fn supported_mem_attributes(&self) -> u64 {
+        0
+    }
+
+    /// Calls `f(start, end, attributes)` for each maximal run of guest frames
+    /// `[start, end)` with equal non-zero attributes, in increasing order.
+    ///
+    /// # Errors
+    ///
+    /// Stops at, and returns, the first error of `f`.
+    #[cfg(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES)]
+    pub fn for_each_mem_attr_range<F>(&self, mut f: F) -> Result
+    where
+        F: FnMut(u64, u64, u64) -> Result,
+    {
+        let mut closure: &mut dyn FnMut(u64, u64, u64) -> Result = &mut f;
+        // SAFETY: `self` is a valid VM; `trampoline` receives a pointer to `closure`, which
+        // outlives the call.
+        to_result(unsafe {
+            bindings::kvm_for_each_mem_attr_range(
+                self.as_ptr(),
+                Some(trampoline),
+                (&raw mut closure).cast(),
+            )
+        })
+    }
+
+    /// Without memory attribute support, all frames are shared: `f` is never called.
+    #[cfg(not(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES))]
+    pub fn for_each_mem_attr_range<F>(&self, _f: F) -> Result
+    where
+        F: FnMut(u64, u64, u64) -> Result,
+    {
+        Ok(())
+    }
+
+    /// Sets the attributes of guest frames `[start, end)` to `attributes`, as
+    /// `KVM_SET_MEMORY_ATTRIBUTES` does.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` for an empty range or attributes the VM does not support, and `ENOMEM`
+    /// when KVM cannot allocate.
+    pub fn set_mem_attributes(&self, start: u64, end: u64, attributes: u64) -> Result {
+        #[cfg(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES)]
+        {
+            let attributes = c_ulong::try_from(attributes).map_err(|_| EINVAL)?;
+            // SAFETY: `self` is a valid VM; the function validates its arguments.
+            to_result(unsafe {
+                bindings::kvm_set_mem_attributes_range(self.as_ptr(), start, end, attributes)
+            })
+        }
+        #[cfg(not(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES))]
+        {
+            let _ = (start, end, attributes);
+            Err(EINVAL)
+        }
+    }
+
+    /// Returns the file of this VM, if it is still open.
+    pub fn file(&self) -> Option<ARef<File>> {
+        // SAFETY: `self` is a valid VM.
+        let file = NonNull::new(unsafe { bindings::kvm_get_vm_file(self.as_ptr()) })?;
+        // SAFETY: `kvm_get_vm_file` returned a new reference, which we now own.
+        Some(unsafe { ARef::from_raw(file.cast()) })
+    }
+}
+
+/// # Safety
+///
+/// `opaque` must point to a `&mut dyn FnMut(u64, u64, u64) -> Result`.
+#[cfg(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES)]
+unsafe extern "C" fn trampoline(
+    opaque: *mut c_void,
+    start: bindings::gfn_t,
+    end: bindings::gfn_t,
+    attrs: c_ulong,
+) -> c_int {
+    // SAFETY: By the function's safety requirements.
+    let f = unsafe { &mut *opaque.cast::<&mut dyn FnMut(u64, u64, u64) -> Result>() };
+    match f(start, end, attrs as u64) {
+        Ok(()) => 0,
+        Err(err) => err.to_errno(),
+    }
+}
+
+/// Creates a VM of type `vm_type` and its file, as `KVM_CREATE_VM` does. `name` names its
+/// debugfs and stats entries.
+///
+/// # Errors
+///
+/// Returns `EINVAL` for a type this host does not support, and the errors of VM creation.
+pub fn create_vm_file(vm_type: u64, name: &CStr) -> Result<ARef<File>> {
+    let vm_type = usize::try_from(vm_type).map_err(|_| EINVAL)?;
+    // SAFETY: `name` is a valid C string for the duration of the call.
+    let file = from_err_ptr(unsafe { bindings::kvm_create_vm_file(vm_type, name.as_char_ptr()) })?;
+    let file = NonNull::new(file).ok_or(EINVAL)?;
+    // SAFETY: `kvm_create_vm_file` returned a new file, whose reference we now own.
+    Ok(unsafe { ARef::from_raw(file.cast()) })
+}

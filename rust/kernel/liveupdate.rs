@@ -1,0 +1,448 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Live Update Orchestrator (LUO) file handlers.
+//!
+//! C header: [`include/linux/liveupdate.h`](srctree/include/linux/liveupdate.h).
+//!
+//! LUO lets userspace preserve file descriptors across a kexec: a process puts files in a
+//! *session* of `/dev/liveupdate` under 64-bit tokens, the kernel kexecs, and the process takes
+//! them back by token in the new kernel. Each kind of file is supported by a *file handler*,
+//! which LUO calls at each step:
+//!
+//! - `can_preserve`: is this file one of mine?
+//! - `preserve`: save the file's state into memory preserved with [KHO](crate::kho). The handler
+//!   returns a small preserved head object, whose physical address LUO passes to the next
+//!   kernel, and runtime state that lives until the kexec.
+//! - `freeze` / `unfreeze`: last actions right before the kexec, and their undo when the kexec is
+//!   aborted.
+//! - `unpreserve`: the session was closed before the kexec; release everything.
+//! - `retrieve`: in the new kernel, rebuild a file from the preserved head object.
+//! - `can_finish` / `finish`: the session is done; free whatever was not retrieved.
+//!
+//! In this abstraction, the serialized head object and the runtime state have their own types
+//! ([`FileHandler::Serialized`] and [`FileHandler::State`]), kept together in [`Outgoing`] in the
+//! old kernel and handed back as a [`Restored`] object in the new one, so a handler cannot mix
+//! up the two or lose track of what it preserved.
+
+use crate::{
+    bindings,
+    error::{
+        to_result,
+        VTABLE_DEFAULT_ERROR, //
+    },
+    fs::File,
+    kho::{
+        Preserved,
+        Restored, //
+    },
+    module::this_module,
+    prelude::*,
+    sync::aref::ARef,
+    types::{
+        ForeignOwnable,
+        Opaque, //
+    },
+};
+use core::{
+    marker::PhantomData,
+    ptr::NonNull, //
+};
+
+/// Length of the compatible string, including its terminating NUL.
+pub const COMPATIBLE_LEN: usize = bindings::LIVEUPDATE_HNDL_COMPAT_LENGTH as usize;
+
+/// What a handler keeps for a preserved file until the kexec (or until it is unpreserved).
+pub struct Outgoing<T: FileHandler> {
+    /// The serialized head object, preserved with KHO; its physical address goes to the next
+    /// kernel.
+    pub serialized: Preserved<T::Serialized>,
+    /// Runtime state that is not carried across the kexec.
+    pub state: T::State,
+}
+
+/// Whether and how a preserved file was retrieved in the new kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetrieveStatus {
+    /// Retrieve was never attempted.
+    NotAttempted,
+    /// Retrieve succeeded.
+    Retrieved,
+    /// Retrieve failed with this error, and will not be tried again.
+    Failed(Error),
+}
+
+impl RetrieveStatus {
+    fn from_raw(status: c_int) -> Self {
+        match status {
+            0 => Self::NotAttempted,
+            s if s > 0 => Self::Retrieved,
+            s => Self::Failed(Error::from_errno(s)),
+        }
+    }
+}
+
+/// The session a file is being preserved in, in the old kernel.
+///
+/// # Invariants
+///
+/// `ptr` is a valid outgoing session whose lock LUO holds for the lifetime `'a`.
+pub struct OutgoingSession<'a> {
+    ptr: NonNull<bindings::liveupdate_session>,
+    _p: PhantomData<&'a ()>,
+}
+
+impl OutgoingSession<'_> {
+    /// Returns the token under which `file` is preserved in this session.
+    ///
+    /// # Errors
+    ///
+    /// Returns `ENOENT` when `file` is not preserved in this session.
+    pub fn token_of(&self, file: &File) -> Result<u64> {
+        let mut token = 0u64;
+        // SAFETY: The session is valid and locked by the type invariants; `file` is valid.
+        to_result(unsafe {
+            bindings::liveupdate_get_token_outgoing(self.ptr.as_ptr(), file.as_ptr(), &mut token)
+        })?;
+        Ok(token)
+    }
+}
+
+/// The session a file is being retrieved from, in the new kernel.
+///
+/// # Invariants
+///
+/// `ptr` is a valid incoming session whose lock LUO holds for the lifetime `'a`.
+pub struct IncomingSession<'a> {
+    ptr: NonNull<bindings::liveupdate_session>,
+    _p: PhantomData<&'a ()>,
+}
+
+impl IncomingSession<'_> {
+    /// Retrieves the file preserved under `token` in this session, or returns it again if it
+    /// was already retrieved.
+    ///
+    /// # Errors
+    ///
+    /// Returns `ENOENT` when there is no such token, and the error of the file's retrieve when it
+    /// failed (now or earlier).
+    pub fn file(&self, token: u64) -> Result<ARef<File>> {
+        let mut file: *mut bindings::file = core::ptr::null_mut();
+        // SAFETY: The session is valid and locked by the type invariants.
+        to_result(unsafe {
+            bindings::liveupdate_get_file_incoming(self.ptr.as_ptr(), token, &mut file)
+        })?;
+        let file = NonNull::new(file).ok_or(EINVAL)?;
+        // SAFETY: On success `liveupdate_get_file_incoming` returns a new reference, which we
+        // now own.
+        Ok(unsafe { ARef::from_raw(file.cast()) })
+    }
+}
+
+/// A LUO file handler.
+///
+/// Implement this trait and register it with [`Registration`].
+#[vtable]
+pub trait FileHandler: Sized + 'static {
+    /// The string that matches preserved files to this handler in the next kernel. Change it
+    /// whenever the layout of [`Self::Serialized`] changes.
+    const COMPATIBLE: &'static CStr;
+
+    /// The head object preserved for each file; its physical address is the handle LUO passes
+    /// to the next kernel.
+    type Serialized: FromBytes + IntoBytes + Send + Sync;
+
+    /// Runtime state kept for each preserved file until the kexec.
+    type State: Send + Sync;
+
+    /// Whether this handler supports `file`. Must be cheap: LUO asks every handler in turn.
+    fn can_preserve(file: &File) -> bool;
+
+    /// Preserves `file`.
+    fn preserve(file: &File, session: &OutgoingSession<'_>) -> Result<Outgoing<Self>>;
+
+    /// Releases a file that was preserved and will not be handed over (its session was closed
+    /// before the kexec). The default drops `outgoing`, which unpreserves the head object.
+    fn unpreserve(_file: &File, outgoing: Outgoing<Self>) {
+        drop(outgoing);
+    }
+
+    /// Last actions right before the kexec. An error aborts the kexec.
+    fn freeze(
+        _file: &File,
+        _outgoing: &mut Outgoing<Self>,
+        _session: &OutgoingSession<'_>,
+    ) -> Result {
+        build_error!(VTABLE_DEFAULT_ERROR)
+    }
+
+    /// Undoes [`FileHandler::freeze`] when the kexec is aborted.
+    fn unfreeze(_file: &File, _outgoing: &mut Outgoing<Self>) {
+        build_error!(VTABLE_DEFAULT_ERROR)
+    }
+
+    /// Rebuilds the file in the new kernel. `serialized` is the head object the previous kernel
+    /// preserved; the handler owns it and everything it refers to, on success and on failure.
+    fn retrieve(
+        serialized: Restored<Self::Serialized>,
+        session: &IncomingSession<'_>,
+    ) -> Result<ARef<File>>;
+
+    /// Whether the session may finish now.
+    fn can_finish(_status: RetrieveStatus) -> bool {
+        build_error!(VTABLE_DEFAULT_ERROR)
+    }
+
+    /// The session is finished. When the file was never retrieved, `unretrieved` holds its head
+    /// object, and the handler must release everything it refers to.
+    fn finish(status: RetrieveStatus, unretrieved: Option<Restored<Self::Serialized>>);
+}
+
+/// A registration of a LUO file handler.
+///
+/// # Invariants
+///
+/// `inner` holds a `struct liveupdate_file_handler` built from `T` and registered with
+/// `liveupdate_register_file_handler()`; it is unregistered exactly once, in `drop`.
+#[pin_data(PinnedDrop)]
+pub struct Registration<T: FileHandler> {
+    #[pin]
+    inner: Opaque<bindings::liveupdate_file_handler>,
+    _t: PhantomData<T>,
+}
+
+// SAFETY: Registration and unregistration may happen on any thread.
+unsafe impl<T: FileHandler> Send for Registration<T> {}
+// SAFETY: `&Registration<T>` exposes nothing.
+unsafe impl<T: FileHandler> Sync for Registration<T> {}
+
+impl<T: FileHandler> Registration<T> {
+    /// Registers the handler `T` with LUO.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EOPNOTSUPP` when live update is disabled, `EEXIST` when another handler uses the
+    /// same compatible string, and `EINVAL` when the compatible string is too long.
+    pub fn register() -> impl PinInit<Self, Error> {
+        try_pin_init!(Self {
+            inner <- Opaque::try_ffi_init(move |slot: *mut bindings::liveupdate_file_handler| {
+                let name = T::COMPATIBLE.to_bytes_with_nul();
+                if name.len() > COMPATIBLE_LEN {
+                    return Err(EINVAL);
+                }
+                let mut handler: bindings::liveupdate_file_handler = pin_init::zeroed();
+                handler.ops = &HandlerVTable::<T>::VTABLE;
+                for (dst, src) in handler.compatible.iter_mut().zip(name) {
+                    *dst = *src as c_char;
+                }
+                // SAFETY: The initializer may write to `slot`.
+                unsafe { slot.write(handler) };
+                // SAFETY: `slot` holds a fully initialized handler whose ops outlive it. It is
+                // pinned, and unregistered in `drop` before its memory goes away.
+                // INVARIANT: On success, the handler is registered.
+                to_result(unsafe { bindings::liveupdate_register_file_handler(slot) })
+            }),
+            _t: PhantomData,
+        })
+    }
+}
+
+#[pinned_drop]
+impl<T: FileHandler> PinnedDrop for Registration<T> {
+    fn drop(self: Pin<&mut Self>) {
+        // SAFETY: The handler is registered, by the type invariants.
+        unsafe { bindings::liveupdate_unregister_file_handler(self.inner.get()) };
+    }
+}
+
+struct HandlerVTable<T: FileHandler>(PhantomData<T>);
+
+impl<T: FileHandler> HandlerVTable<T> {
+    const VTABLE: bindings::liveupdate_file_ops = bindings::liveupdate_file_ops {
+        can_preserve: Some(Self::can_preserve),
+        preserve: Some(Self::preserve),
+        unpreserve: Some(Self::unpreserve),
+        freeze: if T::HAS_FREEZE {
+            Some(Self::freeze)
+        } else {
+            None
+        },
+        unfreeze: if T::HAS_UNFREEZE {
+            Some(Self::unfreeze)
+        } else {
+            None
+        },
+        retrieve: Some(Self::retrieve),
+        can_finish: if T::HAS_CAN_FINISH {
+            Some(Self::can_finish)
+        } else {
+            None
+        },
+        finish: Some(Self::finish),
+        get_id: None,
+        owner: this_module::<T::OwnerModule>().as_ptr(),
+    };
+
+    /// # Safety
+    ///
+    /// `file` must be a valid file for the duration of the call.
+    unsafe extern "C" fn can_preserve(
+        _handler: *mut bindings::liveupdate_file_handler,
+        file: *mut bindings::file,
+    ) -> bool {
+        // SAFETY: The caller guarantees `file` is valid for the duration of the call.
+        T::can_preserve(unsafe { File::from_raw_file(file) })
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid, with a valid `file` and a locked outgoing `session`.
+    unsafe fn outgoing_session<'a>(
+        args: *mut bindings::liveupdate_file_op_args,
+    ) -> Option<OutgoingSession<'a>> {
+        // SAFETY: `args` is valid by the function's safety requirements.
+        let ptr = NonNull::new(unsafe { (*args).session })?;
+        // INVARIANT: LUO holds the session lock while it calls the handler.
+        Some(OutgoingSession {
+            ptr,
+            _p: PhantomData,
+        })
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid, with a valid `file` and a locked outgoing `session`.
+    unsafe extern "C" fn preserve(args: *mut bindings::liveupdate_file_op_args) -> c_int {
+        // SAFETY: `args` is valid by the function's safety requirements.
+        let Some(session) = (unsafe { Self::outgoing_session(args) }) else {
+            return EINVAL.to_errno();
+        };
+        // SAFETY: `args` and its `file` are valid for the duration of the call.
+        let file = unsafe { File::from_raw_file((*args).file) };
+        let outgoing = match T::preserve(file, &session) {
+            Ok(outgoing) => outgoing,
+            Err(err) => return err.to_errno(),
+        };
+        let phys = outgoing.serialized.phys();
+        let outgoing = match KBox::new(outgoing, GFP_KERNEL) {
+            Ok(outgoing) => outgoing,
+            Err(err) => return Error::from(err).to_errno(),
+        };
+        // SAFETY: `args` is valid; LUO keeps these two fields until `unpreserve` or the kexec.
+        unsafe {
+            (*args).serialized_data = phys;
+            (*args).private_data = outgoing.into_foreign().cast();
+        }
+        0
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid, with the `private_data` set by a successful [`Self::preserve`].
+    unsafe fn outgoing<'a>(args: *mut bindings::liveupdate_file_op_args) -> &'a mut Outgoing<T> {
+        // SAFETY: `private_data` came from `KBox::into_foreign` in `preserve` and is not yet
+        // freed; LUO serializes the calls for one file, so this is the only reference.
+        unsafe { KBox::<Outgoing<T>>::borrow_mut((*args).private_data.cast()) }
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid, for a file preserved by [`Self::preserve`].
+    unsafe extern "C" fn unpreserve(args: *mut bindings::liveupdate_file_op_args) {
+        // SAFETY: `private_data` came from `KBox::into_foreign` in `preserve`; LUO calls
+        // `unpreserve` once, after which it does not use `private_data` again.
+        let outgoing = unsafe { KBox::<Outgoing<T>>::from_foreign((*args).private_data.cast()) };
+        // SAFETY: `args` and its `file` are valid for the duration of the call.
+        let file = unsafe { File::from_raw_file((*args).file) };
+        T::unpreserve(file, KBox::into_inner(outgoing));
+        // SAFETY: `args` is valid.
+        unsafe { (*args).private_data = core::ptr::null_mut() };
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid, for a file preserved by [`Self::preserve`], with a locked outgoing
+    /// `session`.
+    unsafe extern "C" fn freeze(args: *mut bindings::liveupdate_file_op_args) -> c_int {
+        // SAFETY: `args` is valid by the function's safety requirements.
+        let Some(session) = (unsafe { Self::outgoing_session(args) }) else {
+            return EINVAL.to_errno();
+        };
+        // SAFETY: `args` is valid for a preserved file.
+        let outgoing = unsafe { Self::outgoing(args) };
+        // SAFETY: `args` and its `file` are valid for the duration of the call.
+        let file = unsafe { File::from_raw_file((*args).file) };
+        match T::freeze(file, outgoing, &session) {
+            Ok(()) => 0,
+            Err(err) => err.to_errno(),
+        }
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid, for a file preserved by [`Self::preserve`].
+    unsafe extern "C" fn unfreeze(args: *mut bindings::liveupdate_file_op_args) {
+        // SAFETY: `args` is valid for a preserved file.
+        let outgoing = unsafe { Self::outgoing(args) };
+        // SAFETY: `args` and its `file` are valid for the duration of the call.
+        let file = unsafe { File::from_raw_file((*args).file) };
+        T::unfreeze(file, outgoing);
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid, with a locked incoming `session`.
+    unsafe extern "C" fn retrieve(args: *mut bindings::liveupdate_file_op_args) -> c_int {
+        // SAFETY: `args` is valid by the function's safety requirements.
+        let (session, phys) = unsafe { ((*args).session, (*args).serialized_data) };
+        let Some(ptr) = NonNull::new(session) else {
+            return EINVAL.to_errno();
+        };
+        // INVARIANT: LUO holds the session lock while it calls the handler.
+        let session = IncomingSession {
+            ptr,
+            _p: PhantomData,
+        };
+        let result = Restored::restore(phys).and_then(|ser| T::retrieve(ser, &session));
+        match result {
+            Ok(file) => {
+                // SAFETY: `args` is valid; LUO takes over our reference to the new file.
+                unsafe { (*args).file = ARef::into_raw(file).as_ptr().cast() };
+                0
+            }
+            Err(err) => err.to_errno(),
+        }
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid.
+    unsafe extern "C" fn can_finish(args: *mut bindings::liveupdate_file_op_args) -> bool {
+        // SAFETY: `args` is valid by the function's safety requirements.
+        T::can_finish(RetrieveStatus::from_raw(unsafe { (*args).retrieve_status }))
+    }
+
+    /// # Safety
+    ///
+    /// `args` must be valid; LUO calls `finish` once per preserved file.
+    unsafe extern "C" fn finish(args: *mut bindings::liveupdate_file_op_args) {
+        // SAFETY: `args` is valid by the function's safety requirements.
+        let (status, phys) = unsafe { ((*args).retrieve_status, (*args).serialized_data) };
+        let status = RetrieveStatus::from_raw(status);
+        // A retrieve, successful or not, consumed the head object already.
+        let unretrieved = match status {
+            RetrieveStatus::NotAttempted => match Restored::restore(phys) {
+                Ok(ser) => Some(ser),
+                Err(err) => {
+                    pr_err!(
+                        "{}: cannot restore preserved data: {:?}\n",
+                        T::COMPATIBLE,
+                        err
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        T::finish(status, unretrieved);
+    }
+}

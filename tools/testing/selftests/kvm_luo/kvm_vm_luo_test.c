@@ -1,0 +1,288 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Live update of KVM VM files: preserve VMs in a LUO session, kexec, and
+ * check that the retrieved VMs have the same type and memory attributes.
+ *
+ * The attributes are checked by behaviour, before and after the kexec: a
+ * vCPU in real mode reads one byte at a probe address in a memslot without
+ * guest_memfd. If the frame is private, KVM exits with a private memory fault
+ * at that address; if it is shared, the read succeeds and the vCPU halts.
+ *
+ * Also checked: a VM preserved in a session that is closed before the kexec
+ * is released (it can be preserved again and retrieved); a VM that is never
+ * retrieved has its preserved data freed by finish (MemFree grows by at
+ * least the size of its many attribute ranges); fds that are not VMs are not
+ * claimed.
+ */
+
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <libliveupdate.h>
+
+#define STATE_SESSION	"kvm-vm-luo-state"
+#define STATE_TOKEN	99
+#define MAIN_SESSION	"kvm-vm-luo"
+#define LEAK_SESSION	"kvm-vm-luo-unretrieved"
+#define TOKEN_DEFAULT	1
+#define TOKEN_SW	2
+#define TOKEN_REPRESERVED 3
+#define TOKEN_MANY	4
+
+#define SLOT_SIZE	(1UL << 20)
+#define CODE_GPA	0x1000UL
+#define MANY_RANGES	40000UL
+#define PAGE		4096UL
+
+/* Private ranges of the software-protected VM, as (gpa, size). */
+static const struct { uint64_t gpa, size; } private_ranges[] = {
+	{ 0x10000, PAGE },
+	{ 0x20000, 4 * PAGE },
+	{ 0x80000, 32 * PAGE },
+	{ 1UL << 30, 2UL << 20 },	/* outside any memslot */
+};
+
+/* Probe addresses and whether they are private in the protected VM. */
+static const struct { uint64_t gpa; int private; } probes[] = {
+	{ 0x10000, 1 }, { 0x11000, 0 }, { 0x23000, 1 }, { 0x24000, 0 },
+	{ 0x7f000, 0 }, { 0x80000, 1 }, { 0x9f000, 1 }, { 0xa0000, 0 },
+};
+
+static int kvm_fd = -1;
+
+static int kvm_dev(void)
+{
+	if (kvm_fd < 0) {
+		kvm_fd = open("/dev/kvm", O_RDWR);
+		if (kvm_fd < 0)
+			fail_exit("open /dev/kvm");
+	}
+	return kvm_fd;
+}
+
+static int create_vm(unsigned long type)
+{
+	int fd = ioctl(kvm_dev(), KVM_CREATE_VM, type);
+
+	if (fd < 0)
+		fail_exit("KVM_CREATE_VM type %lu", type);
+	return fd;
+}
+
+static void set_private(int vm, uint64_t gpa, uint64_t size)
+{
+	struct kvm_memory_attributes attr = {
+		.address = gpa,
+		.size = size,
+		.attributes = KVM_MEMORY_ATTRIBUTE_PRIVATE,
+	};
+
+	if (ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, &attr))
+		fail_exit("KVM_SET_MEMORY_ATTRIBUTES %#llx+%#llx",
+			  (unsigned long long)gpa, (unsigned long long)size);
+}
+
+/*
+ * Run one vCPU read at each probe address and compare the outcome with what
+ * the VM's type and attributes say. Creates a memslot and a vCPU in the VM.
+ */
+static void check_vm(int vm, int protected, const char *what)
+{
+	static const uint8_t code[] = { 0x8a, 0x04, 0xf4 }; /* mov al,[si]; hlt */
+	struct kvm_userspace_memory_region region = { 0 };
+	struct kvm_sregs sregs;
+	struct kvm_regs regs;
+	struct kvm_run *run;
+	int vcpu, mmap_size;
+	long attrs, want = protected ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0;
+	uint8_t *mem;
+	size_t i;
+
+	attrs = ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_MEMORY_ATTRIBUTES);
+	if (attrs != want)
+		ksft_exit_fail_msg("%s: supported attributes %#lx, expected %#lx\n",
+				   what, attrs, want);
+
+	mem = mmap(NULL, SLOT_SIZE, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED)
+		fail_exit("mmap");
+	memcpy(mem + CODE_GPA, code, sizeof(code));
+	region.memory_size = SLOT_SIZE;
+	region.userspace_addr = (uintptr_t)mem;
+	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region))
+		fail_exit("%s: KVM_SET_USER_MEMORY_REGION", what);
+
+	vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
+	mmap_size = ioctl(kvm_dev(), KVM_GET_VCPU_MMAP_SIZE, 0);
+	if (vcpu < 0 || mmap_size <= 0)
+		fail_exit("%s: KVM_CREATE_VCPU", what);
+	run = mmap(NULL, mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+	if (run == MAP_FAILED)
+		fail_exit("mmap kvm_run");
+
+	for (i = 0; i < ARRAY_SIZE(probes); i++) {
+		int want_fault = protected && probes[i].private;
+
+		if (ioctl(vcpu, KVM_GET_SREGS, &sregs))
+			fail_exit("KVM_GET_SREGS");
+		sregs.cs.base = 0;
+		sregs.cs.selector = 0;
+		sregs.ds.base = probes[i].gpa;
+		sregs.ds.selector = probes[i].gpa >> 4;
+		if (ioctl(vcpu, KVM_SET_SREGS, &sregs))
+			fail_exit("KVM_SET_SREGS");
+		memset(&regs, 0, sizeof(regs));
+		regs.rip = CODE_GPA;
+		regs.rflags = 2;
+		if (ioctl(vcpu, KVM_SET_REGS, &regs))
+			fail_exit("KVM_SET_REGS");
+
+		if (ioctl(vcpu, KVM_RUN, 0) && !(errno == EFAULT &&
+		    run->exit_reason == KVM_EXIT_MEMORY_FAULT))
+			fail_exit("%s: KVM_RUN at %#llx", what,
+				  (unsigned long long)probes[i].gpa);
+
+		if (want_fault) {
+			if (run->exit_reason != KVM_EXIT_MEMORY_FAULT ||
+			    run->memory_fault.gpa != probes[i].gpa ||
+			    !(run->memory_fault.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE))
+				ksft_exit_fail_msg("%s: %#llx: exit %u, expected a private memory fault\n",
+						   what, (unsigned long long)probes[i].gpa,
+						   run->exit_reason);
+		} else if (run->exit_reason != KVM_EXIT_HLT) {
+			ksft_exit_fail_msg("%s: %#llx: exit %u, expected hlt\n", what,
+					   (unsigned long long)probes[i].gpa,
+					   run->exit_reason);
+		}
+	}
+	ksft_print_msg("%s: %zu probes behave as a %s VM\n", what, i,
+		       protected ? "software-protected" : "default");
+	munmap(run, mmap_size);
+	close(vcpu);
+}
+
+static long mem_free_kb(void)
+{
+	char line[128];
+	long kb = -1;
+	FILE *f = fopen("/proc/meminfo", "r");
+
+	if (!f)
+		fail_exit("open /proc/meminfo");
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "MemFree: %ld kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb;
+}
+
+static void expect_not_claimed(int session, int fd, const char *what)
+{
+	int ret = luo_session_preserve_fd(session, fd, 1000 + fd);
+
+	if (ret == 0)
+		ksft_exit_fail_msg("%s was preserved; no handler should claim it\n", what);
+	ksft_print_msg("%s is not claimed: %s\n", what, strerror(-ret));
+}
+
+static void stage1(int luo_fd)
+{
+	int session, tmp, leak, vm_default, vm_sw, vm_again, vm_many, vcpu;
+	unsigned long i;
+
+	create_state_file(luo_fd, STATE_SESSION, STATE_TOKEN, 2);
+	session = luo_create_session(luo_fd, MAIN_SESSION);
+	leak = luo_create_session(luo_fd, LEAK_SESSION);
+	if (session < 0 || leak < 0)
+		fail_exit("luo_create_session");
+
+	vm_default = create_vm(0);
+	vm_sw = create_vm(KVM_X86_SW_PROTECTED_VM);
+	for (i = 0; i < ARRAY_SIZE(private_ranges); i++)
+		set_private(vm_sw, private_ranges[i].gpa, private_ranges[i].size);
+	check_vm(vm_default, 0, "default VM before kexec");
+	check_vm(vm_sw, 1, "protected VM before kexec");
+
+	/* Files that are not VMs. */
+	vcpu = ioctl(vm_default, KVM_CREATE_VCPU, 1);
+	if (vcpu < 0)
+		fail_exit("KVM_CREATE_VCPU");
+	expect_not_claimed(session, vcpu, "a vCPU fd");
+	expect_not_claimed(session, kvm_dev(), "/dev/kvm");
+
+	/* A session closed before the kexec releases its VM. */
+	vm_again = create_vm(0);
+	tmp = luo_create_session(luo_fd, "kvm-vm-luo-closed");
+	if (tmp < 0 || luo_session_preserve_fd(tmp, vm_again, 1))
+		fail_exit("preserve in a session to be closed");
+	if (luo_session_preserve_fd(session, vm_again, TOKEN_REPRESERVED) != -EBUSY)
+		ksft_exit_fail_msg("a VM preserved twice was accepted\n");
+	close(tmp);
+	if (luo_session_preserve_fd(session, vm_again, TOKEN_REPRESERVED))
+		fail_exit("preserve again after the session was closed");
+
+	/* A VM with many ranges, never retrieved. */
+	vm_many = create_vm(KVM_X86_SW_PROTECTED_VM);
+	for (i = 0; i < MANY_RANGES; i++)
+		set_private(vm_many, 2 * i * PAGE, PAGE);
+	if (luo_session_preserve_fd(leak, vm_many, TOKEN_MANY))
+		fail_exit("preserve the VM with many ranges");
+
+	if (luo_session_preserve_fd(session, vm_default, TOKEN_DEFAULT) ||
+	    luo_session_preserve_fd(session, vm_sw, TOKEN_SW))
+		fail_exit("preserve VMs");
+	ksft_print_msg("[STAGE 1] preserved 4 VMs\n");
+	close(luo_fd);
+	daemonize_and_wait();
+}
+
+static void stage2(int luo_fd, int state_session)
+{
+	int session, leak, vm_default, vm_sw, vm_again;
+	long before, after, want_kb;
+
+	session = luo_retrieve_session(luo_fd, MAIN_SESSION);
+	if (session < 0)
+		fail_exit("retrieve session");
+	/* Retrieve in the other order than preserved. */
+	vm_sw = luo_session_retrieve_fd(session, TOKEN_SW);
+	vm_default = luo_session_retrieve_fd(session, TOKEN_DEFAULT);
+	vm_again = luo_session_retrieve_fd(session, TOKEN_REPRESERVED);
+	if (vm_sw < 0 || vm_default < 0 || vm_again < 0)
+		fail_exit("retrieve VMs");
+
+	check_vm(vm_default, 0, "default VM after kexec");
+	check_vm(vm_sw, 1, "protected VM after kexec");
+	check_vm(vm_again, 0, "re-preserved VM after kexec");
+
+	if (luo_session_finish(session) || luo_session_finish(state_session))
+		fail_exit("finish");
+
+	leak = luo_retrieve_session(luo_fd, LEAK_SESSION);
+	if (leak < 0)
+		fail_exit("retrieve the unretrieved session");
+	before = mem_free_kb();
+	if (luo_session_finish(leak))
+		fail_exit("finish without retrieve");
+	after = mem_free_kb();
+	/* 24 bytes per range; allow a quarter for noise. */
+	want_kb = MANY_RANGES * 24 / 1024 * 3 / 4;
+	ksft_print_msg("finish without retrieve freed %ld kB (at least %ld expected)\n",
+		       after - before, want_kb);
+	if (after - before < want_kb)
+		ksft_exit_fail_msg("the unretrieved VM's ranges were not freed\n");
+	ksft_print_msg("[STAGE 2] all checks passed\n");
+}
+
+int main(int argc, char *argv[])
+{
+	return luo_test(argc, argv, STATE_SESSION, stage1, stage2);
+}

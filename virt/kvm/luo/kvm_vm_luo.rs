@@ -1,0 +1,402 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Live update of KVM VM files.
+//!
+//! A LUO file handler for the file `KVM_CREATE_VM` returns. It preserves the VM type and the
+//! memory attributes of every guest frame (private or shared, for VMs with
+//! `KVM_CAP_MEMORY_ATTRIBUTES`), and in the new kernel creates a fresh VM of that type with
+//! those attributes. Guest memory itself is preserved by the guest_memfd handler; vCPUs,
+//! memslots and devices are rebuilt by the VMM.
+//!
+//! The attributes are recorded when LUO freezes the file, right before the kexec, so the ones
+//! that reach the new kernel are those in force at kexec time: a `KVM_SET_MEMORY_ATTRIBUTES`
+//! after `LIVEUPDATE_SESSION_PRESERVE_FD` is carried over as long as it completes before the
+//! reboot. They are stored as ranges of frames with equal attributes, not one entry per page.
+//!
+//! The ABI is documented in `Documentation/virt/kvm/luo.rst`.
+
+use kernel::{
+    fs::File,
+    kho::{
+        Preserved,
+        PreservedVec,
+        Restored,
+        RestoredVec,
+        VmallocDesc, //
+    },
+    kvm::{
+        self,
+        Kvm, //
+    },
+    liveupdate::{
+        FileHandler,
+        IncomingSession,
+        Outgoing,
+        OutgoingSession,
+        Registration,
+        RetrieveStatus, //
+    },
+    prelude::*,
+    str::CString,
+    sync::{
+        aref::ARef,
+        atomic::{
+            Atomic,
+            Relaxed, //
+        },
+    },
+};
+use zerocopy::byteorder::little_endian::U64;
+
+module! {
+    type: KvmVmLuoModule,
+    name: "kvm_vm_luo",
+    authors: ["KVM live update in Rust developers"],
+    description: "Live update of KVM VM files",
+    license: "GPL",
+}
+
+/// The handler's compatible string. The number is the version of the ABI below.
+const COMPATIBLE: &CStr = c"kvm-vm-rs-v1";
+
+/// The most attribute ranges a VM may carry across (32 MiB of vmalloc'ed records).
+const MAX_RANGES: u64 = 1 << 20;
+
+/// Guest frame numbers must stay below this (52-bit guest physical addresses).
+const GFN_LIMIT: u64 = 1 << (52 - kernel::page::PAGE_SHIFT);
+
+/// The preserved head of a VM (ABI, little-endian).
+#[repr(C)]
+#[derive(FromBytes, IntoBytes)]
+pub struct VmSer {
+    /// The type passed to `KVM_CREATE_VM`.
+    vm_type: U64,
+    /// Number of [`AttrRange`] records in `ranges`.
+    nr_ranges: U64,
+    /// The vmalloc'ed array of [`AttrRange`], ordered by `start`, non-overlapping.
+    ranges: VmallocDesc,
+}
+
+/// Frames `[start, start + nr_pages)` all have the memory attributes `attrs` (ABI).
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes)]
+pub struct AttrRange {
+    start: U64,
+    nr_pages: U64,
+    attrs: U64,
+}
+
+impl AttrRange {
+    fn new(start: u64, nr_pages: u64, attrs: u64) -> Self {
+        Self {
+            start: start.into(),
+            nr_pages: nr_pages.into(),
+            attrs: attrs.into(),
+        }
+    }
+
+    fn end(&self) -> Option<u64> {
+        self.start.get().checked_add(self.nr_pages.get())
+    }
+}
+
+/// Builds the list of attribute ranges from runs reported in increasing frame order, merging
+/// adjacent runs with equal attributes.
+struct RangeEncoder {
+    ranges: VVec<AttrRange>,
+}
+
+impl RangeEncoder {
+    fn new() -> Self {
+        Self {
+            ranges: VVec::new(),
+        }
+    }
+
+    /// Adds frames `[start, end)` with attributes `attrs`; frames without attributes are not
+    /// recorded.
+    fn push(&mut self, start: u64, end: u64, attrs: u64) -> Result {
+        if start >= end {
+            return Err(EINVAL);
+        }
+        if let Some(last) = self.ranges.last_mut() {
+            let last_end = last.end().ok_or(EINVAL)?;
+            if start < last_end {
+                return Err(EINVAL);
+            }
+            if start == last_end && last.attrs.get() == attrs {
+                last.nr_pages = (end - last.start.get()).into();
+                return Ok(());
+            }
+        }
+        if attrs == 0 {
+            return Ok(());
+        }
+        if self.ranges.len() as u64 >= MAX_RANGES {
+            return Err(E2BIG);
+        }
+        self.ranges
+            .push(AttrRange::new(start, end - start, attrs), GFP_KERNEL)?;
+        Ok(())
+    }
+}
+
+/// Checks the ranges the previous kernel recorded: `nr` of them, within what was restored,
+/// each non-empty, inside the guest physical address space, in increasing order without
+/// overlap, with known attribute bits only.
+fn validate_ranges(restored: &[AttrRange], nr: u64, supported: u64) -> Result<&[AttrRange]> {
+    if nr > MAX_RANGES {
+        return Err(E2BIG);
+    }
+    let ranges = restored.get(..nr as usize).ok_or(EINVAL)?;
+    let mut prev_end = 0;
+    for range in ranges {
+        let end = range.end().ok_or(EINVAL)?;
+        if range.nr_pages.get() == 0 || range.start.get() < prev_end || end > GFN_LIMIT {
+            return Err(EINVAL);
+        }
+        let attrs = range.attrs.get();
+        if attrs == 0 {
+            return Err(EINVAL);
+        }
+        if attrs & !supported != 0 {
+            return Err(EOPNOTSUPP);
+        }
+        prev_end = end;
+    }
+    Ok(ranges)
+}
+
+/// Records the memory attributes of `kvm` as ranges, preserved for the next kernel.
+fn preserve_attributes(kvm: &Kvm) -> Result<PreservedVec<AttrRange>> {
+    let mut encoder = RangeEncoder::new();
+    kvm.for_each_mem_attr_range(|start, end, attrs| encoder.push(start, end, attrs))?;
+    PreservedVec::new(encoder.ranges)
+}
+
+/// Runtime state of a preserved VM file.
+struct VmState {
+    /// The attribute ranges recorded at freeze, while frozen.
+    ranges: Option<PreservedVec<AttrRange>>,
+}
+
+/// Counter for the names of retrieved VMs.
+static RETRIEVED: Atomic<u64> = Atomic::new(0);
+
+struct VmHandler;
+
+fn vm_of(file: &File) -> Result<&Kvm> {
+    let kvm = Kvm::from_file(file).ok_or(EBADF)?;
+    if kvm.is_dead() {
+        pr_err!("refusing to preserve a dead or bugged VM\n");
+        return Err(EIO);
+    }
+    Ok(kvm)
+}
+
+#[vtable]
+impl FileHandler for VmHandler {
+    const COMPATIBLE: &'static CStr = COMPATIBLE;
+    type Serialized = VmSer;
+    type State = VmState;
+
+    fn can_preserve(file: &File) -> bool {
+        Kvm::from_file(file).is_some()
+    }
+
+    fn preserve(file: &File, _session: &OutgoingSession<'_>) -> Result<Outgoing<Self>> {
+        let kvm = vm_of(file)?;
+        let serialized = Preserved::new(VmSer {
+            vm_type: kvm.vm_type().into(),
+            nr_ranges: 0.into(),
+            ranges: VmallocDesc::default(),
+        })?;
+        Ok(Outgoing {
+            serialized,
+            state: VmState { ranges: None },
+        })
+    }
+
+    fn freeze(
+        file: &File,
+        outgoing: &mut Outgoing<Self>,
+        _session: &OutgoingSession<'_>,
+    ) -> Result {
+        let ranges = preserve_attributes(vm_of(file)?)?;
+        outgoing.serialized.nr_ranges = (ranges.len() as u64).into();
+        outgoing.serialized.ranges = ranges.desc();
+        outgoing.state.ranges = Some(ranges);
+        Ok(())
+    }
+
+    fn unfreeze(_file: &File, outgoing: &mut Outgoing<Self>) {
+        outgoing.serialized.nr_ranges = 0.into();
+        outgoing.serialized.ranges = VmallocDesc::default();
+        outgoing.state.ranges = None;
+    }
+
+    fn retrieve(serialized: Restored<VmSer>, _session: &IncomingSession<'_>) -> Result<ARef<File>> {
+        // Take the ranges back first, so that they are freed on every error below.
+        let restored = RestoredVec::<AttrRange>::restore(&serialized.ranges)?;
+        let ranges = validate_ranges(
+            &restored,
+            serialized.nr_ranges.get(),
+            kvm::MEMORY_ATTRIBUTE_PRIVATE,
+        )?;
+
+        let id = RETRIEVED.fetch_add(1, Relaxed);
+        let name = CString::try_from_fmt(fmt!("luo-{id}"))?;
+        let file = kvm::create_vm_file(serialized.vm_type.get(), &name)?;
+        let kvm = Kvm::from_file(&file).ok_or(EINVAL)?;
+        let supported = kvm.supported_mem_attributes();
+        if ranges
+            .iter()
+            .any(|range| range.attrs.get() & !supported != 0)
+        {
+            pr_err!("preserved memory attributes not supported by a VM of this type\n");
+            return Err(EOPNOTSUPP);
+        }
+        for range in ranges {
+            let start = range.start.get();
+            kvm.set_mem_attributes(start, start + range.nr_pages.get(), range.attrs.get())?;
+        }
+        Ok(file)
+    }
+
+    fn finish(_status: RetrieveStatus, unretrieved: Option<Restored<VmSer>>) {
+        if let Some(serialized) = unretrieved {
+            if RestoredVec::<AttrRange>::restore(&serialized.ranges).is_err() {
+                pr_warn!("could not free the attribute ranges of an unretrieved VM\n");
+            }
+        }
+    }
+}
+
+#[pin_data]
+struct KvmVmLuoModule {
+    #[pin]
+    registration: Registration<VmHandler>,
+}
+
+impl kernel::InPlaceModule for KvmVmLuoModule {
+    fn init(_module: &'static ThisModule) -> impl PinInit<Self, Error> {
+        try_pin_init!(Self {
+            registration <- Registration::register(),
+        })
+    }
+}
+
+#[kunit_tests(kvm_vm_luo)]
+mod tests {
+    use super::*;
+
+    const PRIVATE: u64 = 1 << 3;
+
+    fn encode(runs: &[(u64, u64, u64)]) -> Result<KVVec<(u64, u64, u64)>> {
+        let mut encoder = RangeEncoder::new();
+        for &(start, end, attrs) in runs {
+            encoder.push(start, end, attrs)?;
+        }
+        let mut out = KVVec::new();
+        for r in encoder.ranges.iter() {
+            out.push((r.start.get(), r.nr_pages.get(), r.attrs.get()), GFP_KERNEL)?;
+        }
+        Ok(out)
+    }
+
+    fn ranges(list: &[(u64, u64, u64)]) -> KVVec<AttrRange> {
+        let mut out = KVVec::new();
+        for &(start, nr, attrs) in list {
+            out.push(AttrRange::new(start, nr, attrs), GFP_KERNEL)
+                .expect("allocation failed");
+        }
+        out
+    }
+
+    #[test]
+    fn encoder_merges_adjacent_equal_runs() -> Result {
+        let out = encode(&[(0, 4, PRIVATE), (4, 6, PRIVATE), (6, 10, PRIVATE)])?;
+        assert_eq!(&out[..], &[(0, 10, PRIVATE)]);
+        Ok(())
+    }
+
+    #[test]
+    fn encoder_keeps_gaps_and_attribute_changes() -> Result {
+        let out = encode(&[(0, 4, PRIVATE), (8, 9, PRIVATE), (9, 12, 1 << 1)])?;
+        assert_eq!(
+            &out[..],
+            &[(0, 4, PRIVATE), (8, 1, PRIVATE), (9, 3, 1 << 1)]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn encoder_skips_shared_runs() -> Result {
+        let out = encode(&[(0, 4, 0), (4, 8, PRIVATE), (8, 16, 0)])?;
+        assert_eq!(&out[..], &[(4, 4, PRIVATE)]);
+        Ok(())
+    }
+
+    #[test]
+    fn encoder_rejects_unordered_or_empty_runs() {
+        assert_eq!(
+            encode(&[(8, 10, PRIVATE), (0, 4, PRIVATE)]).err(),
+            Some(EINVAL)
+        );
+        assert_eq!(
+            encode(&[(0, 10, PRIVATE), (5, 12, PRIVATE)]).err(),
+            Some(EINVAL)
+        );
+        assert_eq!(encode(&[(4, 4, PRIVATE)]).err(), Some(EINVAL));
+    }
+
+    #[test]
+    fn validate_accepts_good_ranges() {
+        let list = ranges(&[(0, 4, PRIVATE), (4, 4, PRIVATE), (100, 1, PRIVATE)]);
+        assert_eq!(validate_ranges(&list, 3, PRIVATE).map(|r| r.len()), Ok(3));
+        assert_eq!(validate_ranges(&list, 0, PRIVATE).map(|r| r.len()), Ok(0));
+    }
+
+    #[test]
+    fn validate_rejects_truncated_and_oversized_counts() {
+        let list = ranges(&[(0, 4, PRIVATE), (4, 4, PRIVATE)]);
+        assert_eq!(validate_ranges(&list, 3, PRIVATE).err(), Some(EINVAL));
+        assert_eq!(
+            validate_ranges(&list, MAX_RANGES + 1, PRIVATE).err(),
+            Some(E2BIG)
+        );
+        assert_eq!(validate_ranges(&list, u64::MAX, PRIVATE).err(), Some(E2BIG));
+    }
+
+    #[test]
+    fn validate_rejects_overlapping_and_unordered_ranges() {
+        let overlapping = ranges(&[(0, 8, PRIVATE), (4, 8, PRIVATE)]);
+        assert_eq!(
+            validate_ranges(&overlapping, 2, PRIVATE).err(),
+            Some(EINVAL)
+        );
+        let unordered = ranges(&[(16, 4, PRIVATE), (0, 4, PRIVATE)]);
+        assert_eq!(validate_ranges(&unordered, 2, PRIVATE).err(), Some(EINVAL));
+    }
+
+    #[test]
+    fn validate_rejects_empty_huge_and_wrapping_ranges() {
+        let empty = ranges(&[(0, 0, PRIVATE)]);
+        assert_eq!(validate_ranges(&empty, 1, PRIVATE).err(), Some(EINVAL));
+        let beyond = ranges(&[(GFN_LIMIT - 1, 2, PRIVATE)]);
+        assert_eq!(validate_ranges(&beyond, 1, PRIVATE).err(), Some(EINVAL));
+        let wrapping = ranges(&[(u64::MAX, 2, PRIVATE)]);
+        assert_eq!(validate_ranges(&wrapping, 1, PRIVATE).err(), Some(EINVAL));
+    }
+
+    #[test]
+    fn validate_rejects_unknown_or_missing_attributes() {
+        let unknown = ranges(&[(0, 1, PRIVATE | 1 << 40)]);
+        assert_eq!(
+            validate_ranges(&unknown, 1, PRIVATE).err(),
+            Some(EOPNOTSUPP)
+        );
+        let none = ranges(&[(0, 1, 0)]);
+        assert_eq!(validate_ranges(&none, 1, PRIVATE).err(), Some(EINVAL));
+    }
+}
