@@ -76,7 +76,7 @@ lint_clippy() {
 	local hits
 	hits=$(grep -E -- '--> ' "$log" | grep -F -f <(echo "$files") || true)
 	if [ -n "$hits" ]; then
-		grep -E -B6 -A6 -- "--> ($(echo "$files" | paste -sd'|'))" "$log" | head -80
+		grep -B8 -A6 -F -f <(echo "$files") "$log" | head -80
 		record FAIL lint:clippy $((SECONDS - t0)) "$(echo "$hits" | wc -l) warning(s), log $log"
 	else
 		record PASS lint:clippy $((SECONDS - t0)) "$(echo "$files" | wc -l) files"

@@ -3,7 +3,7 @@
 #include <linux/io.h>
 #include <linux/mm.h>
 
-__rust_helper phys_addr_t rust_helper_virt_to_phys(volatile void *address)
+__rust_helper phys_addr_t rust_helper_virt_to_phys(void *address)
 {
 	return virt_to_phys(address);
 }

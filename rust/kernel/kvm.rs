@@ -126,7 +126,7 @@ impl Kvm {
         // SAFETY: `self` is a valid VM; `trampoline` receives a pointer to `closure`, which
         // outlives the call.
         to_result(unsafe {
-            bindings::kvm_for_each_mem_attr_range(
+            bindings::kvm_walk_mem_attr_ranges(
                 self.as_ptr(),
                 Some(trampoline),
                 (&raw mut closure).cast(),
