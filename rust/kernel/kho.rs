@@ -14,7 +14,8 @@
 //! - [`Preserved<T>`] and [`PreservedVec<T>`] are the outgoing side. While they exist, their
 //!   memory is preserved; dropping them unpreserves and frees it (the live update was cancelled
 //!   before the kexec). If the kexec happens while they exist, the memory is handed over.
-//! - [`Restored<T>`] and [`RestoredVec<T>`] are the incoming side. Creating them takes the
+//! - [`PreservedPages`] records a run of pages the caller keeps allocated until the kexec.
+//! - [`Restored<T>`], [`RestoredVec<T>`] and [`RestoredPages`] are the incoming side. Creating them takes the
 //!   memory back from KHO, which refuses memory that was not preserved or was already restored;
 //!   dropping them frees it.
 //!
@@ -30,8 +31,10 @@ use crate::{
         from_err_ptr,
         to_result, //
     },
+    folio::Folio,
     page::PAGE_SIZE,
     prelude::*,
+    sync::aref::ARef,
 };
 use core::{
     marker::PhantomData,
@@ -369,3 +372,121 @@ impl<T: FromBytes> Drop for RestoredVec<T> {
 unsafe impl<T: FromBytes + Send> Send for RestoredVec<T> {}
 // SAFETY: `&RestoredVec<T>` only gives out `&[T]`.
 unsafe impl<T: FromBytes + Sync> Sync for RestoredVec<T> {}
+
+/// A run of physically contiguous pages preserved across kexec with `kho_preserve_pages()`.
+///
+/// KHO only records the run; the caller keeps the pages allocated (for example, in a page cache
+/// it stops from changing) until the kexec, or drops this object to unpreserve them.
+///
+/// # Invariants
+///
+/// Pages `[pfn, pfn + nr_pages)` are preserved, by this object only.
+pub struct PreservedPages {
+    pfn: u64,
+    nr_pages: u64,
+}
+
+impl PreservedPages {
+    /// Preserves pages `[pfn, pfn + nr_pages)`.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` for an empty run, and the error of `kho_preserve_pages()` (`EINVAL` if
+    /// the run overlaps KHO scratch memory, `ENOMEM`).
+    pub fn new(pfn: u64, nr_pages: u64) -> Result<Self> {
+        if nr_pages == 0 || pfn.checked_add(nr_pages).is_none() {
+            return Err(EINVAL);
+        }
+        let raw_pfn = usize::try_from(pfn).map_err(|_| EINVAL)?;
+        let nr = usize::try_from(nr_pages).map_err(|_| EINVAL)?;
+        // SAFETY: `pfn_to_page` only computes an address in the memory map.
+        let page = unsafe { bindings::pfn_to_page(raw_pfn) };
+        // SAFETY: KHO records the range; it does not touch the pages.
+        to_result(unsafe { bindings::kho_preserve_pages(page, nr) })?;
+        // INVARIANT: Preserved above.
+        Ok(Self { pfn, nr_pages })
+    }
+
+    /// The first page frame number of the run.
+    pub fn pfn(&self) -> u64 {
+        self.pfn
+    }
+
+    /// The number of pages in the run.
+    pub fn nr_pages(&self) -> u64 {
+        self.nr_pages
+    }
+}
+
+impl Drop for PreservedPages {
+    fn drop(&mut self) {
+        // SAFETY: The run was preserved by `new`, by the type invariants; `pfn` and `nr_pages`
+        // fit in `usize` as checked there.
+        unsafe {
+            bindings::kho_unpreserve_pages(
+                bindings::pfn_to_page(self.pfn as usize),
+                self.nr_pages as usize,
+            )
+        };
+    }
+}
+
+/// A run of pages the previous kernel preserved with [`PreservedPages`], taken back from KHO.
+///
+/// Each page comes back as an order-0 folio with one reference, owned by this object until
+/// [`RestoredPages::take`] hands it out; dropping this object frees the pages not taken.
+///
+/// # Invariants
+///
+/// Pages `[next, end)` are restored order-0 folios whose only reference this object owns.
+pub struct RestoredPages {
+    next: u64,
+    end: u64,
+}
+
+impl RestoredPages {
+    /// Takes back pages `[pfn, pfn + nr_pages)`.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` for an empty run or pfn 0, or when KHO refuses a page (not preserved,
+    /// already restored).
+    pub fn restore(pfn: u64, nr_pages: u64) -> Result<Self> {
+        let end = pfn.checked_add(nr_pages).ok_or(EINVAL)?;
+        if nr_pages == 0 || pfn == 0 {
+            return Err(EINVAL);
+        }
+        let phys = pfn
+            .checked_mul(PAGE_SIZE as u64)
+            .filter(|_| end.checked_mul(PAGE_SIZE as u64).is_some())
+            .ok_or(EINVAL)?;
+        let nr = usize::try_from(nr_pages).map_err(|_| EINVAL)?;
+        // SAFETY: `kho_restore_pages` checks every page against the KHO records and returns NULL
+        // when one is not preserved.
+        if unsafe { bindings::kho_restore_pages(phys, nr) }.is_null() {
+            return Err(EINVAL);
+        }
+        // INVARIANT: Every page of the run was restored with one reference.
+        Ok(Self { next: pfn, end })
+    }
+
+    /// Hands out the next page of the run as a folio, with its reference.
+    pub fn take(&mut self) -> Option<ARef<Folio>> {
+        if self.next == self.end {
+            return None;
+        }
+        // SAFETY: `next` is a restored page, by the type invariants.
+        let folio = unsafe { bindings::page_folio(bindings::pfn_to_page(self.next as usize)) };
+        self.next += 1;
+        // SAFETY: We owned the page's only reference; it is transferred to the `ARef`.
+        Some(unsafe { ARef::from_raw(NonNull::new(folio)?.cast()) })
+    }
+}
+
+impl Drop for RestoredPages {
+    fn drop(&mut self) {
+        while let Some(folio) = self.take() {
+            drop(folio);
+        }
+    }
+}

@@ -9,6 +9,9 @@
 //! `kvm_get_kvm()` and dropped with `kvm_put_kvm()`; the VM is destroyed when the last one goes.
 //! [`Kvm`] is that object; `ARef<Kvm>` owns one reference.
 //!
+//! Guest memory lives in guest_memfd files (`KVM_CREATE_GUEST_MEMFD`), each bound to one VM;
+//! [`GuestMemfd`] describes one, [`FrozenGuestMemfd`] stops its memory from changing.
+//!
 //! Memory attributes (`KVM_SET_MEMORY_ATTRIBUTES`) are per guest frame. Only VMs with private
 //! memory support them (e.g. `KVM_X86_SW_PROTECTED_VM`); for other VMs every frame is shared.
 
@@ -18,6 +21,7 @@ use crate::{
         from_err_ptr,
         to_result, //
     },
+    folio::Folio,
     fs::File,
     prelude::*,
     sync::aref::{
@@ -206,4 +210,107 @@ pub fn create_vm_file(vm_type: u64, name: &CStr) -> Result<ARef<File>> {
     let file = NonNull::new(file).ok_or(EINVAL)?;
     // SAFETY: `kvm_create_vm_file` returned a new file, whose reference we now own.
     Ok(unsafe { ARef::from_raw(file.cast()) })
+}
+
+/// What a guest_memfd file (from `KVM_CREATE_GUEST_MEMFD`) is.
+pub struct GuestMemfd<'a> {
+    /// The VM the file belongs to; the file holds a reference on it.
+    pub kvm: &'a Kvm,
+    /// The size of the file, in bytes.
+    pub size: u64,
+    /// Its `GUEST_MEMFD_FLAG_*` flags.
+    pub flags: u64,
+}
+
+impl<'a> GuestMemfd<'a> {
+    /// Describes `file` if it is a guest_memfd, or returns `None`.
+    pub fn of(file: &'a File) -> Option<Self> {
+        let mut kvm: *mut bindings::kvm = core::ptr::null_mut();
+        let mut size: bindings::loff_t = 0;
+        let mut flags = 0u64;
+        // SAFETY: `file` is valid; the outputs are valid for writes.
+        if !unsafe { bindings::kvm_gmem_file_info(file.as_ptr(), &mut kvm, &mut size, &mut flags) }
+        {
+            return None;
+        }
+        // SAFETY: The file holds a reference on its VM for as long as it lives, which is at
+        // least `'a`.
+        let kvm = unsafe { &*kvm.cast::<Kvm>() };
+        Some(Self {
+            kvm,
+            size: size as u64,
+            flags,
+        })
+    }
+}
+
+/// A frozen guest_memfd: no folio is added to or removed from it until this is dropped.
+///
+/// Allocating memory in the file (including by guest faults) and `fallocate()` fail with
+/// `EPERM` while it is frozen.
+///
+/// # Invariants
+///
+/// `file` is a guest_memfd frozen by this object.
+pub struct FrozenGuestMemfd {
+    file: ARef<File>,
+}
+
+impl FrozenGuestMemfd {
+    /// Freezes the guest_memfd `file`, waiting for allocations in progress.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` if `file` is not a guest_memfd, `EBUSY` if it is already frozen.
+    pub fn freeze(file: &File) -> Result<Self> {
+        GuestMemfd::of(file).ok_or(EINVAL)?;
+        // SAFETY: `file` is a guest_memfd.
+        to_result(unsafe { bindings::kvm_gmem_freeze(file.as_ptr()) })?;
+        // INVARIANT: Frozen above.
+        Ok(Self { file: file.into() })
+    }
+}
+
+impl Drop for FrozenGuestMemfd {
+    fn drop(&mut self) {
+        // SAFETY: The file is a guest_memfd frozen by us, by the type invariants.
+        unsafe { bindings::kvm_gmem_unfreeze(self.file.as_ptr()) };
+    }
+}
+
+/// Creates a guest_memfd file of `size` bytes with `flags` for `kvm`.
+///
+/// # Errors
+///
+/// Returns `EINVAL` for a size that is not a positive multiple of the page size or flags the VM
+/// does not support, and `ENOMEM`.
+pub fn create_guest_memfd(kvm: &Kvm, size: u64, flags: u64) -> Result<ARef<File>> {
+    let size = bindings::loff_t::try_from(size).map_err(|_| EINVAL)?;
+    // SAFETY: `kvm` is a valid VM; the function validates `size` and `flags`.
+    let file = from_err_ptr(unsafe { bindings::kvm_gmem_create_file(kvm.as_ptr(), size, flags) })?;
+    let file = NonNull::new(file).ok_or(EINVAL)?;
+    // SAFETY: `kvm_gmem_create_file` returned a new file, whose reference we now own.
+    Ok(unsafe { ARef::from_raw(file.cast()) })
+}
+
+/// Puts `folio`, which is in no page cache, at `index` of the guest_memfd `file`.
+///
+/// # Errors
+///
+/// Returns `EINVAL` if `file` is not a guest_memfd or the folio does not fit, `EEXIST` if the
+/// index is populated, `ENOMEM`; the folio is dropped then.
+pub fn guest_memfd_insert(file: &File, folio: ARef<Folio>, index: u64, uptodate: bool) -> Result {
+    GuestMemfd::of(file).ok_or(EINVAL)?;
+    let index = usize::try_from(index).map_err(|_| EINVAL)?;
+    let ptr = ARef::into_raw(folio);
+    // SAFETY: `file` is a guest_memfd; we own a reference to the folio, which the function
+    // consumes on success.
+    let ret = unsafe {
+        bindings::kvm_gmem_insert_folio(file.as_ptr(), ptr.as_ptr().cast(), index, uptodate)
+    };
+    if ret != 0 {
+        // SAFETY: On failure the reference was not consumed; take it back to drop it.
+        drop(unsafe { ARef::<Folio>::from_raw(ptr) });
+    }
+    to_result(ret)
 }
