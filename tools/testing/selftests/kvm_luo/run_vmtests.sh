@@ -79,7 +79,7 @@ build_liveupdate() {
 build_kvm_luo() {
 	local t
 	mkdir -p "$root/kvm_luo"
-	for t in memfd_demo kvm_vm_luo_test guest_memfd_luo_test; do
+	for t in memfd_demo kvm_vm_luo_test guest_memfd_luo_test guest_memfd_luo_abort_test; do
 		gcc -static -O2 -Wall -D_GNU_SOURCE= -isystem "$hdrs" \
 			-I "$sel/liveupdate/lib/include" -I "$sel" \
 			-o "$root/kvm_luo/$t" "$here/$t.c" \
