@@ -8,6 +8,7 @@
 #   make kernel  assemble the tree and build the kernel
 #   make test    run the QEMU tests (T=name runs one)
 #   make lint    rustfmt, clippy and checkpatch over the project's code
+#   make bench   guest_memfd against memfd preservation (not part of check)
 #   make clean   remove the kernel build (the base tree and packages stay)
 
 SHELL := /bin/bash
@@ -16,7 +17,7 @@ SELFTESTS := tools/testing/selftests/kvm_luo
 RUNNER_ARGS = -s $(KLU_CACHE)/src -b $(KLU_CACHE)/build -o $(KLU_CACHE)/out \
 	$(foreach t,$(T),-t $(t))
 
-.PHONY: check demo setup kernel test lint clean
+.PHONY: check demo setup kernel test lint bench clean
 
 check:
 	@build/check.sh
@@ -35,6 +36,9 @@ test:
 
 lint:
 	@build/lint.sh
+
+bench: kernel
+	@build/bench.sh
 
 clean:
 	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/clippy $(KLU_CACHE)/out

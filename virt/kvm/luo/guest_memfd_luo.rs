@@ -291,6 +291,13 @@ impl FileHandler for GmemHandler {
         check_vm(&gmem)?;
         let frozen = FrozenGuestMemfd::freeze(file)?;
         let (pages, extents) = preserve_memory(file)?;
+        let nr_pages: u64 = pages.iter().map(PreservedPages::nr_pages).sum();
+        pr_info!(
+            "preserving {} pages in {} extents, {} bytes of metadata\n",
+            nr_pages,
+            extents.len(),
+            size_of::<GmemSer>() + extents.len() * size_of::<ExtentSer>()
+        );
         let serialized = Preserved::new(GmemSer {
             size: gmem.size.into(),
             flags: u32::try_from(gmem.flags).map_err(|_| EOPNOTSUPP)?.into(),

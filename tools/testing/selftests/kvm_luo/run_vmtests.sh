@@ -13,6 +13,7 @@
 #   -o  where binaries, the initramfs and the serial logs go
 #   -t  run only this test (repeatable); default: every test in tests.list
 #   -r  also append "PASS|FAIL name seconds" lines to this file
+#   -l  the test list (default: tests.list next to this script)
 # Environment:
 #   KLU_QEMU_MEM     guest memory (default 3G)
 #   KLU_INJECT_FAIL  name of a test to run with a wrong expected exit status,
@@ -21,21 +22,23 @@
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
-src="" obj="" out="" results=""
+src="" obj="" out="" results="" list=""
 only=()
 
-while getopts 's:b:o:t:r:h' opt; do
+while getopts 's:b:o:t:r:l:h' opt; do
 	case $opt in
 	s) src=$(realpath "$OPTARG") ;;
 	b) obj=$(realpath "$OPTARG") ;;
 	o) out=$(realpath -m "$OPTARG") ;;
 	t) only+=("$OPTARG") ;;
 	r) results=$(realpath -m "$OPTARG") ;;
+	l) list=$(realpath "$OPTARG") ;;
 	*) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 2 ;;
 	esac
 done
 [ -n "$src" ] && [ -n "$obj" ] && [ -n "$out" ] || { echo "need -s, -b and -o" >&2; exit 2; }
 
+list=${list:-$here/tests.list}
 kernel=$obj/arch/x86/boot/bzImage
 hdrs=$obj/usr/include
 gen_cpio=$obj/usr/gen_init_cpio
@@ -79,7 +82,8 @@ build_liveupdate() {
 build_kvm_luo() {
 	local t
 	mkdir -p "$root/kvm_luo"
-	for t in memfd_demo kvm_vm_luo_test guest_memfd_luo_test guest_memfd_luo_abort_test; do
+	for t in memfd_demo kvm_vm_luo_test guest_memfd_luo_test \
+		 guest_memfd_luo_abort_test luo_bench; do
 		gcc -static -O2 -Wall -D_GNU_SOURCE= -isystem "$hdrs" \
 			-I "$sel/liveupdate/lib/include" -I "$sel" \
 			-o "$root/kvm_luo/$t" "$here/$t.c" \
@@ -102,7 +106,7 @@ build_kvm() {
 build_initramfs() {
 	gcc -static -Os -Wall -o "$root/init" "$here/init.c" || return 1
 	mkdir -p "$root/etc"
-	cp "$here/tests.list" "$root/etc/klu-tests"
+	cp "$list" "$root/etc/klu-tests"
 
 	# The inner image is what stage 2 boots; the outer one adds the kernel
 	# and the inner image for init to kexec into.
@@ -135,7 +139,7 @@ build_initramfs() {
 
 # Names of the lines of tests.list to run.
 test_lines() {
-	grep -v -e '^#' -e '^[[:space:]]*$' "$here/tests.list" | while read -r name rest; do
+	grep -v -e '^#' -e '^[[:space:]]*$' "$list" | while read -r name rest; do
 		if [ ${#only[@]} -eq 0 ] || [[ " ${only[*]} " == *" $name "* ]]; then
 			echo "$name $rest"
 		fi

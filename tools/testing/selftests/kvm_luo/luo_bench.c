@@ -1,0 +1,354 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Benchmark: guest_memfd (this project's Rust handler) against memfd
+ * (upstream's handler), measured in the same boot and the same kexec.
+ *
+ * For each case, a guest_memfd and a memfd of the same size with the same
+ * populated bytes are preserved, each in a session of its own. Stage 1 times
+ * preserve, and freeze: it asks for a kexec that is bound to fail (a last
+ * session holds a guest_memfd without its VM), so LUO freezes every file,
+ * fails on that one and unfreezes them; that is done once with the memfds
+ * only, once with the guest_memfds only, and once with neither, and the
+ * difference is the freeze (+ unfreeze) time. Stage 2 times retrieve and
+ * finish. Metadata is what each handler serializes: for guest_memfd the
+ * handler reports it in the kernel log; for memfd it is 48 bytes plus 16 per
+ * folio (memfd-v2).
+ *
+ * Prints a table with ratios and one "BENCH-JSON:" line.
+ */
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/kexec.h>
+#include <linux/kvm.h>
+#include <linux/reboot.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libliveupdate.h>
+
+#define MIB		(1UL << 20)
+#define STATE_SESSION	"bench-state"
+#define STATE_TOKEN	99
+#define RESULTS_TOKEN	98
+#define MAX_CASES	8
+
+struct bench_case {
+	const char *name;
+	size_t size;		/* file size */
+	size_t populated;	/* bytes populated */
+	size_t stride;		/* populate one MiB every stride bytes */
+};
+
+static const struct bench_case cases[] = {
+	{ "64M", 64 * MIB, 64 * MIB, MIB },
+	{ "256M", 256 * MIB, 256 * MIB, MIB },
+	{ "1G", 1024 * MIB, 1024 * MIB, MIB },
+	{ "sparse-1G/64M", 1024 * MIB, 64 * MIB, 16 * MIB },
+};
+
+#define NR_CASES ARRAY_SIZE(cases)
+
+/* What stage 1 hands to stage 2, in a preserved memfd. */
+struct results {
+	double preserve_ms[2][MAX_CASES];	/* [0] guest_memfd, [1] memfd */
+	double freeze_ms[2];			/* all cases together */
+	long meta_bytes[2][MAX_CASES];
+	double retrieve_ms[2][MAX_CASES];
+	double finish_ms[2][MAX_CASES];
+};
+
+static double now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int kvm_dev(void)
+{
+	static int fd = -1;
+
+	if (fd < 0)
+		fd = open("/dev/kvm", O_RDWR);
+	if (fd < 0)
+		fail_exit("open /dev/kvm");
+	return fd;
+}
+
+static void populate(int fd, const struct bench_case *c)
+{
+	size_t off;
+
+	for (off = 0; off < c->size && off / c->stride * MIB < c->populated;
+	     off += c->stride)
+		if (fallocate(fd, FALLOC_FL_KEEP_SIZE, off, MIB))
+			fail_exit("fallocate");
+}
+
+static int make_gmem(int vm, const struct bench_case *c)
+{
+	struct kvm_create_guest_memfd args = {
+		.size = c->size,
+		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+	};
+	int fd = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
+
+	if (fd < 0)
+		fail_exit("KVM_CREATE_GUEST_MEMFD");
+	populate(fd, c);
+	return fd;
+}
+
+static int make_memfd(const struct bench_case *c)
+{
+	int fd = memfd_create("bench", 0);
+
+	if (fd < 0 || ftruncate(fd, c->size))
+		fail_exit("memfd");
+	populate(fd, c);
+	return fd;
+}
+
+static void session_name(char *buf, size_t len, int kind, size_t i)
+{
+	snprintf(buf, len, "bench-%s-%zu", kind ? "memfd" : "gmem", i);
+}
+
+/*
+ * The "bytes of metadata" the guest_memfd handler printed for the last n
+ * guest_memfds with memory it preserved, in order.
+ */
+static void read_gmem_metadata(long *bytes, size_t n)
+{
+	long seen[4 * MAX_CASES];
+	size_t i, count = 0;
+	char line[512];
+	FILE *f = fopen("/dev/kmsg", "r");
+	int fd;
+
+	if (!f)
+		fail_exit("open /dev/kmsg");
+	fd = fileno(f);
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	while (fgets(line, sizeof(line), f)) {
+		char *p = strstr(line, "guest_memfd_luo: preserving");
+		long pages, extents, meta;
+
+		if (p && sscanf(p, "guest_memfd_luo: preserving %ld pages in %ld extents, %ld bytes",
+				&pages, &extents, &meta) == 3 && pages > 0)
+			seen[count++ % ARRAY_SIZE(seen)] = meta;
+	}
+	fclose(f);
+	if (count < n)
+		ksft_exit_fail_msg("found %zu guest_memfd metadata reports, expected %zu\n",
+				   count, n);
+	for (i = 0; i < n; i++)
+		bytes[i] = seen[(count - n + i) % ARRAY_SIZE(seen)];
+}
+
+/* Ask for a kexec that must fail, and time it. */
+static double failing_kexec_ms(int luo_fd)
+{
+	static const char cmdline[] = "console=ttyS0";
+	int kfd, ifd, session, vm, gmem;
+	struct kvm_create_guest_memfd args = { .size = MIB,
+		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED };
+	double t;
+
+	session = luo_create_session(luo_fd, "bench-fail");
+	vm = ioctl(kvm_dev(), KVM_CREATE_VM, 0);
+	gmem = vm < 0 ? -1 : ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
+	if (session < 0 || gmem < 0 || luo_session_preserve_fd(session, gmem, 1))
+		fail_exit("set up the failing session");
+	kfd = open("/kernel", O_RDONLY);
+	ifd = open("/initrd.img", O_RDONLY);
+	if (kfd < 0 || ifd < 0 ||
+	    syscall(__NR_kexec_file_load, kfd, ifd, sizeof(cmdline), cmdline, 0UL))
+		fail_exit("kexec_file_load");
+	t = now_ms();
+	if (syscall(__NR_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2,
+		    LINUX_REBOOT_CMD_KEXEC, NULL) == 0)
+		ksft_exit_fail_msg("the kexec meant to fail succeeded\n");
+	t = now_ms() - t;
+	close(session);
+	close(gmem);
+	close(vm);
+	close(kfd);
+	close(ifd);
+	return t;
+}
+
+static void stage1(int luo_fd)
+{
+	int sessions[2][MAX_CASES], fds[2][MAX_CASES], vms[MAX_CASES], results_fd;
+	double base, with[2];
+	struct results *r;
+	char name[64];
+	size_t i;
+	int k;
+
+	create_state_file(luo_fd, STATE_SESSION, STATE_TOKEN, 2);
+	results_fd = memfd_create("bench-results", 0);
+	if (results_fd < 0 || ftruncate(results_fd, sizeof(*r)))
+		fail_exit("results memfd");
+	r = mmap(NULL, sizeof(*r), PROT_READ | PROT_WRITE, MAP_SHARED, results_fd, 0);
+	if (r == MAP_FAILED)
+		fail_exit("mmap results");
+
+	/* One VM per guest_memfd: a VM goes in the session of its memory. */
+	for (i = 0; i < NR_CASES; i++) {
+		vms[i] = ioctl(kvm_dev(), KVM_CREATE_VM, 0);
+		if (vms[i] < 0)
+			fail_exit("KVM_CREATE_VM");
+		fds[0][i] = make_gmem(vms[i], &cases[i]);
+		fds[1][i] = make_memfd(&cases[i]);
+	}
+
+	/* Freeze: fail a kexec with neither, with memfds, with guest_memfds. */
+	base = failing_kexec_ms(luo_fd);
+	for (k = 1; k >= 0; k--) {
+		int s[MAX_CASES];
+
+		for (i = 0; i < NR_CASES; i++) {
+			snprintf(name, sizeof(name), "bench-freeze-%d-%zu", k, i);
+			s[i] = luo_create_session(luo_fd, name);
+			if (s[i] < 0 || luo_session_preserve_fd(s[i], fds[k][i], 1) ||
+			    (k == 0 && luo_session_preserve_fd(s[i], vms[i], 100)))
+				fail_exit("preserve for the freeze measurement");
+		}
+		with[k] = failing_kexec_ms(luo_fd);
+		for (i = 0; i < NR_CASES; i++)
+			close(s[i]);
+	}
+	r->freeze_ms[0] = with[0] - base;
+	r->freeze_ms[1] = with[1] - base;
+
+	/* Preserve, each file in a session of its own; the VM with the gmems. */
+	for (k = 0; k < 2; k++) {
+		for (i = 0; i < NR_CASES; i++) {
+			double t;
+
+			session_name(name, sizeof(name), k, i);
+			sessions[k][i] = luo_create_session(luo_fd, name);
+			if (sessions[k][i] < 0)
+				fail_exit("create %s", name);
+			if (k == 0 && luo_session_preserve_fd(sessions[k][i],
+							      vms[i], 100))
+				fail_exit("preserve the VM");
+			t = now_ms();
+			if (luo_session_preserve_fd(sessions[k][i], fds[k][i], 1))
+				fail_exit("preserve %s", name);
+			r->preserve_ms[k][i] = now_ms() - t;
+		}
+	}
+	read_gmem_metadata(r->meta_bytes[0], NR_CASES);
+	for (i = 0; i < NR_CASES; i++)
+		r->meta_bytes[1][i] = 48 + 16 * (long)(cases[i].size / getpagesize());
+
+	snprintf(name, sizeof(name), "bench-results");
+	k = luo_create_session(luo_fd, name);
+	if (k < 0 || luo_session_preserve_fd(k, results_fd, RESULTS_TOKEN))
+		fail_exit("preserve the results");
+	close(luo_fd);
+	daemonize_and_wait();
+}
+
+static void print_row(const char *what, const char *name, double g, double m,
+		      const char *unit)
+{
+	printf("BENCH: %-10s %-14s %12.1f %12.1f %8.3f  %s\n", what, name, g, m,
+	       m > 0 ? g / m : 0, unit);
+}
+
+static void print_json(struct results *r, int k, size_t i)
+{
+	printf("\"%s\": {", k ? "memfd" : "guest_memfd");
+	printf("\"preserve_ms\": %.2f, ", r->preserve_ms[k][i]);
+	printf("\"retrieve_ms\": %.2f, ", r->retrieve_ms[k][i]);
+	printf("\"finish_ms\": %.2f, ", r->finish_ms[k][i]);
+	printf("\"metadata_bytes\": %ld}", r->meta_bytes[k][i]);
+}
+
+static void stage2(int luo_fd, int state_session)
+{
+	struct results *r;
+	char name[64];
+	size_t i;
+	int k, s, fd;
+
+	s = luo_retrieve_session(luo_fd, "bench-results");
+	fd = s < 0 ? -1 : luo_session_retrieve_fd(s, RESULTS_TOKEN);
+	if (fd < 0)
+		fail_exit("retrieve the results");
+	r = mmap(NULL, sizeof(*r), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (r == MAP_FAILED)
+		fail_exit("mmap results");
+
+	for (k = 0; k < 2; k++) {
+		for (i = 0; i < NR_CASES; i++) {
+			int session, file;
+			double t;
+
+			session_name(name, sizeof(name), k, i);
+			session = luo_retrieve_session(luo_fd, name);
+			if (session < 0)
+				fail_exit("retrieve session %s", name);
+			t = now_ms();
+			file = luo_session_retrieve_fd(session, 1);
+			r->retrieve_ms[k][i] = now_ms() - t;
+			if (file < 0)
+				fail_exit("retrieve %s", name);
+			close(file);
+			t = now_ms();
+			if (luo_session_finish(session))
+				fail_exit("finish %s", name);
+			r->finish_ms[k][i] = now_ms() - t;
+			close(session);
+		}
+	}
+
+	printf("BENCH: %-10s %-14s %12s %12s %8s\n", "step", "case",
+	       "guest_memfd", "memfd", "ratio");
+	for (i = 0; i < NR_CASES; i++) {
+		print_row("preserve", cases[i].name, r->preserve_ms[0][i],
+			  r->preserve_ms[1][i], "ms");
+		print_row("retrieve", cases[i].name, r->retrieve_ms[0][i],
+			  r->retrieve_ms[1][i], "ms");
+		print_row("finish", cases[i].name, r->finish_ms[0][i],
+			  r->finish_ms[1][i], "ms (retrieved)");
+		print_row("metadata", cases[i].name, r->meta_bytes[0][i],
+			  r->meta_bytes[1][i], "bytes");
+	}
+	print_row("freeze", "all cases", r->freeze_ms[0], r->freeze_ms[1],
+		  "ms (freeze+unfreeze)");
+
+	printf("BENCH-JSON: {\"cases\": [");
+	for (i = 0; i < NR_CASES; i++) {
+		printf("%s{\"case\": \"%s\", ", i ? ", " : "", cases[i].name);
+		printf("\"size\": %zu, ", cases[i].size);
+		printf("\"populated\": %zu, ", cases[i].populated);
+		print_json(r, 0, i);
+		printf(", ");
+		print_json(r, 1, i);
+		printf("}");
+	}
+	printf("], \"freeze_ms_all_cases\": {\"guest_memfd\": %.2f, ", r->freeze_ms[0]);
+	printf("\"memfd\": %.2f}}\n", r->freeze_ms[1]);
+	fflush(stdout);
+
+	if (luo_session_finish(s) || luo_session_finish(state_session))
+		fail_exit("finish");
+}
+
+int main(int argc, char *argv[])
+{
+	return luo_test(argc, argv, STATE_SESSION, stage1, stage2);
+}
