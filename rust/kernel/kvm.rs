@@ -10,7 +10,8 @@
 //! [`Kvm`] is that object; `ARef<Kvm>` owns one reference.
 //!
 //! Guest memory lives in guest_memfd files (`KVM_CREATE_GUEST_MEMFD`), each bound to one VM;
-//! [`GuestMemfd`] describes one, [`FrozenGuestMemfd`] stops its memory from changing.
+//! [`GuestMemfd`] describes one, [`FrozenGuestMemfd`] stops its memory from changing, and
+//! [`GuestMemfdFile`] is a new one the kernel fills before handing it out.
 //!
 //! Memory attributes (`KVM_SET_MEMORY_ATTRIBUTES`) are per guest frame. Only VMs with private
 //! memory support them (e.g. `KVM_X86_SW_PROTECTED_VM`); for other VMs every frame is shared.
@@ -278,39 +279,62 @@ impl Drop for FrozenGuestMemfd {
     }
 }
 
-/// Creates a guest_memfd file of `size` bytes with `flags` for `kvm`.
+/// A guest_memfd file created by the kernel, to fill before handing it to userspace.
 ///
-/// # Errors
+/// # Invariants
 ///
-/// Returns `EINVAL` for a size that is not a positive multiple of the page size or flags the VM
-/// does not support, and `ENOMEM`.
-pub fn create_guest_memfd(kvm: &Kvm, size: u64, flags: u64) -> Result<ARef<File>> {
-    let size = bindings::loff_t::try_from(size).map_err(|_| EINVAL)?;
-    // SAFETY: `kvm` is a valid VM; the function validates `size` and `flags`.
-    let file = from_err_ptr(unsafe { bindings::kvm_gmem_create_file(kvm.as_ptr(), size, flags) })?;
-    let file = NonNull::new(file).ok_or(EINVAL)?;
-    // SAFETY: `kvm_gmem_create_file` returned a new file, whose reference we now own.
-    Ok(unsafe { ARef::from_raw(file.cast()) })
+/// `file` is a guest_memfd.
+pub struct GuestMemfdFile {
+    file: ARef<File>,
 }
 
-/// Puts `folio`, which is in no page cache, at `index` of the guest_memfd `file`.
-///
-/// # Errors
-///
-/// Returns `EINVAL` if `file` is not a guest_memfd or the folio does not fit, `EEXIST` if the
-/// index is populated, `ENOMEM`; the folio is dropped then.
-pub fn guest_memfd_insert(file: &File, folio: ARef<Folio>, index: u64, uptodate: bool) -> Result {
-    GuestMemfd::of(file).ok_or(EINVAL)?;
-    let index = usize::try_from(index).map_err(|_| EINVAL)?;
-    let ptr = ARef::into_raw(folio);
-    // SAFETY: `file` is a guest_memfd; we own a reference to the folio, which the function
-    // consumes on success.
-    let ret = unsafe {
-        bindings::kvm_gmem_insert_folio(file.as_ptr(), ptr.as_ptr().cast(), index, uptodate)
-    };
-    if ret != 0 {
-        // SAFETY: On failure the reference was not consumed; take it back to drop it.
-        drop(unsafe { ARef::<Folio>::from_raw(ptr) });
+impl GuestMemfdFile {
+    /// Creates a guest_memfd file of `size` bytes with `flags` for `kvm`.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` for a size that is not a positive multiple of the page size or flags the
+    /// VM does not support, and `ENOMEM`.
+    pub fn create(kvm: &Kvm, size: u64, flags: u64) -> Result<Self> {
+        let size = bindings::loff_t::try_from(size).map_err(|_| EINVAL)?;
+        // SAFETY: `kvm` is a valid VM; the function validates `size` and `flags`.
+        let file =
+            from_err_ptr(unsafe { bindings::kvm_gmem_create_file(kvm.as_ptr(), size, flags) })?;
+        let file = NonNull::new(file).ok_or(EINVAL)?;
+        // SAFETY: `kvm_gmem_create_file` returned a new file, whose reference we now own.
+        let file = unsafe { ARef::from_raw(file.cast()) };
+        // INVARIANT: `kvm_gmem_create_file` creates guest_memfd files.
+        Ok(Self { file })
     }
-    to_result(ret)
+
+    /// Puts `folio`, which is in no page cache, at page `index` of the file.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` if the folio does not fit in the file, `EEXIST` if the index is
+    /// populated, `ENOMEM`; the folio is dropped then.
+    pub fn insert(&self, folio: ARef<Folio>, index: u64, uptodate: bool) -> Result {
+        let index = usize::try_from(index).map_err(|_| EINVAL)?;
+        let ptr = ARef::into_raw(folio);
+        // SAFETY: The file is a guest_memfd by the type invariants; we own a reference to the
+        // folio, which the function consumes on success.
+        let ret = unsafe {
+            bindings::kvm_gmem_insert_folio(
+                self.file.as_ptr(),
+                ptr.as_ptr().cast(),
+                index,
+                uptodate,
+            )
+        };
+        if ret != 0 {
+            // SAFETY: On failure the reference was not consumed; take it back to drop it.
+            drop(unsafe { ARef::<Folio>::from_raw(ptr) });
+        }
+        to_result(ret)
+    }
+
+    /// The file, to hand to userspace.
+    pub fn into_file(self) -> ARef<File> {
+        self.file
+    }
 }

@@ -34,9 +34,9 @@ use kernel::{
         VmallocDesc, //
     },
     kvm::{
-        self,
         FrozenGuestMemfd,
         GuestMemfd,
+        GuestMemfdFile,
         Kvm, //
     },
     liveupdate::{
@@ -329,26 +329,12 @@ impl FileHandler for GmemHandler {
         serialized: Restored<GmemSer>,
         session: &IncomingSession<'_>,
     ) -> Result<ARef<File>> {
-        // Take the records back first, so that they are freed on every error below.
+        // Take all the memory back before anything can fail, so that every error below frees
+        // it: the records, then the pages of every extent.
         let restored = RestoredVec::<ExtentSer>::restore(&serialized.extents)?;
         let size = serialized.size.get();
         let extents = validate_extents(&restored, u64::from(serialized.nr_extents.get()), size)
-            .inspect_err(|_| pr_err!("preserved guest_memfd extents are inconsistent\n"));
-        let extents = match extents {
-            Ok(extents) => extents,
-            Err(err) => return Err(err),
-        };
-        let flags = u64::from(serialized.flags.get());
-        if flags & !KNOWN_GMEM_FLAGS != 0 {
-            return Err(EOPNOTSUPP);
-        }
-
-        let vm_file = session.file(serialized.vm_token.get())?;
-        let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
-        let file = kvm::create_guest_memfd(kvm, size, flags)?;
-
-        // On error, the pages of the remaining extents are freed when dropped, and those
-        // already inserted go with the new file.
+            .inspect_err(|_| pr_err!("preserved guest_memfd extents are inconsistent\n"))?;
         let mut runs = KVVec::with_capacity(extents.len(), GFP_KERNEL)?;
         for extent in extents.iter() {
             runs.push(
@@ -356,15 +342,26 @@ impl FileHandler for GmemHandler {
                 GFP_KERNEL,
             )?;
         }
+        let flags = u64::from(serialized.flags.get());
+        if flags & !KNOWN_GMEM_FLAGS != 0 {
+            return Err(EOPNOTSUPP);
+        }
+
+        let vm_file = session.file(serialized.vm_token.get())?;
+        let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
+        let gmem = GuestMemfdFile::create(kvm, size, flags)?;
+
+        // On error, the pages not inserted yet are freed when `runs` is dropped, and those
+        // already inserted go with the new file.
         for (extent, run) in extents.iter().zip(runs.iter_mut()) {
             let uptodate = extent.flags & EXTENT_UPTODATE != 0;
             let mut index = extent.index;
             while let Some(page) = run.take() {
-                kvm::guest_memfd_insert(&file, page, index, uptodate)?;
+                gmem.insert(page, index, uptodate)?;
                 index += 1;
             }
         }
-        Ok(file)
+        Ok(gmem.into_file())
     }
 
     fn finish(_status: RetrieveStatus, unretrieved: Option<Restored<GmemSer>>) {
