@@ -22,23 +22,10 @@
 
 #include <libliveupdate.h>
 
+#include "klu_util.h"
+
 #define MIB		(1UL << 20)
 #define GMEM_SIZE	(64 * MIB)
-
-static long mem_free_kb(void)
-{
-	char line[128];
-	long kb = -1;
-	FILE *f = fopen("/proc/meminfo", "r");
-
-	if (!f)
-		fail_exit("open /proc/meminfo");
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "MemFree: %ld kB", &kb) == 1)
-			break;
-	fclose(f);
-	return kb;
-}
 
 static int create_vm_and_gmem(int *vm)
 {
@@ -46,14 +33,11 @@ static int create_vm_and_gmem(int *vm)
 		.size = GMEM_SIZE,
 		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
 	};
-	int kvm = open("/dev/kvm", O_RDWR), gmem;
+	int gmem;
 
-	if (kvm < 0)
-		fail_exit("open /dev/kvm");
-	*vm = ioctl(kvm, KVM_CREATE_VM, 0);
+	*vm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, 0);
 	if (*vm < 0)
 		fail_exit("KVM_CREATE_VM");
-	close(kvm);
 	gmem = ioctl(*vm, KVM_CREATE_GUEST_MEMFD, &args);
 	if (gmem < 0)
 		fail_exit("KVM_CREATE_GUEST_MEMFD");
@@ -110,7 +94,7 @@ static void close_before_kexec(int luo_fd)
 	long before, after;
 	int session, vm, gmem;
 
-	before = mem_free_kb();
+	before = klu_mem_free_kb();
 	session = luo_create_session(luo_fd, "gmem-closed");
 	if (session < 0)
 		fail_exit("create session");
@@ -121,7 +105,7 @@ static void close_before_kexec(int luo_fd)
 	close(session);
 	close(gmem);
 	close(vm);
-	after = mem_free_kb();
+	after = klu_mem_free_kb();
 	ksft_print_msg("MemFree %ld kB before, %ld kB after preserve and close\n",
 		       before, after);
 	if (before - after > 2048)

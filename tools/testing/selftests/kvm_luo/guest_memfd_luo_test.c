@@ -32,6 +32,8 @@
 
 #include <libliveupdate.h>
 
+#include "klu_util.h"
+
 #define STATE_SESSION	"gmem-luo-state"
 #define STATE_TOKEN	99
 #define SESSION		"gmem-luo"
@@ -43,28 +45,16 @@
 #define UNRETRIEVED	"gmem-luo-unretrieved"
 #define UNRETRIEVED_SIZE (64 * MIB)
 
-#define MIB		(1UL << 20)
-#define PAGE		4096UL
+#define MIB		KLU_MIB
+#define PAGE		KLU_PAGE
 #define GMEM_SIZE	(16 * MIB)
 #define PATTERN_SIZE	(5 * MIB)
 #define SPARSE_SIZE	(64 * MIB)
-#define GMEM_GPA	0x100000UL	/* reachable from real mode */
-#define CODE_GPA	0x1000UL
-
-static int kvm_fd = -1;
+#define GMEM_GPA	0x100000UL	/* above memslot 0 */
 
 static uint8_t pattern(size_t i)
 {
 	return (uint8_t)(i * 7 + (i >> 12) * 13 + 1);
-}
-
-static int kvm_dev(void)
-{
-	if (kvm_fd < 0)
-		kvm_fd = open("/dev/kvm", O_RDWR);
-	if (kvm_fd < 0)
-		fail_exit("open /dev/kvm");
-	return kvm_fd;
 }
 
 static int create_gmem(int vm, size_t size)
@@ -116,70 +106,6 @@ static void expect_errno(int ret, int err, const char *what)
 	ksft_print_msg("%s fails with %s\n", what, strerror(err));
 }
 
-struct vcpu {
-	int fd;
-	struct kvm_run *run;
-};
-
-/*
- * A vCPU in real mode that reads or writes one byte at any guest physical
- * address below 4 GiB: DS is based at the address, the code at CODE_GPA in
- * memslot 0 is "mov al,[si]; hlt" or "mov [si],al; hlt".
- */
-static struct vcpu vcpu_create(int vm)
-{
-	static const uint8_t code[] = { 0x8a, 0x04, 0xf4, 0x88, 0x04, 0xf4 };
-	struct kvm_userspace_memory_region low = { 0 };
-	struct vcpu v;
-	uint8_t *mem;
-	int size;
-
-	mem = mmap(NULL, MIB, PROT_READ | PROT_WRITE,
-		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (mem == MAP_FAILED)
-		fail_exit("mmap");
-	memcpy(mem + CODE_GPA, code, sizeof(code));
-	low.memory_size = MIB;
-	low.userspace_addr = (uintptr_t)mem;
-	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &low))
-		fail_exit("memslot 0");
-	v.fd = ioctl(vm, KVM_CREATE_VCPU, 0);
-	size = ioctl(kvm_dev(), KVM_GET_VCPU_MMAP_SIZE, 0);
-	if (v.fd < 0 || size <= 0)
-		fail_exit("KVM_CREATE_VCPU");
-	v.run = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, v.fd, 0);
-	if (v.run == MAP_FAILED)
-		fail_exit("mmap kvm_run");
-	return v;
-}
-
-static uint8_t vcpu_access(struct vcpu *v, uint64_t gpa, int write, uint8_t val)
-{
-	struct kvm_sregs sregs;
-	struct kvm_regs regs;
-
-	if (ioctl(v->fd, KVM_GET_SREGS, &sregs))
-		fail_exit("KVM_GET_SREGS");
-	sregs.cs.base = 0;
-	sregs.cs.selector = 0;
-	sregs.ds.base = gpa;
-	sregs.ds.selector = 0;
-	if (ioctl(v->fd, KVM_SET_SREGS, &sregs))
-		fail_exit("KVM_SET_SREGS");
-	memset(&regs, 0, sizeof(regs));
-	regs.rip = CODE_GPA + (write ? 3 : 0);
-	regs.rax = val;
-	regs.rflags = 2;
-	if (ioctl(v->fd, KVM_SET_REGS, &regs) || ioctl(v->fd, KVM_RUN, 0))
-		fail_exit("KVM_RUN at %#llx", (unsigned long long)gpa);
-	if (v->run->exit_reason != KVM_EXIT_HLT)
-		ksft_exit_fail_msg("vCPU exit %u at %#llx\n", v->run->exit_reason,
-				   (unsigned long long)gpa);
-	if (ioctl(v->fd, KVM_GET_REGS, &regs))
-		fail_exit("KVM_GET_REGS");
-	return (uint8_t)regs.rax;
-}
-
 /* A private guest_memfd of a protected VM, in memslot 1, all private. */
 static int private_gmem_slot(int vm, int gmem_or_neg)
 {
@@ -210,44 +136,14 @@ static int private_gmem_slot(int vm, int gmem_or_neg)
 
 static const size_t private_offsets[] = { 0, 3, PAGE + 9, 2 * MIB + 1, GMEM_SIZE - 1 };
 
-static long mem_free_kb(void)
-{
-	char line[128];
-	long kb = -1;
-	FILE *f = fopen("/proc/meminfo", "r");
-
-	if (!f)
-		fail_exit("open /proc/meminfo");
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "MemFree: %ld kB", &kb) == 1)
-			break;
-	fclose(f);
-	return kb;
-}
-
-/* Read bytes of guest memory with a vCPU in real mode, through a memslot. */
+/* Read bytes of guest memory with a vCPU, through a guest_memfd memslot. */
 static void vcpu_check(int vm, int gmem, uint8_t *gmem_map)
 {
-	static const uint8_t code[] = { 0x8a, 0x04, 0xf4 }; /* mov al,[si]; hlt */
 	struct kvm_userspace_memory_region2 slot = { 0 };
-	struct kvm_userspace_memory_region low = { 0 };
 	size_t offsets[] = { 0, 1, PAGE + 5, MIB + 17, PATTERN_SIZE - 1 };
-	struct kvm_sregs sregs;
-	struct kvm_regs regs;
-	struct kvm_run *run;
-	int vcpu, run_size;
-	uint8_t *code_mem;
+	struct klu_vcpu v;
+	uint8_t val = 0;
 	size_t i;
-
-	code_mem = mmap(NULL, MIB, PROT_READ | PROT_WRITE,
-			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (code_mem == MAP_FAILED)
-		fail_exit("mmap");
-	memcpy(code_mem + CODE_GPA, code, sizeof(code));
-	low.memory_size = MIB;
-	low.userspace_addr = (uintptr_t)code_mem;
-	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &low))
-		fail_exit("memslot 0");
 
 	slot.slot = 1;
 	slot.flags = KVM_MEM_GUEST_MEMFD;
@@ -258,45 +154,33 @@ static void vcpu_check(int vm, int gmem, uint8_t *gmem_map)
 	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &slot))
 		fail_exit("a memslot refuses the retrieved guest_memfd");
 
-	vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
-	run_size = ioctl(kvm_dev(), KVM_GET_VCPU_MMAP_SIZE, 0);
-	if (vcpu < 0 || run_size <= 0)
-		fail_exit("KVM_CREATE_VCPU");
-	run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
-	if (run == MAP_FAILED)
-		fail_exit("mmap kvm_run");
-
+	v = klu_vcpu_create(vm);
 	for (i = 0; i < ARRAY_SIZE(offsets); i++) {
-		if (ioctl(vcpu, KVM_GET_SREGS, &sregs))
-			fail_exit("KVM_GET_SREGS");
-		sregs.cs.base = 0;
-		sregs.cs.selector = 0;
-		sregs.ds.base = GMEM_GPA + offsets[i];
-		sregs.ds.selector = 0;
-		if (ioctl(vcpu, KVM_SET_SREGS, &sregs))
-			fail_exit("KVM_SET_SREGS");
-		memset(&regs, 0, sizeof(regs));
-		regs.rip = CODE_GPA;
-		regs.rflags = 2;
-		if (ioctl(vcpu, KVM_SET_REGS, &regs) || ioctl(vcpu, KVM_RUN, 0))
-			fail_exit("KVM_RUN");
-		if (run->exit_reason != KVM_EXIT_HLT)
+		if (klu_vcpu_access(&v, GMEM_GPA + offsets[i], 0, &val) != KVM_EXIT_HLT)
 			ksft_exit_fail_msg("vCPU exit %u reading offset %#zx\n",
-					   run->exit_reason, offsets[i]);
-		if (ioctl(vcpu, KVM_GET_REGS, &regs))
-			fail_exit("KVM_GET_REGS");
-		if ((uint8_t)regs.rax != pattern(offsets[i]))
+					   v.run->exit_reason, offsets[i]);
+		if (val != pattern(offsets[i]))
 			ksft_exit_fail_msg("vCPU read %#x at %#zx, expected %#x\n",
-					   (uint8_t)regs.rax, offsets[i],
-					   pattern(offsets[i]));
+					   val, offsets[i], pattern(offsets[i]));
 	}
 	ksft_print_msg("a vCPU reads the pattern at %zu offsets\n", i);
+}
+
+/* Access private memory with a vCPU, and fail on anything but success. */
+static uint8_t private_access(struct klu_vcpu *v, size_t offset, int write)
+{
+	uint8_t val = pattern(offset);
+
+	if (klu_vcpu_access(v, GMEM_GPA + offset, write, &val) != KVM_EXIT_HLT)
+		ksft_exit_fail_msg("vCPU exit %u at private offset %#zx\n",
+				   v->run->exit_reason, offset);
+	return val;
 }
 
 static void stage1(int luo_fd)
 {
 	int session, vm, gmem, sparse, pvm, pgmem, unretrieved, uvm, ugmem;
-	struct vcpu v;
+	struct klu_vcpu v;
 	uint8_t *p, *s;
 	size_t i;
 
@@ -307,22 +191,21 @@ static void stage1(int luo_fd)
 		fail_exit("create session");
 
 	/* A protected VM whose guest writes its private memory. */
-	pvm = ioctl(kvm_dev(), KVM_CREATE_VM, KVM_X86_SW_PROTECTED_VM);
+	pvm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, KVM_X86_SW_PROTECTED_VM);
 	if (pvm < 0)
 		fail_exit("KVM_CREATE_VM (protected)");
 	pgmem = private_gmem_slot(pvm, -1);
-	v = vcpu_create(pvm);
+	v = klu_vcpu_create(pvm);
 	for (i = 0; i < ARRAY_SIZE(private_offsets); i++)
-		vcpu_access(&v, GMEM_GPA + private_offsets[i], 1,
-			    pattern(private_offsets[i]));
-	if (vcpu_access(&v, GMEM_GPA, 0, 0) != pattern(0))
+		private_access(&v, private_offsets[i], 1);
+	if (private_access(&v, 0, 0) != pattern(0))
 		ksft_exit_fail_msg("private memory does not hold what the guest wrote\n");
 	if (luo_session_preserve_fd(session, pvm, TOKEN_PVM) ||
 	    luo_session_preserve_fd(session, pgmem, TOKEN_PGMEM))
 		fail_exit("preserve the protected VM and its private guest_memfd");
 
 	/* A VM with 64 MiB that is never retrieved. */
-	uvm = ioctl(kvm_dev(), KVM_CREATE_VM, 0);
+	uvm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, 0);
 	if (uvm < 0)
 		fail_exit("KVM_CREATE_VM");
 	ugmem = create_gmem(uvm, UNRETRIEVED_SIZE);
@@ -332,7 +215,7 @@ static void stage1(int luo_fd)
 	    luo_session_preserve_fd(unretrieved, ugmem, TOKEN_GMEM))
 		fail_exit("preserve the unretrieved VM");
 
-	vm = ioctl(kvm_dev(), KVM_CREATE_VM, 0);
+	vm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, 0);
 	if (vm < 0)
 		fail_exit("KVM_CREATE_VM");
 	gmem = create_gmem(vm, GMEM_SIZE);
@@ -367,7 +250,7 @@ static void stage2(int luo_fd, int state_session)
 	int session, vm, gmem, sparse, pvm, pgmem, unretrieved;
 	long before, after;
 	size_t i, n, hole;
-	struct vcpu v;
+	struct klu_vcpu v;
 	uint8_t *p, *s;
 
 	session = luo_retrieve_session(luo_fd, SESSION);
@@ -412,9 +295,9 @@ static void stage2(int luo_fd, int state_session)
 	if (pvm < 0 || pgmem < 0)
 		fail_exit("retrieve the protected VM and its guest_memfd");
 	private_gmem_slot(pvm, pgmem);
-	v = vcpu_create(pvm);
+	v = klu_vcpu_create(pvm);
 	for (i = 0; i < ARRAY_SIZE(private_offsets); i++)
-		if (vcpu_access(&v, GMEM_GPA + private_offsets[i], 0, 0) !=
+		if (private_access(&v, private_offsets[i], 0) !=
 		    pattern(private_offsets[i]))
 			ksft_exit_fail_msg("private byte %#zx lost\n",
 					   private_offsets[i]);
@@ -426,10 +309,10 @@ static void stage2(int luo_fd, int state_session)
 	unretrieved = luo_retrieve_session(luo_fd, UNRETRIEVED);
 	if (unretrieved < 0)
 		fail_exit("retrieve the unretrieved session");
-	before = mem_free_kb();
+	before = klu_mem_free_kb();
 	if (luo_session_finish(unretrieved))
 		fail_exit("finish without retrieve");
-	after = mem_free_kb();
+	after = klu_mem_free_kb();
 	ksft_print_msg("finish without retrieve freed %ld kB of %lu kB\n",
 		       after - before, UNRETRIEVED_SIZE >> 10);
 	if (after - before < (long)(UNRETRIEVED_SIZE >> 10) * 15 / 16)

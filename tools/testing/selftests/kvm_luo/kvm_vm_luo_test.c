@@ -27,6 +27,8 @@
 
 #include <libliveupdate.h>
 
+#include "klu_util.h"
+
 #define STATE_SESSION	"kvm-vm-luo-state"
 #define STATE_TOKEN	99
 #define MAIN_SESSION	"kvm-vm-luo"
@@ -36,10 +38,8 @@
 #define TOKEN_REPRESERVED 3
 #define TOKEN_MANY	4
 
-#define SLOT_SIZE	(1UL << 20)
-#define CODE_GPA	0x1000UL
 #define MANY_RANGES	40000UL
-#define PAGE		4096UL
+#define PAGE		KLU_PAGE
 
 /* Private ranges of the software-protected VM, as (gpa, size). */
 static const struct { uint64_t gpa, size; } private_ranges[] = {
@@ -55,21 +55,9 @@ static const struct { uint64_t gpa; int private; } probes[] = {
 	{ 0x7f000, 0 }, { 0x80000, 1 }, { 0x9f000, 1 }, { 0xa0000, 0 },
 };
 
-static int kvm_fd = -1;
-
-static int kvm_dev(void)
-{
-	if (kvm_fd < 0) {
-		kvm_fd = open("/dev/kvm", O_RDWR);
-		if (kvm_fd < 0)
-			fail_exit("open /dev/kvm");
-	}
-	return kvm_fd;
-}
-
 static int create_vm(unsigned long type)
 {
-	int fd = ioctl(kvm_dev(), KVM_CREATE_VM, type);
+	int fd = ioctl(klu_kvm_dev(), KVM_CREATE_VM, type);
 
 	if (fd < 0)
 		fail_exit("KVM_CREATE_VM type %lu", type);
@@ -91,18 +79,14 @@ static void set_private(int vm, uint64_t gpa, uint64_t size)
 
 /*
  * Run one vCPU read at each probe address and compare the outcome with what
- * the VM's type and attributes say. Creates a memslot and a vCPU in the VM.
+ * the VM's type and attributes say. Creates memslot 0 and vCPU 0 in the VM.
  */
 static void check_vm(int vm, int protected, const char *what)
 {
-	static const uint8_t code[] = { 0x8a, 0x04, 0xf4 }; /* mov al,[si]; hlt */
-	struct kvm_userspace_memory_region region = { 0 };
-	struct kvm_sregs sregs;
-	struct kvm_regs regs;
-	struct kvm_run *run;
-	int vcpu, mmap_size;
 	long attrs, want = protected ? KVM_MEMORY_ATTRIBUTE_PRIVATE : 0;
-	uint8_t *mem;
+	struct klu_vcpu v;
+	unsigned int exit;
+	uint8_t val = 0;
 	size_t i;
 
 	attrs = ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_MEMORY_ATTRIBUTES);
@@ -110,78 +94,26 @@ static void check_vm(int vm, int protected, const char *what)
 		ksft_exit_fail_msg("%s: supported attributes %#lx, expected %#lx\n",
 				   what, attrs, want);
 
-	mem = mmap(NULL, SLOT_SIZE, PROT_READ | PROT_WRITE,
-		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (mem == MAP_FAILED)
-		fail_exit("mmap");
-	memcpy(mem + CODE_GPA, code, sizeof(code));
-	region.memory_size = SLOT_SIZE;
-	region.userspace_addr = (uintptr_t)mem;
-	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region))
-		fail_exit("%s: KVM_SET_USER_MEMORY_REGION", what);
-
-	vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
-	mmap_size = ioctl(kvm_dev(), KVM_GET_VCPU_MMAP_SIZE, 0);
-	if (vcpu < 0 || mmap_size <= 0)
-		fail_exit("%s: KVM_CREATE_VCPU", what);
-	run = mmap(NULL, mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
-	if (run == MAP_FAILED)
-		fail_exit("mmap kvm_run");
-
+	v = klu_vcpu_create(vm);
 	for (i = 0; i < ARRAY_SIZE(probes); i++) {
 		int want_fault = protected && probes[i].private;
 
-		if (ioctl(vcpu, KVM_GET_SREGS, &sregs))
-			fail_exit("KVM_GET_SREGS");
-		sregs.cs.base = 0;
-		sregs.cs.selector = 0;
-		sregs.ds.base = probes[i].gpa;
-		sregs.ds.selector = probes[i].gpa >> 4;
-		if (ioctl(vcpu, KVM_SET_SREGS, &sregs))
-			fail_exit("KVM_SET_SREGS");
-		memset(&regs, 0, sizeof(regs));
-		regs.rip = CODE_GPA;
-		regs.rflags = 2;
-		if (ioctl(vcpu, KVM_SET_REGS, &regs))
-			fail_exit("KVM_SET_REGS");
-
-		if (ioctl(vcpu, KVM_RUN, 0) && !(errno == EFAULT &&
-		    run->exit_reason == KVM_EXIT_MEMORY_FAULT))
-			fail_exit("%s: KVM_RUN at %#llx", what,
-				  (unsigned long long)probes[i].gpa);
-
+		exit = klu_vcpu_access(&v, probes[i].gpa, 0, &val);
 		if (want_fault) {
-			if (run->exit_reason != KVM_EXIT_MEMORY_FAULT ||
-			    run->memory_fault.gpa != probes[i].gpa ||
-			    !(run->memory_fault.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE))
+			if (exit != KVM_EXIT_MEMORY_FAULT ||
+			    v.run->memory_fault.gpa != probes[i].gpa ||
+			    !(v.run->memory_fault.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE))
 				ksft_exit_fail_msg("%s: %#llx: exit %u, expected a private memory fault\n",
 						   what, (unsigned long long)probes[i].gpa,
-						   run->exit_reason);
-		} else if (run->exit_reason != KVM_EXIT_HLT) {
+						   exit);
+		} else if (exit != KVM_EXIT_HLT) {
 			ksft_exit_fail_msg("%s: %#llx: exit %u, expected hlt\n", what,
-					   (unsigned long long)probes[i].gpa,
-					   run->exit_reason);
+					   (unsigned long long)probes[i].gpa, exit);
 		}
 	}
 	ksft_print_msg("%s: %zu probes behave as a %s VM\n", what, i,
 		       protected ? "software-protected" : "default");
-	munmap(run, mmap_size);
-	close(vcpu);
-}
-
-static long mem_free_kb(void)
-{
-	char line[128];
-	long kb = -1;
-	FILE *f = fopen("/proc/meminfo", "r");
-
-	if (!f)
-		fail_exit("open /proc/meminfo");
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "MemFree: %ld kB", &kb) == 1)
-			break;
-	fclose(f);
-	return kb;
+	close(v.fd);
 }
 
 static void expect_not_claimed(int session, int fd, const char *what)
@@ -216,7 +148,7 @@ static void stage1(int luo_fd)
 	if (vcpu < 0)
 		fail_exit("KVM_CREATE_VCPU");
 	expect_not_claimed(session, vcpu, "a vCPU fd");
-	expect_not_claimed(session, kvm_dev(), "/dev/kvm");
+	expect_not_claimed(session, klu_kvm_dev(), "/dev/kvm");
 
 	/* A session closed before the kexec releases its VM. */
 	vm_again = create_vm(0);
@@ -269,10 +201,10 @@ static void stage2(int luo_fd, int state_session)
 	leak = luo_retrieve_session(luo_fd, LEAK_SESSION);
 	if (leak < 0)
 		fail_exit("retrieve the unretrieved session");
-	before = mem_free_kb();
+	before = klu_mem_free_kb();
 	if (luo_session_finish(leak))
 		fail_exit("finish without retrieve");
-	after = mem_free_kb();
+	after = klu_mem_free_kb();
 	/* 24 bytes per range; allow a quarter for noise. */
 	want_kb = MANY_RANGES * 24 / 1024 * 3 / 4;
 	ksft_print_msg("finish without retrieve freed %ld kB (at least %ld expected)\n",

@@ -33,6 +33,8 @@
 
 #include <libliveupdate.h>
 
+#include "klu_util.h"
+
 #define MIB		(1UL << 20)
 #define STATE_SESSION	"bench-state"
 #define STATE_TOKEN	99
@@ -70,17 +72,6 @@ static double now_ms(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static int kvm_dev(void)
-{
-	static int fd = -1;
-
-	if (fd < 0)
-		fd = open("/dev/kvm", O_RDWR);
-	if (fd < 0)
-		fail_exit("open /dev/kvm");
-	return fd;
 }
 
 static void populate(int fd, const struct bench_case *c)
@@ -164,7 +155,7 @@ static double failing_kexec_ms(int luo_fd)
 	double t;
 
 	session = luo_create_session(luo_fd, "bench-fail");
-	vm = ioctl(kvm_dev(), KVM_CREATE_VM, 0);
+	vm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, 0);
 	gmem = vm < 0 ? -1 : ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
 	if (session < 0 || gmem < 0 || luo_session_preserve_fd(session, gmem, 1))
 		fail_exit("set up the failing session");
@@ -205,7 +196,7 @@ static void stage1(int luo_fd)
 
 	/* One VM per guest_memfd: a VM goes in the session of its memory. */
 	for (i = 0; i < NR_CASES; i++) {
-		vms[i] = ioctl(kvm_dev(), KVM_CREATE_VM, 0);
+		vms[i] = ioctl(klu_kvm_dev(), KVM_CREATE_VM, 0);
 		if (vms[i] < 0)
 			fail_exit("KVM_CREATE_VM");
 		fds[0][i] = make_gmem(vms[i], &cases[i]);

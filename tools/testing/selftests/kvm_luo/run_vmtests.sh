@@ -86,7 +86,7 @@ build_kvm_luo() {
 		 guest_memfd_luo_abort_test luo_bench; do
 		gcc -static -O2 -Wall -D_GNU_SOURCE= -isystem "$hdrs" \
 			-I "$sel/liveupdate/lib/include" -I "$sel" \
-			-o "$root/kvm_luo/$t" "$here/$t.c" \
+			-o "$root/kvm_luo/$t" "$here/$t.c" "$here/klu_util.c" \
 			"$sel/liveupdate/lib/lu_utils.c" || return 1
 	done
 }
