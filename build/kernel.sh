@@ -142,6 +142,11 @@ build() {
 	klu_log "built $(make -s -C "$KLU_SRC" O="$KLU_OBJ" kernelrelease 2>/dev/null)"
 }
 
+# One assembly or build at a time per cache.
+mkdir -p "$KLU_CACHE"
+exec 8>"$KLU_CACHE/.kernel.lock"
+flock 8
+
 case "${1:-all}" in
 assemble) assemble ;;
 config) assemble; config ;;

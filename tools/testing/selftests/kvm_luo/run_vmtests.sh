@@ -234,6 +234,14 @@ run_test() {	# run_test NAME KIND TIMEOUT
 }
 
 main() {
+	# One run at a time per output directory: another run would remove
+	# this one's logs and binaries.
+	mkdir -p "$out"
+	exec 9>"$out/.lock"
+	if ! flock -n 9; then
+		echo "# waiting for another run using $out"
+		flock 9
+	fi
 	rm -rf "$logs" "$root"
 	mkdir -p "$logs" "$root"
 	echo "# building test binaries and the initramfs in $out"
