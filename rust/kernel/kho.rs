@@ -470,6 +470,19 @@ impl RestoredPages {
         Ok(Self { next: pfn, end })
     }
 
+    /// The first page frame number and the number of pages not handed out yet.
+    pub fn remaining(&self) -> (u64, u64) {
+        (self.next, self.end - self.next)
+    }
+
+    /// Gives up the pages not handed out yet, and their references, to the caller, which must
+    /// free them or hand them on.
+    pub(crate) fn into_raw(self) -> (u64, u64) {
+        let remaining = self.remaining();
+        core::mem::forget(self);
+        remaining
+    }
+
     /// Hands out the next page of the run as a folio, with its reference.
     pub fn take(&mut self) -> Option<ARef<Folio>> {
         if self.next == self.end {

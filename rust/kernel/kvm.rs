@@ -22,8 +22,8 @@ use crate::{
         from_err_ptr,
         to_result, //
     },
-    folio::Folio,
     fs::File,
+    kho::RestoredPages,
     prelude::*,
     sync::aref::{
         ARef,
@@ -307,30 +307,29 @@ impl GuestMemfdFile {
         Ok(Self { file })
     }
 
-    /// Puts `folio`, which is in no page cache, at page `index` of the file.
+    /// Puts the pages of `run`, handed over by the previous kernel, at page `index` of the file
+    /// and the following ones.
     ///
     /// # Errors
     ///
-    /// Returns `EINVAL` if the folio does not fit in the file, `EEXIST` if the index is
-    /// populated, `ENOMEM`; the folio is dropped then.
-    pub fn insert(&self, folio: ARef<Folio>, index: u64, uptodate: bool) -> Result {
-        let index = usize::try_from(index).map_err(|_| EINVAL)?;
-        let ptr = ARef::into_raw(folio);
-        // SAFETY: The file is a guest_memfd by the type invariants; we own a reference to the
-        // folio, which the function consumes on success.
-        let ret = unsafe {
-            bindings::kvm_gmem_insert_folio(
-                self.file.as_ptr(),
-                ptr.as_ptr().cast(),
-                index,
-                uptodate,
-            )
+    /// Returns `EINVAL` if the run does not fit in the file, `EEXIST` if an index is populated,
+    /// `ENOMEM`; the pages not inserted are freed then.
+    pub fn insert_pages(&self, run: RestoredPages, index: u64, uptodate: bool) -> Result {
+        let (pfn, nr) = run.remaining();
+        let (Ok(pfn), Ok(nr), Ok(index)) = (
+            usize::try_from(pfn),
+            usize::try_from(nr),
+            usize::try_from(index),
+        ) else {
+            // `run` is dropped, which frees its pages.
+            return Err(EINVAL);
         };
-        if ret != 0 {
-            // SAFETY: On failure the reference was not consumed; take it back to drop it.
-            drop(unsafe { ARef::<Folio>::from_raw(ptr) });
-        }
-        to_result(ret)
+        run.into_raw();
+        // SAFETY: The file is a guest_memfd by the type invariants; the pages are restored
+        // order-0 pages whose references we own, which the function consumes in every case.
+        to_result(unsafe {
+            bindings::kvm_gmem_insert_pages(self.file.as_ptr(), pfn, nr, index, uptodate)
+        })
     }
 
     /// The file, to hand to userspace.

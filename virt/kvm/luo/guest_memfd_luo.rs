@@ -351,15 +351,10 @@ impl FileHandler for GmemHandler {
         let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
         let gmem = GuestMemfdFile::create(kvm, size, flags)?;
 
-        // On error, the pages not inserted yet are freed when `runs` is dropped, and those
-        // already inserted go with the new file.
-        for (extent, run) in extents.iter().zip(runs.iter_mut()) {
-            let uptodate = extent.flags & EXTENT_UPTODATE != 0;
-            let mut index = extent.index;
-            while let Some(page) = run.take() {
-                gmem.insert(page, index, uptodate)?;
-                index += 1;
-            }
+        // On error, the pages not inserted yet are freed, and those already inserted go with
+        // the new file.
+        for (extent, run) in extents.iter().zip(runs) {
+            gmem.insert_pages(run, extent.index, extent.flags & EXTENT_UPTODATE != 0)?;
         }
         Ok(gmem.into_file())
     }
