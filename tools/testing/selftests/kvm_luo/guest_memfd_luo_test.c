@@ -2,8 +2,10 @@
 /*
  * Live update of guest_memfd: guest RAM preserved across a kexec.
  *
- * Stage 1 creates a VM with two shared guest_memfds: a 16 MiB one whose first
- * 5 MiB hold a pattern, and a 64 MiB sparse one with one page in every MiB.
+ * Stage 1 creates a VM with two shared guest_memfds: a 16 MiB one mapped at
+ * guest physical 4 GiB, whose first 5 MiB a vCPU in 64-bit mode fills with a
+ * pattern (each 8 bytes hold their own guest physical address), and a 64 MiB
+ * sparse one with one page in every MiB, written by userspace.
  * It checks that a preserved guest_memfd is frozen (fallocate and punch hole
  * fail with EPERM) and preserves the VM and both files.
  *
@@ -50,7 +52,30 @@
 #define GMEM_SIZE	(16 * MIB)
 #define PATTERN_SIZE	(5 * MIB)
 #define SPARSE_SIZE	(64 * MIB)
-#define GMEM_GPA	0x100000UL	/* above memslot 0 */
+#define GMEM_GPA	0x100000UL	/* private memory, above memslot 0 */
+#define GMEM64_GPA	(4UL << 30)	/* shared memory, at 4 GiB */
+
+/* Fill, then check, 5 MiB at 4 GiB with each quadword's own address. */
+static const uint8_t fill_code[] = {
+	0x48, 0xbf, 0, 0, 0, 0, 1, 0, 0, 0,	/* mov rdi, 4 GiB */
+	0x48, 0xb9, 0, 0, 0x0a, 0, 0, 0, 0, 0,	/* mov rcx, 5 MiB / 8 */
+	0x48, 0x89, 0x3f,			/* 1: mov [rdi], rdi */
+	0x48, 0x83, 0xc7, 0x08,			/* add rdi, 8 */
+	0x48, 0xff, 0xc9,			/* dec rcx */
+	0x75, 0xf4,				/* jnz 1b */
+	0xf4,					/* hlt */
+};
+
+static const uint8_t check_code[] = {
+	0x48, 0xbf, 0, 0, 0, 0, 1, 0, 0, 0,	/* mov rdi, 4 GiB */
+	0x48, 0xb9, 0, 0, 0x0a, 0, 0, 0, 0, 0,	/* mov rcx, 5 MiB / 8 */
+	0x48, 0x39, 0x3f,			/* 1: cmp [rdi], rdi */
+	0x75, 0x09,				/* jne 2f */
+	0x48, 0x83, 0xc7, 0x08,			/* add rdi, 8 */
+	0x48, 0xff, 0xc9,			/* dec rcx */
+	0x75, 0xf2,				/* jnz 1b */
+	0xf4,					/* 2: hlt (rcx = 0 if all matched) */
+};
 
 static uint8_t pattern(size_t i)
 {
@@ -136,34 +161,38 @@ static int private_gmem_slot(int vm, int gmem_or_neg)
 
 static const size_t private_offsets[] = { 0, 3, PAGE + 9, 2 * MIB + 1, GMEM_SIZE - 1 };
 
-/* Read bytes of guest memory with a vCPU, through a guest_memfd memslot. */
-static void vcpu_check(int vm, int gmem, uint8_t *gmem_map)
+/* Bind @gmem at 4 GiB in @vm and run @code there on a 64-bit vCPU. */
+static struct kvm_regs run_at_4g(int vm, int gmem, uint8_t *gmem_map,
+				 const uint8_t *code, size_t len)
 {
 	struct kvm_userspace_memory_region2 slot = { 0 };
-	size_t offsets[] = { 0, 1, PAGE + 5, MIB + 17, PATTERN_SIZE - 1 };
+	struct kvm_regs regs = { 0 };
 	struct klu_vcpu v;
-	uint8_t val = 0;
-	size_t i;
 
 	slot.slot = 1;
 	slot.flags = KVM_MEM_GUEST_MEMFD;
-	slot.guest_phys_addr = GMEM_GPA;
+	slot.guest_phys_addr = GMEM64_GPA;
 	slot.memory_size = GMEM_SIZE;
 	slot.userspace_addr = (uintptr_t)gmem_map;
 	slot.guest_memfd = gmem;
 	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &slot))
-		fail_exit("a memslot refuses the retrieved guest_memfd");
+		fail_exit("a memslot at 4 GiB refuses the guest_memfd");
+	v = klu_vcpu64_create(vm);
+	klu_vcpu64_run(&v, code, len, &regs);
+	return regs;
+}
 
-	v = klu_vcpu_create(vm);
-	for (i = 0; i < ARRAY_SIZE(offsets); i++) {
-		if (klu_vcpu_access(&v, GMEM_GPA + offsets[i], 0, &val) != KVM_EXIT_HLT)
-			ksft_exit_fail_msg("vCPU exit %u reading offset %#zx\n",
-					   v.run->exit_reason, offsets[i]);
-		if (val != pattern(offsets[i]))
-			ksft_exit_fail_msg("vCPU read %#x at %#zx, expected %#x\n",
-					   val, offsets[i], pattern(offsets[i]));
-	}
-	ksft_print_msg("a vCPU reads the pattern at %zu offsets\n", i);
+/* Check from userspace that each quadword holds its guest physical address. */
+static void check_pattern(const uint8_t *p)
+{
+	const uint64_t *q = (const uint64_t *)p;
+	size_t i;
+
+	for (i = 0; i < PATTERN_SIZE / 8; i++)
+		if (q[i] != GMEM64_GPA + 8 * i)
+			ksft_exit_fail_msg("quadword %zu is %#llx, expected %#lx\n",
+					   i, (unsigned long long)q[i],
+					   GMEM64_GPA + 8 * i);
 }
 
 /* Access private memory with a vCPU, and fail on anything but success. */
@@ -221,8 +250,10 @@ static void stage1(int luo_fd)
 	gmem = create_gmem(vm, GMEM_SIZE);
 	sparse = create_gmem(vm, SPARSE_SIZE);
 	p = map(gmem, GMEM_SIZE);
-	for (i = 0; i < PATTERN_SIZE; i++)
-		p[i] = pattern(i);
+	run_at_4g(vm, gmem, p, fill_code, sizeof(fill_code));
+	check_pattern(p);
+	ksft_print_msg("a vCPU wrote %lu MiB at guest physical 4 GiB\n",
+		       PATTERN_SIZE / MIB);
 	s = map(sparse, SPARSE_SIZE);
 	for (i = 0; i < SPARSE_SIZE; i += MIB)
 		s[i] = pattern(i);
@@ -237,8 +268,7 @@ static void stage1(int luo_fd)
 	expect_errno(fallocate(gmem, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
 			       0, PAGE),
 		     EPERM, "punching a hole in a preserved guest_memfd");
-	if (p[0] != pattern(0))
-		ksft_exit_fail_msg("a failed punch hole changed the memory\n");
+	check_pattern(p);
 
 	ksft_print_msg("[STAGE 1] preserved 3 VMs and 4 guest_memfds in 2 sessions\n");
 	close(luo_fd);
@@ -250,6 +280,7 @@ static void stage2(int luo_fd, int state_session)
 	int session, vm, gmem, sparse, pvm, pgmem, unretrieved;
 	long before, after;
 	size_t i, n, hole;
+	struct kvm_regs regs;
 	struct klu_vcpu v;
 	uint8_t *p, *s;
 
@@ -270,10 +301,7 @@ static void stage2(int luo_fd, int state_session)
 	if (n != PATTERN_SIZE / PAGE || hole != PATTERN_SIZE / PAGE)
 		ksft_exit_fail_msg("%zu pages present, first hole at page %zu; expected %lu and %lu\n",
 				   n, hole, PATTERN_SIZE / PAGE, PATTERN_SIZE / PAGE);
-	for (i = 0; i < PATTERN_SIZE; i++)
-		if (p[i] != pattern(i))
-			ksft_exit_fail_msg("byte %#zx is %#x, expected %#x\n",
-					   i, p[i], pattern(i));
+	check_pattern(p);
 	ksft_print_msg("the %lu MiB pattern survived; the rest is still a hole\n",
 		       PATTERN_SIZE / MIB);
 
@@ -287,7 +315,13 @@ static void stage2(int luo_fd, int state_session)
 			ksft_exit_fail_msg("sparse byte %#zx lost\n", i);
 	ksft_print_msg("sparse file: %zu pages, holes kept\n", n);
 
-	vcpu_check(vm, gmem, p);
+	regs = run_at_4g(vm, gmem, p, check_code, sizeof(check_code));
+	if (regs.rcx)
+		ksft_exit_fail_msg("the vCPU found %#llx at %#llx\n",
+				   *(unsigned long long *)(p + regs.rdi - GMEM64_GPA),
+				   (unsigned long long)regs.rdi);
+	ksft_print_msg("a new vCPU reads the %lu MiB back at 4 GiB\n",
+		       PATTERN_SIZE / MIB);
 
 	/* The protected VM first, then its guest_memfd. */
 	pvm = luo_session_retrieve_fd(session, TOKEN_PVM);

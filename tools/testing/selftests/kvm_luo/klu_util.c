@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -15,6 +16,18 @@
 #include "klu_util.h"
 
 #define CODE_GPA	0x1000UL
+
+/* Layout of memslot 0 for 64-bit vCPUs. */
+#define GDT_GPA		0x6000UL
+#define PML4_GPA	0x2000UL
+#define PDPT_GPA	0x3000UL
+#define PD0_GPA		0x4000UL
+#define PD4_GPA		0x5000UL
+#define CODE64_GPA	0x10000UL
+
+#define PTE_PRESENT	(1ULL << 0)
+#define PTE_WRITE	(1ULL << 1)
+#define PTE_LARGE	(1ULL << 7)
 
 int klu_kvm_dev(void)
 {
@@ -42,24 +55,27 @@ long klu_mem_free_kb(void)
 	return kb;
 }
 
-struct klu_vcpu klu_vcpu_create(int vm)
+static uint8_t *slot0_create(int vm)
 {
-	/* mov al,[si]; hlt; mov [si],al; hlt */
-	static const uint8_t code[] = { 0x8a, 0x04, 0xf4, 0x88, 0x04, 0xf4 };
 	struct kvm_userspace_memory_region low = { 0 };
-	struct klu_vcpu v;
 	uint8_t *mem;
-	int size;
 
 	mem = mmap(NULL, KLU_MIB, PROT_READ | PROT_WRITE,
 		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED)
 		fail_exit("mmap");
-	memcpy(mem + CODE_GPA, code, sizeof(code));
 	low.memory_size = KLU_MIB;
 	low.userspace_addr = (uintptr_t)mem;
 	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &low))
 		fail_exit("memslot 0");
+	return mem;
+}
+
+static struct klu_vcpu vcpu_add(int vm, uint8_t *slot0)
+{
+	struct klu_vcpu v = { .slot0 = slot0 };
+	int size;
+
 	v.fd = ioctl(vm, KVM_CREATE_VCPU, 0);
 	size = ioctl(klu_kvm_dev(), KVM_GET_VCPU_MMAP_SIZE, 0);
 	if (v.fd < 0 || size <= 0)
@@ -68,6 +84,99 @@ struct klu_vcpu klu_vcpu_create(int vm)
 	if (v.run == MAP_FAILED)
 		fail_exit("mmap kvm_run");
 	return v;
+}
+
+/* Give the vCPU every CPUID feature KVM supports (long mode among them). */
+static void set_supported_cpuid(int vcpu)
+{
+	int nent = 256;
+	struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) +
+					  nent * sizeof(struct kvm_cpuid_entry2));
+
+	if (!cpuid)
+		fail_exit("calloc");
+	cpuid->nent = nent;
+	if (ioctl(klu_kvm_dev(), KVM_GET_SUPPORTED_CPUID, cpuid) ||
+	    ioctl(vcpu, KVM_SET_CPUID2, cpuid))
+		fail_exit("CPUID");
+	free(cpuid);
+}
+
+struct klu_vcpu klu_vcpu64_create(int vm)
+{
+	static const uint64_t gdt[] = {
+		0,
+		0x00209a0000000000ULL,	/* 0x08: 64-bit code */
+		0x00cf92000000ffffULL,	/* 0x10: data */
+	};
+	struct kvm_segment code = {
+		.selector = 0x08, .limit = 0xffffffff, .type = 11, .present = 1,
+		.s = 1, .l = 1, .g = 1,
+	};
+	struct kvm_segment data = {
+		.selector = 0x10, .limit = 0xffffffff, .type = 3, .present = 1,
+		.s = 1, .db = 1, .g = 1,
+	};
+	uint8_t *mem = slot0_create(vm);
+	struct kvm_sregs sregs;
+	struct klu_vcpu v;
+	uint64_t *pt;
+	int i;
+
+	memcpy(mem + GDT_GPA, gdt, sizeof(gdt));
+	pt = (uint64_t *)(mem + PML4_GPA);
+	pt[0] = PDPT_GPA | PTE_PRESENT | PTE_WRITE;
+	pt = (uint64_t *)(mem + PDPT_GPA);
+	pt[0] = PD0_GPA | PTE_PRESENT | PTE_WRITE;
+	pt[4] = PD4_GPA | PTE_PRESENT | PTE_WRITE;
+	pt = (uint64_t *)(mem + PD0_GPA);
+	pt[0] = PTE_PRESENT | PTE_WRITE | PTE_LARGE;
+	pt = (uint64_t *)(mem + PD4_GPA);
+	for (i = 0; i < 512; i++)
+		pt[i] = ((4ULL << 30) + ((uint64_t)i << 21)) |
+			PTE_PRESENT | PTE_WRITE | PTE_LARGE;
+
+	v = vcpu_add(vm, mem);
+	set_supported_cpuid(v.fd);
+	if (ioctl(v.fd, KVM_GET_SREGS, &sregs))
+		fail_exit("KVM_GET_SREGS");
+	sregs.cs = code;
+	sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
+	sregs.gdt.base = GDT_GPA;
+	sregs.gdt.limit = sizeof(gdt) - 1;
+	sregs.cr3 = PML4_GPA;
+	sregs.cr4 = 1 << 5;			/* PAE */
+	sregs.cr0 = 0x80000001 | (1 << 4);	/* PG, PE, ET */
+	sregs.efer = (1 << 8) | (1 << 10);	/* LME, LMA */
+	if (ioctl(v.fd, KVM_SET_SREGS, &sregs))
+		fail_exit("KVM_SET_SREGS (64-bit)");
+	return v;
+}
+
+void klu_vcpu64_run(struct klu_vcpu *v, const uint8_t *code, size_t len,
+		    struct kvm_regs *regs)
+{
+	if (len > 4096)
+		ksft_exit_fail_msg("guest code too long\n");
+	memcpy(v->slot0 + CODE64_GPA, code, len);
+	regs->rip = CODE64_GPA;
+	regs->rflags = 2;
+	if (ioctl(v->fd, KVM_SET_REGS, regs) || ioctl(v->fd, KVM_RUN, 0))
+		fail_exit("KVM_RUN (64-bit)");
+	if (v->run->exit_reason != KVM_EXIT_HLT)
+		ksft_exit_fail_msg("64-bit vCPU exit %u\n", v->run->exit_reason);
+	if (ioctl(v->fd, KVM_GET_REGS, regs))
+		fail_exit("KVM_GET_REGS");
+}
+
+struct klu_vcpu klu_vcpu_create(int vm)
+{
+	/* mov al,[si]; hlt; mov [si],al; hlt */
+	static const uint8_t code[] = { 0x8a, 0x04, 0xf4, 0x88, 0x04, 0xf4 };
+	uint8_t *mem = slot0_create(vm);
+
+	memcpy(mem + CODE_GPA, code, sizeof(code));
+	return vcpu_add(vm, mem);
 }
 
 unsigned int klu_vcpu_access(struct klu_vcpu *v, uint64_t gpa, int write,

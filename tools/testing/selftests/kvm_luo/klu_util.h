@@ -15,6 +15,7 @@
 struct klu_vcpu {
 	int fd;
 	struct kvm_run *run;
+	uint8_t *slot0;		/* memslot 0, with the vCPU's code */
 };
 
 /* The /dev/kvm fd, opened once. */
@@ -37,5 +38,20 @@ struct klu_vcpu klu_vcpu_create(int vm);
  */
 unsigned int klu_vcpu_access(struct klu_vcpu *v, uint64_t gpa, int write,
 			     uint8_t *val);
+
+/*
+ * Create vCPU 0 of @vm in 64-bit mode: memslot 0 (1 MiB of anonymous memory at
+ * guest physical 0) holds a GDT, page tables identity-mapping the first 2 MiB
+ * and the GiB at 4 GiB with 2 MiB pages, and room for code. Memslot 0 must be
+ * free.
+ */
+struct klu_vcpu klu_vcpu64_create(int vm);
+
+/*
+ * Copy @code (at most 4 KiB) into memslot 0, run it in 64-bit mode with
+ * @regs (rip is set to the code) until it halts, and return the registers.
+ */
+void klu_vcpu64_run(struct klu_vcpu *v, const uint8_t *code, size_t len,
+		    struct kvm_regs *regs);
 
 #endif /* SELFTESTS_KVM_LUO_KLU_UTIL_H */
