@@ -24,6 +24,16 @@ __rust_helper long rust_helper_folio_nr_pages(const struct folio *folio)
 	return folio_nr_pages(folio);
 }
 
+__rust_helper unsigned int rust_helper_folio_order(const struct folio *folio)
+{
+	return folio_order(folio);
+}
+
+__rust_helper void rust_helper_folio_lock(struct folio *folio)
+{
+	folio_lock(folio);
+}
+
 __rust_helper bool rust_helper_folio_test_uptodate(const struct folio *folio)
 {
 	return folio_test_uptodate(folio);

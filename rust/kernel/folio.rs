@@ -71,6 +71,12 @@ impl Folio {
         unsafe { bindings::folio_index(self.as_ptr()) as u64 }
     }
 
+    /// The order of the folio: it holds `2^order` pages.
+    pub fn order(&self) -> u32 {
+        // SAFETY: `self` is a valid folio.
+        unsafe { bindings::folio_order(self.as_ptr()) }
+    }
+
     /// The number of pages in the folio (`2^order`).
     pub fn nr_pages(&self) -> u64 {
         // SAFETY: `self` is a valid folio.
@@ -81,6 +87,43 @@ impl Folio {
     pub fn is_uptodate(&self) -> bool {
         // SAFETY: `self` is a valid folio.
         unsafe { bindings::folio_test_uptodate(self.as_ptr()) }
+    }
+}
+
+impl Folio {
+    /// Locks the folio, sleeping until it is available, and returns a guard that unlocks it.
+    ///
+    /// A locked folio cannot be removed from its page cache or change state under the holder.
+    pub fn lock(&self) -> FolioLockGuard<'_> {
+        // SAFETY: `self` is a valid folio; `folio_lock` may sleep, which a `&Folio` allows.
+        unsafe { bindings::folio_lock(self.as_ptr()) };
+        // INVARIANT: Locked above.
+        FolioLockGuard { folio: self }
+    }
+}
+
+/// A locked folio; dropping the guard unlocks it.
+///
+/// # Invariants
+///
+/// `folio` is locked by this guard.
+#[must_use = "the folio is unlocked when the guard is dropped"]
+pub struct FolioLockGuard<'a> {
+    folio: &'a Folio,
+}
+
+impl core::ops::Deref for FolioLockGuard<'_> {
+    type Target = Folio;
+
+    fn deref(&self) -> &Folio {
+        self.folio
+    }
+}
+
+impl Drop for FolioLockGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: The folio is locked by us, by the type invariants.
+        unsafe { bindings::folio_unlock(self.folio.as_ptr()) };
     }
 }
 
