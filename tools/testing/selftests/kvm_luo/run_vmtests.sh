@@ -91,6 +91,15 @@ build_kvm_luo() {
 	done
 }
 
+# The Rust VMM of the demo (tools/kvm_luo_vmm), static.
+build_vmm() {
+	local vmm=$src/tools/kvm_luo_vmm
+	RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$out/cargo" \
+		cargo build -q --locked --release --target x86_64-unknown-linux-gnu \
+		--manifest-path "$vmm/Cargo.toml" || return 1
+	cp "$out/cargo/x86_64-unknown-linux-gnu/release/kvm-luo-vmm" "$root/kvm_luo/"
+}
+
 build_kvm() {
 	local progs=(guest_memfd_test set_memory_region_test x86/sync_regs_test)
 	make -s -C "$sel/kvm" ARCH=x86_64 OUTPUT="$out/kvm" \
@@ -245,7 +254,7 @@ main() {
 	rm -rf "$logs" "$root"
 	mkdir -p "$logs" "$root"
 	echo "# building test binaries and the initramfs in $out"
-	if ! { build_liveupdate && build_kvm_luo && build_kvm && build_initramfs; }; then
+	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_kvm && build_initramfs; }; then
 		record FAIL build 0 "building the tests failed"
 	else
 		local lines name kind tmo

@@ -1,0 +1,349 @@
+// SPDX-License-Identifier: GPL-2.0
+//! A tiny VMM whose guest keeps running across a host kernel live update.
+//!
+//! Stage 1 (old kernel): start a VM whose RAM is a guest_memfd, load a guest that counts and
+//! keeps a running checksum of its count in its own memory, run it, pause it at an exit,
+//! save its registers in a memfd, preserve the VM, the guest_memfd and the memfd in a LUO
+//! session, and leave a child holding the session while the host kexecs.
+//!
+//! Stage 2 (new kernel): retrieve the files, rebuild the memslot and the vCPU from the saved
+//! state, resume the guest, and check that its work continued from where it stopped.
+
+mod liveupdate;
+
+use kvm_bindings::{
+    kvm_create_guest_memfd, kvm_regs, kvm_sregs, kvm_userspace_memory_region2,
+    KVM_MEM_GUEST_MEMFD,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use liveupdate::{Orchestrator, Session};
+use std::io::{self, Error};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::exit;
+use std::time::{Duration, Instant};
+
+const SESSION: &str = "kvm-luo-vmm";
+const TOKEN_VM: u64 = 1;
+const TOKEN_RAM: u64 = 2;
+const TOKEN_STATE: u64 = 3;
+
+const RAM_SIZE: u64 = 2 << 20;
+const CODE_GPA: u64 = 0x1000;
+const COUNTER_GPA: usize = 0x8000;
+const CHECKSUM_GPA: usize = 0x8004;
+/// The guest exits to the VMM every this many iterations.
+const EXIT_EVERY: u32 = 0x10000;
+const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+
+/// 16-bit real-mode guest: forever { counter += 1; checksum = checksum * 31 + counter;
+/// every 65536 iterations, out 0x10 }.
+const GUEST: &[u8] = &[
+    0x66, 0xff, 0x06, 0x00, 0x80, // inc dword [0x8000]
+    0x66, 0xa1, 0x00, 0x80, // mov eax, [0x8000]
+    0x66, 0x8b, 0x1e, 0x04, 0x80, // mov ebx, [0x8004]
+    0x66, 0x6b, 0xdb, 0x1f, // imul ebx, ebx, 31
+    0x66, 0x01, 0xc3, // add ebx, eax
+    0x66, 0x89, 0x1e, 0x04, 0x80, // mov [0x8004], ebx
+    0x66, 0xa9, 0xff, 0xff, 0x00, 0x00, // test eax, 0xffff
+    0x75, 0xde, // jnz start
+    0xe6, 0x10, // out 0x10, al
+    0xeb, 0xda, // jmp start
+];
+
+/// What stage 1 hands to stage 2, in a preserved memfd.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SavedState {
+    magic: u64,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    counter: u32,
+    checksum: u32,
+    ram_checksum: u64,
+    tsc_paused: u64,
+    tsc_hz: u64,
+}
+
+const MAGIC: u64 = 0x4b4c_5556_4d4d_3031; // "KLUVMM01"
+
+fn say(msg: impl AsRef<str>) {
+    println!("vmm: {}", msg.as_ref());
+}
+
+fn fail(msg: impl AsRef<str>) -> ! {
+    println!("vmm: FAILED: {}", msg.as_ref());
+    exit(1)
+}
+
+fn check<T>(what: &str, r: Result<T, impl std::fmt::Display>) -> T {
+    r.unwrap_or_else(|e| fail(format!("{what}: {e}")))
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+fn tsc_hz() -> u64 {
+    let (t0, c0) = (Instant::now(), rdtsc());
+    std::thread::sleep(Duration::from_millis(100));
+    ((rdtsc() - c0) as f64 / t0.elapsed().as_secs_f64()) as u64
+}
+
+/// The checksum the guest must have after counting to `n`.
+fn expected_checksum(n: u32) -> u32 {
+    (1..=n).fold(0u32, |c, i| c.wrapping_mul(31).wrapping_add(i))
+}
+
+/// FNV-1a over the guest's RAM.
+fn ram_checksum(ram: &[u8]) -> u64 {
+    ram.iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The guest RAM as seen through the guest_memfd's mapping.
+struct Ram {
+    ptr: *mut u8,
+}
+
+impl Ram {
+    fn map(gmem: &OwnedFd) -> io::Result<Self> {
+        // SAFETY: Mapping a shared guest_memfd of RAM_SIZE bytes; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RAM_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                gmem.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::last_os_error());
+        }
+        Ok(Self { ptr: ptr.cast() })
+    }
+
+    fn bytes(&self) -> &mut [u8] {
+        // SAFETY: The mapping is RAM_SIZE bytes and lives as long as the process.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, RAM_SIZE as usize) }
+    }
+
+    fn u32_at(&self, off: usize) -> u32 {
+        u32::from_le_bytes(self.bytes()[off..off + 4].try_into().unwrap())
+    }
+}
+
+/// Binds the guest_memfd as the guest's RAM at guest physical 0.
+fn add_ram(vm: &VmFd, gmem: &OwnedFd, ram: &Ram) -> io::Result<()> {
+    let region = kvm_userspace_memory_region2 {
+        slot: 0,
+        flags: KVM_MEM_GUEST_MEMFD,
+        guest_phys_addr: 0,
+        memory_size: RAM_SIZE,
+        userspace_addr: ram.ptr as u64,
+        guest_memfd_offset: 0,
+        guest_memfd: gmem.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: The region describes memory that stays mapped for the life of the VM.
+    unsafe { vm.set_user_memory_region2(region) }.map_err(|e| Error::from_raw_os_error(e.errno()))
+}
+
+/// Runs the guest until its next `out`, and returns the counter then.
+fn run_to_exit(vcpu: &mut VcpuFd, ram: &Ram) -> u32 {
+    loop {
+        match check("KVM_RUN", vcpu.run()) {
+            VcpuExit::IoOut(0x10, _) => return ram.u32_at(COUNTER_GPA),
+            exit => fail(format!("unexpected exit {exit:?}")),
+        }
+    }
+}
+
+fn stage1() {
+    let kvm = check("open /dev/kvm", Kvm::new());
+    let vm = check("KVM_CREATE_VM", kvm.create_vm());
+    let gmem_fd = check(
+        "KVM_CREATE_GUEST_MEMFD",
+        vm.create_guest_memfd(kvm_create_guest_memfd {
+            size: RAM_SIZE,
+            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            ..Default::default()
+        }),
+    );
+    // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new fd that we now own.
+    let gmem = unsafe { OwnedFd::from_raw_fd(gmem_fd) };
+    let ram = check("mmap guest_memfd", Ram::map(&gmem));
+    ram.bytes()[CODE_GPA as usize..CODE_GPA as usize + GUEST.len()].copy_from_slice(GUEST);
+    check("memslot", add_ram(&vm, &gmem, &ram));
+    say(format!("[old kernel] started a VM with {} MiB of guest_memfd RAM", RAM_SIZE >> 20));
+
+    let mut vcpu = check("KVM_CREATE_VCPU", vm.create_vcpu(0));
+    let mut sregs = check("KVM_GET_SREGS", vcpu.get_sregs());
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    check("KVM_SET_SREGS", vcpu.set_sregs(&sregs));
+    let regs = kvm_regs { rip: CODE_GPA, rflags: 2, ..Default::default() };
+    check("KVM_SET_REGS", vcpu.set_regs(&regs));
+
+    let start = Instant::now();
+    let mut counter = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        counter = run_to_exit(&mut vcpu, &ram);
+    }
+    let checksum = ram.u32_at(CHECKSUM_GPA);
+    if checksum != expected_checksum(counter) {
+        fail(format!("guest checksum {checksum:#x} is wrong for counter {counter}"));
+    }
+    say(format!(
+        "[old kernel] the guest counted to {counter} in {:.1} s; its checksum {checksum:#010x} is right",
+        start.elapsed().as_secs_f64()
+    ));
+
+    // Pause: the vCPU is stopped at an exit. Let KVM complete the pending `out` without
+    // entering the guest again, so that the saved state is between two instructions.
+    vcpu.set_kvm_immediate_exit(1);
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        other => fail(format!("completing the pending exit: {other:?}")),
+    }
+    vcpu.set_kvm_immediate_exit(0);
+    let hz = tsc_hz();
+    let state = SavedState {
+        magic: MAGIC,
+        regs: check("KVM_GET_REGS", vcpu.get_regs()),
+        sregs: check("KVM_GET_SREGS", vcpu.get_sregs()),
+        counter,
+        checksum,
+        ram_checksum: ram_checksum(ram.bytes()),
+        tsc_paused: rdtsc(),
+        tsc_hz: hz,
+    };
+    let state_fd = check("memfd", save_state(&state));
+    say(format!(
+        "[old kernel] paused the vCPU at rip {:#x}; RAM checksum {:016x}",
+        state.regs.rip, state.ram_checksum
+    ));
+
+    let luo = check("open /dev/liveupdate", Orchestrator::open());
+    let session = check("create session", luo.create_session(SESSION));
+    check("preserve VM", session.preserve(&vm, TOKEN_VM));
+    check("preserve guest_memfd", session.preserve(&gmem, TOKEN_RAM));
+    check("preserve vCPU state", session.preserve(&state_fd, TOKEN_STATE));
+    say("[old kernel] preserved the VM, its guest_memfd and the vCPU state; kexec");
+    hold_and_exit(luo, session, vec![Box::new(vm), Box::new(gmem), Box::new(state_fd)]);
+}
+
+fn save_state(state: &SavedState) -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create with a valid name.
+    let fd = unsafe { libc::memfd_create(c"vcpu-state".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: `fd` is new and ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `SavedState` is plain old data.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((state as *const SavedState).cast::<u8>(), size_of::<SavedState>())
+    };
+    // SAFETY: Writing a valid buffer to our fd.
+    if unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) } != bytes.len() as isize {
+        return Err(Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn load_state(fd: &OwnedFd) -> io::Result<SavedState> {
+    let mut state = std::mem::MaybeUninit::<SavedState>::zeroed();
+    // SAFETY: Reading at most size_of::<SavedState>() bytes into it.
+    let n = unsafe {
+        libc::pread(fd.as_raw_fd(), state.as_mut_ptr().cast(), size_of::<SavedState>(), 0)
+    };
+    if n != size_of::<SavedState>() as isize {
+        return Err(Error::from_raw_os_error(libc::EIO));
+    }
+    // SAFETY: Fully written above; every bit pattern is a valid `SavedState`.
+    let state = unsafe { state.assume_init() };
+    if state.magic != MAGIC {
+        return Err(Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(state)
+}
+
+/// Keeps the session (and the files) open in a child while the host kexecs.
+fn hold_and_exit(luo: Orchestrator, session: Session, files: Vec<Box<dyn std::any::Any>>) -> ! {
+    // SAFETY: Single-threaded process; the child only sleeps.
+    match unsafe { libc::fork() } {
+        -1 => fail(format!("fork: {}", Error::last_os_error())),
+        0 => {
+            drop(luo);
+            // SAFETY: Detaching from the parent's session.
+            unsafe { libc::setsid() };
+            let _keep = (session, files);
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        }
+        _ => exit(0),
+    }
+}
+
+fn stage2() {
+    let luo = check("open /dev/liveupdate", Orchestrator::open());
+    let session = check("retrieve session", luo.retrieve_session(SESSION));
+    let state_fd = check("retrieve vCPU state", session.retrieve(TOKEN_STATE));
+    let state = check("read vCPU state", load_state(&state_fd));
+    let paused_ms = (rdtsc() - state.tsc_paused) as f64 * 1e3 / state.tsc_hz as f64;
+    // The guest_memfd first: its handler fetches the VM through the session.
+    let gmem = check("retrieve guest_memfd", session.retrieve(TOKEN_RAM));
+    let vm_fd = check("retrieve VM", session.retrieve(TOKEN_VM));
+    say("[new kernel] retrieved the session, the vCPU state, the guest_memfd and the VM");
+
+    let ram = check("mmap guest_memfd", Ram::map(&gmem));
+    let sum = ram_checksum(ram.bytes());
+    if sum != state.ram_checksum {
+        fail(format!("RAM checksum {sum:016x}, expected {:016x}", state.ram_checksum));
+    }
+    let counter = ram.u32_at(COUNTER_GPA);
+    if counter != state.counter {
+        fail(format!("counter {counter} in RAM, {} when paused", state.counter));
+    }
+    say(format!("[new kernel] RAM checksum {sum:016x} matches; the counter still reads {counter}"));
+
+    let kvm = check("open /dev/kvm", Kvm::new());
+    // SAFETY: `vm_fd` is a VM fd retrieved from LUO, owned by the new `VmFd`.
+    let vm = check("adopt VM fd", unsafe {
+        kvm.create_vmfd_from_rawfd(std::os::fd::IntoRawFd::into_raw_fd(vm_fd))
+    });
+    check("memslot", add_ram(&vm, &gmem, &ram));
+    let mut vcpu = check("KVM_CREATE_VCPU", vm.create_vcpu(0));
+    check("KVM_SET_SREGS", vcpu.set_sregs(&state.sregs));
+    check("KVM_SET_REGS", vcpu.set_regs(&state.regs));
+
+    let next = run_to_exit(&mut vcpu, &ram);
+    let checksum = ram.u32_at(CHECKSUM_GPA);
+    if next != state.counter.wrapping_add(EXIT_EVERY) {
+        fail(format!("the guest reached {next}, expected {}", state.counter + EXIT_EVERY));
+    }
+    if checksum != expected_checksum(next) {
+        fail(format!("guest checksum {checksum:#x} is wrong for counter {next}"));
+    }
+    say(format!(
+        "[new kernel] resumed the guest: it went on from {} to {next}, no reset and no gap; checksum {checksum:#010x} is right",
+        state.counter
+    ));
+    say(format!("[new kernel] the guest was paused for {paused_ms:.0} ms (TSC) across the kexec"));
+    check("finish", session.finish());
+    say("PASS: the guest survived the host kernel live update");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "-s").and_then(|i| args.get(i + 1)).map(String::as_str) {
+        Some("1") => stage1(),
+        Some("2") => stage2(),
+        _ => fail("usage: kvm-luo-vmm -s 1|2"),
+    }
+}
