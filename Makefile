@@ -3,7 +3,7 @@
 # KVM live update in Rust: entry points. See README.md.
 #
 #   make check   setup if needed, build, lint, run every test in QEMU
-#   make demo    boot the built kernel and show one live update
+#   make demo    a Rust VMM keeps its guest running across a host live update
 #   make setup   install packages, Rust components and the base tree
 #   make kernel  assemble the tree and build the kernel
 #   make test    run the QEMU tests (T=name runs one)
@@ -41,4 +41,4 @@ bench: kernel
 	@build/bench.sh
 
 clean:
-	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/clippy $(KLU_CACHE)/out
+	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/clippy $(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/out

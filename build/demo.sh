@@ -5,22 +5,27 @@
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
 
-DEMO=memfd_demo
+DEMO=vmm_demo
 runner=$KLU_TOP/tools/testing/selftests/kvm_luo/run_vmtests.sh
 
-echo "Booting the kernel in QEMU (TCG); stage 1 preserves, init kexecs, stage 2 retrieves."
+cat <<'END'
+A live update of a KVM host, inside QEMU (TCG, nested SVM):
+the Rust VMM tools/kvm_luo_vmm runs a guest whose RAM is a guest_memfd, pauses it,
+preserves the VM, the guest_memfd and the vCPU state in a LUO session, the host
+kernel kexecs into a new kernel, and the VMM resumes the guest there.
+END
 "$runner" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT" -t "$DEMO" > "$KLU_CACHE/demo-runner.log"
 status=$?
 log=$KLU_OUT/logs/$DEMO.log
 
 echo
 sed -E 's/^\[ *[0-9]+\.[0-9]+\] //' "$log" 2>/dev/null | tr -d '\r' | awk '
-	/^demo: / { sub(/^demo: /, "  "); print; next }
+	/^vmm: / { sub(/^vmm: /, "  "); print; next }
 	/^KLU: stage 2 of .*starting/ { print "  --- kexec: the new kernel is up ---" }
 '
 echo
 if [ "$status" = 0 ]; then
-	echo "The data survived the live update. Serial log: $log"
+	echo "Serial log: $log"
 else
 	cat "$KLU_CACHE/demo-runner.log"
 	echo "The demo FAILED. Serial log: $log"

@@ -6,8 +6,10 @@
 # seconds" lines to FILE. Exits non-zero if a check fails.
 #
 #   lint:rustfmt     rustfmt --check (kernel .rustfmt.toml) on the project's .rs
+#                    in the kernel tree, rustfmt --check on the Rust VMM
 #   lint:clippy      the project's Rust objects built with CLIPPY=1, in a
 #                    separate build directory; any warning in project code fails
+#   lint:vmm-clippy  cargo clippy on the Rust VMM (tools/kvm_luo_vmm), -D warnings
 #   lint:checkpatch  scripts/checkpatch.pl on patches/*.patch and new C files
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
@@ -37,7 +39,8 @@ lint_rustfmt() {
 		return
 	fi
 	if (cd "$KLU_TOP" && rustfmt --check --edition 2021 \
-		--config-path "$KLU_SRC/.rustfmt.toml" $files); then
+		--config-path "$KLU_SRC/.rustfmt.toml" $files &&
+	    rustfmt --check --edition 2021 tools/kvm_luo_vmm/src/*.rs); then
 		record PASS lint:rustfmt $((SECONDS - t0)) "$(echo "$files" | wc -l) files"
 	else
 		record FAIL lint:rustfmt $((SECONDS - t0)) "run rustfmt on the files above"
@@ -83,6 +86,16 @@ lint_clippy() {
 	fi
 }
 
+lint_vmm_clippy() {
+	local t0=$SECONDS
+	if CARGO_TARGET_DIR="$KLU_CACHE/vmm-clippy" cargo clippy -q --locked \
+		--manifest-path "$KLU_TOP/tools/kvm_luo_vmm/Cargo.toml" -- -D warnings; then
+		record PASS lint:vmm-clippy $((SECONDS - t0)) "tools/kvm_luo_vmm"
+	else
+		record FAIL lint:vmm-clippy $((SECONDS - t0)) "see the warnings above"
+	fi
+}
+
 lint_checkpatch() {
 	local t0=$SECONDS patches cfiles out bad=0
 	patches=$(grep -v -e '^#' -e '^[[:space:]]*$' "$KLU_TOP/patches/series" |
@@ -107,5 +120,6 @@ lint_checkpatch() {
 [ -d "$KLU_SRC" ] && [ -f "$KLU_OBJ/.config" ] || klu_die "build the kernel first (make kernel)"
 lint_rustfmt
 lint_clippy
+lint_vmm_clippy
 lint_checkpatch
 exit "$failed"

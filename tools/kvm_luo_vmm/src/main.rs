@@ -12,8 +12,7 @@
 mod liveupdate;
 
 use kvm_bindings::{
-    kvm_create_guest_memfd, kvm_regs, kvm_sregs, kvm_userspace_memory_region2,
-    KVM_MEM_GUEST_MEMFD,
+    kvm_create_guest_memfd, kvm_regs, kvm_sregs, kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use liveupdate::{Orchestrator, Session};
@@ -98,8 +97,9 @@ fn expected_checksum(n: u32) -> u32 {
 
 /// FNV-1a over the guest's RAM.
 fn ram_checksum(ram: &[u8]) -> u64 {
-    ram.iter()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    ram.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// The guest RAM as seen through the guest_memfd's mapping.
@@ -126,8 +126,14 @@ impl Ram {
         Ok(Self { ptr: ptr.cast() })
     }
 
-    fn bytes(&self) -> &mut [u8] {
+    fn bytes(&self) -> &[u8] {
         // SAFETY: The mapping is RAM_SIZE bytes and lives as long as the process.
+        unsafe { std::slice::from_raw_parts(self.ptr, RAM_SIZE as usize) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: The mapping is RAM_SIZE bytes and lives as long as the process; the vCPU
+        // does not run while the VMM writes.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, RAM_SIZE as usize) }
     }
 
@@ -154,11 +160,9 @@ fn add_ram(vm: &VmFd, gmem: &OwnedFd, ram: &Ram) -> io::Result<()> {
 
 /// Runs the guest until its next `out`, and returns the counter then.
 fn run_to_exit(vcpu: &mut VcpuFd, ram: &Ram) -> u32 {
-    loop {
-        match check("KVM_RUN", vcpu.run()) {
-            VcpuExit::IoOut(0x10, _) => return ram.u32_at(COUNTER_GPA),
-            exit => fail(format!("unexpected exit {exit:?}")),
-        }
+    match check("KVM_RUN", vcpu.run()) {
+        VcpuExit::IoOut(0x10, _) => ram.u32_at(COUNTER_GPA),
+        exit => fail(format!("unexpected exit {exit:?}")),
     }
 }
 
@@ -175,17 +179,24 @@ fn stage1() {
     );
     // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new fd that we now own.
     let gmem = unsafe { OwnedFd::from_raw_fd(gmem_fd) };
-    let ram = check("mmap guest_memfd", Ram::map(&gmem));
-    ram.bytes()[CODE_GPA as usize..CODE_GPA as usize + GUEST.len()].copy_from_slice(GUEST);
+    let mut ram = check("mmap guest_memfd", Ram::map(&gmem));
+    ram.bytes_mut()[CODE_GPA as usize..CODE_GPA as usize + GUEST.len()].copy_from_slice(GUEST);
     check("memslot", add_ram(&vm, &gmem, &ram));
-    say(format!("[old kernel] started a VM with {} MiB of guest_memfd RAM", RAM_SIZE >> 20));
+    say(format!(
+        "[old kernel] started a VM with {} MiB of guest_memfd RAM",
+        RAM_SIZE >> 20
+    ));
 
     let mut vcpu = check("KVM_CREATE_VCPU", vm.create_vcpu(0));
     let mut sregs = check("KVM_GET_SREGS", vcpu.get_sregs());
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     check("KVM_SET_SREGS", vcpu.set_sregs(&sregs));
-    let regs = kvm_regs { rip: CODE_GPA, rflags: 2, ..Default::default() };
+    let regs = kvm_regs {
+        rip: CODE_GPA,
+        rflags: 2,
+        ..Default::default()
+    };
     check("KVM_SET_REGS", vcpu.set_regs(&regs));
 
     let start = Instant::now();
@@ -195,7 +206,9 @@ fn stage1() {
     }
     let checksum = ram.u32_at(CHECKSUM_GPA);
     if checksum != expected_checksum(counter) {
-        fail(format!("guest checksum {checksum:#x} is wrong for counter {counter}"));
+        fail(format!(
+            "guest checksum {checksum:#x} is wrong for counter {counter}"
+        ));
     }
     say(format!(
         "[old kernel] the guest counted to {counter} in {:.1} s; its checksum {checksum:#010x} is right",
@@ -231,9 +244,16 @@ fn stage1() {
     let session = check("create session", luo.create_session(SESSION));
     check("preserve VM", session.preserve(&vm, TOKEN_VM));
     check("preserve guest_memfd", session.preserve(&gmem, TOKEN_RAM));
-    check("preserve vCPU state", session.preserve(&state_fd, TOKEN_STATE));
+    check(
+        "preserve vCPU state",
+        session.preserve(&state_fd, TOKEN_STATE),
+    );
     say("[old kernel] preserved the VM, its guest_memfd and the vCPU state; kexec");
-    hold_and_exit(luo, session, vec![Box::new(vm), Box::new(gmem), Box::new(state_fd)]);
+    hold_and_exit(
+        luo,
+        session,
+        vec![Box::new(vm), Box::new(gmem), Box::new(state_fd)],
+    );
 }
 
 fn save_state(state: &SavedState) -> io::Result<OwnedFd> {
@@ -246,10 +266,15 @@ fn save_state(state: &SavedState) -> io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: `SavedState` is plain old data.
     let bytes = unsafe {
-        std::slice::from_raw_parts((state as *const SavedState).cast::<u8>(), size_of::<SavedState>())
+        std::slice::from_raw_parts(
+            (state as *const SavedState).cast::<u8>(),
+            size_of::<SavedState>(),
+        )
     };
     // SAFETY: Writing a valid buffer to our fd.
-    if unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) } != bytes.len() as isize {
+    if unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) }
+        != bytes.len() as isize
+    {
         return Err(Error::last_os_error());
     }
     Ok(fd)
@@ -259,7 +284,12 @@ fn load_state(fd: &OwnedFd) -> io::Result<SavedState> {
     let mut state = std::mem::MaybeUninit::<SavedState>::zeroed();
     // SAFETY: Reading at most size_of::<SavedState>() bytes into it.
     let n = unsafe {
-        libc::pread(fd.as_raw_fd(), state.as_mut_ptr().cast(), size_of::<SavedState>(), 0)
+        libc::pread(
+            fd.as_raw_fd(),
+            state.as_mut_ptr().cast(),
+            size_of::<SavedState>(),
+            0,
+        )
     };
     if n != size_of::<SavedState>() as isize {
         return Err(Error::from_raw_os_error(libc::EIO));
@@ -304,13 +334,21 @@ fn stage2() {
     let ram = check("mmap guest_memfd", Ram::map(&gmem));
     let sum = ram_checksum(ram.bytes());
     if sum != state.ram_checksum {
-        fail(format!("RAM checksum {sum:016x}, expected {:016x}", state.ram_checksum));
+        fail(format!(
+            "RAM checksum {sum:016x}, expected {:016x}",
+            state.ram_checksum
+        ));
     }
     let counter = ram.u32_at(COUNTER_GPA);
     if counter != state.counter {
-        fail(format!("counter {counter} in RAM, {} when paused", state.counter));
+        fail(format!(
+            "counter {counter} in RAM, {} when paused",
+            state.counter
+        ));
     }
-    say(format!("[new kernel] RAM checksum {sum:016x} matches; the counter still reads {counter}"));
+    say(format!(
+        "[new kernel] RAM checksum {sum:016x} matches; the counter still reads {counter}"
+    ));
 
     let kvm = check("open /dev/kvm", Kvm::new());
     // SAFETY: `vm_fd` is a VM fd retrieved from LUO, owned by the new `VmFd`.
@@ -325,23 +363,35 @@ fn stage2() {
     let next = run_to_exit(&mut vcpu, &ram);
     let checksum = ram.u32_at(CHECKSUM_GPA);
     if next != state.counter.wrapping_add(EXIT_EVERY) {
-        fail(format!("the guest reached {next}, expected {}", state.counter + EXIT_EVERY));
+        fail(format!(
+            "the guest reached {next}, expected {}",
+            state.counter + EXIT_EVERY
+        ));
     }
     if checksum != expected_checksum(next) {
-        fail(format!("guest checksum {checksum:#x} is wrong for counter {next}"));
+        fail(format!(
+            "guest checksum {checksum:#x} is wrong for counter {next}"
+        ));
     }
     say(format!(
         "[new kernel] resumed the guest: it went on from {} to {next}, no reset and no gap; checksum {checksum:#010x} is right",
         state.counter
     ));
-    say(format!("[new kernel] the guest was paused for {paused_ms:.0} ms (TSC) across the kexec"));
+    say(format!(
+        "[new kernel] the guest was paused for {paused_ms:.0} ms (TSC) across the kexec"
+    ));
     check("finish", session.finish());
     say("PASS: the guest survived the host kernel live update");
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == "-s").and_then(|i| args.get(i + 1)).map(String::as_str) {
+    match args
+        .iter()
+        .position(|a| a == "-s")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
         Some("1") => stage1(),
         Some("2") => stage2(),
         _ => fail("usage: kvm-luo-vmm -s 1|2"),
