@@ -79,6 +79,14 @@ setup_rust() {
 		klu_log "adding rust-src"
 		rustup component add rust-src
 	fi
+	local tool
+	for tool in rustfmt clippy-driver; do
+		if ! command -v "$tool" >/dev/null || ! "$tool" --version >/dev/null 2>&1; then
+			klu_log "adding rustfmt and clippy"
+			rustup component add rustfmt clippy
+			break
+		fi
+	done
 	local have=""
 	if command -v bindgen >/dev/null; then
 		have=$(bindgen --version | awk '{print $2}')
