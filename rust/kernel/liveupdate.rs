@@ -446,3 +446,45 @@ impl<T: FileHandler> HandlerVTable<T> {
         T::finish(status, unretrieved);
     }
 }
+
+/// Declares a kernel module that registers a single LUO file handler.
+///
+/// The module registers the handler when it is initialised and unregisters it when it is
+/// removed. The fields after `type` are those of [`module!`](crate::prelude::module).
+///
+/// # Examples
+///
+/// ```ignore
+/// kernel::module_liveupdate_handler! {
+///     type: MyHandler,
+///     name: "my_luo",
+///     authors: ["Rust for Linux Contributors"],
+///     description: "Live update of my files",
+///     license: "GPL",
+/// }
+/// ```
+#[macro_export]
+macro_rules! module_liveupdate_handler {
+    (type: $type:ty, $($f:tt)*) => {
+        #[$crate::prelude::pin_data]
+        struct LiveUpdateHandlerModule {
+            #[pin]
+            _registration: $crate::liveupdate::Registration<$type>,
+        }
+
+        impl $crate::InPlaceModule for LiveUpdateHandlerModule {
+            fn init(
+                _module: &'static $crate::ThisModule,
+            ) -> impl ::pin_init::PinInit<Self, $crate::error::Error> {
+                $crate::try_pin_init!(Self {
+                    _registration <- $crate::liveupdate::Registration::register(),
+                })
+            }
+        }
+
+        $crate::prelude::module! {
+            type: LiveUpdateHandlerModule,
+            $($f)*
+        }
+    };
+}

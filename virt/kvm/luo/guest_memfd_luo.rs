@@ -44,7 +44,6 @@ use kernel::{
         IncomingSession,
         Outgoing,
         OutgoingSession,
-        Registration,
         RetrieveStatus, //
     },
     page::PAGE_SIZE,
@@ -56,8 +55,8 @@ use zerocopy::byteorder::little_endian::{
     U64, //
 };
 
-module! {
-    type: GuestMemfdLuoModule,
+kernel::module_liveupdate_handler! {
+    type: GmemHandler,
     name: "guest_memfd_luo",
     authors: ["KVM live update in Rust developers"],
     description: "Live update of KVM guest_memfd files",
@@ -365,20 +364,6 @@ impl FileHandler for GmemHandler {
                 pr_warn!("could not free the memory of an unretrieved guest_memfd\n");
             }
         }
-    }
-}
-
-#[pin_data]
-struct GuestMemfdLuoModule {
-    #[pin]
-    registration: Registration<GmemHandler>,
-}
-
-impl kernel::InPlaceModule for GuestMemfdLuoModule {
-    fn init(_module: &'static ThisModule) -> impl PinInit<Self, Error> {
-        try_pin_init!(Self {
-            registration <- Registration::register(),
-        })
     }
 }
 

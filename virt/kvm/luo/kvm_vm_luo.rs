@@ -33,7 +33,6 @@ use kernel::{
         IncomingSession,
         Outgoing,
         OutgoingSession,
-        Registration,
         RetrieveStatus, //
     },
     prelude::*,
@@ -48,8 +47,8 @@ use kernel::{
 };
 use zerocopy::byteorder::little_endian::U64;
 
-module! {
-    type: KvmVmLuoModule,
+kernel::module_liveupdate_handler! {
+    type: VmHandler,
     name: "kvm_vm_luo",
     authors: ["KVM live update in Rust developers"],
     description: "Live update of KVM VM files",
@@ -269,20 +268,6 @@ impl FileHandler for VmHandler {
                 pr_warn!("could not free the attribute ranges of an unretrieved VM\n");
             }
         }
-    }
-}
-
-#[pin_data]
-struct KvmVmLuoModule {
-    #[pin]
-    registration: Registration<VmHandler>,
-}
-
-impl kernel::InPlaceModule for KvmVmLuoModule {
-    fn init(_module: &'static ThisModule) -> impl PinInit<Self, Error> {
-        try_pin_init!(Self {
-            registration <- Registration::register(),
-        })
     }
 }
 
