@@ -33,6 +33,20 @@ use crate::{
 };
 use core::ptr::NonNull;
 
+/// `KVM_CREATE_VM` type of an ordinary x86 VM.
+#[cfg(CONFIG_X86)]
+pub const VM_TYPE_X86_DEFAULT: u64 = bindings::KVM_X86_DEFAULT_VM as u64;
+
+/// `KVM_CREATE_VM` type of an x86 software-protected VM: private memory without encryption.
+#[cfg(CONFIG_X86)]
+pub const VM_TYPE_X86_SW_PROTECTED: u64 = bindings::KVM_X86_SW_PROTECTED_VM as u64;
+
+/// guest_memfd flag: the file can be mapped by userspace.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = bindings::GUEST_MEMFD_FLAG_MMAP as u64;
+
+/// guest_memfd flag: the memory starts out shared, not private.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = bindings::GUEST_MEMFD_FLAG_INIT_SHARED as u64;
+
 /// The memory attribute that makes a guest frame private.
 pub const MEMORY_ATTRIBUTE_PRIVATE: u64 = bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE as u64;
 

@@ -34,6 +34,7 @@ use kernel::{
         VmallocDesc, //
     },
     kvm::{
+        self,
         FrozenGuestMemfd,
         GuestMemfd,
         GuestMemfdFile,
@@ -66,12 +67,49 @@ kernel::module_liveupdate_handler! {
 /// The handler's compatible string. The number is the version of the ABI below.
 const COMPATIBLE: &CStr = c"kvm-gmem-rs-v1";
 
-/// VM types whose guest_memfd memory is plain memory (x86 `KVM_X86_DEFAULT_VM` and
-/// `KVM_X86_SW_PROTECTED_VM`).
-const PLAIN_MEMORY_VM_TYPES: [u64; 2] = [0, 1];
+/// VM types whose guest_memfd memory is plain memory, private or shared.
+const PLAIN_MEMORY_VM_TYPES: [u64; 2] = [kvm::VM_TYPE_X86_DEFAULT, kvm::VM_TYPE_X86_SW_PROTECTED];
 
-/// `GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`: the flags this version carries over.
-const KNOWN_GMEM_FLAGS: u64 = (1 << 0) | (1 << 1);
+/// File flags in the ABI, owned by it and mapped to and from the kernel's `GUEST_MEMFD_FLAG_*`.
+const SER_FLAG_MMAP: u32 = 1 << 0;
+const SER_FLAG_INIT_SHARED: u32 = 1 << 1;
+const SER_FLAGS: [(u32, u64); 2] = [
+    (SER_FLAG_MMAP, kvm::GUEST_MEMFD_FLAG_MMAP),
+    (SER_FLAG_INIT_SHARED, kvm::GUEST_MEMFD_FLAG_INIT_SHARED),
+];
+
+/// The ABI flags for the kernel's guest_memfd `flags`; `EOPNOTSUPP` for a flag this version
+/// does not carry over.
+fn flags_to_ser(flags: u64) -> Result<u32> {
+    let mut left = flags;
+    let mut ser = 0;
+    for (ser_flag, flag) in SER_FLAGS {
+        if flags & flag != 0 {
+            ser |= ser_flag;
+            left &= !flag;
+        }
+    }
+    if left != 0 {
+        return Err(EOPNOTSUPP);
+    }
+    Ok(ser)
+}
+
+/// The kernel's guest_memfd flags for ABI flags `ser`; `EOPNOTSUPP` for an unknown bit.
+fn flags_from_ser(ser: u32) -> Result<u64> {
+    let mut left = ser;
+    let mut flags = 0;
+    for (ser_flag, flag) in SER_FLAGS {
+        if ser & ser_flag != 0 {
+            flags |= flag;
+            left &= !ser_flag;
+        }
+    }
+    if left != 0 {
+        return Err(EOPNOTSUPP);
+    }
+    Ok(flags)
+}
 
 /// Extent flag: the folios are uptodate (their contents are valid guest memory).
 const EXTENT_UPTODATE: u64 = 1 << 0;
@@ -228,10 +266,7 @@ fn check_vm(gmem: &GuestMemfd<'_>) -> Result {
         pr_err!("refusing to preserve guest_memfd of a VM with encrypted memory\n");
         return Err(EOPNOTSUPP);
     }
-    if gmem.flags & !KNOWN_GMEM_FLAGS != 0 {
-        return Err(EOPNOTSUPP);
-    }
-    Ok(())
+    flags_to_ser(gmem.flags).map(|_| ())
 }
 
 /// Records the extents of a frozen file and preserves their pages.
@@ -299,7 +334,7 @@ impl FileHandler for GmemHandler {
         );
         let serialized = Preserved::new(GmemSer {
             size: gmem.size.into(),
-            flags: u32::try_from(gmem.flags).map_err(|_| EOPNOTSUPP)?.into(),
+            flags: flags_to_ser(gmem.flags)?.into(),
             nr_extents: u32::try_from(extents.len()).map_err(|_| E2BIG)?.into(),
             vm_token: 0.into(),
             extents: extents.desc(),
@@ -341,10 +376,7 @@ impl FileHandler for GmemHandler {
                 GFP_KERNEL,
             )?;
         }
-        let flags = u64::from(serialized.flags.get());
-        if flags & !KNOWN_GMEM_FLAGS != 0 {
-            return Err(EOPNOTSUPP);
-        }
+        let flags = flags_from_ser(serialized.flags.get())?;
 
         let vm_file = session.file(serialized.vm_token.get())?;
         let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
@@ -440,6 +472,16 @@ mod tests {
             build(&[extent(0, 100, 4, U), extent(2, 300, 1, U)]).err(),
             Some(EINVAL)
         );
+    }
+
+    #[test]
+    fn file_flags_map_both_ways() -> Result {
+        let both = kvm::GUEST_MEMFD_FLAG_MMAP | kvm::GUEST_MEMFD_FLAG_INIT_SHARED;
+        assert_eq!(flags_to_ser(both)?, SER_FLAG_MMAP | SER_FLAG_INIT_SHARED);
+        assert_eq!(flags_from_ser(flags_to_ser(both)?)?, both);
+        assert_eq!(flags_to_ser(1 << 40).err(), Some(EOPNOTSUPP));
+        assert_eq!(flags_from_ser(1 << 7).err(), Some(EOPNOTSUPP));
+        Ok(())
     }
 
     #[test]
