@@ -5,7 +5,8 @@
 #   make check   setup if needed, build, lint, run every test in QEMU
 #   make demo    a Rust VMM keeps its guest running across a host live update
 #   make setup   install packages, Rust components and the base tree
-#   make kernel  assemble the tree and build the kernel
+#   make kernel  assemble the tree and build the debug kernel the tests run on
+#   make kernel-release  the same tree without debug options, for demo and bench
 #   make test    run the QEMU tests (T=name runs one)
 #   make lint    rustfmt, clippy and checkpatch over the project's code
 #   make bench   guest_memfd against memfd preservation (not part of check)
@@ -17,13 +18,13 @@ SELFTESTS := tools/testing/selftests/kvm_luo
 RUNNER_ARGS = -s $(KLU_CACHE)/src -b $(KLU_CACHE)/build -o $(KLU_CACHE)/out \
 	$(foreach t,$(T),-t $(t))
 
-.PHONY: check demo setup kernel test lint bench clean
+.PHONY: check demo setup kernel kernel-release test lint bench clean
 
 check:
 	@build/check.sh
 
-demo: kernel
-	@build/demo.sh
+demo: kernel-release
+	@KLU_KERNEL=release build/demo.sh
 
 setup:
 	@build/setup.sh
@@ -31,14 +32,18 @@ setup:
 kernel: setup
 	@build/kernel.sh all
 
+kernel-release: setup
+	@KLU_KERNEL=release build/kernel.sh all
+
 test:
 	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS)
 
 lint:
 	@build/lint.sh
 
-bench: kernel
-	@build/bench.sh
+bench: kernel-release
+	@KLU_KERNEL=release build/bench.sh
 
 clean:
-	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/clippy $(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/out
+	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/build-release $(KLU_CACHE)/clippy \
+		$(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/out $(KLU_CACHE)/out-release

@@ -25,6 +25,7 @@ step() {	# step NAME COMMAND...: one result line for a whole step
 
 if step setup "$KLU_TOP/build/setup.sh" && step kernel "$KLU_TOP/build/kernel.sh" all; then
 	"$KLU_TOP/build/lint.sh" -r "$results"
+	"$KLU_TOP/build/configs.sh" -r "$results"
 	"$KLU_TOP/tools/testing/selftests/kvm_luo/run_vmtests.sh" -s "$KLU_SRC" \
 		-b "$KLU_OBJ" -o "$KLU_OUT" -r "$results"
 else

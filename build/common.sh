@@ -10,8 +10,19 @@ KLU_CACHE=${KLU_CACHE:-$HOME/.cache/kvm-luo}
 KLU_BASE_TARBALL=${KLU_BASE_TARBALL:-/usr/src/linux-source-7.3.tar.xz}
 KLU_BASE=$KLU_CACHE/base	# pristine unpacked base, never modified
 KLU_SRC=$KLU_CACHE/src		# base + project files + patches
-KLU_OBJ=$KLU_CACHE/build	# O= build directory
-KLU_OUT=$KLU_CACHE/out		# test binaries, initramfs, logs
+
+# Two kernels from the same tree: "debug" (lockdep, KASAN, UBSAN, kmemleak and
+# friends; every test of make check runs on it) and "release" (no debug
+# options; make demo and make bench, so that their timings mean something).
+KLU_KERNEL=${KLU_KERNEL:-debug}
+case $KLU_KERNEL in
+debug)	 KLU_OBJ=$KLU_CACHE/build;		KLU_OUT=$KLU_CACHE/out ;;
+release) KLU_OBJ=$KLU_CACHE/build-release;	KLU_OUT=$KLU_CACHE/out-release ;;
+*)	 echo "error: KLU_KERNEL must be debug or release" >&2; exit 1 ;;
+esac
+# The configuration fragments of each kernel, applied in this order.
+KLU_FRAGMENTS=(kernel/configs/kvm_luo.config)
+[ "$KLU_KERNEL" = debug ] && KLU_FRAGMENTS+=(kernel/configs/kvm_luo_debug.config)
 
 export LIBCLANG_PATH=${LIBCLANG_PATH:-/usr/lib/llvm-19/lib}
 export PATH=$HOME/.cargo/bin:$PATH

@@ -10,7 +10,6 @@
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
-FRAGMENT=kernel/configs/kvm_luo.config
 STATE=$KLU_CACHE/assembled.list
 
 # Paths (relative to the tree) touched by one patch.
@@ -99,7 +98,8 @@ config_inputs_hash() {
 	local kconfigs
 	kconfigs=$(grep -E '(^|/)Kconfig[^/]*$' "$STATE" || true)
 	{
-		cat "$KLU_TOP/$FRAGMENT"
+		local f
+		for f in "${KLU_FRAGMENTS[@]}"; do cat "$KLU_TOP/$f"; done
 		for f in $kconfigs; do cat "$KLU_SRC/$f"; done
 	} | sha256sum | cut -d' ' -f1
 }
@@ -111,10 +111,10 @@ config() {
 	if [ -f "$KLU_OBJ/.config" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ]; then
 		return 0
 	fi
-	klu_log "configuring $KLU_OBJ from $FRAGMENT"
+	klu_log "configuring $KLU_OBJ from ${KLU_FRAGMENTS[*]}"
 	"${KLU_MAKE[@]}" -s rustavailable >/dev/null ||
 		klu_die "Rust is not available to the kernel build: run make setup"
-	cp "$KLU_TOP/$FRAGMENT" "$KLU_OBJ/.config"
+	(cd "$KLU_TOP" && cat "${KLU_FRAGMENTS[@]}") > "$KLU_OBJ/.config"
 	"${KLU_MAKE[@]}" -s olddefconfig
 
 	# Every option the fragment asks for must have survived.
@@ -129,10 +129,10 @@ config() {
 			echo "config: wanted '$want', got '$(grep -E "^$sym=|^# $sym is not set" "$KLU_OBJ/.config" || echo unset)'" >&2
 			bad=1
 		fi
-	done < "$KLU_TOP/$FRAGMENT"
+	done < <(cd "$KLU_TOP" && cat "${KLU_FRAGMENTS[@]}")
 	[ "$bad" = 0 ] || { rm -f "$KLU_OBJ/.config"; klu_die "kernel config is missing requested options"; }
 	echo "$hash" > "$stamp"
-	klu_log "config has every option of $FRAGMENT"
+	klu_log "config has every option of ${KLU_FRAGMENTS[*]}"
 }
 
 build() {

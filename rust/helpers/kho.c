@@ -8,6 +8,11 @@ __rust_helper phys_addr_t rust_helper_virt_to_phys(void *address)
 	return virt_to_phys(address);
 }
 
+__rust_helper void *rust_helper_phys_to_virt(phys_addr_t address)
+{
+	return phys_to_virt(address);
+}
+
 __rust_helper void *rust_helper_folio_address(const struct folio *folio)
 {
 	return folio_address(folio);

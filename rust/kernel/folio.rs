@@ -10,7 +10,13 @@
 //! cache. [`Folio`] is a folio; `ARef<Folio>` owns one reference, taken with `folio_get()` and
 //! dropped with `folio_put()`, which frees the folio when it was the last.
 
-use crate::{bindings, fs::File, prelude::*, sync::aref::AlwaysRefCounted, types::Opaque};
+use crate::{
+    bindings,
+    fs::File,
+    prelude::*,
+    sync::aref::AlwaysRefCounted,
+    types::Opaque, //
+};
 use core::ptr::NonNull;
 
 /// A folio.
@@ -71,12 +77,6 @@ impl Folio {
         unsafe { bindings::folio_index(self.as_ptr()) as u64 }
     }
 
-    /// The order of the folio: it holds `2^order` pages.
-    pub fn order(&self) -> u32 {
-        // SAFETY: `self` is a valid folio.
-        unsafe { bindings::folio_order(self.as_ptr()) }
-    }
-
     /// The number of pages in the folio (`2^order`).
     pub fn nr_pages(&self) -> u64 {
         // SAFETY: `self` is a valid folio.
@@ -87,6 +87,28 @@ impl Folio {
     pub fn is_uptodate(&self) -> bool {
         // SAFETY: `self` is a valid folio.
         unsafe { bindings::folio_test_uptodate(self.as_ptr()) }
+    }
+
+    /// The NUMA node the folio's memory is on.
+    pub fn nid(&self) -> i32 {
+        // SAFETY: `self` is a valid folio.
+        unsafe { bindings::folio_nid(self.as_ptr()) }
+    }
+
+    /// Whether memory failure handling found a hardware error in one of the folio's pages.
+    pub fn is_hwpoisoned(&self) -> bool {
+        // SAFETY: `self` is a valid folio.
+        unsafe { bindings::folio_contain_hwpoisoned_page(self.as_ptr()) }
+    }
+
+    /// Where the folio is, in its file and in physical memory.
+    pub fn span(&self) -> Span {
+        Span {
+            index: self.index(),
+            pfn: self.pfn(),
+            nr_pages: self.nr_pages(),
+            nid: self.nid(),
+        }
     }
 }
 
@@ -117,6 +139,32 @@ impl core::ops::Deref for FolioLockGuard<'_> {
 
     fn deref(&self) -> &Folio {
         self.folio
+    }
+}
+
+// For guest_memfd (kernel::kvm), whose folios are zeroed on first use.
+#[cfg(all(CONFIG_KVM_X86 = "y", CONFIG_KVM_GUEST_MEMFD))]
+impl FolioLockGuard<'_> {
+    /// Fills the folio with zeroes and marks it uptodate, unless it is uptodate already; this is
+    /// the first use of a folio whose file zeroes folios on first use. Returns whether it did.
+    ///
+    /// # Safety
+    ///
+    /// In the folio's file, a folio that is not uptodate must hold no data yet, and whatever
+    /// fills it or maps it must do so under the folio lock and mark it uptodate first.
+    pub(crate) unsafe fn zero_unless_uptodate(&self) -> bool {
+        if self.is_uptodate() {
+            return false;
+        }
+        let folio = self.as_ptr();
+        // SAFETY: The folio is valid and locked by us, and not uptodate: by the function's
+        // safety requirements nobody reads, writes or maps its contents until it is marked
+        // uptodate under the lock we hold.
+        unsafe {
+            bindings::folio_zero_range(folio, 0, bindings::folio_size(folio));
+            bindings::folio_mark_uptodate(folio);
+        }
+        true
     }
 }
 
@@ -164,5 +212,88 @@ where
         // SAFETY: Drops the references the batch holds, and empties it.
         unsafe { bindings::folio_batch_release(&mut batch) };
         result?;
+    }
+}
+
+/// Where a run of pages is: its first index in a file, its first page frame, its length and its
+/// NUMA node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Index (in pages) of the first page in the file.
+    pub index: u64,
+    /// Page frame number of the first page.
+    pub pfn: u64,
+    /// Number of pages.
+    pub nr_pages: u64,
+    /// The NUMA node of the pages.
+    pub nid: i32,
+}
+
+impl Span {
+    /// Whether `next` starts where this span ends, both in the file and in physical memory, on
+    /// the same NUMA node.
+    pub fn continues_with(&self, next: &Span) -> bool {
+        self.nid == next.nid
+            && self.index.checked_add(self.nr_pages) == Some(next.index)
+            && self.pfn.checked_add(self.nr_pages) == Some(next.pfn)
+    }
+}
+
+/// Folios that follow each other in a file and in physical memory, all on one NUMA node, each
+/// held by a reference the run owns.
+///
+/// While the run exists its folios cannot be freed, whatever happens to the file. Dropping it
+/// drops the references.
+///
+/// # Invariants
+///
+/// `span` starts at the first page of a folio and covers whole folios; this object owns one
+/// reference to each of them.
+pub struct FolioRun {
+    span: Span,
+}
+
+impl FolioRun {
+    /// Starts a run with `folio`, taking a reference to it.
+    pub fn new(folio: &Folio) -> Self {
+        folio.inc_ref();
+        // INVARIANT: `folio_pfn()` is the folio's first page; we took a reference above.
+        Self { span: folio.span() }
+    }
+
+    /// Appends `folio`, taking a reference to it, if it continues the run (see
+    /// [`Span::continues_with`]). Returns whether it did.
+    pub fn try_append(&mut self, folio: &Folio) -> bool {
+        let next = folio.span();
+        if !self.span.continues_with(&next) {
+            return false;
+        }
+        folio.inc_ref();
+        // INVARIANT: `folio` starts where the run ended and is whole; we took a reference above.
+        self.span.nr_pages += next.nr_pages;
+        true
+    }
+
+    /// Where the run is.
+    pub fn span(&self) -> Span {
+        self.span
+    }
+}
+
+impl Drop for FolioRun {
+    fn drop(&mut self) {
+        let mut pfn = self.span.pfn;
+        let end = self.span.pfn + self.span.nr_pages;
+        while pfn < end {
+            // SAFETY: `pfn` is the first page of a folio of the run, which our reference keeps
+            // allocated (and unsplit), by the type invariants.
+            let folio = unsafe { bindings::page_folio(bindings::pfn_to_page(pfn as usize)) };
+            // SAFETY: As above.
+            let nr = unsafe { bindings::folio_nr_pages(folio) } as u64;
+            // SAFETY: We own a reference to the folio, by the type invariants; this gives it
+            // back, and the folio is not used after.
+            unsafe { bindings::folio_put(folio) };
+            pfn += nr;
+        }
     }
 }

@@ -14,7 +14,7 @@
 //! - [`Preserved<T>`] and [`PreservedVec<T>`] are the outgoing side. While they exist, their
 //!   memory is preserved; dropping them unpreserves and frees it (the live update was cancelled
 //!   before the kexec). If the kexec happens while they exist, the memory is handed over.
-//! - [`PreservedPages`] records a run of pages the caller keeps allocated until the kexec.
+//! - [`PreservedPages`] preserves a [`FolioRun`]: folios it holds references to until the kexec.
 //! - [`Restored<T>`], [`RestoredVec<T>`] and [`RestoredPages`] are the incoming side. Creating them takes the
 //!   memory back from KHO, which refuses memory that was not preserved or was already restored;
 //!   dropping them frees it.
@@ -31,14 +31,21 @@ use crate::{
         from_err_ptr,
         to_result, //
     },
-    folio::Folio,
+    folio::{
+        Folio,
+        FolioRun,
+        Span, //
+    },
     page::PAGE_SIZE,
     prelude::*,
     sync::aref::ARef,
 };
 use core::{
     marker::PhantomData,
-    mem::size_of,
+    mem::{
+        size_of,
+        size_of_val, //
+    },
     ops::{
         Deref,
         DerefMut, //
@@ -51,10 +58,32 @@ use zerocopy::byteorder::little_endian::{
     U64, //
 };
 
-/// Returns whether KHO is enabled in this kernel.
-pub fn is_enabled() -> bool {
-    // SAFETY: `kho_is_enabled` has no preconditions.
-    unsafe { bindings::kho_is_enabled() }
+/// Whether `phys` is the start of a block the previous kernel preserved and that was not restored
+/// yet. Nothing is read but the page's own metadata, and nothing is restored.
+fn is_preserved(phys: u64) -> bool {
+    // SAFETY: `kho_is_preserved` accepts any address and only reads the memory map.
+    unsafe { bindings::kho_is_preserved(phys) }
+}
+
+/// Whether the first chunk of a vmalloc preservation at `first`, and the first block it lists,
+/// are still preserved: then a failed `kho_restore_vmalloc()` restored nothing (it restores a
+/// chunk's blocks in order, gives them back when it fails, and restores the chunk page last).
+fn first_chunk_intact(first: u64) -> bool {
+    if !is_preserved(first) {
+        return false;
+    }
+    // SAFETY: `first` is a page the previous kernel preserved and nobody restored, so it is ours
+    // to read (the caller owns the preservation), in the direct map, and holds a chunk.
+    let block = unsafe {
+        let chunk = bindings::phys_to_virt(first).cast::<bindings::kho_vmalloc_chunk>();
+        (*chunk).phys[0]
+    };
+    is_preserved(block)
+}
+
+/// Number of pages that hold `bytes` bytes.
+fn pages_for(bytes: usize) -> usize {
+    bytes.div_ceil(PAGE_SIZE)
 }
 
 /// A `T` in memory preserved across kexec, allocated with `kho_alloc_preserve()`.
@@ -78,7 +107,7 @@ impl<T: FromBytes + IntoBytes> Preserved<T> {
     /// Returns `ENOMEM` when memory cannot be allocated and the error of `kho_preserve_folio()`
     /// when it cannot be preserved.
     pub fn new(value: T) -> Result<Self> {
-        const { assert!(size_of::<T>() > 0) };
+        const { assert!(size_of::<T>() > 0 && core::mem::align_of::<T>() <= PAGE_SIZE) };
         // SAFETY: `kho_alloc_preserve` can be called with any non-zero size.
         let ptr = from_err_ptr(unsafe { bindings::kho_alloc_preserve(size_of::<T>()) })?;
         let ptr = NonNull::new(ptr.cast::<T>()).ok_or(ENOMEM)?;
@@ -148,7 +177,8 @@ impl<T: FromBytes> Restored<T> {
     /// Returns `EINVAL` when `phys` is not the start of memory preserved by the previous kernel,
     /// was already restored, or is too small for a `T`.
     pub fn restore(phys: u64) -> Result<Self> {
-        if phys == 0 || phys % PAGE_SIZE as u64 != 0 {
+        const { assert!(core::mem::align_of::<T>() <= PAGE_SIZE) };
+        if !is_preserved(phys) {
             return Err(EINVAL);
         }
         // SAFETY: `kho_restore_folio` checks that `phys` is the head of a folio preserved by the
@@ -166,6 +196,32 @@ impl<T: FromBytes> Restored<T> {
             folio,
             _t: PhantomData,
         })
+    }
+}
+
+// For LUO, which keeps a head object a retrieve handed back.
+#[cfg(CONFIG_LIVEUPDATE)]
+impl<T: FromBytes> Restored<T> {
+    /// Gives up ownership, for a C user to keep; [`Restored::from_raw`] takes it back.
+    pub(crate) fn into_raw(self) -> *mut bindings::folio {
+        let folio = self.folio.as_ptr();
+        core::mem::forget(self);
+        folio
+    }
+
+    /// Takes back what [`Restored::into_raw`] gave up.
+    ///
+    /// # Safety
+    ///
+    /// `folio` must come from `Restored::<T>::into_raw`, for the same `T`, and not have been taken
+    /// back since.
+    pub(crate) unsafe fn from_raw(folio: *mut bindings::folio) -> Self {
+        // INVARIANT: `into_raw` gave up a folio that satisfied the invariants, unchanged since.
+        Self {
+            // SAFETY: `into_raw` returns a non-null pointer.
+            folio: unsafe { NonNull::new_unchecked(folio) },
+            _t: PhantomData,
+        }
     }
 }
 
@@ -229,11 +285,6 @@ impl VmallocDesc {
     pub fn is_empty(&self) -> bool {
         self.first.get() == 0
     }
-
-    /// Number of bytes the preserved area holds.
-    fn capacity_bytes(&self) -> usize {
-        (self.total_pages.get() as usize).saturating_mul(PAGE_SIZE)
-    }
 }
 
 /// A vector in vmalloc memory preserved across kexec with `kho_preserve_vmalloc()`.
@@ -249,13 +300,25 @@ pub struct PreservedVec<T: FromBytes + IntoBytes> {
     desc: bindings::kho_vmalloc,
 }
 
-impl<T: FromBytes + IntoBytes> PreservedVec<T> {
+impl<T: FromBytes + IntoBytes + Copy> PreservedVec<T> {
     /// Preserves the memory of `vec`.
+    ///
+    /// The preserved area is exactly as many pages as the elements need (the vector is copied
+    /// into one of that size first if its capacity is larger), which is what
+    /// [`RestoredVec::restore`] checks in the next kernel.
     ///
     /// # Errors
     ///
-    /// Returns the error of `kho_preserve_vmalloc()`, in which case `vec` is dropped.
+    /// Returns `ENOMEM` and the error of `kho_preserve_vmalloc()`, in which case `vec` is
+    /// dropped.
     pub fn new(vec: VVec<T>) -> Result<Self> {
+        let vec = if pages_for(vec.capacity() * size_of::<T>()) > pages_for(size_of_val(&*vec)) {
+            let mut exact = VVec::with_capacity(vec.len(), GFP_KERNEL)?;
+            exact.extend_from_slice(&vec, GFP_KERNEL)?;
+            exact
+        } else {
+            vec
+        };
         let mut desc: bindings::kho_vmalloc = pin_init::zeroed();
         if !vec.is_empty() && size_of::<T>() != 0 {
             // SAFETY: A non-empty `VVec` is the start of its own vmalloc area, which stays alive
@@ -264,8 +327,14 @@ impl<T: FromBytes + IntoBytes> PreservedVec<T> {
                 bindings::kho_preserve_vmalloc(vec.as_ptr().cast_mut().cast(), &mut desc)
             })?;
         }
+        let bytes = size_of_val(&*vec);
         // INVARIANT: Preserved above, or empty.
-        Ok(Self { vec, desc })
+        let preserved = Self { vec, desc };
+        // What the next kernel will check, checked now, while the error is still harmless.
+        if bytes != 0 && preserved.desc.total_pages as usize != pages_for(bytes) {
+            return Err(EINVAL);
+        }
+        Ok(preserved)
     }
 
     /// The descriptor to pass to the next kernel, for [`RestoredVec::restore`].
@@ -310,35 +379,49 @@ pub struct RestoredVec<T: FromBytes> {
 }
 
 impl<T: FromBytes> RestoredVec<T> {
-    /// Takes back the vector described by `desc`.
+    /// Takes back the vector of `len` elements described by `desc`.
     ///
-    /// The result holds as many elements as the preserved pages can hold, which may be more
-    /// than the vector had (vmalloc rounds up to pages): the caller knows the real length from
-    /// its own serialized data, validates it against [`RestoredVec::len`], and slices.
+    /// `len` comes from the caller's own serialized data, which it has bounded. The descriptor is
+    /// checked against it before KHO reads anything: it must describe exactly the pages `len`
+    /// elements need (as [`PreservedVec`] preserves them), in blocks of a valid order, starting at
+    /// memory the previous kernel preserved.
     ///
     /// # Errors
     ///
-    /// Returns `EINVAL` when KHO refuses the memory (not preserved, already restored,
-    /// inconsistent descriptor).
-    pub fn restore(desc: &VmallocDesc) -> Result<Self> {
-        if desc.is_empty() {
+    /// Returns `EINVAL` when the descriptor does not match `len` or KHO refuses the memory (not
+    /// preserved, already restored, inconsistent descriptor), and `ENOMEM` when memory to map
+    /// the vector could not be allocated and nothing was restored: the vector can be restored
+    /// again later.
+    pub fn restore(desc: &VmallocDesc, len: usize) -> Result<Self> {
+        let bytes = len.checked_mul(size_of::<T>()).ok_or(EINVAL)?;
+        if desc.is_empty() || bytes == 0 {
+            if !desc.is_empty() || bytes != 0 {
+                return Err(EINVAL);
+            }
             return Ok(Self {
                 ptr: core::ptr::null_mut(),
                 len: 0,
             });
+        }
+        if desc.total_pages.get() as usize != pages_for(bytes)
+            || u32::from(desc.order.get()) > bindings::MAX_PAGE_ORDER
+            || !is_preserved(desc.first.get())
+        {
+            return Err(EINVAL);
         }
         let raw = desc.to_raw();
         // SAFETY: `kho_restore_vmalloc` validates each chunk and page against the KHO records
         // and returns NULL if any is not preserved.
         let ptr = unsafe { bindings::kho_restore_vmalloc(&raw) };
         if ptr.is_null() {
-            return Err(EINVAL);
+            return Err(if first_chunk_intact(desc.first.get()) {
+                ENOMEM
+            } else {
+                EINVAL
+            });
         }
-        let len = match size_of::<T>() {
-            0 => 0,
-            size => desc.capacity_bytes() / size,
-        };
-        // INVARIANT: The area is `total_pages` pages, which hold `len` elements.
+        // INVARIANT: The area is `total_pages` pages, which hold `len` elements, as checked
+        // above.
         Ok(Self {
             ptr: ptr.cast(),
             len,
@@ -373,59 +456,55 @@ unsafe impl<T: FromBytes + Send> Send for RestoredVec<T> {}
 // SAFETY: `&RestoredVec<T>` only gives out `&[T]`.
 unsafe impl<T: FromBytes + Sync> Sync for RestoredVec<T> {}
 
-/// A run of physically contiguous pages preserved across kexec with `kho_preserve_pages()`.
+/// A run of folios preserved across kexec with `kho_preserve_pages()`.
 ///
-/// KHO only records the run; the caller keeps the pages allocated (for example, in a page cache
-/// it stops from changing) until the kexec, or drops this object to unpreserve them.
+/// The run holds a reference to each of its folios, so their memory stays allocated until the
+/// kexec hands it over, whatever happens to the file they are in. Dropping this object
+/// unpreserves the pages and drops the references.
 ///
 /// # Invariants
 ///
-/// Pages `[pfn, pfn + nr_pages)` are preserved, by this object only.
+/// The pages of `run` are preserved, by this object only.
 pub struct PreservedPages {
-    pfn: u64,
-    nr_pages: u64,
+    run: FolioRun,
 }
 
 impl PreservedPages {
-    /// Preserves pages `[pfn, pfn + nr_pages)`.
+    /// Preserves the pages of `run`.
     ///
     /// # Errors
     ///
-    /// Returns `EINVAL` for an empty run, and the error of `kho_preserve_pages()` (`EINVAL` if
-    /// the run overlaps KHO scratch memory, `ENOMEM`).
-    pub fn new(pfn: u64, nr_pages: u64) -> Result<Self> {
-        if nr_pages == 0 || pfn.checked_add(nr_pages).is_none() {
-            return Err(EINVAL);
-        }
-        let raw_pfn = usize::try_from(pfn).map_err(|_| EINVAL)?;
-        let nr = usize::try_from(nr_pages).map_err(|_| EINVAL)?;
-        // SAFETY: `pfn_to_page` only computes an address in the memory map.
-        let page = unsafe { bindings::pfn_to_page(raw_pfn) };
-        // SAFETY: KHO records the range; it does not touch the pages.
-        to_result(unsafe { bindings::kho_preserve_pages(page, nr) })?;
+    /// Returns the error of `kho_preserve_pages()` (`EINVAL` if the run overlaps KHO scratch
+    /// memory, `ENOMEM`); `run` is dropped then.
+    pub fn new(run: FolioRun) -> Result<Self> {
+        let span = run.span();
+        // SAFETY: The run's folios are allocated memory we hold references to; KHO only records
+        // the range.
+        to_result(unsafe {
+            bindings::kho_preserve_pages(
+                bindings::pfn_to_page(span.pfn as usize),
+                span.nr_pages as usize,
+            )
+        })?;
         // INVARIANT: Preserved above.
-        Ok(Self { pfn, nr_pages })
+        Ok(Self { run })
     }
 
-    /// The first page frame number of the run.
-    pub fn pfn(&self) -> u64 {
-        self.pfn
-    }
-
-    /// The number of pages in the run.
-    pub fn nr_pages(&self) -> u64 {
-        self.nr_pages
+    /// Where the preserved pages are.
+    pub fn span(&self) -> Span {
+        self.run.span()
     }
 }
 
 impl Drop for PreservedPages {
     fn drop(&mut self) {
-        // SAFETY: The run was preserved by `new`, by the type invariants; `pfn` and `nr_pages`
-        // fit in `usize` as checked there.
+        let span = self.run.span();
+        // SAFETY: The run was preserved by `new`, by the type invariants, with these arguments.
+        // The references to its folios are dropped after this, with `run`.
         unsafe {
             bindings::kho_unpreserve_pages(
-                bindings::pfn_to_page(self.pfn as usize),
-                self.nr_pages as usize,
+                bindings::pfn_to_page(span.pfn as usize),
+                span.nr_pages as usize,
             )
         };
     }
@@ -461,6 +540,9 @@ impl RestoredPages {
             .filter(|_| end.checked_mul(PAGE_SIZE as u64).is_some())
             .ok_or(EINVAL)?;
         let nr = usize::try_from(nr_pages).map_err(|_| EINVAL)?;
+        if !is_preserved(phys) {
+            return Err(EINVAL);
+        }
         // SAFETY: `kho_restore_pages` checks every page against the KHO records and returns NULL
         // when one is not preserved.
         if unsafe { bindings::kho_restore_pages(phys, nr) }.is_null() {
@@ -477,6 +559,7 @@ impl RestoredPages {
 
     /// Gives up the pages not handed out yet, and their references, to the caller, which must
     /// free them or hand them on.
+    #[cfg(all(CONFIG_KVM_X86 = "y", CONFIG_KVM_GUEST_MEMFD))]
     pub(crate) fn into_raw(self) -> (u64, u64) {
         let remaining = self.remaining();
         core::mem::forget(self);

@@ -16,6 +16,11 @@
 //! Memory attributes (`KVM_SET_MEMORY_ATTRIBUTES`) are per guest frame. Only VMs with private
 //! memory support them (e.g. `KVM_X86_SW_PROTECTED_VM`); for other VMs every frame is shared.
 
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
+use crate::folio::{
+    self,
+    Folio, //
+};
 use crate::{
     bindings,
     error::{
@@ -23,7 +28,6 @@ use crate::{
         to_result, //
     },
     fs::File,
-    kho::RestoredPages,
     prelude::*,
     sync::aref::{
         ARef,
@@ -89,32 +93,34 @@ impl Kvm {
     /// The VM lives at least as long as the file.
     pub fn from_file(file: &File) -> Option<&Kvm> {
         // SAFETY: `file` is a valid file.
-        if !unsafe { bindings::file_is_kvm(file.as_ptr()) } {
+        let kvm = unsafe { bindings::kvm_from_vm_file(file.as_ptr()) };
+        if kvm.is_null() {
             return None;
         }
-        // SAFETY: A KVM VM file's private data is its `struct kvm`, on which the file holds a
-        // reference until it is released, which cannot happen while `file` is borrowed.
-        let kvm = unsafe { (*file.as_ptr()).private_data }.cast::<Kvm>();
-        // SAFETY: `Kvm` is `repr(transparent)` over `struct kvm`; see above for the lifetime.
-        Some(unsafe { &*kvm })
+        // SAFETY: `kvm` is the VM of `file`, on which the file holds a reference until it is
+        // released, which cannot happen while `file` is borrowed; `Kvm` is `repr(transparent)`
+        // over `struct kvm`.
+        Some(unsafe { &*kvm.cast::<Kvm>() })
     }
 
     /// The type this VM was created with (the argument of `KVM_CREATE_VM`).
     pub fn vm_type(&self) -> u64 {
-        // SAFETY: `self` is a valid VM; `create_type` is written once, before the VM is
-        // published.
-        unsafe { (*self.as_ptr()).create_type as u64 }
+        // SAFETY: `self` is a valid VM.
+        unsafe { bindings::kvm_vm_type(self.as_ptr()) as u64 }
+    }
+
+    /// Whether the guest memory of this VM is plain memory, private or shared: its pages hold
+    /// what the guest wrote, unencrypted, and the host may write them. False for VMs whose
+    /// private memory the hardware encrypts or protects (SEV-SNP, TDX).
+    pub fn has_plain_memory(&self) -> bool {
+        const PLAIN: [u64; 2] = [VM_TYPE_X86_DEFAULT, VM_TYPE_X86_SW_PROTECTED];
+        PLAIN.contains(&self.vm_type())
     }
 
     /// Whether KVM has marked this VM dead or bugged; such a VM only fails its ioctls.
     pub fn is_dead(&self) -> bool {
-        let kvm = self.as_ptr();
-        // SAFETY: `self` is a valid VM. The flags only ever go from false to true; like
-        // `READ_ONCE()` in C, a volatile read sees a value that was written.
-        unsafe {
-            core::ptr::read_volatile(&raw const (*kvm).vm_dead)
-                || core::ptr::read_volatile(&raw const (*kvm).vm_bugged)
-        }
+        // SAFETY: `self` is a valid VM.
+        unsafe { bindings::kvm_vm_is_dead(self.as_ptr()) }
     }
 
     /// The memory attributes this VM supports.
@@ -227,6 +233,7 @@ pub fn create_vm_file(vm_type: u64, name: &CStr) -> Result<ARef<File>> {
     Ok(unsafe { ARef::from_raw(file.cast()) })
 }
 
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
 /// What a guest_memfd file (from `KVM_CREATE_GUEST_MEMFD`) is.
 pub struct GuestMemfd<'a> {
     /// The VM the file belongs to; the file holds a reference on it.
@@ -237,6 +244,7 @@ pub struct GuestMemfd<'a> {
     pub flags: u64,
 }
 
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
 impl<'a> GuestMemfd<'a> {
     /// Describes `file` if it is a guest_memfd, or returns `None`.
     pub fn of(file: &'a File) -> Option<Self> {
@@ -259,33 +267,73 @@ impl<'a> GuestMemfd<'a> {
     }
 }
 
-/// A frozen guest_memfd: no folio is added to or removed from it until this is dropped.
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
+/// A frozen guest_memfd of a VM with plain memory: no folio is added to or removed from it until
+/// this is dropped.
 ///
 /// Allocating memory in the file (including by guest faults) and `fallocate()` fail with
 /// `EPERM` while it is frozen.
 ///
 /// # Invariants
 ///
-/// `file` is a guest_memfd frozen by this object.
+/// `file` is a guest_memfd frozen by this object, of a VM with plain memory
+/// ([`Kvm::has_plain_memory`]).
 pub struct FrozenGuestMemfd {
     file: ARef<File>,
 }
 
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
 impl FrozenGuestMemfd {
     /// Freezes the guest_memfd `file`, waiting for allocations in progress.
     ///
     /// # Errors
     ///
-    /// Returns `EINVAL` if `file` is not a guest_memfd, `EBUSY` if it is already frozen.
+    /// Returns `EINVAL` if `file` is not a guest_memfd, `EOPNOTSUPP` if its VM's memory is not
+    /// plain memory, `EBUSY` if it is already frozen.
     pub fn freeze(file: &File) -> Result<Self> {
-        GuestMemfd::of(file).ok_or(EINVAL)?;
+        let gmem = GuestMemfd::of(file).ok_or(EINVAL)?;
+        if !gmem.kvm.has_plain_memory() {
+            return Err(EOPNOTSUPP);
+        }
         // SAFETY: `file` is a guest_memfd.
         to_result(unsafe { bindings::kvm_gmem_freeze(file.as_ptr()) })?;
-        // INVARIANT: Frozen above.
+        // INVARIANT: Frozen above; the VM's memory is plain, checked above.
         Ok(Self { file: file.into() })
     }
 }
 
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
+impl FrozenGuestMemfd {
+    /// Calls `f` for every folio of the file, in index order.
+    ///
+    /// Every folio `f` sees is uptodate. In guest_memfd a folio that is not uptodate was
+    /// allocated (e.g. by `fallocate()`) but never used: it is zeroed on first use by the guest
+    /// or through a mapping. This does that first use for such folios, under the folio lock, so
+    /// that what the folio holds no longer depends on whether it is used later; contents written
+    /// after this call are in the folio's memory like any others.
+    ///
+    /// # Errors
+    ///
+    /// Stops at, and returns, the first error of `f`.
+    pub fn for_each_folio<F>(&self, mut f: F) -> Result
+    where
+        F: FnMut(&Folio) -> Result,
+    {
+        folio::for_each_in_file(&self.file, |folio| {
+            if !folio.is_uptodate() {
+                // SAFETY: In a guest_memfd of a VM with plain memory (by the type invariants), a
+                // folio that is not uptodate holds no data yet, and every path that fills it
+                // (`kvm_gmem_get_folio()` callers: guest faults, userspace faults) does so under
+                // the folio lock and marks it uptodate before it unlocks; `kvm_gmem_populate()`,
+                // which does not, is only for VMs whose memory is not plain.
+                unsafe { folio.lock().zero_unless_uptodate() };
+            }
+            f(folio)
+        })
+    }
+}
+
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
 impl Drop for FrozenGuestMemfd {
     fn drop(&mut self) {
         // SAFETY: The file is a guest_memfd frozen by us, by the type invariants.
@@ -293,6 +341,7 @@ impl Drop for FrozenGuestMemfd {
     }
 }
 
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
 /// A guest_memfd file created by the kernel, to fill before handing it to userspace.
 ///
 /// # Invariants
@@ -302,6 +351,7 @@ pub struct GuestMemfdFile {
     file: ARef<File>,
 }
 
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
 impl GuestMemfdFile {
     /// Creates a guest_memfd file of `size` bytes with `flags` for `kvm`.
     ///
@@ -328,7 +378,13 @@ impl GuestMemfdFile {
     ///
     /// Returns `EINVAL` if the run does not fit in the file, `EEXIST` if an index is populated,
     /// `ENOMEM`; the pages not inserted are freed then.
-    pub fn insert_pages(&self, run: RestoredPages, index: u64, uptodate: bool) -> Result {
+    #[cfg(CONFIG_KEXEC_HANDOVER)]
+    pub fn insert_pages(
+        &self,
+        run: crate::kho::RestoredPages,
+        index: u64,
+        uptodate: bool,
+    ) -> Result {
         let (pfn, nr) = run.remaining();
         let (Ok(pfn), Ok(nr), Ok(index)) = (
             usize::try_from(pfn),

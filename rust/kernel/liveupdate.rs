@@ -25,6 +25,7 @@
 //! up the two or lose track of what it preserved.
 
 use crate::{
+    alloc::AllocError,
     bindings,
     error::{
         to_result,
@@ -45,19 +46,88 @@ use crate::{
 };
 use core::{
     marker::PhantomData,
+    ops::{
+        Deref,
+        DerefMut, //
+    },
     ptr::NonNull, //
 };
 
 /// Length of the compatible string, including its terminating NUL.
 pub const COMPATIBLE_LEN: usize = bindings::LIVEUPDATE_HNDL_COMPAT_LENGTH as usize;
 
-/// What a handler keeps for a preserved file until the kexec (or until it is unpreserved).
+/// What a handler keeps for a preserved file until the kexec (or until it is unpreserved): the
+/// serialized head object, preserved with KHO, and runtime state that is not carried across.
+///
+/// LUO passes the physical address of the head object to the next kernel, so the object itself
+/// cannot be replaced once the file is preserved: its contents are reachable through `Deref` and
+/// `DerefMut`, the state through [`Outgoing::state_mut`].
 pub struct Outgoing<T: FileHandler> {
-    /// The serialized head object, preserved with KHO; its physical address goes to the next
-    /// kernel.
-    pub serialized: Preserved<T::Serialized>,
-    /// Runtime state that is not carried across the kexec.
-    pub state: T::State,
+    serialized: Preserved<T::Serialized>,
+    state: T::State,
+}
+
+impl<T: FileHandler> Outgoing<T> {
+    /// Puts together a preserved head object and the runtime state of a file.
+    pub fn new(serialized: Preserved<T::Serialized>, state: T::State) -> Self {
+        Self { serialized, state }
+    }
+
+    /// The runtime state, to change.
+    pub fn state_mut(&mut self) -> &mut T::State {
+        &mut self.state
+    }
+}
+
+impl<T: FileHandler> Deref for Outgoing<T> {
+    type Target = T::Serialized;
+
+    fn deref(&self) -> &T::Serialized {
+        &self.serialized
+    }
+}
+
+impl<T: FileHandler> DerefMut for Outgoing<T> {
+    fn deref_mut(&mut self) -> &mut T::Serialized {
+        &mut self.serialized
+    }
+}
+
+/// Why a retrieve failed, and whether the preserved state is still whole.
+///
+/// A handler that fails before it has consumed anything of the preserved state (beyond the head
+/// object it was given) hands the head object back with [`RetrieveError::retry`]: the file stays
+/// not retrieved, userspace may retrieve it again, and [`FileHandler::finish`] gets the head
+/// object back if it never is. Any other error (built from an [`Error`], e.g. with `?`) means the
+/// state was consumed; the error is then final.
+pub struct RetrieveError<T: FileHandler> {
+    error: Error,
+    unconsumed: Option<Restored<T::Serialized>>,
+}
+
+impl<T: FileHandler> RetrieveError<T> {
+    /// A failure that consumed nothing: `serialized` is kept for a later retrieve or finish.
+    pub fn retry(error: Error, serialized: Restored<T::Serialized>) -> Self {
+        Self {
+            error,
+            unconsumed: Some(serialized),
+        }
+    }
+}
+
+impl<T: FileHandler> From<Error> for RetrieveError<T> {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            unconsumed: None,
+        }
+    }
+}
+
+impl<T: FileHandler> From<AllocError> for RetrieveError<T> {
+    fn from(error: AllocError) -> Self {
+        Error::from(error).into()
+    }
 }
 
 /// Whether and how a preserved file was retrieved in the new kernel.
@@ -181,11 +251,12 @@ pub trait FileHandler: Sized + 'static {
     }
 
     /// Rebuilds the file in the new kernel. `serialized` is the head object the previous kernel
-    /// preserved; the handler owns it and everything it refers to, on success and on failure.
+    /// preserved; the handler owns it and everything it refers to, on success and on failure,
+    /// unless it hands it back with [`RetrieveError::retry`].
     fn retrieve(
         serialized: Restored<Self::Serialized>,
         session: &IncomingSession<'_>,
-    ) -> Result<ARef<File>>;
+    ) -> Result<ARef<File>, RetrieveError<Self>>;
 
     /// Whether the session may finish now.
     fn can_finish(_status: RetrieveStatus) -> bool {
@@ -402,15 +473,56 @@ impl<T: FileHandler> HandlerVTable<T> {
             ptr,
             _p: PhantomData,
         };
-        let result = Restored::restore(phys).and_then(|ser| T::retrieve(ser, &session));
-        match result {
+        // SAFETY: `args` is valid; LUO passes back what an earlier retryable retrieve left.
+        let serialized = match unsafe { Self::take_unconsumed(args) } {
+            Some(serialized) => serialized,
+            None => match Restored::restore(phys) {
+                Ok(serialized) => serialized,
+                Err(err) => return err.to_errno(),
+            },
+        };
+        match T::retrieve(serialized, &session) {
             Ok(file) => {
                 // SAFETY: `args` is valid; LUO takes over our reference to the new file.
                 unsafe { (*args).file = ARef::into_raw(file).as_ptr().cast() };
                 0
             }
-            Err(err) => err.to_errno(),
+            Err(RetrieveError {
+                error,
+                unconsumed: Some(serialized),
+            }) => {
+                // SAFETY: `args` is valid; LUO keeps `private_data` for the next retrieve,
+                // can_finish and finish of this file, which take it back with
+                // `take_unconsumed`.
+                unsafe {
+                    (*args).private_data = serialized.into_raw().cast();
+                    (*args).retryable = true;
+                }
+                error.to_errno()
+            }
+            Err(RetrieveError { error, .. }) => error.to_errno(),
         }
+    }
+
+    /// Takes back the head object a retryable retrieve left in `private_data`, if any.
+    ///
+    /// # Safety
+    ///
+    /// `args` must be valid, for a file of an incoming session, whose `private_data` is null or
+    /// was set by [`Self::retrieve`] and not taken back since.
+    unsafe fn take_unconsumed(
+        args: *mut bindings::liveupdate_file_op_args,
+    ) -> Option<Restored<T::Serialized>> {
+        // SAFETY: `args` is valid by the function's safety requirements.
+        let ptr = unsafe { (*args).private_data };
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: `args` is valid; the pointer is taken back below, once.
+        unsafe { (*args).private_data = core::ptr::null_mut() };
+        // SAFETY: A non-null `private_data` came from `Restored::into_raw` in `retrieve`, for a
+        // `Restored<T::Serialized>`.
+        Some(unsafe { Restored::from_raw(ptr.cast()) })
     }
 
     /// # Safety
@@ -428,23 +540,46 @@ impl<T: FileHandler> HandlerVTable<T> {
         // SAFETY: `args` is valid by the function's safety requirements.
         let (status, phys) = unsafe { ((*args).retrieve_status, (*args).serialized_data) };
         let status = RetrieveStatus::from_raw(status);
-        // A retrieve, successful or not, consumed the head object already.
+        // A retrieve, successful or not, consumed the head object already, except one that
+        // handed it back.
         let unretrieved = match status {
-            RetrieveStatus::NotAttempted => match Restored::restore(phys) {
-                Ok(ser) => Some(ser),
-                Err(err) => {
-                    pr_err!(
-                        "{}: cannot restore preserved data: {:?}\n",
-                        T::COMPATIBLE,
-                        err
-                    );
-                    None
-                }
+            // SAFETY: `args` is valid, for a file of an incoming session; LUO does not use
+            // `private_data` after finish.
+            RetrieveStatus::NotAttempted => match unsafe { Self::take_unconsumed(args) } {
+                Some(ser) => Some(ser),
+                None => match Restored::restore(phys) {
+                    Ok(ser) => Some(ser),
+                    Err(err) => {
+                        pr_err!(
+                            "{}: cannot restore preserved data: {:?}\n",
+                            T::COMPATIBLE,
+                            err
+                        );
+                        None
+                    }
+                },
             },
             _ => None,
         };
         T::finish(status, unretrieved);
     }
+}
+
+/// Runs `f` again, up to `tries` times in all, 10 ms apart, while it fails with `ENOMEM`.
+///
+/// For [`FileHandler::finish`], which cannot fail: releasing what a file preserved may need
+/// memory (KHO maps a preserved vector), and a release that failed with `ENOMEM` before taking
+/// anything back can be tried again rather than leak the file's memory.
+pub fn retry_on_enomem<T>(tries: u32, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut result = f();
+    for _ in 1..tries {
+        if !matches!(result, Err(ENOMEM)) {
+            break;
+        }
+        crate::time::delay::fsleep(crate::time::Delta::from_millis(10));
+        result = f();
+    }
+    result
 }
 
 /// Declares a kernel module that registers a single LUO file handler.

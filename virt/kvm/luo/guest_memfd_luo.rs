@@ -5,13 +5,18 @@
 //! A LUO file handler for the files `KVM_CREATE_GUEST_MEMFD` returns. Preserving a file freezes
 //! it (no memory is added or removed until it is unpreserved or the kexec happens), walks its
 //! page cache and records *extents*: runs of folios that are contiguous both in the file and in
-//! physical memory and have the same state. Each extent is one KHO preservation and 24 bytes of
-//! metadata; holes cost nothing. At freeze time the handler records the token of the file's VM,
-//! which must be preserved in the same session.
+//! physical memory, on one NUMA node. Each extent is one KHO preservation, holding a reference
+//! to each of its folios, and 24 bytes of metadata; holes cost nothing. Folios that were
+//! allocated but never used are zeroed then, as their first use would, so every preserved folio
+//! is uptodate: the guest and the VMM may go on writing to guest memory until the kexec, and the
+//! new kernel sees exactly what the memory holds at kexec time. Folios with a hardware memory
+//! error are refused. At freeze time the handler records the token of the file's VM, which must
+//! be preserved in the same session.
 //!
 //! In the new kernel, retrieve gets the VM (through the session, so the VMM may retrieve the two
-//! files in any order), creates a guest_memfd of the same size and flags for it, and puts every
-//! page back at its index with its uptodate state.
+//! files in any order) and creates a guest_memfd of the same size and flags for it before it
+//! takes any memory back: if either fails, the file stays retrievable and nothing is lost. Then
+//! it puts every page back at its index.
 //!
 //! Private memory is supported for software-protected VMs, whose private memory is plain memory;
 //! VMs whose private memory is encrypted by hardware are refused.
@@ -20,8 +25,9 @@
 
 use kernel::{
     folio::{
-        self,
-        Folio, //
+        Folio,
+        FolioRun,
+        Span, //
     },
     fs::File,
     kho::{
@@ -41,10 +47,12 @@ use kernel::{
         Kvm, //
     },
     liveupdate::{
+        retry_on_enomem,
         FileHandler,
         IncomingSession,
         Outgoing,
         OutgoingSession,
+        RetrieveError,
         RetrieveStatus, //
     },
     page::PAGE_SIZE,
@@ -66,9 +74,6 @@ kernel::module_liveupdate_handler! {
 
 /// The handler's compatible string. The number is the version of the ABI below.
 const COMPATIBLE: &CStr = c"kvm-gmem-rs-v1";
-
-/// VM types whose guest_memfd memory is plain memory, private or shared.
-const PLAIN_MEMORY_VM_TYPES: [u64; 2] = [kvm::VM_TYPE_X86_DEFAULT, kvm::VM_TYPE_X86_SW_PROTECTED];
 
 /// File flags in the ABI, owned by it and mapped to and from the kernel's `GUEST_MEMFD_FLAG_*`.
 const SER_FLAG_MMAP: u32 = 1 << 0;
@@ -111,12 +116,16 @@ fn flags_from_ser(ser: u32) -> Result<u64> {
     Ok(flags)
 }
 
-/// Extent flag: the folios are uptodate (their contents are valid guest memory).
+/// Extent flag: the folios are uptodate (their contents are valid guest memory). Every extent
+/// this version preserves has it.
 const EXTENT_UPTODATE: u64 = 1 << 0;
 const KNOWN_EXTENT_FLAGS: u64 = EXTENT_UPTODATE;
 
 /// Bits of [`ExtentSer::pfn_flags`] that hold the flags.
 const FLAG_BITS: u32 = 12;
+
+/// How many times finish tries to free an unretrieved file when memory is short.
+const FINISH_TRIES: u32 = 10;
 
 /// The most extents a file may carry across (24 MiB of records).
 const MAX_EXTENTS: u64 = 1 << 20;
@@ -157,6 +166,15 @@ struct Extent {
 }
 
 impl Extent {
+    fn uptodate(span: Span) -> Self {
+        Self {
+            index: span.index,
+            pfn: span.pfn,
+            nr_pages: span.nr_pages,
+            flags: EXTENT_UPTODATE,
+        }
+    }
+
     fn encode(&self) -> ExtentSer {
         ExtentSer {
             index: self.index.into(),
@@ -174,56 +192,33 @@ impl Extent {
             flags: pfn_flags & ((1 << FLAG_BITS) - 1),
         }
     }
-
-    /// Whether `next` continues this extent in the file and in physical memory, with the same
-    /// flags.
-    fn continues_with(&self, next: &Extent) -> bool {
-        self.flags == next.flags
-            && self.index.checked_add(self.nr_pages) == Some(next.index)
-            && self.pfn.checked_add(self.nr_pages) == Some(next.pfn)
-    }
 }
 
-/// Builds extents from folios seen in increasing index order.
-struct ExtentBuilder {
-    extents: VVec<Extent>,
-}
-
-impl ExtentBuilder {
-    fn new() -> Self {
-        Self {
-            extents: VVec::new(),
-        }
-    }
-
-    fn push(&mut self, next: Extent) -> Result {
-        if let Some(last) = self.extents.last_mut() {
-            if next.index < last.index.saturating_add(last.nr_pages) {
-                return Err(EINVAL);
-            }
-            if last.continues_with(&next) {
-                last.nr_pages += next.nr_pages;
-                return Ok(());
-            }
-        }
-        if self.extents.len() as u64 >= MAX_EXTENTS {
-            return Err(E2BIG);
-        }
-        self.extents.push(next, GFP_KERNEL)?;
-        Ok(())
-    }
-}
-
-/// Checks the extents the previous kernel recorded before any memory is touched: `nr` of them,
-/// within what was restored, each non-empty, inside the file, in increasing index order without
-/// overlap, with a pfn other than 0 and known flags.
-fn validate_extents(restored: &[ExtentSer], nr: u64, size: u64) -> Result<KVVec<Extent>> {
+/// The number of extents of a head object, checked against the limit.
+fn extent_count(serialized: &GmemSer) -> Result<usize> {
+    let nr = u64::from(serialized.nr_extents.get());
     if nr > MAX_EXTENTS {
         return Err(E2BIG);
     }
-    let records = restored.get(..nr as usize).ok_or(EINVAL)?;
+    Ok(nr as usize)
+}
+
+/// Checks the extents the previous kernel recorded before any memory is touched: each
+/// non-empty, inside the file, in increasing index order without overlap, with a pfn other than
+/// 0 and known flags. Decodes them into `extents`, which has room for all of them.
+fn validate_extents(records: &[ExtentSer], size: u64, extents: &mut KVVec<Extent>) -> Result {
+    for_each_valid_extent(records, size, |extent| {
+        extents.push_within_capacity(extent).map_err(|_| EINVAL)
+    })
+}
+
+/// Checks every record as [`validate_extents`] does, then calls `f` with each extent.
+fn for_each_valid_extent(
+    records: &[ExtentSer],
+    size: u64,
+    mut f: impl FnMut(Extent) -> Result,
+) -> Result {
     let file_pages = size / PAGE_SIZE as u64;
-    let mut extents = KVVec::with_capacity(records.len(), GFP_KERNEL)?;
     let mut next_index = 0;
     for record in records {
         let extent = Extent::decode(record);
@@ -240,9 +235,10 @@ fn validate_extents(restored: &[ExtentSer], nr: u64, size: u64) -> Result<KVVec<
             return Err(EOPNOTSUPP);
         }
         next_index = end;
-        extents.push(extent, GFP_KERNEL)?;
     }
-    Ok(extents)
+    records
+        .iter()
+        .try_for_each(|record| f(Extent::decode(record)))
 }
 
 /// Runtime state of a preserved guest_memfd.
@@ -262,52 +258,95 @@ fn check_vm(gmem: &GuestMemfd<'_>) -> Result {
         pr_err!("refusing to preserve the guest_memfd of a dead or bugged VM\n");
         return Err(EIO);
     }
-    if !PLAIN_MEMORY_VM_TYPES.contains(&gmem.kvm.vm_type()) {
+    if !gmem.kvm.has_plain_memory() {
         pr_err!("refusing to preserve guest_memfd of a VM with encrypted memory\n");
         return Err(EOPNOTSUPP);
     }
     flags_to_ser(gmem.flags).map(|_| ())
 }
 
-/// Records the extents of a frozen file and preserves their pages.
-fn preserve_memory(file: &File) -> Result<(KVVec<PreservedPages>, PreservedVec<ExtentSer>)> {
-    let mut builder = ExtentBuilder::new();
-    folio::for_each_in_file(file, |folio: &Folio| {
-        builder.push(Extent {
-            index: folio.index(),
-            pfn: folio.pfn(),
-            nr_pages: folio.nr_pages(),
-            flags: if folio.is_uptodate() {
-                EXTENT_UPTODATE
-            } else {
-                0
-            },
-        })
+/// Collects the folios of a frozen file into runs, each holding references to its folios.
+fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<KVVec<FolioRun>> {
+    let mut runs: KVVec<FolioRun> = KVVec::new();
+    frozen.for_each_folio(|folio: &Folio| {
+        if folio.is_hwpoisoned() {
+            pr_err!(
+                "refusing to preserve guest memory with a hardware error at index {}\n",
+                folio.index()
+            );
+            return Err(EHWPOISON);
+        }
+        if let Some(last) = runs.last_mut() {
+            if last.try_append(folio) {
+                return Ok(());
+            }
+        }
+        if runs.len() as u64 >= MAX_EXTENTS {
+            return Err(E2BIG);
+        }
+        runs.push(FolioRun::new(folio), GFP_KERNEL)?;
+        Ok(())
     })?;
-    let mut pages = KVVec::with_capacity(builder.extents.len(), GFP_KERNEL)?;
-    let mut records = VVec::with_capacity(builder.extents.len(), GFP_KERNEL)?;
-    for extent in builder.extents.iter() {
-        pages.push(
-            PreservedPages::new(extent.pfn, extent.nr_pages)?,
-            GFP_KERNEL,
-        )?;
-        records.push(extent.encode(), GFP_KERNEL)?;
+    Ok(runs)
+}
+
+/// Preserves the folios of a frozen file, an extent per run, and records the extents.
+fn preserve_memory(
+    frozen: &FrozenGuestMemfd,
+) -> Result<(KVVec<PreservedPages>, PreservedVec<ExtentSer>)> {
+    let runs = collect_runs(frozen)?;
+    let mut pages = KVVec::with_capacity(runs.len(), GFP_KERNEL)?;
+    let mut records = VVec::with_capacity(runs.len(), GFP_KERNEL)?;
+    for run in runs {
+        records.push(Extent::uptodate(run.span()).encode(), GFP_KERNEL)?;
+        pages.push(PreservedPages::new(run)?, GFP_KERNEL)?;
     }
     Ok((pages, PreservedVec::new(records)?))
 }
 
-/// Frees the memory of extents that will not be restored into a file.
+/// Takes back and validates the extent records; from here on, the preserved state is consumed.
+fn restore_extents(serialized: &GmemSer, extents: &mut KVVec<Extent>) -> Result {
+    let nr = extent_count(serialized)?;
+    let records = RestoredVec::<ExtentSer>::restore(&serialized.extents, nr)?;
+    validate_extents(&records, serialized.size.get(), extents)
+        .inspect_err(|_| pr_err!("preserved guest_memfd extents are inconsistent\n"))
+}
+
+/// Frees the memory of extents that will not be restored into a file. Allocates nothing but
+/// what KHO needs to map the records, and frees every extent it can even when one fails.
 fn release_extents(serialized: &GmemSer) -> Result {
-    let restored = RestoredVec::<ExtentSer>::restore(&serialized.extents)?;
-    let extents = validate_extents(
-        &restored,
-        u64::from(serialized.nr_extents.get()),
-        serialized.size.get(),
-    )?;
-    for extent in extents.iter() {
-        drop(RestoredPages::restore(extent.pfn, extent.nr_pages)?);
-    }
-    Ok(())
+    let nr = extent_count(serialized)?;
+    let records = RestoredVec::<ExtentSer>::restore(&serialized.extents, nr)?;
+    let mut result = Ok(());
+    for_each_valid_extent(&records, serialized.size.get(), |extent| {
+        match RestoredPages::restore(extent.pfn, extent.nr_pages) {
+            Ok(run) => drop(run),
+            Err(err) => result = Err(err),
+        }
+        Ok(())
+    })?;
+    result
+}
+
+/// What retrieve needs before it takes any memory back.
+struct Prepared {
+    gmem: GuestMemfdFile,
+    extents: KVVec<Extent>,
+    runs: KVVec<RestoredPages>,
+}
+
+/// Everything of a retrieve that can fail for an ordinary reason: the VM, the new file, memory
+/// for the lists. Nothing of the preserved state is consumed.
+fn prepare_retrieve(serialized: &GmemSer, session: &IncomingSession<'_>) -> Result<Prepared> {
+    let nr = extent_count(serialized)?;
+    let flags = flags_from_ser(serialized.flags.get())?;
+    let vm_file = session.file(serialized.vm_token.get())?;
+    let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
+    Ok(Prepared {
+        gmem: GuestMemfdFile::create(kvm, serialized.size.get(), flags)?,
+        extents: KVVec::with_capacity(nr, GFP_KERNEL)?,
+        runs: KVVec::with_capacity(nr, GFP_KERNEL)?,
+    })
 }
 
 #[vtable]
@@ -324,8 +363,8 @@ impl FileHandler for GmemHandler {
         let gmem = GuestMemfd::of(file).ok_or(EBADF)?;
         check_vm(&gmem)?;
         let frozen = FrozenGuestMemfd::freeze(file)?;
-        let (pages, extents) = preserve_memory(file)?;
-        let nr_pages: u64 = pages.iter().map(PreservedPages::nr_pages).sum();
+        let (pages, extents) = preserve_memory(&frozen)?;
+        let nr_pages: u64 = pages.iter().map(|p| p.span().nr_pages).sum();
         pr_info!(
             "preserving {} pages in {} extents, {} bytes of metadata\n",
             nr_pages,
@@ -339,14 +378,14 @@ impl FileHandler for GmemHandler {
             vm_token: 0.into(),
             extents: extents.desc(),
         })?;
-        Ok(Outgoing {
+        Ok(Outgoing::new(
             serialized,
-            state: GmemState {
+            GmemState {
                 _frozen: frozen,
                 _pages: pages,
                 _extents: extents,
             },
-        })
+        ))
     }
 
     fn freeze(file: &File, outgoing: &mut Outgoing<Self>, session: &OutgoingSession<'_>) -> Result {
@@ -355,33 +394,36 @@ impl FileHandler for GmemHandler {
         let token = session.token_of(&vm_file).inspect_err(|_| {
             pr_err!("a guest_memfd is preserved without its VM in the same session\n");
         })?;
-        outgoing.serialized.vm_token = token.into();
+        outgoing.vm_token = token.into();
         Ok(())
     }
 
     fn retrieve(
         serialized: Restored<GmemSer>,
         session: &IncomingSession<'_>,
-    ) -> Result<ARef<File>> {
-        // Take all the memory back before anything can fail, so that every error below frees
-        // it: the records, then the pages of every extent.
-        let restored = RestoredVec::<ExtentSer>::restore(&serialized.extents)?;
-        let size = serialized.size.get();
-        let extents = validate_extents(&restored, u64::from(serialized.nr_extents.get()), size)
-            .inspect_err(|_| pr_err!("preserved guest_memfd extents are inconsistent\n"))?;
-        let mut runs = KVVec::with_capacity(extents.len(), GFP_KERNEL)?;
-        for extent in extents.iter() {
-            runs.push(
-                RestoredPages::restore(extent.pfn, extent.nr_pages)?,
-                GFP_KERNEL,
-            )?;
+    ) -> Result<ARef<File>, RetrieveError<Self>> {
+        let Prepared {
+            gmem,
+            mut extents,
+            mut runs,
+        } = match prepare_retrieve(&serialized, session) {
+            Ok(prepared) => prepared,
+            Err(err) => return Err(RetrieveError::retry(err, serialized)),
+        };
+
+        // Taking the records back consumes the preserved state, unless KHO could not allocate
+        // what it needs to map them: then nothing is lost either.
+        match restore_extents(&serialized, &mut extents) {
+            Ok(()) => (),
+            Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
+            Err(err) => return Err(err.into()),
         }
-        let flags = flags_from_ser(serialized.flags.get())?;
-
-        let vm_file = session.file(serialized.vm_token.get())?;
-        let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
-        let gmem = GuestMemfdFile::create(kvm, size, flags)?;
-
+        // From here on the preserved state is consumed: take back the pages of every extent, so
+        // that every error below frees them.
+        for extent in extents.iter() {
+            let run = RestoredPages::restore(extent.pfn, extent.nr_pages)?;
+            runs.push_within_capacity(run).map_err(|_| EINVAL)?;
+        }
         // On error, the pages not inserted yet are freed, and those already inserted go with
         // the new file.
         for (extent, run) in extents.iter().zip(runs) {
@@ -392,8 +434,11 @@ impl FileHandler for GmemHandler {
 
     fn finish(_status: RetrieveStatus, unretrieved: Option<Restored<GmemSer>>) {
         if let Some(serialized) = unretrieved {
-            if release_extents(&serialized).is_err() {
-                pr_warn!("could not free the memory of an unretrieved guest_memfd\n");
+            if let Err(err) = retry_on_enomem(FINISH_TRIES, || release_extents(&serialized)) {
+                pr_warn!(
+                    "could not free the memory of an unretrieved guest_memfd: {:?}\n",
+                    err
+                );
             }
         }
     }
@@ -412,14 +457,26 @@ mod tests {
         }
     }
 
-    fn build(folios: &[Extent]) -> Result<KVVec<Extent>> {
-        let mut builder = ExtentBuilder::new();
-        for f in folios {
-            builder.push(*f)?;
+    fn span(index: u64, pfn: u64, nr_pages: u64, nid: i32) -> Span {
+        Span {
+            index,
+            pfn,
+            nr_pages,
+            nid,
         }
-        let mut out = KVVec::new();
-        for e in builder.extents.iter() {
-            out.push(*e, GFP_KERNEL)?;
+    }
+
+    /// Merges spans the way `collect_runs` merges folios into runs.
+    fn merge(spans: &[Span]) -> Result<KVVec<Span>> {
+        let mut out: KVVec<Span> = KVVec::new();
+        for next in spans {
+            if let Some(last) = out.last_mut() {
+                if last.continues_with(next) {
+                    last.nr_pages += next.nr_pages;
+                    continue;
+                }
+            }
+            out.push(*next, GFP_KERNEL)?;
         }
         Ok(out)
     }
@@ -436,42 +493,37 @@ mod tests {
 
     #[test]
     fn contiguous_folios_make_one_extent() -> Result {
-        let out = build(&[
-            extent(0, 100, 1, U),
-            extent(1, 101, 1, U),
-            extent(2, 102, 2, U),
-        ])?;
-        assert_eq!(&out[..], &[extent(0, 100, 4, U)]);
+        let out = merge(&[span(0, 100, 1, 0), span(1, 101, 1, 0), span(2, 102, 2, 0)])?;
+        assert_eq!(&out[..], &[span(0, 100, 4, 0)]);
         Ok(())
     }
 
     #[test]
     fn breaks_split_extents() -> Result {
-        // A hole in the file, a jump in physical memory, a change of state.
-        let out = build(&[
-            extent(0, 100, 1, U),
-            extent(2, 102, 1, U),
-            extent(3, 200, 1, U),
-            extent(4, 201, 1, 0),
+        // A hole in the file, a jump in physical memory, a NUMA node boundary.
+        let out = merge(&[
+            span(0, 100, 1, 0),
+            span(2, 102, 1, 0),
+            span(3, 200, 1, 0),
+            span(4, 201, 1, 1),
+            span(5, 202, 1, 1),
         ])?;
         assert_eq!(
             &out[..],
             &[
-                extent(0, 100, 1, U),
-                extent(2, 102, 1, U),
-                extent(3, 200, 1, U),
-                extent(4, 201, 1, 0)
+                span(0, 100, 1, 0),
+                span(2, 102, 1, 0),
+                span(3, 200, 1, 0),
+                span(4, 201, 2, 1)
             ]
         );
         Ok(())
     }
 
     #[test]
-    fn builder_rejects_overlap() {
-        assert_eq!(
-            build(&[extent(0, 100, 4, U), extent(2, 300, 1, U)]).err(),
-            Some(EINVAL)
-        );
+    fn spans_do_not_wrap() {
+        assert!(!span(0, u64::MAX, 1, 0).continues_with(&span(1, 0, 1, 0)));
+        assert!(!span(u64::MAX, 5, 1, 0).continues_with(&span(0, 6, 1, 0)));
     }
 
     #[test]
@@ -490,48 +542,59 @@ mod tests {
         assert_eq!(Extent::decode(&e.encode()), e);
     }
 
+    fn validate(list: &[ExtentSer], size: u64) -> Result<KVVec<Extent>> {
+        let mut out = KVVec::with_capacity(list.len(), GFP_KERNEL)?;
+        validate_extents(list, size, &mut out)?;
+        Ok(out)
+    }
+
+    fn head(nr_extents: u32) -> GmemSer {
+        GmemSer {
+            size: (1u64 << 30).into(),
+            flags: 0.into(),
+            nr_extents: nr_extents.into(),
+            vm_token: 0.into(),
+            extents: VmallocDesc::default(),
+        }
+    }
+
     #[test]
     fn validate_accepts_good_extents() -> Result {
         let list = records(&[extent(0, 100, 4, U), extent(8, 300, 8, 0)])?;
-        assert_eq!(validate_extents(&list, 2, 16 * 4096)?.len(), 2);
+        assert_eq!(validate(&list, 16 * 4096)?.len(), 2);
         Ok(())
     }
 
     #[test]
     fn validate_rejects_bad_counts() -> Result {
-        let list = records(&[extent(0, 100, 4, U)])?;
-        assert_eq!(validate_extents(&list, 2, 1 << 30).err(), Some(EINVAL));
-        assert_eq!(
-            validate_extents(&list, MAX_EXTENTS + 1, 1 << 30).err(),
-            Some(E2BIG)
-        );
+        assert_eq!(extent_count(&head(3))?, 3);
+        assert_eq!(extent_count(&head(1 << 20))?, 1 << 20);
+        assert_eq!(extent_count(&head((1 << 20) + 1)).err(), Some(E2BIG));
+        assert_eq!(extent_count(&head(u32::MAX)).err(), Some(E2BIG));
         Ok(())
     }
 
     #[test]
     fn validate_rejects_outside_overlapping_unordered() -> Result {
         let outside = records(&[extent(14, 100, 4, U)])?;
-        assert_eq!(validate_extents(&outside, 1, 16 * 4096).err(), Some(EINVAL));
+        assert_eq!(validate(&outside, 16 * 4096).err(), Some(EINVAL));
         let overlap = records(&[extent(0, 100, 4, U), extent(3, 200, 1, U)])?;
-        assert_eq!(validate_extents(&overlap, 2, 1 << 30).err(), Some(EINVAL));
+        assert_eq!(validate(&overlap, 1 << 30).err(), Some(EINVAL));
         let unordered = records(&[extent(8, 100, 1, U), extent(0, 200, 1, U)])?;
-        assert_eq!(validate_extents(&unordered, 2, 1 << 30).err(), Some(EINVAL));
+        assert_eq!(validate(&unordered, 1 << 30).err(), Some(EINVAL));
         let wrapping = records(&[extent(u64::MAX, 100, 2, U)])?;
-        assert_eq!(validate_extents(&wrapping, 1, 1 << 30).err(), Some(EINVAL));
+        assert_eq!(validate(&wrapping, 1 << 30).err(), Some(EINVAL));
         Ok(())
     }
 
     #[test]
     fn validate_rejects_pfn_zero_empty_and_unknown_flags() -> Result {
         let zero = records(&[extent(0, 0, 1, U)])?;
-        assert_eq!(validate_extents(&zero, 1, 1 << 30).err(), Some(EINVAL));
+        assert_eq!(validate(&zero, 1 << 30).err(), Some(EINVAL));
         let empty = records(&[extent(0, 100, 0, U)])?;
-        assert_eq!(validate_extents(&empty, 1, 1 << 30).err(), Some(EINVAL));
+        assert_eq!(validate(&empty, 1 << 30).err(), Some(EINVAL));
         let unknown = records(&[extent(0, 100, 1, 1 << 5)])?;
-        assert_eq!(
-            validate_extents(&unknown, 1, 1 << 30).err(),
-            Some(EOPNOTSUPP)
-        );
+        assert_eq!(validate(&unknown, 1 << 30).err(), Some(EOPNOTSUPP));
         Ok(())
     }
 }

@@ -29,10 +29,12 @@ use kernel::{
         Kvm, //
     },
     liveupdate::{
+        retry_on_enomem,
         FileHandler,
         IncomingSession,
         Outgoing,
         OutgoingSession,
+        RetrieveError,
         RetrieveStatus, //
     },
     prelude::*,
@@ -173,6 +175,16 @@ fn preserve_attributes(kvm: &Kvm) -> Result<PreservedVec<AttrRange>> {
     PreservedVec::new(encoder.ranges)
 }
 
+/// Checks the number of ranges of `serialized` and makes a VM of its type.
+fn new_vm_file(serialized: &VmSer) -> Result<ARef<File>> {
+    if serialized.nr_ranges.get() > MAX_RANGES {
+        return Err(E2BIG);
+    }
+    let id = RETRIEVED.fetch_add(1, Relaxed);
+    let name = CString::try_from_fmt(fmt!("luo-{id}"))?;
+    kvm::create_vm_file(serialized.vm_type.get(), &name)
+}
+
 /// Runtime state of a preserved VM file.
 struct VmState {
     /// The attribute ranges recorded at freeze, while frozen.
@@ -210,10 +222,7 @@ impl FileHandler for VmHandler {
             nr_ranges: 0.into(),
             ranges: VmallocDesc::default(),
         })?;
-        Ok(Outgoing {
-            serialized,
-            state: VmState { ranges: None },
-        })
+        Ok(Outgoing::new(serialized, VmState { ranges: None }))
     }
 
     fn freeze(
@@ -222,30 +231,36 @@ impl FileHandler for VmHandler {
         _session: &OutgoingSession<'_>,
     ) -> Result {
         let ranges = preserve_attributes(vm_of(file)?)?;
-        outgoing.serialized.nr_ranges = (ranges.len() as u64).into();
-        outgoing.serialized.ranges = ranges.desc();
-        outgoing.state.ranges = Some(ranges);
+        outgoing.nr_ranges = (ranges.len() as u64).into();
+        outgoing.ranges = ranges.desc();
+        outgoing.state_mut().ranges = Some(ranges);
         Ok(())
     }
 
     fn unfreeze(_file: &File, outgoing: &mut Outgoing<Self>) {
-        outgoing.serialized.nr_ranges = 0.into();
-        outgoing.serialized.ranges = VmallocDesc::default();
-        outgoing.state.ranges = None;
+        outgoing.nr_ranges = 0.into();
+        outgoing.ranges = VmallocDesc::default();
+        outgoing.state_mut().ranges = None;
     }
 
-    fn retrieve(serialized: Restored<VmSer>, _session: &IncomingSession<'_>) -> Result<ARef<File>> {
-        // Take the ranges back first, so that they are freed on every error below.
-        let restored = RestoredVec::<AttrRange>::restore(&serialized.ranges)?;
-        let ranges = validate_ranges(
-            &restored,
-            serialized.nr_ranges.get(),
-            kvm::MEMORY_ATTRIBUTE_PRIVATE,
-        )?;
-
-        let id = RETRIEVED.fetch_add(1, Relaxed);
-        let name = CString::try_from_fmt(fmt!("luo-{id}"))?;
-        let file = kvm::create_vm_file(serialized.vm_type.get(), &name)?;
+    fn retrieve(
+        serialized: Restored<VmSer>,
+        _session: &IncomingSession<'_>,
+    ) -> Result<ARef<File>, RetrieveError<Self>> {
+        // What can fail for an ordinary reason (the count, making the VM) comes before the
+        // ranges are taken back: on such an error the file can be retrieved again.
+        let file = match new_vm_file(&serialized) {
+            Ok(file) => file,
+            Err(err) => return Err(RetrieveError::retry(err, serialized)),
+        };
+        let nr = serialized.nr_ranges.get();
+        let restored = match RestoredVec::<AttrRange>::restore(&serialized.ranges, nr as usize) {
+            Ok(restored) => restored,
+            // KHO could not map the ranges and took nothing back.
+            Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
+            Err(err) => return Err(err.into()),
+        };
+        let ranges = validate_ranges(&restored, nr, kvm::MEMORY_ATTRIBUTE_PRIVATE)?;
         let kvm = Kvm::from_file(&file).ok_or(EINVAL)?;
         let supported = kvm.supported_mem_attributes();
         if ranges
@@ -253,7 +268,7 @@ impl FileHandler for VmHandler {
             .any(|range| range.attrs.get() & !supported != 0)
         {
             pr_err!("preserved memory attributes not supported by a VM of this type\n");
-            return Err(EOPNOTSUPP);
+            return Err(EOPNOTSUPP.into());
         }
         for range in ranges {
             let start = range.start.get();
@@ -264,7 +279,13 @@ impl FileHandler for VmHandler {
 
     fn finish(_status: RetrieveStatus, unretrieved: Option<Restored<VmSer>>) {
         if let Some(serialized) = unretrieved {
-            if RestoredVec::<AttrRange>::restore(&serialized.ranges).is_err() {
+            let nr = serialized.nr_ranges.get();
+            if nr > MAX_RANGES
+                || retry_on_enomem(10, || {
+                    RestoredVec::<AttrRange>::restore(&serialized.ranges, nr as usize)
+                })
+                .is_err()
+            {
                 pr_warn!("could not free the attribute ranges of an unretrieved VM\n");
             }
         }

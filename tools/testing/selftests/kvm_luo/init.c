@@ -5,9 +5,11 @@
  * The kernel command line names one test (klu.test=NAME) from /etc/klu-tests,
  * the test table the runner packed into the initramfs. Single-boot tests run
  * once and the machine powers off. Two-stage tests run with "-s 1", then init
- * kexecs into /kernel with /initrd.img and "klu.stage=2" appended, and the
- * new kernel runs the same test with "-s 2". Every stage prints one line the
- * runner looks for:
+ * kexecs into /kernel with /initrd.img and "klu.stage=2" on the command line,
+ * and the new kernel runs the same test with "-s 2". Three-stage tests
+ * ("kexec2") kexec once more, from an initramfs that carries a kernel and an
+ * image of its own, and run "-s 3". Every stage prints one line the runner
+ * looks for:
  *
  *	KLU: stage S of NAME: PASS|FAIL (exit status E, expected X)
  *
@@ -144,13 +146,23 @@ static int find_test(const char *name, struct test *t)
 	return -1;
 }
 
+/* Number of kernels a test runs in. */
+static int stages_of(const struct test *t)
+{
+	if (!strcmp(t->kind, "kexec"))
+		return 2;
+	if (!strcmp(t->kind, "kexec2"))
+		return 3;
+	return 1;
+}
+
 static int run(struct test *t, int stage)
 {
 	char stage_arg[16];
 	int status;
 	pid_t pid;
 
-	if (!strcmp(t->kind, "kexec")) {
+	if (stages_of(t) > 1) {
 		snprintf(stage_arg, sizeof(stage_arg), "%d", stage);
 		t->argv[t->argc] = "-s";
 		t->argv[t->argc + 1] = stage_arg;
@@ -181,13 +193,80 @@ static int run(struct test *t, int stage)
 	return WEXITSTATUS(status);
 }
 
-static int load_next_kernel(void)
+#define KMEMLEAK	"/sys/kernel/debug/kmemleak"
+/* kmemleak does not report objects younger than this (its min_age). */
+#define KMEMLEAK_AGE_S	5
+
+/* Forget what kmemleak suspects so far: only what a test leaks counts. */
+static void kmemleak_clear(void)
+{
+	int fd = open(KMEMLEAK, O_WRONLY);
+
+	if (fd < 0)
+		return;
+	if (write(fd, "clear", 5) != 5)
+		say("kmemleak: clear failed: %s", strerror(errno));
+	close(fd);
+}
+
+/*
+ * On a kernel with kmemleak, scan for leaks once the objects the test freed
+ * or leaked are old enough to be reported, print every report, and one line
+ * the runner checks: "KLU: kmemleak: N unreferenced objects".
+ */
+static void kmemleak_check(const char *name, int stage)
+{
+	char line[512];
+	int fd, leaks = 0;
+	FILE *f;
+
+	fd = open(KMEMLEAK, O_WRONLY);
+	if (fd < 0)
+		return;
+	sleep(KMEMLEAK_AGE_S + 1);
+	if (write(fd, "scan", 4) != 4) {
+		say("kmemleak: scan failed: %s", strerror(errno));
+		close(fd);
+		return;
+	}
+	close(fd);
+	f = fopen(KMEMLEAK, "r");
+	if (!f) {
+		say("kmemleak: cannot read the report: %s", strerror(errno));
+		return;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		line[strcspn(line, "\n")] = '\0';
+		if (strstr(line, "unreferenced object"))
+			leaks++;
+		say("kmemleak: %s", line);
+	}
+	fclose(f);
+	say("kmemleak: stage %d of %s: %d unreferenced objects", stage, name,
+	    leaks);
+}
+
+/* Load the next kernel, with this command line but klu.stage=@stage. */
+static int load_next_kernel(int stage)
 {
 	char next[CMDLINE_MAX + 32];
+	const char *p = cmdline;
+	size_t len = 0;
 	int kfd, ifd;
 	long ret;
 
-	snprintf(next, sizeof(next), "%s klu.stage=2", cmdline);
+	while (*p) {
+		size_t n = strcspn(p, " ");
+
+		if (strncmp(p, "klu.stage=", 10) && len + n + 1 < CMDLINE_MAX) {
+			memcpy(next + len, p, n);
+			len += n;
+			next[len++] = ' ';
+		}
+		p += n;
+		p += strspn(p, " ");
+	}
+	snprintf(next + len, sizeof(next) - len, "klu.stage=%d", stage);
 	kfd = open(NEXT_KERNEL, O_RDONLY);
 	ifd = open(NEXT_INITRD, O_RDONLY);
 	if (kfd < 0 || ifd < 0) {
@@ -235,14 +314,16 @@ int main(void)
 		halt();
 	}
 
+	kmemleak_clear();
 	say("stage %d of %s: starting %s", stage, name, t.argv[0]);
 	rc = run(&t, stage);
 	say("stage %d of %s: %s (exit status %d, expected %d)", stage, name,
 	    rc == expected ? "PASS" : "FAIL", rc, expected);
+	kmemleak_check(name, stage);
 
-	if (rc == expected && stage == 1 && !strcmp(t.kind, "kexec") &&
-	    !load_next_kernel()) {
-		say("kexec into stage 2");
+	if (rc == expected && stage < stages_of(&t) &&
+	    !load_next_kernel(stage + 1)) {
+		say("kexec into stage %d", stage + 1);
 		sync();
 		reboot(RB_KEXEC);
 		say("kexec failed: %s", strerror(errno));

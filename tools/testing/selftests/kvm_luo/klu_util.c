@@ -42,8 +42,8 @@ int klu_kvm_dev(void)
 
 long klu_mem_free_kb(void)
 {
+	long kb = -1, pages = 0, n;
 	char line[128];
-	long kb = -1;
 	FILE *f = fopen("/proc/meminfo", "r");
 
 	if (!f)
@@ -52,7 +52,19 @@ long klu_mem_free_kb(void)
 		if (sscanf(line, "MemFree: %ld kB", &kb) == 1)
 			break;
 	fclose(f);
-	return kb;
+
+	/*
+	 * Freed pages first go to per-CPU lists, which MemFree does not count
+	 * (megabytes on an SMP machine): add them.
+	 */
+	f = fopen("/proc/zoneinfo", "r");
+	if (!f)
+		fail_exit("open /proc/zoneinfo");
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, " count: %ld", &n) == 1)
+			pages += n;
+	fclose(f);
+	return kb + pages * (KLU_PAGE / 1024);
 }
 
 static uint8_t *slot0_create(int vm)

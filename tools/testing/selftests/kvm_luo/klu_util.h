@@ -21,7 +21,7 @@ struct klu_vcpu {
 /* The /dev/kvm fd, opened once. */
 int klu_kvm_dev(void);
 
-/* MemFree from /proc/meminfo, in kB. */
+/* Free memory in kB: MemFree plus the pages on per-CPU free lists. */
 long klu_mem_free_kb(void);
 
 /*
