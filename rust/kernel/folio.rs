@@ -153,7 +153,8 @@ impl FolioLockGuard<'_> {
     /// In the folio's file, a folio that is not uptodate must hold no data yet, and whatever
     /// fills it or maps it must do so under the folio lock and mark it uptodate first.
     pub(crate) unsafe fn zero_unless_uptodate(&self) -> bool {
-        if self.is_uptodate() {
+        // A poisoned page may be unmapped from the kernel: never write it.
+        if self.is_uptodate() || self.is_hwpoisoned() {
             return false;
         }
         let folio = self.as_ptr();

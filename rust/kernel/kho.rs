@@ -65,20 +65,37 @@ fn is_preserved(phys: u64) -> bool {
     unsafe { bindings::kho_is_preserved(phys) }
 }
 
-/// Whether the first chunk of a vmalloc preservation at `first`, and the first block it lists,
-/// are still preserved: then a failed `kho_restore_vmalloc()` restored nothing (it restores a
-/// chunk's blocks in order, gives them back when it fails, and restores the chunk page last).
-fn first_chunk_intact(first: u64) -> bool {
-    if !is_preserved(first) {
+/// Whether a vmalloc preservation of `total_pages` pages in blocks of `2^order` pages, described
+/// by the chunk list at `first`, is whole: every chunk and every block preserved by the previous
+/// kernel and not restored, as many blocks as the pages need, and no more chunks than they need
+/// (a corrupted list could loop). Reads only memory that passed those checks.
+fn vmalloc_intact(first: u64, total_pages: u64, order: u32) -> bool {
+    let Some(blocks) = total_pages.checked_shr(order) else {
         return false;
-    }
-    // SAFETY: `first` is a page the previous kernel preserved and nobody restored, so it is ours
-    // to read (the caller owns the preservation), in the direct map, and holds a chunk.
-    let block = unsafe {
-        let chunk = bindings::phys_to_virt(first).cast::<bindings::kho_vmalloc_chunk>();
-        (*chunk).phys[0]
     };
-    is_preserved(block)
+    let mut seen = 0u64;
+    let mut chunks = 0u64;
+    let mut phys = first;
+    while phys != 0 {
+        chunks += 1;
+        if !is_preserved(phys) || chunks > blocks + 1 {
+            return false;
+        }
+        // SAFETY: `phys` is a page the previous kernel preserved and nobody restored; the caller
+        // owns the preservation, so nobody restores or frees it while we read it. It is in the
+        // direct map and holds a `struct kho_vmalloc_chunk`.
+        let chunk = unsafe { &*bindings::phys_to_virt(phys).cast::<bindings::kho_vmalloc_chunk>() };
+        for &block in chunk.phys.iter().take_while(|&&block| block != 0) {
+            seen += 1;
+            if seen > blocks || !is_preserved(block) {
+                return false;
+            }
+        }
+        // SAFETY: `next` is a union of a pointer and its physical address; KHO stores the
+        // physical address.
+        phys = unsafe { chunk.hdr.next.phys };
+    }
+    seen == blocks
 }
 
 /// Number of pages that hold `bytes` bytes.
@@ -403,9 +420,11 @@ impl<T: FromBytes> RestoredVec<T> {
                 len: 0,
             });
         }
+        let order = u32::from(desc.order.get());
         if desc.total_pages.get() as usize != pages_for(bytes)
-            || u32::from(desc.order.get()) > bindings::MAX_PAGE_ORDER
-            || !is_preserved(desc.first.get())
+            || order > bindings::MAX_PAGE_ORDER
+            || desc.total_pages.get() % (1 << order) != 0
+            || !vmalloc_intact(desc.first.get(), desc.total_pages.get().into(), order)
         {
             return Err(EINVAL);
         }
@@ -414,11 +433,10 @@ impl<T: FromBytes> RestoredVec<T> {
         // and returns NULL if any is not preserved.
         let ptr = unsafe { bindings::kho_restore_vmalloc(&raw) };
         if ptr.is_null() {
-            return Err(if first_chunk_intact(desc.first.get()) {
-                ENOMEM
-            } else {
-                EINVAL
-            });
+            // The descriptor is whole, checked above, and `kho_restore_vmalloc()` allocates and
+            // maps everything before it restores anything: it ran out of memory, and restored
+            // nothing.
+            return Err(ENOMEM);
         }
         // INVARIANT: The area is `total_pages` pages, which hold `len` elements, as checked
         // above.

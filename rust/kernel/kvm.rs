@@ -306,6 +306,9 @@ impl FrozenGuestMemfd {
 impl FrozenGuestMemfd {
     /// Calls `f` for every folio of the file, in index order.
     ///
+    /// A folio with a hardware memory error stops the walk with `EHWPOISON` before anything
+    /// touches it (memory failure handling may have unmapped it from the kernel).
+    ///
     /// Every folio `f` sees is uptodate. In guest_memfd a folio that is not uptodate was
     /// allocated (e.g. by `fallocate()`) but never used: it is zeroed on first use by the guest
     /// or through a mapping. This does that first use for such folios, under the folio lock, so
@@ -314,12 +317,16 @@ impl FrozenGuestMemfd {
     ///
     /// # Errors
     ///
-    /// Stops at, and returns, the first error of `f`.
+    /// Returns `EHWPOISON` for a poisoned folio, and stops at, and returns, the first error of
+    /// `f`.
     pub fn for_each_folio<F>(&self, mut f: F) -> Result
     where
         F: FnMut(&Folio) -> Result,
     {
         folio::for_each_in_file(&self.file, |folio| {
+            if folio.is_hwpoisoned() {
+                return Err(EHWPOISON);
+            }
             if !folio.is_uptodate() {
                 // SAFETY: In a guest_memfd of a VM with plain memory (by the type invariants), a
                 // folio that is not uptodate holds no data yet, and every path that fills it

@@ -268,25 +268,24 @@ fn check_vm(gmem: &GuestMemfd<'_>) -> Result {
 /// Collects the folios of a frozen file into runs, each holding references to its folios.
 fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<KVVec<FolioRun>> {
     let mut runs: KVVec<FolioRun> = KVVec::new();
-    frozen.for_each_folio(|folio: &Folio| {
-        if folio.is_hwpoisoned() {
-            pr_err!(
-                "refusing to preserve guest memory with a hardware error at index {}\n",
-                folio.index()
-            );
-            return Err(EHWPOISON);
-        }
-        if let Some(last) = runs.last_mut() {
-            if last.try_append(folio) {
-                return Ok(());
+    frozen
+        .for_each_folio(|folio: &Folio| {
+            if let Some(last) = runs.last_mut() {
+                if last.try_append(folio) {
+                    return Ok(());
+                }
             }
-        }
-        if runs.len() as u64 >= MAX_EXTENTS {
-            return Err(E2BIG);
-        }
-        runs.push(FolioRun::new(folio), GFP_KERNEL)?;
-        Ok(())
-    })?;
+            if runs.len() as u64 >= MAX_EXTENTS {
+                return Err(E2BIG);
+            }
+            runs.push(FolioRun::new(folio), GFP_KERNEL)?;
+            Ok(())
+        })
+        .inspect_err(|err| {
+            if *err == EHWPOISON {
+                pr_err!("refusing to preserve guest memory with a hardware error\n");
+            }
+        })?;
     Ok(runs)
 }
 
