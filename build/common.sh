@@ -18,10 +18,15 @@ KLU_KERNEL=${KLU_KERNEL:-debug}
 case $KLU_KERNEL in
 debug)	 KLU_OBJ=$KLU_CACHE/build;		KLU_OUT=$KLU_CACHE/out ;;
 release) KLU_OBJ=$KLU_CACHE/build-release;	KLU_OUT=$KLU_CACHE/out-release ;;
-*)	 echo "error: KLU_KERNEL must be debug or release" >&2; exit 1 ;;
+guest)	 KLU_OBJ=$KLU_CACHE/build-guest;	KLU_OUT=$KLU_CACHE/out-guest ;;
+*)	 echo "error: KLU_KERNEL must be debug, release or guest" >&2; exit 1 ;;
 esac
-# The configuration fragments of each kernel, applied in this order.
-KLU_FRAGMENTS=(kernel/configs/kvm_luo.config)
+# The configuration fragments of each kernel, applied in this order. The host
+# kernels start from the defaults, the guest's from allnoconfig.
+case $KLU_KERNEL in
+guest)	KLU_FRAGMENTS=(kernel/configs/kvm_luo_guest.config) ;;
+*)	KLU_FRAGMENTS=(kernel/configs/kvm_luo.config) ;;
+esac
 [ "$KLU_KERNEL" = debug ] && KLU_FRAGMENTS+=(kernel/configs/kvm_luo_debug.config)
 
 export LIBCLANG_PATH=${LIBCLANG_PATH:-/usr/lib/llvm-19/lib}
@@ -34,3 +39,11 @@ KLU_KERNEL_DIRS=(Documentation include kernel mm rust virt tools arch)
 
 klu_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 klu_die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# klu_record PASS|FAIL NAME SECONDS [DETAIL]: print a summary line, add it to
+# the file $results if that is set, and set failed=1 on FAIL.
+klu_record() {
+	[ "$1" = PASS ] || failed=1
+	printf '%-6s %-34s %6ss  %s\n' "$([ "$1" = PASS ] && echo ok || echo FAIL)" "$2" "$3" "${4:-}"
+	[ -z "${results:-}" ] || echo "$1 $2 $3" >> "$results"
+}

@@ -20,12 +20,6 @@ results=""
 [ "${1:-}" = -r ] && results=$2
 failed=0
 
-record() {	# record PASS|FAIL name seconds [detail]
-	[ "$1" = PASS ] || failed=1
-	printf '%-6s %-34s %6ss  %s\n' "$([ "$1" = PASS ] && echo ok || echo FAIL)" "$2" "$3" "${4:-}"
-	[ -z "$results" ] || echo "$1 $2 $3" >> "$results"
-}
-
 # The project's Rust files in the kernel tree, for the warning check.
 project_rust() {
 	git -C "$KLU_TOP" ls-files -- rust virt | grep '\.rs$'
@@ -49,7 +43,7 @@ check() {
 	if [ "$(cat "$dir/.klu-config" 2>/dev/null)" != "$cfg" ] || [ ! -f "$dir/.config" ]; then
 		echo "$cfg" > "$dir/.config"
 		if ! "${make[@]}" -s olddefconfig > "$log" 2>&1; then
-			record FAIL "build:$name" $((SECONDS - t0)) "olddefconfig failed, log $log"
+			klu_record FAIL "build:$name" $((SECONDS - t0)) "olddefconfig failed, log $log"
 			return
 		fi
 		echo "$cfg" > "$dir/.klu-config"
@@ -59,10 +53,10 @@ check() {
 		# "!LINE": the config must not have LINE (for options without a
 		# prompt, which olddefconfig leaves out instead of "is not set").
 		if [ "${w#!}" != "$w" ] && grep -qxF "${w#!}" "$dir/.config"; then
-			record FAIL "build:$name" $((SECONDS - t0)) "config has '${w#!}'"
+			klu_record FAIL "build:$name" $((SECONDS - t0)) "config has '${w#!}'"
 			return
 		elif [ "${w#!}" = "$w" ] && ! grep -qxF "$w" "$dir/.config"; then
-			record FAIL "build:$name" $((SECONDS - t0)) "config does not have '$w'"
+			klu_record FAIL "build:$name" $((SECONDS - t0)) "config does not have '$w'"
 			return
 		fi
 	done
@@ -72,15 +66,15 @@ check() {
 	rm -f "$dir/rust/kernel.o" "$dir"/virt/kvm/luo/*.o
 	if ! "${make[@]}" -s "${targets[@]}" > "$log" 2>&1; then
 		grep -m20 -E '^(error|warning)' "$log"
-		record FAIL "build:$name" $((SECONDS - t0)) "build failed, log $log"
+		klu_record FAIL "build:$name" $((SECONDS - t0)) "build failed, log $log"
 		return
 	fi
 	if grep -E -- '--> ' "$log" | grep -qF -f <(project_rust); then
 		grep -B8 -A6 -F -f <(project_rust) "$log" | head -40
-		record FAIL "build:$name" $((SECONDS - t0)) "warnings in project code, log $log"
+		klu_record FAIL "build:$name" $((SECONDS - t0)) "warnings in project code, log $log"
 		return
 	fi
-	record PASS "build:$name" $((SECONDS - t0)) "${targets[*]} ($arch)"
+	klu_record PASS "build:$name" $((SECONDS - t0)) "${targets[*]} ($arch)"
 }
 
 [ -f "$KLU_SRC/.klu-copied" ] || klu_die "assemble the tree first (make kernel)"

@@ -115,7 +115,12 @@ config() {
 	"${KLU_MAKE[@]}" -s rustavailable >/dev/null ||
 		klu_die "Rust is not available to the kernel build: run make setup"
 	(cd "$KLU_TOP" && cat "${KLU_FRAGMENTS[@]}") > "$KLU_OBJ/.config"
-	"${KLU_MAKE[@]}" -s olddefconfig
+	if [ "$KLU_KERNEL" = guest ]; then
+		mv "$KLU_OBJ/.config" "$KLU_OBJ/.config.fragment"
+		KCONFIG_ALLCONFIG=$KLU_OBJ/.config.fragment "${KLU_MAKE[@]}" -s allnoconfig
+	else
+		"${KLU_MAKE[@]}" -s olddefconfig
+	fi
 
 	# Every option the fragment asks for must have survived.
 	local line sym want bad=0
@@ -138,7 +143,7 @@ config() {
 build() {
 	klu_log "building the kernel in $KLU_OBJ"
 	"${KLU_MAKE[@]}" -s bzImage
-	"${KLU_MAKE[@]}" -s headers_install >/dev/null
+	[ "$KLU_KERNEL" = guest ] || "${KLU_MAKE[@]}" -s headers_install >/dev/null
 	klu_log "built $(make -s -C "$KLU_SRC" O="$KLU_OBJ" kernelrelease 2>/dev/null)"
 }
 

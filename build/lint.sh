@@ -19,12 +19,6 @@ results=""
 CLIPPY_OBJ=$KLU_CACHE/clippy
 failed=0
 
-record() {	# record PASS|FAIL name seconds [detail]
-	[ "$1" = PASS ] || failed=1
-	printf '%-6s %-34s %6ss  %s\n' "$([ "$1" = PASS ] && echo ok || echo FAIL)" "$2" "$3" "${4:-}"
-	[ -z "$results" ] || echo "$1 $2 $3" >> "$results"
-}
-
 # The project's files at their kernel paths, filtered by a regex.
 project_files() {
 	git -C "$KLU_TOP" ls-files --cached --others --exclude-standard -- \
@@ -35,15 +29,15 @@ lint_rustfmt() {
 	local t0=$SECONDS files
 	files=$(project_files '\.rs$' | grep -v '^tools/')
 	if [ -z "$files" ]; then
-		record PASS lint:rustfmt 0 "no project Rust files in the kernel tree yet"
+		klu_record PASS lint:rustfmt 0 "no project Rust files in the kernel tree yet"
 		return
 	fi
 	if (cd "$KLU_TOP" && rustfmt --check --edition 2021 \
 		--config-path "$KLU_SRC/.rustfmt.toml" $files &&
 	    rustfmt --check --edition 2021 tools/kvm_luo_vmm/src/*.rs); then
-		record PASS lint:rustfmt $((SECONDS - t0)) "$(echo "$files" | wc -l) files"
+		klu_record PASS lint:rustfmt $((SECONDS - t0)) "$(echo "$files" | wc -l) files"
 	else
-		record FAIL lint:rustfmt $((SECONDS - t0)) "run rustfmt on the files above"
+		klu_record FAIL lint:rustfmt $((SECONDS - t0)) "run rustfmt on the files above"
 	fi
 }
 
@@ -51,7 +45,7 @@ lint_clippy() {
 	local t0=$SECONDS files dirs f log=$KLU_CACHE/clippy.log
 	files=$(project_files '\.rs$' | grep -v '^tools/')
 	if [ -z "$files" ]; then
-		record PASS lint:clippy 0 "no project Rust files in the kernel tree yet"
+		klu_record PASS lint:clippy 0 "no project Rust files in the kernel tree yet"
 		return
 	fi
 	mkdir -p "$CLIPPY_OBJ"
@@ -73,16 +67,16 @@ lint_clippy() {
 	   ! make -C "$KLU_SRC" O="$CLIPPY_OBJ" LLVM=-19 ARCH=x86_64 -j"$(nproc)" \
 		CLIPPY=1 -s rust/ $(printf '%s/ ' $dirs) >> "$log" 2>&1; then
 		tail -20 "$log"
-		record FAIL lint:clippy $((SECONDS - t0)) "build failed, log $log"
+		klu_record FAIL lint:clippy $((SECONDS - t0)) "build failed, log $log"
 		return
 	fi
 	local hits
 	hits=$(grep -E -- '--> ' "$log" | grep -F -f <(echo "$files") || true)
 	if [ -n "$hits" ]; then
 		grep -B8 -A6 -F -f <(echo "$files") "$log" | head -80
-		record FAIL lint:clippy $((SECONDS - t0)) "$(echo "$hits" | wc -l) warning(s), log $log"
+		klu_record FAIL lint:clippy $((SECONDS - t0)) "$(echo "$hits" | wc -l) warning(s), log $log"
 	else
-		record PASS lint:clippy $((SECONDS - t0)) "$(echo "$files" | wc -l) files"
+		klu_record PASS lint:clippy $((SECONDS - t0)) "$(echo "$files" | wc -l) files"
 	fi
 }
 
@@ -90,9 +84,9 @@ lint_vmm_clippy() {
 	local t0=$SECONDS
 	if CARGO_TARGET_DIR="$KLU_CACHE/vmm-clippy" cargo clippy -q --locked \
 		--manifest-path "$KLU_TOP/tools/kvm_luo_vmm/Cargo.toml" -- -D warnings; then
-		record PASS lint:vmm-clippy $((SECONDS - t0)) "tools/kvm_luo_vmm"
+		klu_record PASS lint:vmm-clippy $((SECONDS - t0)) "tools/kvm_luo_vmm"
 	else
-		record FAIL lint:vmm-clippy $((SECONDS - t0)) "see the warnings above"
+		klu_record FAIL lint:vmm-clippy $((SECONDS - t0)) "see the warnings above"
 	fi
 }
 
@@ -111,9 +105,9 @@ lint_checkpatch() {
 	fi
 	local n=$(( $(echo "$patches" | grep -c .) + $(echo "$cfiles" | grep -c .) ))
 	if [ "$bad" = 0 ]; then
-		record PASS lint:checkpatch $((SECONDS - t0)) "$n files"
+		klu_record PASS lint:checkpatch $((SECONDS - t0)) "$n files"
 	else
-		record FAIL lint:checkpatch $((SECONDS - t0)) "see the report above"
+		klu_record FAIL lint:checkpatch $((SECONDS - t0)) "see the report above"
 	fi
 }
 

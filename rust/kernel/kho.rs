@@ -65,6 +65,17 @@ fn is_preserved(phys: u64) -> bool {
     unsafe { bindings::kho_is_preserved(phys) }
 }
 
+/// Whether the `nr_pages` pages at `phys` are whole blocks the previous kernel preserved and that
+/// were not restored yet, so that `kho_restore_pages()` on them cannot fail part way. Nothing is
+/// read but the pages' own metadata, and nothing is restored.
+fn pages_preserved(phys: u64, nr_pages: u64) -> bool {
+    let Ok(nr) = usize::try_from(nr_pages) else {
+        return false;
+    };
+    // SAFETY: `kho_pages_preserved` accepts any run and only reads the memory map.
+    unsafe { bindings::kho_pages_preserved(phys, nr) }
+}
+
 /// Whether a vmalloc preservation of `total_pages` pages in blocks of `2^order` pages, described
 /// by the chunk list at `first`, is whole: every chunk and every block preserved by the previous
 /// kernel and not restored, as many blocks as the pages need, and no more chunks than they need
@@ -73,21 +84,26 @@ fn vmalloc_intact(first: u64, total_pages: u64, order: u32) -> bool {
     let Some(blocks) = total_pages.checked_shr(order) else {
         return false;
     };
+    let block_pages = 1u64 << order;
     let mut seen = 0u64;
     let mut chunks = 0u64;
     let mut phys = first;
     while phys != 0 {
         chunks += 1;
-        if !is_preserved(phys) || chunks > blocks + 1 {
+        if !pages_preserved(phys, 1) {
             return false;
         }
         // SAFETY: `phys` is a page the previous kernel preserved and nobody restored; the caller
         // owns the preservation, so nobody restores or frees it while we read it. It is in the
         // direct map and holds a `struct kho_vmalloc_chunk`.
         let chunk = unsafe { &*bindings::phys_to_virt(phys).cast::<bindings::kho_vmalloc_chunk>() };
+        // The bound `kho_restore_vmalloc()` applies too: as many full chunks as the blocks need.
+        if chunks > blocks / chunk.phys.len() as u64 + 1 {
+            return false;
+        }
         for &block in chunk.phys.iter().take_while(|&&block| block != 0) {
             seen += 1;
-            if seen > blocks || !is_preserved(block) {
+            if seen > blocks || !pages_preserved(block, block_pages) {
                 return false;
             }
         }
@@ -433,10 +449,16 @@ impl<T: FromBytes> RestoredVec<T> {
         // and returns NULL if any is not preserved.
         let ptr = unsafe { bindings::kho_restore_vmalloc(&raw) };
         if ptr.is_null() {
-            // The descriptor is whole, checked above, and `kho_restore_vmalloc()` allocates and
-            // maps everything before it restores anything: it ran out of memory, and restored
-            // nothing.
-            return Err(ENOMEM);
+            // The descriptor was whole, checked above, and `kho_restore_vmalloc()` allocates and
+            // maps everything before it restores anything. If it still is, it ran out of memory
+            // and restored nothing: the caller may try again.
+            return Err(
+                if vmalloc_intact(desc.first.get(), desc.total_pages.get().into(), order) {
+                    ENOMEM
+                } else {
+                    EINVAL
+                },
+            );
         }
         // INVARIANT: The area is `total_pages` pages, which hold `len` elements, as checked
         // above.
@@ -558,11 +580,8 @@ impl RestoredPages {
             .filter(|_| end.checked_mul(PAGE_SIZE as u64).is_some())
             .ok_or(EINVAL)?;
         let nr = usize::try_from(nr_pages).map_err(|_| EINVAL)?;
-        if !is_preserved(phys) {
-            return Err(EINVAL);
-        }
-        // SAFETY: `kho_restore_pages` checks every page against the KHO records and returns NULL
-        // when one is not preserved.
+        // SAFETY: `kho_restore_pages` checks every block of the run against the KHO records and
+        // returns NULL, with nothing restored, when one is not preserved.
         if unsafe { bindings::kho_restore_pages(phys, nr) }.is_null() {
             return Err(EINVAL);
         }

@@ -328,12 +328,18 @@ impl FrozenGuestMemfd {
                 return Err(EHWPOISON);
             }
             if !folio.is_uptodate() {
+                let locked = folio.lock();
                 // SAFETY: In a guest_memfd of a VM with plain memory (by the type invariants), a
                 // folio that is not uptodate holds no data yet, and every path that fills it
                 // (`kvm_gmem_get_folio()` callers: guest faults, userspace faults) does so under
                 // the folio lock and marks it uptodate before it unlocks; `kvm_gmem_populate()`,
                 // which does not, is only for VMs whose memory is not plain.
-                unsafe { folio.lock().zero_unless_uptodate() };
+                unsafe { locked.zero_unless_uptodate() };
+                // Poisoned between the check above and the lock: it was not zeroed, and must not
+                // be handed over.
+                if !locked.is_uptodate() {
+                    return Err(EHWPOISON);
+                }
             }
             f(folio)
         })

@@ -83,37 +83,38 @@ const SER_FLAGS: [(u32, u64); 2] = [
     (SER_FLAG_INIT_SHARED, kvm::GUEST_MEMFD_FLAG_INIT_SHARED),
 ];
 
-/// The ABI flags for the kernel's guest_memfd `flags`; `EOPNOTSUPP` for a flag this version
-/// does not carry over.
-fn flags_to_ser(flags: u64) -> Result<u32> {
-    let mut left = flags;
-    let mut ser = 0;
-    for (ser_flag, flag) in SER_FLAGS {
-        if flags & flag != 0 {
-            ser |= ser_flag;
-            left &= !flag;
+/// Translates `bits` through `(from, to)` flag pairs; `EOPNOTSUPP` for a bit no pair covers.
+fn translate_flags(bits: u64, pairs: impl Iterator<Item = (u64, u64)>) -> Result<u64> {
+    let mut left = bits;
+    let mut out = 0;
+    for (from, to) in pairs {
+        if bits & from != 0 {
+            out |= to;
+            left &= !from;
         }
     }
     if left != 0 {
         return Err(EOPNOTSUPP);
     }
-    Ok(ser)
+    Ok(out)
+}
+
+/// The ABI flags for the kernel's guest_memfd `flags`; `EOPNOTSUPP` for a flag this version
+/// does not carry over.
+fn flags_to_ser(flags: u64) -> Result<u32> {
+    let ser = translate_flags(
+        flags,
+        SER_FLAGS.iter().map(|&(ser, flag)| (flag, ser.into())),
+    )?;
+    u32::try_from(ser).map_err(|_| EOPNOTSUPP)
 }
 
 /// The kernel's guest_memfd flags for ABI flags `ser`; `EOPNOTSUPP` for an unknown bit.
 fn flags_from_ser(ser: u32) -> Result<u64> {
-    let mut left = ser;
-    let mut flags = 0;
-    for (ser_flag, flag) in SER_FLAGS {
-        if ser & ser_flag != 0 {
-            flags |= flag;
-            left &= !ser_flag;
-        }
-    }
-    if left != 0 {
-        return Err(EOPNOTSUPP);
-    }
-    Ok(flags)
+    translate_flags(
+        ser.into(),
+        SER_FLAGS.iter().map(|&(ser, flag)| (ser.into(), flag)),
+    )
 }
 
 /// Extent flag: the folios are uptodate (their contents are valid guest memory). Every extent
@@ -418,10 +419,20 @@ impl FileHandler for GmemHandler {
             Err(err) => return Err(err.into()),
         }
         // From here on the preserved state is consumed: take back the pages of every extent, so
-        // that every error below frees them.
-        for extent in extents.iter() {
-            let run = RestoredPages::restore(extent.pfn, extent.nr_pages)?;
-            runs.push_within_capacity(run).map_err(|_| EINVAL)?;
+        // that every error below frees them. An extent KHO refuses fails the retrieve, and the
+        // pages of the extents after it are freed as well.
+        for (i, extent) in extents.iter().enumerate() {
+            match RestoredPages::restore(extent.pfn, extent.nr_pages) {
+                Ok(run) => runs.push_within_capacity(run).map_err(|_| EINVAL)?,
+                Err(err) => {
+                    pr_err!("preserved guest_memfd pages are inconsistent\n");
+                    extents[i + 1..]
+                        .iter()
+                        .filter_map(|rest| RestoredPages::restore(rest.pfn, rest.nr_pages).ok())
+                        .for_each(drop);
+                    return Err(err.into());
+                }
+            }
         }
         // On error, the pages not inserted yet are freed, and those already inserted go with
         // the new file.

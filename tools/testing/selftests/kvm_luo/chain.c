@@ -53,16 +53,6 @@ static uint8_t private_byte(size_t i, int gen)
 	return (uint8_t)(i * 5 + gen * 71 + 9);
 }
 
-static uint8_t *map_shared(int gmem)
-{
-	uint8_t *p = mmap(NULL, GMEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
-			  gmem, 0);
-
-	if (p == MAP_FAILED)
-		fail_exit("mmap guest_memfd");
-	return p;
-}
-
 /* Shared memory: [0, half) holds generation @lo, [half, end) generation 0. */
 static void check_shared(const uint8_t *p, int lo, const char *when)
 {
@@ -139,11 +129,6 @@ static int retrieve_token(int session, uint64_t token)
 
 static void stage1(int luo_fd)
 {
-	struct kvm_create_guest_memfd shared = {
-		.size = GMEM_SIZE,
-		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-	};
-	struct kvm_create_guest_memfd private = { .size = GMEM_SIZE };
 	struct kvm_memory_attributes attr = {
 		.address = PGMEM_GPA,
 		.size = GMEM_SIZE,
@@ -154,16 +139,13 @@ static void stage1(int luo_fd)
 	uint8_t *p;
 	size_t i;
 
-	vm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, 0);
-	pvm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, KVM_X86_SW_PROTECTED_VM);
-	if (vm < 0 || pvm < 0)
-		fail_exit("KVM_CREATE_VM");
-	gmem = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &shared);
-	pgmem = ioctl(pvm, KVM_CREATE_GUEST_MEMFD, &private);
-	if (gmem < 0 || pgmem < 0)
-		fail_exit("KVM_CREATE_GUEST_MEMFD");
+	vm = klu_create_vm(0);
+	pvm = klu_create_vm(KVM_X86_SW_PROTECTED_VM);
+	gmem = klu_create_gmem(vm, GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
+			       GUEST_MEMFD_FLAG_INIT_SHARED);
+	pgmem = klu_create_gmem(pvm, GMEM_SIZE, 0);
 
-	p = map_shared(gmem);
+	p = klu_map(gmem, GMEM_SIZE);
 	for (i = 0; i < GMEM_SIZE; i++)
 		p[i] = shared_byte(i, 0);
 	v = private_vcpu(pvm, pgmem);
@@ -193,7 +175,7 @@ static void stage2(int luo_fd)
 	pvm = retrieve_token(session, TOKEN_PVM);
 	pgmem = retrieve_token(session, TOKEN_PGMEM);
 
-	p = map_shared(gmem);
+	p = klu_map(gmem, GMEM_SIZE);
 	check_shared(p, 0, "kernel 2");
 	v = private_vcpu(pvm, pgmem);
 	private_io(&v, 1, 0, "kernel 2");
@@ -226,7 +208,7 @@ static void stage3(int luo_fd)
 	pgmem = retrieve_token(session, TOKEN_PGMEM);
 	vm = retrieve_token(session, TOKEN_VM);
 
-	p = map_shared(gmem);
+	p = klu_map(gmem, GMEM_SIZE);
 	check_shared(p, 2, "kernel 3");
 	v = private_vcpu(pvm, pgmem);
 	private_io(&v, 2, 0, "kernel 3");

@@ -152,31 +152,14 @@ static uint8_t byte_at(int pair, size_t i)
 	return (uint8_t)(i * 3 + (i >> 12) + pair * 17 + 1);
 }
 
-static int make_vm(unsigned long type)
-{
-	int vm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, type);
-
-	if (vm < 0)
-		fail_exit("KVM_CREATE_VM");
-	return vm;
-}
-
 /* A shared guest_memfd of @vm filled with the pattern of @pair. */
 static int make_gmem(int vm, int pair)
 {
-	struct kvm_create_guest_memfd args = {
-		.size = GMEM_SIZE,
-		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-	};
-	int gmem = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
-	uint8_t *p;
+	int gmem = klu_create_gmem(vm, GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
+				   GUEST_MEMFD_FLAG_INIT_SHARED);
+	uint8_t *p = klu_map(gmem, GMEM_SIZE);
 	size_t i;
 
-	if (gmem < 0)
-		fail_exit("KVM_CREATE_GUEST_MEMFD");
-	p = mmap(NULL, GMEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, gmem, 0);
-	if (p == MAP_FAILED)
-		fail_exit("mmap");
 	for (i = 0; i < GMEM_SIZE; i++)
 		p[i] = byte_at(pair, i);
 	munmap(p, GMEM_SIZE);
@@ -190,7 +173,7 @@ static int make_pvm(void)
 		.size = 64 * 4096,
 		.attributes = KVM_MEMORY_ATTRIBUTE_PRIVATE,
 	};
-	int vm = make_vm(KVM_X86_SW_PROTECTED_VM);
+	int vm = klu_create_vm(KVM_X86_SW_PROTECTED_VM);
 
 	attr.address = PGMEM_GPA;
 	if (ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, &attr))
@@ -263,7 +246,7 @@ static int preserve_loop(int luo_fd, int (*make)(int *vm), const char *what)
 
 static int make_gmem_for_preserve(int *vm)
 {
-	*vm = make_vm(0);
+	*vm = klu_create_vm(0);
 	return make_gmem(*vm, 0);
 }
 
@@ -339,7 +322,7 @@ static void stage1(int luo_fd)
 	if (session < 0)
 		fail_exit("create session");
 	for (i = 0; i < PAIRS; i++) {
-		vm = make_vm(0);
+		vm = klu_create_vm(0);
 		gmem = make_gmem(vm, i);
 		if (luo_session_preserve_fd(session, vm, TOKEN_VM(i)) ||
 		    luo_session_preserve_fd(session, gmem, TOKEN_GMEM(i)))
@@ -351,10 +334,9 @@ static void stage1(int luo_fd)
 	for (i = 0; i < FINISHES; i++) {
 		snprintf(name, sizeof(name), "fi-finish-%d", i);
 		finish = luo_create_session(luo_fd, name);
-		fvm = make_vm(0);
-		fgmem = ioctl(fvm, KVM_CREATE_GUEST_MEMFD,
-			      &(struct kvm_create_guest_memfd){ .size = FINISH_SIZE });
-		if (finish < 0 || fgmem < 0 ||
+		fvm = klu_create_vm(0);
+		fgmem = klu_create_gmem(fvm, FINISH_SIZE, 0);
+		if (finish < 0 ||
 		    fallocate(fgmem, FALLOC_FL_KEEP_SIZE, 0, FINISH_SIZE) ||
 		    luo_session_preserve_fd(finish, fvm, 1) ||
 		    luo_session_preserve_fd(finish, fgmem, 2))
@@ -363,7 +345,7 @@ static void stage1(int luo_fd)
 
 	/* Every reboot fails: this guest_memfd's VM is in no session. */
 	bad = luo_create_session(luo_fd, "fi-bad");
-	bad_vm = make_vm(0);
+	bad_vm = klu_create_vm(0);
 	bad_gmem = make_gmem(bad_vm, 0);
 	if (bad < 0 || luo_session_preserve_fd(bad, bad_gmem, 1))
 		fail_exit("preserve a guest_memfd without its VM");

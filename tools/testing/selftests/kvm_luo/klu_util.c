@@ -40,6 +40,35 @@ int klu_kvm_dev(void)
 	return fd;
 }
 
+int klu_create_vm(unsigned long type)
+{
+	int vm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, type);
+
+	if (vm < 0)
+		fail_exit("KVM_CREATE_VM");
+	return vm;
+}
+
+int klu_create_gmem(int vm, uint64_t size, uint64_t flags)
+{
+	struct kvm_create_guest_memfd args = { .size = size, .flags = flags };
+	int gmem = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
+
+	if (gmem < 0)
+		fail_exit("KVM_CREATE_GUEST_MEMFD");
+	return gmem;
+}
+
+uint8_t *klu_map(int fd, size_t size)
+{
+	uint8_t *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+			  0);
+
+	if (p == MAP_FAILED)
+		fail_exit("mmap");
+	return p;
+}
+
 long klu_mem_free_kb(void)
 {
 	long kb = -1, pages = 0, n;

@@ -21,6 +21,15 @@ struct klu_vcpu {
 /* The /dev/kvm fd, opened once. */
 int klu_kvm_dev(void);
 
+/* A new VM of @type; exits the test on failure. */
+int klu_create_vm(unsigned long type);
+
+/* A new guest_memfd of @size bytes with @flags on @vm; exits on failure. */
+int klu_create_gmem(int vm, uint64_t size, uint64_t flags);
+
+/* A shared read-write mapping of @size bytes of @fd; exits on failure. */
+uint8_t *klu_map(int fd, size_t size);
+
 /* Free memory in kB: MemFree plus the pages on per-CPU free lists. */
 long klu_mem_free_kb(void);
 

@@ -125,16 +125,6 @@ static void check_vcpu(const uint8_t *p, size_t offset, size_t len,
 	ksft_print_msg("%s: %zu bytes intact\n", what, len);
 }
 
-static uint8_t *map_gmem(int gmem)
-{
-	uint8_t *p = mmap(NULL, GMEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
-			  gmem, 0);
-
-	if (p == MAP_FAILED)
-		fail_exit("mmap guest_memfd");
-	return p;
-}
-
 static void bind_gmem(int vm, int gmem, uint8_t *p)
 {
 	struct kvm_userspace_memory_region2 slot = {
@@ -152,10 +142,6 @@ static void bind_gmem(int vm, int gmem, uint8_t *p)
 
 static void stage1(int luo_fd)
 {
-	struct kvm_create_guest_memfd args = {
-		.size = GMEM_SIZE,
-		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-	};
 	int session, vm, gmem;
 	struct klu_vcpu v;
 	uint8_t *p;
@@ -164,13 +150,10 @@ static void stage1(int luo_fd)
 	session = luo_create_session(luo_fd, SESSION);
 	if (session < 0)
 		fail_exit("create session");
-	vm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, 0);
-	if (vm < 0)
-		fail_exit("KVM_CREATE_VM");
-	gmem = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
-	if (gmem < 0)
-		fail_exit("KVM_CREATE_GUEST_MEMFD");
-	p = map_gmem(gmem);
+	vm = klu_create_vm(0);
+	gmem = klu_create_gmem(vm, GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
+			       GUEST_MEMFD_FLAG_INIT_SHARED);
+	p = klu_map(gmem, GMEM_SIZE);
 	bind_gmem(vm, gmem, p);
 	v = klu_vcpu64_create(vm);
 
@@ -212,7 +195,7 @@ static void stage2(int luo_fd, int state_session)
 	gmem = luo_session_retrieve_fd(session, TOKEN_GMEM);
 	if (vm < 0 || gmem < 0)
 		fail_exit("retrieve the VM and its guest_memfd");
-	p = map_gmem(gmem);
+	p = klu_map(gmem, GMEM_SIZE);
 
 	check_vmm(p, 0, MIB / 2, 1, "VMM rewrite of written pages");
 	check_vmm(p, MIB / 2, MIB / 2, 0, "VMM write before preserve");

@@ -49,16 +49,6 @@ static int expected_node(size_t page)
 	return page < NR_PAGES / 2 ? 0 : 1;
 }
 
-static uint8_t *map_gmem(int gmem)
-{
-	uint8_t *p = mmap(NULL, GMEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
-			  gmem, 0);
-
-	if (p == MAP_FAILED)
-		fail_exit("mmap guest_memfd");
-	return p;
-}
-
 /* Fail unless every page of the mapping is on the node it should be. */
 static void check_nodes(uint8_t *p, const char *when)
 {
@@ -82,10 +72,6 @@ static void check_nodes(uint8_t *p, const char *when)
 
 static void stage1(int luo_fd)
 {
-	struct kvm_create_guest_memfd args = {
-		.size = GMEM_SIZE,
-		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-	};
 	unsigned long node0 = 1, node1 = 2;
 	int session, vm, gmem;
 	uint8_t *p;
@@ -95,13 +81,10 @@ static void stage1(int luo_fd)
 	session = luo_create_session(luo_fd, SESSION);
 	if (session < 0)
 		fail_exit("create session");
-	vm = ioctl(klu_kvm_dev(), KVM_CREATE_VM, 0);
-	if (vm < 0)
-		fail_exit("KVM_CREATE_VM");
-	gmem = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
-	if (gmem < 0)
-		fail_exit("KVM_CREATE_GUEST_MEMFD");
-	p = map_gmem(gmem);
+	vm = klu_create_vm(0);
+	gmem = klu_create_gmem(vm, GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
+			       GUEST_MEMFD_FLAG_INIT_SHARED);
+	p = klu_map(gmem, GMEM_SIZE);
 	if (syscall(__NR_mbind, p, GMEM_SIZE / 2, MPOL_BIND, &node0,
 		    sizeof(node0) * 8, 0) ||
 	    syscall(__NR_mbind, p + GMEM_SIZE / 2, GMEM_SIZE / 2, MPOL_BIND,
@@ -131,7 +114,7 @@ static void stage2(int luo_fd, int state_session)
 	vm = luo_session_retrieve_fd(session, TOKEN_VM);
 	if (vm < 0 || gmem < 0)
 		fail_exit("retrieve");
-	p = map_gmem(gmem);
+	p = klu_map(gmem, GMEM_SIZE);
 	for (i = 0; i < GMEM_SIZE; i++)
 		if (p[i] != byte_at(i))
 			ksft_exit_fail_msg("byte %#zx is %#x, expected %#x\n", i,
