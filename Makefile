@@ -7,6 +7,7 @@
 #   make setup   install packages, Rust components and the base tree
 #   make kernel  assemble the tree and build the debug kernel the tests run on
 #   make kernel-release  the same tree without debug options, for demo and bench
+#   make kernel-guest  a small kernel of the same tree for the demo's Linux guest
 #   make test    run the QEMU tests (T=name runs one)
 #   make lint    rustfmt, clippy and checkpatch over the project's code
 #   make bench   guest_memfd against memfd preservation (not part of check)
@@ -16,14 +17,14 @@ SHELL := /bin/bash
 export KLU_CACHE ?= $(HOME)/.cache/kvm-luo
 SELFTESTS := tools/testing/selftests/kvm_luo
 RUNNER_ARGS = -s $(KLU_CACHE)/src -b $(KLU_CACHE)/build -o $(KLU_CACHE)/out \
-	$(foreach t,$(T),-t $(t))
+	-g $(KLU_CACHE)/build-guest $(foreach t,$(T),-t $(t))
 
-.PHONY: check demo setup kernel kernel-release test lint bench clean
+.PHONY: check demo setup kernel kernel-release kernel-guest test lint bench clean
 
 check:
 	@build/check.sh
 
-demo: kernel-release
+demo: kernel-release kernel-guest
 	@KLU_KERNEL=release build/demo.sh
 
 setup:
@@ -35,6 +36,9 @@ kernel: setup
 kernel-release: setup
 	@KLU_KERNEL=release build/kernel.sh all
 
+kernel-guest: setup
+	@KLU_KERNEL=guest build/kernel.sh all
+
 test:
 	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS)
 
@@ -45,5 +49,6 @@ bench: kernel-release
 	@KLU_KERNEL=release build/bench.sh
 
 clean:
-	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/build-release $(KLU_CACHE)/clippy \
+	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/build-release $(KLU_CACHE)/build-guest \
+		$(KLU_CACHE)/clippy \
 		$(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/out $(KLU_CACHE)/out-release

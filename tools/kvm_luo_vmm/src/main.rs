@@ -9,7 +9,11 @@
 //! Stage 2 (new kernel): retrieve the files, rebuild the memslot and the vCPU from the saved
 //! state, resume the guest, and check that its work continued from where it stopped.
 
+mod boot;
+mod devices;
+mod linux;
 mod liveupdate;
+mod state;
 
 use kvm_bindings::{
     kvm_create_guest_memfd, kvm_regs, kvm_sregs, kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD,
@@ -384,16 +388,51 @@ fn stage2() {
     say("PASS: the guest survived the host kernel live update");
 }
 
+const USAGE: &str =
+    "usage: kvm-luo-vmm [--linux BZIMAGE --initrd INITRAMFS [--mem MIB] [--vcpus N]] -s STAGE
+  without --linux: the quick real-mode guest, stages 1 (preserve) and 2 (resume)
+  with --linux: a Linux guest, stages 1 (boot and preserve), 2 (resume), 3 (a bare kexec)";
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    match args
-        .iter()
-        .position(|a| a == "-s")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-    {
-        Some("1") => stage1(),
-        Some("2") => stage2(),
-        _ => fail("usage: kvm-luo-vmm -s 1|2"),
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut stage = None;
+    let (mut kernel, mut initrd) = (None, None);
+    let (mut mem_mib, mut vcpus) = (256, 2);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().cloned().unwrap_or_else(|| fail(USAGE));
+        match arg.as_str() {
+            "-s" => stage = Some(value()),
+            "--linux" => kernel = Some(value()),
+            "--initrd" => initrd = Some(value()),
+            "--mem" => mem_mib = value().parse().unwrap_or_else(|_| fail(USAGE)),
+            "--vcpus" => vcpus = value().parse().unwrap_or_else(|_| fail(USAGE)),
+            _ => fail(USAGE),
+        }
+    }
+    match (kernel, initrd) {
+        (Some(kernel), Some(initrd)) => {
+            if !(1..=8).contains(&vcpus) || !(64..=2048).contains(&mem_mib) {
+                fail("--vcpus must be 1 to 8 and --mem 64 to 2048");
+            }
+            let opts = linux::Opts {
+                kernel,
+                initrd,
+                mem_mib,
+                vcpus,
+            };
+            match stage.as_deref() {
+                Some("1") => linux::boot_and_preserve(&opts),
+                Some("2") => linux::resume(),
+                Some("3") => linux::bare_kexec_done(),
+                _ => fail(USAGE),
+            }
+        }
+        (None, None) => match stage.as_deref() {
+            Some("1") => stage1(),
+            Some("2") => stage2(),
+            _ => fail(USAGE),
+        },
+        _ => fail(USAGE),
     }
 }

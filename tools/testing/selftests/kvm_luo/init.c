@@ -38,6 +38,8 @@
 #define TEST_TABLE	"/etc/klu-tests"
 #define NEXT_KERNEL	"/kernel"
 #define NEXT_INITRD	"/initrd.img"
+/* A stage may leave klu.arg.NAME=VALUE words here for the next kernel. */
+#define NEXT_ARGS	"/tmp/klu-next-args"
 
 static char cmdline[CMDLINE_MAX];
 static char *const test_env[] = { "PATH=/bin:/sbin", "HOME=/", NULL };
@@ -253,12 +255,14 @@ static int load_next_kernel(int stage)
 	const char *p = cmdline;
 	size_t len = 0;
 	int kfd, ifd;
+	FILE *args;
 	long ret;
 
 	while (*p) {
 		size_t n = strcspn(p, " ");
 
-		if (strncmp(p, "klu.stage=", 10) && len + n + 1 < CMDLINE_MAX) {
+		if (strncmp(p, "klu.stage=", 10) && strncmp(p, "klu.arg.", 8) &&
+		    len + n + 1 < CMDLINE_MAX) {
 			memcpy(next + len, p, n);
 			len += n;
 			next[len++] = ' ';
@@ -266,7 +270,20 @@ static int load_next_kernel(int stage)
 		p += n;
 		p += strspn(p, " ");
 	}
-	snprintf(next + len, sizeof(next) - len, "klu.stage=%d", stage);
+	len += snprintf(next + len, sizeof(next) - len, "klu.stage=%d", stage);
+	/* What the stage left for the next one: klu.arg.NAME=VALUE words. */
+	args = fopen(NEXT_ARGS, "r");
+	if (args) {
+		char word[128];
+
+		while (fscanf(args, "%127s", word) == 1)
+			if (!strncmp(word, "klu.arg.", 8) &&
+			    len + strlen(word) + 1 < CMDLINE_MAX)
+				len += snprintf(next + len, sizeof(next) - len,
+						" %s", word);
+		fclose(args);
+		unlink(NEXT_ARGS);
+	}
 	kfd = open(NEXT_KERNEL, O_RDONLY);
 	ifd = open(NEXT_INITRD, O_RDONLY);
 	if (kfd < 0 || ifd < 0) {

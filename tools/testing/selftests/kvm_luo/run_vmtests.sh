@@ -7,9 +7,11 @@
 # the guest), and reports every test as passed or failed with its duration.
 # Ends with "N passed, N failed" and exits non-zero if anything failed.
 #
-# Usage: run_vmtests.sh -s SRC -b BUILD -o OUT [-t TEST]... [-r RESULTS]
+# Usage: run_vmtests.sh -s SRC -b BUILD -o OUT [-g GUEST] [-t TEST]... [-r RESULTS]
 #   -s  the assembled kernel source tree
 #   -b  its O= build directory (with bzImage, usr/include, usr/gen_init_cpio)
+#   -g  the O= build directory of the Linux guest's kernel (the tests that
+#       run a Linux guest fail without it)
 #   -o  where binaries, the initramfs and the serial logs go
 #   -t  run only this test (repeatable); default: every test in tests.list
 #   -r  also append "PASS|FAIL name seconds" lines to this file
@@ -22,14 +24,15 @@
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
-src="" obj="" out="" results="" list=""
+src="" obj="" out="" results="" list="" guest=""
 only=()
 
-while getopts 's:b:o:t:r:l:h' opt; do
+while getopts 's:b:o:g:t:r:l:h' opt; do
 	case $opt in
 	s) src=$(realpath "$OPTARG") ;;
 	b) obj=$(realpath "$OPTARG") ;;
 	o) out=$(realpath -m "$OPTARG") ;;
+	g) guest=$(realpath -m "$OPTARG") ;;
 	t) only+=("$OPTARG") ;;
 	r) results=$(realpath -m "$OPTARG") ;;
 	l) list=$(realpath "$OPTARG") ;;
@@ -116,6 +119,30 @@ build_vmm() {
 		cargo build -q --locked --release --target x86_64-unknown-linux-gnu \
 		--manifest-path "$vmm/Cargo.toml" || return 1
 	cp "$out/cargo/x86_64-unknown-linux-gnu/release/kvm-luo-vmm" "$root/kvm_luo/"
+}
+
+# The Linux guest of the VMM: its kernel and an initramfs with busybox, the
+# guest's init and its work (tools/kvm_luo_vmm/guest).
+build_guest() {
+	local dir=$src/tools/kvm_luo_vmm/guest groot=$out/guest-root
+	local bz=$guest/arch/x86/boot/bzImage
+	[ -n "$guest" ] || return 0
+	[ -f "$bz" ] || { echo "missing $bz: build the guest kernel first" >&2; return 1; }
+	rm -rf "$groot" && mkdir -p "$groot" "$root/kvm_luo/guest" || return 1
+	gcc -static -O2 -Wall -pthread -o "$groot/work" "$dir/work.c" || return 1
+	{
+		echo "dir /dev 0755 0 0"
+		echo "nod /dev/console 0600 0 0 c 5 1"
+		echo "nod /dev/null 0666 0 0 c 1 3"
+		echo "dir /proc 0755 0 0"
+		echo "dir /sys 0755 0 0"
+		echo "dir /bin 0755 0 0"
+		echo "file /bin/busybox /bin/busybox 0755 0 0"
+		echo "file /init $dir/init 0755 0 0"
+		echo "file /work $groot/work 0755 0 0"
+	} > "$out/guest.list"
+	"$gen_cpio" "$out/guest.list" > "$root/kvm_luo/guest/initrd.cpio" || return 1
+	cp "$bz" "$root/kvm_luo/guest/bzImage"
 }
 
 build_kvm() {
@@ -318,7 +345,7 @@ main() {
 	rm -rf "$logs" "$root"
 	mkdir -p "$logs" "$root"
 	echo "# building test binaries and the initramfs in $out"
-	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_kvm && build_initramfs; }; then
+	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm && build_initramfs; }; then
 		record FAIL build 0 "building the tests failed"
 	else
 		local lines name kind tmo
