@@ -7,14 +7,18 @@
 //!
 //! A folio is a physically contiguous, naturally aligned block of `2^order` pages. A file's page
 //! cache holds folios by index (in pages); each folio in it has a reference held by the page
-//! cache. [`Folio`] is a folio; `ARef<Folio>` owns one reference, taken with `folio_get()` and
-//! dropped with `folio_put()`, which frees the folio when it was the last.
+//! cache. [`Folio`] is a folio; `ARef<Folio>` owns one reference (taken with `folio_get()`, or by
+//! the page cache lookup of a walk), dropped with `folio_put()`, which frees the folio when it was
+//! the last.
 
 use crate::{
     bindings,
     fs::File,
     prelude::*,
-    sync::aref::AlwaysRefCounted,
+    sync::aref::{
+        ARef,
+        AlwaysRefCounted, //
+    },
     types::Opaque, //
 };
 use core::ptr::NonNull;
@@ -53,16 +57,6 @@ impl Folio {
     /// Returns a raw pointer to the `struct folio`.
     pub fn as_ptr(&self) -> *mut bindings::folio {
         self.inner.get()
-    }
-
-    /// Creates a reference to a folio from a raw pointer.
-    ///
-    /// # Safety
-    ///
-    /// `ptr` must be a valid folio whose reference count stays non-zero for `'a`.
-    pub unsafe fn from_raw<'a>(ptr: *mut bindings::folio) -> &'a Folio {
-        // SAFETY: `Folio` is `repr(transparent)`; the caller guarantees validity for `'a`.
-        unsafe { &*ptr.cast() }
     }
 
     /// The page frame number of the folio's first page.
@@ -176,7 +170,9 @@ impl Drop for FolioLockGuard<'_> {
     }
 }
 
-/// Calls `f` for every folio in the page cache of `file`, in index order.
+/// Calls `f` for every folio in the page cache of `file`, in index order, with the reference the
+/// page cache lookup took on it: `f` keeps it or drops it (no reference is taken or dropped
+/// per folio otherwise).
 ///
 /// The folios are the ones present when the walk reaches them; the caller keeps the page cache
 /// from changing if it needs an exact snapshot. `f` may sleep.
@@ -186,7 +182,7 @@ impl Drop for FolioLockGuard<'_> {
 /// Stops at, and returns, the first error of `f`.
 pub fn for_each_in_file<F>(file: &File, mut f: F) -> Result
 where
-    F: FnMut(&Folio) -> Result,
+    F: FnMut(ARef<Folio>) -> Result,
 {
     // SAFETY: `file` is valid, so is its mapping, for the duration of the walk.
     let mapping = unsafe { (*file.as_ptr()).f_mapping };
@@ -204,14 +200,21 @@ where
         }
         let mut result = Ok(());
         for &ptr in batch.folios.iter().take(nr as usize) {
-            // SAFETY: The batch holds a reference on each of its folios until released below.
-            result = f(unsafe { Folio::from_raw(ptr) });
-            if result.is_err() {
-                break;
+            // The lookup adds no NULL entry; `ARef` needs that checked.
+            let Some(ptr) = NonNull::new(ptr.cast::<Folio>()) else {
+                continue;
+            };
+            // SAFETY: The lookup took a reference on each folio of the batch; it moves into
+            // this `ARef` (the batch is emptied below without dropping any).
+            let folio = unsafe { ARef::from_raw(ptr) };
+            // After an error, the rest of the batch is only dropped.
+            if result.is_ok() {
+                result = f(folio);
             }
         }
-        // SAFETY: Drops the references the batch holds, and empties it.
-        unsafe { bindings::folio_batch_release(&mut batch) };
+        // Every reference of the batch went to an `ARef` above (`folio_batch_reinit()`).
+        batch.nr = 0;
+        batch.i = 0;
         result?;
     }
 }
@@ -255,24 +258,27 @@ pub struct FolioRun {
 }
 
 impl FolioRun {
-    /// Starts a run with `folio`, taking a reference to it.
-    pub fn new(folio: &Folio) -> Self {
-        folio.inc_ref();
-        // INVARIANT: `folio_pfn()` is the folio's first page; we took a reference above.
-        Self { span: folio.span() }
+    /// Starts a run with `folio`, whose reference the run keeps.
+    pub fn new(folio: ARef<Folio>) -> Self {
+        let span = folio.span();
+        // INVARIANT: `folio_pfn()` is the folio's first page; the reference `folio` held is the
+        // run's now.
+        let _ = ARef::into_raw(folio);
+        Self { span }
     }
 
-    /// Appends `folio`, taking a reference to it, if it continues the run (see
-    /// [`Span::continues_with`]). Returns whether it did.
-    pub fn try_append(&mut self, folio: &Folio) -> bool {
+    /// Appends `folio`, keeping its reference, if it continues the run (see
+    /// [`Span::continues_with`]); gives it back otherwise.
+    pub fn try_append(&mut self, folio: ARef<Folio>) -> core::result::Result<(), ARef<Folio>> {
         let next = folio.span();
         if !self.span.continues_with(&next) {
-            return false;
+            return Err(folio);
         }
-        folio.inc_ref();
-        // INVARIANT: `folio` starts where the run ended and is whole; we took a reference above.
+        // INVARIANT: `folio` starts where the run ended and is whole; its reference is the
+        // run's now.
+        let _ = ARef::into_raw(folio);
         self.span.nr_pages += next.nr_pages;
-        true
+        Ok(())
     }
 
     /// Where the run is.

@@ -304,7 +304,8 @@ impl FrozenGuestMemfd {
 
 #[cfg(CONFIG_KVM_GUEST_MEMFD)]
 impl FrozenGuestMemfd {
-    /// Calls `f` for every folio of the file, in index order.
+    /// Calls `f` for every folio of the file, in index order, with a reference to it that `f`
+    /// keeps or drops.
     ///
     /// A folio with a hardware memory error stops the walk with `EHWPOISON` before anything
     /// touches it (memory failure handling may have unmapped it from the kernel).
@@ -321,7 +322,7 @@ impl FrozenGuestMemfd {
     /// `f`.
     pub fn for_each_folio<F>(&self, mut f: F) -> Result
     where
-        F: FnMut(&Folio) -> Result,
+        F: FnMut(ARef<Folio>) -> Result,
     {
         folio::for_each_in_file(&self.file, |folio| {
             if folio.is_hwpoisoned() {

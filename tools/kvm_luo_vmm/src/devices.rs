@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
@@ -26,15 +26,44 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// The guest console: every complete line, in order, with the time it arrived.
-#[derive(Default)]
+/// The guest console: every complete line, in order, with the time it arrived. The lines are
+/// printed by a thread of their own: a vCPU never waits for the VMM's output.
 pub struct Console {
     lines: Mutex<Vec<(Instant, String)>>,
     partial: Mutex<Vec<u8>>,
     arrived: Condvar,
+    printer: Mutex<mpsc::Sender<Print>>,
+}
+
+enum Print {
+    Line(String),
+    /// Everything before has been printed.
+    Flushed(mpsc::Sender<()>),
 }
 
 impl Console {
+    /// A console that continues a line the guest had started writing (empty for a new one).
+    pub fn continuing(partial: Vec<u8>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for p in rx {
+                match p {
+                    Print::Line(line) => println!("guest: {line}"),
+                    Print::Flushed(done) => {
+                        let _ = io::stdout().flush();
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Self {
+            lines: Mutex::default(),
+            partial: Mutex::new(partial),
+            arrived: Condvar::new(),
+            printer: Mutex::new(tx),
+        }
+    }
+
     fn push(&self, bytes: &[u8]) {
         let mut partial = self.partial.lock().unwrap();
         for &b in bytes {
@@ -43,7 +72,7 @@ impl Console {
                     .trim_end_matches('\r')
                     .to_string();
                 partial.clear();
-                println!("guest: {line}");
+                let _ = self.printer.lock().unwrap().send(Print::Line(line.clone()));
                 self.lines.lock().unwrap().push((Instant::now(), line));
                 self.arrived.notify_all();
             } else {
@@ -52,11 +81,17 @@ impl Console {
         }
     }
 
-    /// A console that continues a line the guest had started writing.
-    pub fn continuing(partial: Vec<u8>) -> Self {
-        Self {
-            partial: Mutex::new(partial),
-            ..Default::default()
+    /// Waits until every line so far is printed.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self
+            .printer
+            .lock()
+            .unwrap()
+            .send(Print::Flushed(tx))
+            .is_ok()
+        {
+            let _ = rx.recv();
         }
     }
 

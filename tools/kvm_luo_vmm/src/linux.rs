@@ -337,7 +337,11 @@ impl Running {
         quiesce: impl FnOnce() -> io::Result<T>,
     ) -> io::Result<(T, Vec<(VcpuFd, VcpuState)>)> {
         self.ctl.stop.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while self.ctl.stopped.load(Ordering::Acquire) < self.threads.len() {
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::other("a vCPU does not stop"));
+            }
             for t in &self.threads {
                 // A thread already waiting at the barrier just goes back to waiting.
                 let _ = t.kill(SIGRTMIN());
@@ -399,20 +403,24 @@ fn wait_console(
     pred: impl Fn(&[String]) -> bool,
 ) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    loop {
+    let problem = loop {
         if console.wait_for(from, Duration::from_millis(500), &pred) {
             return;
         }
         if let Some(t) = console.since(from).iter().find(|l| trouble(l)) {
-            fail(format!("the guest reports trouble: {t}"));
+            break format!("the guest reports trouble: {t}");
         }
         if running.any_failed() {
-            fail(format!("a vCPU stopped while waiting for {what}"));
+            break format!("a vCPU stopped while waiting for {what}");
         }
         if std::time::Instant::now() >= deadline {
-            fail(format!("no {what} from the guest in {secs} s"));
+            break format!("no {what} from the guest in {secs} s");
         }
-    }
+    };
+    // What the guest said before the failure goes to the log first.
+    std::thread::sleep(Duration::from_millis(500));
+    console.flush();
+    fail(problem)
 }
 
 fn trouble(line: &str) -> bool {
@@ -593,9 +601,10 @@ pub fn boot_and_preserve(opts: &Opts) {
         progress.generations,
         m.ram.len()
     ));
+    m.console.flush();
     let Machine { vm, ram, mem, .. } = m;
-    drop(mem);
-    let mut keep: Vec<Box<dyn std::any::Any>> = vec![Box::new(vm), Box::new(state_fd)];
+    let mut keep: Vec<Box<dyn std::any::Any>> =
+        vec![Box::new(vm), Box::new(mem), Box::new(state_fd)];
     keep.extend(
         ram.into_iter()
             .map(|f| Box::new(f) as Box<dyn std::any::Any>),
@@ -771,6 +780,7 @@ pub fn resume() {
     }
     say("[kernel 2] nothing in the guest's console about lockups, stalls, clocks or oopses");
     check("stopping the guest", running.stop(|| Ok(())).map(|_| ()));
+    m.console.flush();
     check("finish", session.finish());
 
     let hz = st.hz;

@@ -69,6 +69,19 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> io::Result<Msrs> {
     Msrs::from_entries(&have).map_err(|e| io::Error::other(format!("{e:?}")))
 }
 
+/// Gives the vCPU the TSC frequency it had. KVM takes a frequency within its tolerance of the
+/// host's as it is; another one needs TSC scaling, and without it the guest's TSC runs at the
+/// host's rate: warn, as QEMU does, rather than lose the guest.
+fn set_tsc_khz(vcpu: &VcpuFd, khz: u32) -> io::Result<()> {
+    let now = vcpu.get_tsc_khz().map_err(os("KVM_GET_TSC_KHZ"))?;
+    if now != khz {
+        if let Err(e) = vcpu.set_tsc_khz(khz) {
+            println!("vmm: warning: the guest's TSC runs at {now} kHz, not {khz} kHz: {e}");
+        }
+    }
+    Ok(())
+}
+
 /// Fails unless `kvm_xsave` holds every state component the VM may enable: with dynamic
 /// features (AMX), KVM needs `KVM_GET_XSAVE2`, which this VMM does not use.
 pub fn check_xsave_fits(vm: &VmFd) -> io::Result<()> {
@@ -82,8 +95,10 @@ pub fn check_xsave_fits(vm: &VmFd) -> io::Result<()> {
 }
 
 impl VcpuState {
-    /// Saves the state of a vCPU that is not running.
+    /// Saves the state of a vCPU that is not running. The MP state first: reading it makes
+    /// KVM act on a latched INIT or SIPI, which changes the registers.
     pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> io::Result<Self> {
+        let mp_state = vcpu.get_mp_state().map_err(os("KVM_GET_MP_STATE"))?;
         Ok(Self {
             cpuid: vcpu
                 .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
@@ -95,7 +110,7 @@ impl VcpuState {
             xcrs: vcpu.get_xcrs().map_err(os("KVM_GET_XCRS"))?,
             msrs: read_msrs(vcpu, msr_indices)?,
             lapic: vcpu.get_lapic().map_err(os("KVM_GET_LAPIC"))?,
-            mp_state: vcpu.get_mp_state().map_err(os("KVM_GET_MP_STATE"))?,
+            mp_state,
             events: vcpu.get_vcpu_events().map_err(os("KVM_GET_VCPU_EVENTS"))?,
             debugregs: vcpu.get_debug_regs().map_err(os("KVM_GET_DEBUGREGS"))?,
         })
@@ -108,8 +123,7 @@ impl VcpuState {
     pub fn restore(&self, vm: &VmFd, vcpu: &VcpuFd) -> io::Result<()> {
         check_xsave_fits(vm)?;
         vcpu.set_cpuid2(&self.cpuid).map_err(os("KVM_SET_CPUID2"))?;
-        vcpu.set_tsc_khz(self.tsc_khz)
-            .map_err(os("KVM_SET_TSC_KHZ"))?;
+        set_tsc_khz(vcpu, self.tsc_khz)?;
         vcpu.set_sregs(&self.sregs).map_err(os("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(os("KVM_SET_REGS"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(os("KVM_SET_XCRS"))?;

@@ -270,12 +270,14 @@ fn check_vm(gmem: &GuestMemfd<'_>) -> Result {
 fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<KVVec<FolioRun>> {
     let mut runs: KVVec<FolioRun> = KVVec::new();
     frozen
-        .for_each_folio(|folio: &Folio| {
-            if let Some(last) = runs.last_mut() {
-                if last.try_append(folio) {
-                    return Ok(());
-                }
-            }
+        .for_each_folio(|folio: ARef<Folio>| {
+            let folio = match runs.last_mut() {
+                Some(last) => match last.try_append(folio) {
+                    Ok(()) => return Ok(()),
+                    Err(folio) => folio,
+                },
+                None => folio,
+            };
             if runs.len() as u64 >= MAX_EXTENTS {
                 return Err(E2BIG);
             }
