@@ -252,6 +252,14 @@ fn handle_exit(id: usize, io: &PortIo, exit: VcpuExit<'_>) -> io::Result<()> {
     match exit {
         VcpuExit::IoIn(port, data) => io.read(port, data),
         VcpuExit::IoOut(port, data) => io.write(port, data),
+        // No device behind it (the guest probes): reads see all ones, writes go nowhere.
+        VcpuExit::MmioRead(addr, data) => {
+            println!("vmm: vCPU {id}: MMIO read at {addr:#x}, no device there");
+            data.fill(0xff);
+        }
+        VcpuExit::MmioWrite(addr, _) => {
+            println!("vmm: vCPU {id}: MMIO write at {addr:#x}, no device there");
+        }
         VcpuExit::Intr => {}
         exit => return Err(io::Error::other(format!("vCPU {id}: exit {exit:?}"))),
     }
@@ -270,7 +278,8 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, ctl: &VcpuCtl) -> io::Result<(VcpuFd, V
             Err(e) => Err(io::Error::other(format!("vCPU {id}: KVM_RUN: {e}"))),
         };
     }
-    if result.is_err() {
+    if let Err(e) = &result {
+        println!("vmm: vCPU {id} stopped: {e}");
         ctl.failed.store(true, Ordering::Release);
     }
     // Let KVM complete an I/O instruction the last exit left pending, without entering the
@@ -603,8 +612,9 @@ pub fn boot_and_preserve(opts: &Opts) {
     ));
     m.console.flush();
     let Machine { vm, ram, mem, .. } = m;
-    let mut keep: Vec<Box<dyn std::any::Any>> =
-        vec![Box::new(vm), Box::new(mem), Box::new(state_fd)];
+    // No vCPU runs any more: the mapping can go.
+    drop(mem);
+    let mut keep: Vec<Box<dyn std::any::Any>> = vec![Box::new(vm), Box::new(state_fd)];
     keep.extend(
         ram.into_iter()
             .map(|f| Box::new(f) as Box<dyn std::any::Any>),
