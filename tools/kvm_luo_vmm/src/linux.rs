@@ -56,8 +56,9 @@ const TROUBLE: &[&str] = &[
     "CORRUPT",
     "FAILED",
 ];
-/// What in the guest's console after resume means it started again instead of going on.
-const RESTART: &[&str] = &["Linux version", "GUEST: init"];
+/// What in the guest's console after resume means it started again instead of going on, or
+/// that its clocks did not take the pause well (at boot, the kernel names its clocksources).
+const AFTER_RESUME: &[&str] = &["Linux version", "GUEST: init", "clocksource", "unstable"];
 
 /// How the VMM runs the guest.
 pub struct Opts {
@@ -784,7 +785,7 @@ pub fn resume() {
         .console
         .since(0)
         .iter()
-        .find(|l| trouble(l) || RESTART.iter().any(|r| l.contains(r)))
+        .find(|l| trouble(l) || AFTER_RESUME.iter().any(|r| l.contains(r)))
     {
         fail(format!("after resume, the guest's console has: {t}"));
     }
