@@ -4,6 +4,7 @@
 #
 #   make check   setup if needed, build, lint, run every test in QEMU
 #   make demo    a Rust VMM keeps its guest running across a host live update
+#                (FLEET=1: three VMs under the live-update agent)
 #   make setup   install packages, Rust components and the base tree
 #   make kernel  assemble the tree and build the debug kernel the tests run on
 #   make kernel-release  the same tree without debug options, for demo and bench
@@ -25,7 +26,7 @@ check:
 	@build/check.sh
 
 demo: kernel-release kernel-guest
-	@KLU_KERNEL=release build/demo.sh
+	@KLU_KERNEL=release FLEET="$(FLEET)" DEMO="$(DEMO)" build/demo.sh
 
 setup:
 	@build/setup.sh
@@ -51,4 +52,4 @@ bench: kernel-release
 clean:
 	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/build-release $(KLU_CACHE)/build-guest \
 		$(KLU_CACHE)/clippy \
-		$(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/out $(KLU_CACHE)/out-release
+		$(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/cargo-test $(KLU_CACHE)/out $(KLU_CACHE)/out-release

@@ -27,6 +27,11 @@ if step setup "$KLU_TOP/build/setup.sh" && step kernel "$KLU_TOP/build/kernel.sh
 	# The Linux guest's kernel; without it the tests that need it fail.
 	step guest-kernel env KLU_KERNEL=guest "$KLU_TOP/build/kernel.sh" all
 	"$KLU_TOP/build/lint.sh" -r "$results"
+	# The userspace crates' own tests (no device needed), one result each.
+	for crate in "${KLU_CRATES[@]}"; do
+		step "cargo-test:${crate#tools/}" env CARGO_TARGET_DIR="$KLU_CACHE/cargo-test" \
+			cargo test -q --locked --manifest-path "$KLU_TOP/$crate/Cargo.toml"
+	done
 	"$KLU_TOP/build/configs.sh" -r "$results"
 	"$KLU_TOP/tools/testing/selftests/kvm_luo/run_vmtests.sh" -s "$KLU_SRC" \
 		-b "$KLU_OBJ" -o "$KLU_OUT" -g "$KLU_CACHE/build-guest" -r "$results"

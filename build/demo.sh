@@ -5,17 +5,33 @@
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
 
+if [ -n "${FLEET:-}" ] && [ "${FLEET:-}" != 0 ]; then
+	DEMO=agent_fleet
+fi
 DEMO=${DEMO:-vmm_linux_guest}
 runner=$KLU_TOP/tools/testing/selftests/kvm_luo/run_vmtests.sh
 
+if [ "$DEMO" = agent_fleet ]; then
+	cat <<'END'
+A live update of a KVM host with three VMs, inside QEMU (TCG, nested SVM): the
+agent tools/kvm_luo_agent holds /dev/liveupdate and hands each of three Rust
+VMMs (tools/kvm_luo_vmm, Linux guests of 128, 160 and 192 MiB) a LUO session
+of its own. Once every guest runs, the operator's update makes every VMM stop
+its guest and preserve it in its session; when all are ready the agent kexecs.
+In the new kernel the agent hands each restarted VMM its session back, and
+every guest goes on.
+END
+else
 cat <<'END'
 A live update of a KVM host, inside QEMU (TCG, nested SVM): the Rust VMM
 tools/kvm_luo_vmm boots a Linux guest whose RAM is in guest_memfds, lets it
 work, stops it, saves its state, preserves the VM, the guest_memfds and the
 state in a LUO session; the host kernel kexecs into a new kernel, and the VMM
 resumes the guest there. First, a bare kexec of the same kernel to compare.
-(DEMO=vmm_demo shows the quick real-mode guest instead.)
+(DEMO=vmm_demo shows the quick real-mode guest instead, FLEET=1 three VMs
+under the live-update agent.)
 END
+fi
 "$runner" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT" -g "$KLU_CACHE/build-guest" -t "$DEMO" \
 	> "$KLU_CACHE/demo-runner.log"
 status=$?
@@ -24,7 +40,10 @@ log=$KLU_OUT/logs/$DEMO.log
 echo
 sed -E 's/^\[ *[0-9]+\.[0-9]+\] //' "$log" 2>/dev/null | tr -d '\r' | awk '
 	/^vmm: / { sub(/^vmm: /, "  "); print; next }
+	/^vmm vm[0-9]+: / { sub(/^vmm /, "  ["); sub(/: /, "] "); print; next }
+	/^(agent|fleet): / { print "  " $0; next }
 	/^guest: GUEST: / { sub(/^guest: GUEST: /, "  [guest] "); print; next }
+	/^guest vm[0-9]+: GUEST: / { sub(/^guest /, "  [guest "); sub(/: GUEST: /, "] "); print; next }
 	/^KLU: stage [23] of .*starting/ { print "  --- kexec: the new kernel is up ---" }
 '
 echo

@@ -6,10 +6,12 @@
 # seconds" lines to FILE. Exits non-zero if a check fails.
 #
 #   lint:rustfmt     rustfmt --check (kernel .rustfmt.toml) on the project's .rs
-#                    in the kernel tree, rustfmt --check on the Rust VMM
+#                    in the kernel tree, rustfmt --check on the userspace crates
 #   lint:clippy      the project's Rust objects built with CLIPPY=1, in a
 #                    separate build directory; any warning in project code fails
-#   lint:vmm-clippy  cargo clippy on the Rust VMM (tools/kvm_luo_vmm), -D warnings
+#   lint:vmm-clippy  cargo clippy -D warnings on the userspace crates: the Rust VMM
+#                    (tools/kvm_luo_vmm), the /dev/liveupdate crate (tools/liveupdate)
+#                    and the agent (tools/kvm_luo_agent), their tests included
 #   lint:checkpatch  scripts/checkpatch.pl on patches/*.patch and new C files
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
@@ -34,7 +36,7 @@ lint_rustfmt() {
 	fi
 	if (cd "$KLU_TOP" && rustfmt --check --edition 2021 \
 		--config-path "$KLU_SRC/.rustfmt.toml" $files &&
-	    rustfmt --check --edition 2021 tools/kvm_luo_vmm/src/*.rs); then
+	    rustfmt --check --edition 2021 $(git ls-files --cached --others --exclude-standard -- "${KLU_CRATES[@]/%//*.rs}")); then
 		klu_record PASS lint:rustfmt $((SECONDS - t0)) "$(echo "$files" | wc -l) files"
 	else
 		klu_record FAIL lint:rustfmt $((SECONDS - t0)) "run rustfmt on the files above"
@@ -81,10 +83,13 @@ lint_clippy() {
 }
 
 lint_vmm_clippy() {
-	local t0=$SECONDS
-	if CARGO_TARGET_DIR="$KLU_CACHE/vmm-clippy" cargo clippy -q --locked \
-		--manifest-path "$KLU_TOP/tools/kvm_luo_vmm/Cargo.toml" -- -D warnings; then
-		klu_record PASS lint:vmm-clippy $((SECONDS - t0)) "tools/kvm_luo_vmm"
+	local t0=$SECONDS crate bad=0
+	for crate in "${KLU_CRATES[@]}"; do
+		CARGO_TARGET_DIR="$KLU_CACHE/vmm-clippy" cargo clippy -q --locked --all-targets \
+			--manifest-path "$KLU_TOP/$crate/Cargo.toml" -- -D warnings || bad=1
+	done
+	if [ "$bad" = 0 ]; then
+		klu_record PASS lint:vmm-clippy $((SECONDS - t0)) "${KLU_CRATES[*]}"
 	else
 		klu_record FAIL lint:vmm-clippy $((SECONDS - t0)) "see the warnings above"
 	fi

@@ -48,7 +48,7 @@ impl Console {
         std::thread::spawn(move || {
             for p in rx {
                 match p {
-                    Print::Line(line) => println!("guest: {line}"),
+                    Print::Line(line) => println!("guest{}: {line}", crate::name_suffix()),
                     Print::Flushed(done) => {
                         let _ = io::stdout().flush();
                         let _ = done.send(());

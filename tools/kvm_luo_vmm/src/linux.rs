@@ -12,7 +12,6 @@
 
 use crate::boot;
 use crate::devices::{Console, ConsoleOut, IrqTrigger, PortIo, UartState, COM1_IRQ};
-use crate::liveupdate::{Orchestrator, Session};
 use crate::state::{self, VcpuState, VmState};
 use crate::{fail, hold_and_exit, rdtsc, say, tsc_hz};
 use kvm_bindings::{
@@ -20,10 +19,13 @@ use kvm_bindings::{
     KVM_MEM_GUEST_MEMFD,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_luo_agent::protocol::{FromAgent, VmmState};
+use kvm_luo_agent::Client;
+use liveupdate::{Device, Session, SessionName};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
@@ -255,11 +257,15 @@ fn handle_exit(id: usize, io: &PortIo, exit: VcpuExit<'_>) -> io::Result<()> {
         VcpuExit::IoOut(port, data) => io.write(port, data),
         // No device behind it (the guest probes): reads see all ones, writes go nowhere.
         VcpuExit::MmioRead(addr, data) => {
-            println!("vmm: vCPU {id}: MMIO read at {addr:#x}, no device there");
+            say(format!(
+                "vCPU {id}: MMIO read at {addr:#x}, no device there"
+            ));
             data.fill(0xff);
         }
         VcpuExit::MmioWrite(addr, _) => {
-            println!("vmm: vCPU {id}: MMIO write at {addr:#x}, no device there");
+            say(format!(
+                "vCPU {id}: MMIO write at {addr:#x}, no device there"
+            ));
         }
         VcpuExit::Intr => {}
         exit => return Err(io::Error::other(format!("vCPU {id}: exit {exit:?}"))),
@@ -280,7 +286,31 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, ctl: &VcpuCtl) -> io::Result<(VcpuFd, V
         };
     }
     if let Err(e) = &result {
-        println!("vmm: vCPU {id} stopped: {e}");
+        say(format!("vCPU {id} stopped: {e}"));
+        // Where it was, for the post-mortem (a triple fault says little else).
+        if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+            say(format!(
+                "vCPU {id}: rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} \
+                 cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}+{:#x}",
+                r.rip,
+                r.rsp,
+                r.rflags,
+                sr.cs.selector,
+                sr.cr0,
+                sr.cr2,
+                sr.cr3,
+                sr.cr4,
+                sr.efer,
+                sr.idt.base,
+                sr.idt.limit
+            ));
+        }
+        if let Ok(ev) = vcpu.get_vcpu_events() {
+            say(format!(
+                "vCPU {id}: exception injected {} nr {} error code {:#x}, nmi pending {}",
+                ev.exception.injected, ev.exception.nr, ev.exception.error_code, ev.nmi.pending
+            ));
+        }
         ctl.failed.store(true, Ordering::Release);
     }
     // Let KVM complete an I/O instruction the last exit left pending, without entering the
@@ -461,9 +491,90 @@ fn ping(m: &Machine, running: &Running, n: u32) {
     );
 }
 
-/// Stage 1 of 3: boot the guest, let it work, stop it and preserve it.
-pub fn boot_and_preserve(opts: &Opts) {
-    let hz = tsc_hz();
+/// A guest whose vCPUs run.
+struct Guest {
+    m: Machine,
+    running: Running,
+    msrs: Arc<Vec<u32>>,
+    mem_mib: u64,
+    /// Its last `ping`.
+    pings: u32,
+}
+
+/// A guest whose vCPUs are stopped and whose state is saved.
+struct Stopped {
+    m: Machine,
+    vcpus: Vec<VcpuFd>,
+    msrs: Arc<Vec<u32>>,
+    snapshot: Snapshot,
+    pings: u32,
+}
+
+impl Guest {
+    fn vcpus(&self) -> usize {
+        self.running.threads.len()
+    }
+
+    fn ping(&mut self) {
+        self.pings += 1;
+        ping(&self.m, &self.running, self.pings);
+    }
+
+    /// Stops the vCPUs and saves the whole VM state.
+    fn stop(self, hz: u64) -> Stopped {
+        let Guest {
+            m,
+            running,
+            msrs,
+            mem_mib,
+            pings,
+        } = self;
+        let n = running.threads.len();
+        // From here the guest does not run until it is resumed.
+        let kick = rdtsc();
+        let (vm_state, stopped_vcpus) = check(
+            "stopping the vCPUs and saving the VM",
+            running.stop(|| {
+                // Nothing raises the UART's interrupt after this (KVM waits for injections in
+                // flight); then the VM-wide state.
+                m.vm.unregister_irqfd(&m.irq, COM1_IRQ)
+                    .map_err(os("KVM_IRQFD deassign"))?;
+                VmState::save(&m.vm)
+            }),
+        );
+        let stopped = rdtsc();
+        let progress = Progress::scan(&m.console.since(0), n);
+        let uart = UartState::save(&m.io.uart.lock().unwrap());
+        let (vcpus, vcpu_states): (Vec<_>, Vec<_>) = stopped_vcpus.into_iter().unzip();
+        let saved = rdtsc();
+        let snapshot = Snapshot {
+            magic: MAGIC.into(),
+            mem_mib,
+            vm: vm_state,
+            vcpus: vcpu_states,
+            uart,
+            console_line: m.console.partial(),
+            progress,
+            stamps: Stamps {
+                hz,
+                kick,
+                stopped,
+                saved,
+                preserved: 0,
+            },
+        };
+        Stopped {
+            m,
+            vcpus,
+            msrs,
+            snapshot,
+            pings,
+        }
+    }
+}
+
+/// Boots the guest and waits until it works on every vCPU and answers on its console.
+fn boot(opts: &Opts, label: &str) -> Guest {
     let kvm = check("open /dev/kvm", Kvm::new().map_err(os("open /dev/kvm")));
     let vm = check(
         "KVM_CREATE_VM",
@@ -534,7 +645,7 @@ pub fn boot_and_preserve(opts: &Opts) {
         irq,
     };
     say(format!(
-        "[kernel 1] booting Linux: {} MiB of RAM in {} guest_memfds, {} vCPUs, {} MSRs saved per vCPU",
+        "{label}booting Linux: {} MiB of RAM in {} guest_memfds, {} vCPUs, {} MSRs saved per vCPU",
         opts.mem_mib,
         m.ram.len(),
         opts.vcpus,
@@ -543,75 +654,285 @@ pub fn boot_and_preserve(opts: &Opts) {
     let t0 = std::time::Instant::now();
     let running = check("vCPU threads", Running::start(vcpus, &m.io, &msrs));
     let n = usize::from(opts.vcpus);
-    wait_console(&m.console, &running, 0, 600, "work", |l| {
+    wait_console(&m.console, &running, 0, 900, "work", |l| {
         generations_reached(l, n, &vec![1; n]) && Progress::scan(l, n).beat >= 4
     });
     say(format!(
-        "[kernel 1] the guest booted and its work verified a generation on every vCPU ({:.1} s)",
+        "{label}the guest booted and its work verified a generation on every vCPU ({:.1} s)",
         t0.elapsed().as_secs_f64()
     ));
-    ping(&m, &running, 1);
-    say("[kernel 1] the guest's console answers");
-
-    // Stop: from here the guest does not run until the new kernel resumes it.
-    let kick = rdtsc();
-    let (vm_state, stopped_vcpus) = check(
-        "stopping the vCPUs and saving the VM",
-        running.stop(|| {
-            // Nothing raises the UART's interrupt after this (KVM waits for injections in
-            // flight); then the VM-wide state.
-            m.vm.unregister_irqfd(&m.irq, COM1_IRQ)
-                .map_err(os("KVM_IRQFD deassign"))?;
-            VmState::save(&m.vm)
-        }),
-    );
-    let stopped = rdtsc();
-    let progress = Progress::scan(&m.console.since(0), n);
-    let uart = UartState::save(&m.io.uart.lock().unwrap());
-    let (vcpu_fds, vcpu_states): (Vec<_>, Vec<_>) = stopped_vcpus.into_iter().unzip();
-    drop(vcpu_fds);
-    let saved = rdtsc();
-
-    let luo = check("open /dev/liveupdate", Orchestrator::open());
-    let session = check("create session", luo.create_session(SESSION));
-    check("preserve VM", session.preserve(&m.vm, TOKEN_VM));
-    for (i, f) in m.ram.iter().enumerate() {
-        check(
-            "preserve guest_memfd",
-            session.preserve(f, TOKEN_RAM + i as u64),
-        );
-    }
-    let preserved = rdtsc();
-    let snapshot = Snapshot {
-        magic: MAGIC.into(),
+    let mut g = Guest {
+        m,
+        running,
+        msrs,
         mem_mib: opts.mem_mib,
-        vm: vm_state,
-        vcpus: vcpu_states,
-        uart,
-        console_line: m.console.partial(),
-        progress: progress.clone(),
-        stamps: Stamps {
-            hz,
-            kick,
-            stopped,
-            saved,
-            preserved,
-        },
+        pings: 0,
     };
-    let state_fd = check("saving the state", write_snapshot(&snapshot));
-    check(
-        "preserve the state",
-        session.preserve(&state_fd, TOKEN_STATE),
+    g.ping();
+    say(format!("{label}the guest's console answers"));
+    g
+}
+
+impl Stopped {
+    /// Preserves the VM, its guest_memfds and its state in `session`; returns the memfd that
+    /// holds the state.
+    fn preserve(&mut self, session: &Session) -> io::Result<File> {
+        let lu = |what: &'static str| {
+            move |e: liveupdate::Error| io::Error::other(format!("{what}: {e}"))
+        };
+        // SAFETY: The VM fd stays open while `self.m.vm` lives, beyond this borrow.
+        let vm = unsafe { BorrowedFd::borrow_raw(self.m.vm.as_raw_fd()) };
+        session
+            .preserve(&vm, TOKEN_VM)
+            .map_err(lu("preserving the VM"))?;
+        for (i, f) in self.m.ram.iter().enumerate() {
+            session
+                .preserve(f, TOKEN_RAM + i as u64)
+                .map_err(lu("preserving a guest_memfd"))?;
+        }
+        self.snapshot.stamps.preserved = rdtsc();
+        let state_fd = write_snapshot(&self.snapshot)?;
+        session
+            .preserve(&state_fd, TOKEN_STATE)
+            .map_err(lu("preserving the state"))?;
+        Ok(state_fd)
+    }
+
+    /// Runs the guest again from the state it was saved in, on the same host kernel (the
+    /// update did not happen). Restoring that state hides the pause from the guest, as the
+    /// new kernel's restore does.
+    fn go_on(self, label: &str) -> Guest {
+        let Stopped {
+            m,
+            vcpus,
+            msrs,
+            snapshot: s,
+            pings,
+        } = self;
+        for (vcpu, state) in vcpus.iter().zip(&s.vcpus) {
+            check("restoring a vCPU", state.restore(&m.vm, vcpu));
+        }
+        check("restoring the irqchip and PIT", s.vm.restore_devices(&m.vm));
+        check(
+            "KVM_IRQFD",
+            m.vm.register_irqfd(&m.irq, COM1_IRQ)
+                .map_err(os("KVM_IRQFD")),
+        );
+        check("restoring the clock", s.vm.restore_clock(&m.vm));
+        kvmclock_paused(&vcpus);
+        let from = m.console.len();
+        let running = check("vCPU threads", Running::start(vcpus, &m.io, &msrs));
+        let mut g = Guest {
+            m,
+            running,
+            msrs,
+            mem_mib: s.mem_mib,
+            pings,
+        };
+        g.check_went_on(&s.progress, from, label);
+        g
+    }
+}
+
+/// Tells the guest it was paused, so that its watchdogs do not take the pause for a lockup.
+/// Only a guest that set up kvmclock has anything to tell.
+fn kvmclock_paused(vcpus: &[VcpuFd]) {
+    for vcpu in vcpus {
+        if let Err(e) = vcpu.kvmclock_ctrl() {
+            if e.errno() != libc::EINVAL {
+                fail(format!("KVM_KVMCLOCK_CTRL: {e}"));
+            }
+        }
+    }
+}
+
+/// When the steps of a restore ended (TSC).
+struct Restored {
+    start: u64,
+    retrieved: u64,
+    restored: u64,
+}
+
+/// Retrieves a guest from `session` and runs it again.
+fn restore(session: &Session, label: &str) -> (Guest, Snapshot, Restored) {
+    let start = rdtsc();
+    let retrieve = |token: u64, what: &str| -> OwnedFd {
+        session
+            .retrieve(token)
+            .unwrap_or_else(|e| fail(format!("retrieve {what}: {e}")))
+    };
+    let s = check(
+        "read the state",
+        read_snapshot(retrieve(TOKEN_STATE, "state")),
     );
+    let regions = s.mem_mib.div_ceil(REGION >> 20);
+    // The first guest_memfd before its VM, the others after it: any order works.
+    let mut ram = vec![File::from(retrieve(TOKEN_RAM, "guest_memfd 0"))];
+    let vm_fd = retrieve(TOKEN_VM, "VM");
+    for i in 1..regions {
+        ram.push(File::from(retrieve(TOKEN_RAM + i, "guest_memfd")));
+    }
+    let retrieved = rdtsc();
+
+    let kvm = check("open /dev/kvm", Kvm::new().map_err(os("open /dev/kvm")));
+    // SAFETY: `vm_fd` is a VM fd retrieved from LUO, owned by the new `VmFd`.
+    let vm = check(
+        "adopt the VM",
+        unsafe { kvm.create_vmfd_from_rawfd(vm_fd.into_raw_fd()) }.map_err(os("VM fd")),
+    );
+    let mem = check("guest RAM", Machine::map_ram(&vm, &ram));
+    // The irqchip and PIT must exist before the vCPUs; their state goes in once the vCPUs
+    // are there to take what they replay; the clock last.
+    check("irqchip and PIT", state::create_irqchip_and_pit(&vm));
+    let mut vcpus = Vec::new();
+    for (id, state) in s.vcpus.iter().enumerate() {
+        let vcpu = check(
+            "KVM_CREATE_VCPU",
+            vm.create_vcpu(id as u64).map_err(os("KVM_CREATE_VCPU")),
+        );
+        check("restoring a vCPU", state.restore(&vm, &vcpu));
+        vcpus.push(vcpu);
+    }
+    check("restoring the irqchip and PIT", s.vm.restore_devices(&vm));
+    let (io, console, irq) = check(
+        "devices",
+        Machine::devices(&vm, Some(&s.uart), s.console_line.clone()),
+    );
+    check("restoring the clock", s.vm.restore_clock(&vm));
+    kvmclock_paused(&vcpus);
+    let msrs = Arc::new(check("MSR list", state::msr_indices(&kvm)));
+    let m = Machine {
+        vm,
+        ram,
+        mem,
+        io,
+        console,
+        irq,
+    };
+    let restored = rdtsc();
+    say(format!(
+        "{label}retrieved the VM, {} guest_memfds and the state; restored {} vCPUs \
+         (regs, sregs, XSAVE, XCRs, {} MSRs, LAPIC, MP state, events, debug registers), \
+         PIC, IOAPIC, PIT, kvmclock and the UART",
+        m.ram.len(),
+        s.vcpus.len(),
+        s.vcpus.first().map_or(0, |v| v.msrs.as_slice().len())
+    ));
+    let running = check("vCPU threads", Running::start(vcpus, &m.io, &msrs));
+    let g = Guest {
+        m,
+        running,
+        msrs,
+        mem_mib: s.mem_mib,
+        // The guest answered one ping before it was saved.
+        pings: 1,
+    };
+    (
+        g,
+        s,
+        Restored {
+            start,
+            retrieved,
+            restored,
+        },
+    )
+}
+
+impl Guest {
+    /// Checks that the guest, resumed from `p0`, went on: its console lines from `from` on
+    /// show the next heartbeat with a clock that hid the pause, two more verified generations
+    /// on every vCPU, an answer on the console, and no complaint for 5 s.
+    fn check_went_on(&mut self, p0: &Progress, from: usize, label: &str) {
+        let n = self.vcpus();
+        let (console, running) = (&self.m.console, &self.running);
+        // The heartbeat goes on from where it was: the next beat, not a reboot's first.
+        wait_console(console, running, from, 120, "heartbeat", |l| {
+            Progress::scan(l, n).beat > p0.beat
+        });
+        let first_beat = console
+            .since(from)
+            .iter()
+            .find_map(|l| {
+                let p = Progress::scan(std::slice::from_ref(l), n);
+                (p.beat != 0).then_some(p)
+            })
+            .unwrap_or_default();
+        // The next beat, or the one after if a kernel message garbled the next one's line; a
+        // guest that started again counts from 1.
+        if !(p0.beat + 1..=p0.beat + 2).contains(&first_beat.beat) {
+            fail(format!(
+                "the heartbeat went from {} to {}: the guest did not simply go on",
+                p0.beat, first_beat.beat
+            ));
+        }
+        // Beats are 0.25 s apart; the restored clock hides the pause.
+        let gap = first_beat.mono - p0.mono;
+        if !(0.0..1.0).contains(&gap) {
+            fail(format!(
+                "the guest's clock jumped by {gap:.3} s across the pause"
+            ));
+        }
+        say(format!(
+            "{label}the guest went on: heartbeat {} -> {}, its clock {:.3} -> {:.3} s",
+            p0.beat, first_beat.beat, p0.mono, first_beat.mono
+        ));
+        // Two more generations on every vCPU: the one the pause interrupted, whose check reads
+        // what was written before the pause, and a whole one after.
+        let want: Vec<u64> = p0.generations.iter().map(|g| g + 2).collect();
+        wait_console(console, running, from, 900, "verified generations", |l| {
+            generations_reached(l, n, &want)
+        });
+        say(format!(
+            "{label}its memory checks verify: generations {:?} -> {:?}",
+            p0.generations, want
+        ));
+        self.ping();
+        say(format!("{label}its console answers"));
+        let (console, quiet_from) = (&self.m.console, self.m.console.len());
+        std::thread::sleep(Duration::from_secs(5));
+        if let Some(t) = console.since(quiet_from).iter().find(|l| trouble(l)) {
+            fail(format!("the guest reports trouble: {t}"));
+        }
+        if let Some(t) = console
+            .since(from)
+            .iter()
+            .find(|l| trouble(l) || AFTER_RESUME.iter().any(|r| l.contains(r)))
+        {
+            fail(format!("after resume, the guest's console has: {t}"));
+        }
+        say(format!(
+            "{label}nothing in the guest's console about lockups, stalls, clocks or oopses"
+        ));
+    }
+}
+
+/// Stage 1 of 3: boot the guest, let it work, stop it and preserve it.
+pub fn boot_and_preserve(opts: &Opts) {
+    let hz = tsc_hz();
+    let g = boot(opts, "[kernel 1] ");
+    let mut s = g.stop(hz);
+    let name = SessionName::new(SESSION).expect("a valid name");
+    let luo = check(
+        "open /dev/liveupdate",
+        Device::open().map_err(io::Error::from),
+    );
+    let session = check(
+        "create session",
+        luo.create_session(&name).map_err(io::Error::from),
+    );
+    let state_fd = check("preserving", s.preserve(&session));
+    let p = &s.snapshot.progress;
     say(format!(
         "[kernel 1] paused at heartbeat {} (guest clock {:.3} s), generations {:?}; \
          preserved the VM, {} guest_memfds and its state; kexec",
-        progress.beat,
-        progress.mono,
-        progress.generations,
-        m.ram.len()
+        p.beat,
+        p.mono,
+        p.generations,
+        s.m.ram.len()
     ));
-    m.console.flush();
+    s.m.console.flush();
+    let Stopped { m, vcpus, .. } = s;
+    drop(vcpus);
     let Machine { vm, ram, mem, .. } = m;
     // No vCPU runs any more: the mapping can go.
     drop(mem);
@@ -648,169 +969,43 @@ fn read_snapshot(fd: OwnedFd) -> io::Result<Snapshot> {
     Ok(s)
 }
 
-fn retrieve(session: &Session, token: u64, what: &str) -> OwnedFd {
-    session
-        .retrieve(token)
-        .unwrap_or_else(|e| fail(format!("retrieve {what}: {e}")))
-}
-
 /// Stage 2 of 3: retrieve, restore, resume and check; then leave what stage 3 needs to time
 /// a bare kexec.
 pub fn resume() {
-    let start = rdtsc();
-    let luo = check("open /dev/liveupdate", Orchestrator::open());
-    let session = check("retrieve session", luo.retrieve_session(SESSION));
-    let s = check(
-        "read the state",
-        read_snapshot(retrieve(&session, TOKEN_STATE, "state")),
+    let name = SessionName::new(SESSION).expect("a valid name");
+    let luo = check(
+        "open /dev/liveupdate",
+        Device::open().map_err(io::Error::from),
     );
+    let session = check(
+        "retrieve session",
+        luo.retrieve_session(&name).map_err(io::Error::from),
+    );
+    let (mut g, s, t) = restore(&session, "[kernel 2] ");
+    g.check_went_on(&s.progress, 0, "[kernel 2] ");
+    let resumed = g.running.first_entry();
+    check("stopping the guest", g.running.stop(|| Ok(())).map(|_| ()));
+    g.m.console.flush();
+    check("finish", session.finish().map_err(io::Error::from));
+
     let st = s.stamps;
-    let regions = s.mem_mib.div_ceil(REGION >> 20);
-    // The first guest_memfd before its VM, the others after it: any order works.
-    let mut ram = vec![File::from(retrieve(&session, TOKEN_RAM, "guest_memfd 0"))];
-    let vm_fd = retrieve(&session, TOKEN_VM, "VM");
-    for i in 1..regions {
-        ram.push(File::from(retrieve(&session, TOKEN_RAM + i, "guest_memfd")));
-    }
-    let retrieved = rdtsc();
-
-    let kvm = check("open /dev/kvm", Kvm::new().map_err(os("open /dev/kvm")));
-    // SAFETY: `vm_fd` is a VM fd retrieved from LUO, owned by the new `VmFd`.
-    let vm = check(
-        "adopt the VM",
-        unsafe { kvm.create_vmfd_from_rawfd(vm_fd.into_raw_fd()) }.map_err(os("VM fd")),
-    );
-    let mem = check("guest RAM", Machine::map_ram(&vm, &ram));
-    // The irqchip and PIT must exist before the vCPUs; their state goes in once the vCPUs
-    // are there to take what they replay; the clock last.
-    check("irqchip and PIT", state::create_irqchip_and_pit(&vm));
-    let mut vcpus = Vec::new();
-    for (id, state) in s.vcpus.iter().enumerate() {
-        let vcpu = check(
-            "KVM_CREATE_VCPU",
-            vm.create_vcpu(id as u64).map_err(os("KVM_CREATE_VCPU")),
-        );
-        check("restoring a vCPU", state.restore(&vm, &vcpu));
-        vcpus.push(vcpu);
-    }
-    check("restoring the irqchip and PIT", s.vm.restore_devices(&vm));
-    let (io, console, irq) = check(
-        "devices",
-        Machine::devices(&vm, Some(&s.uart), s.console_line.clone()),
-    );
-    check("restoring the clock", s.vm.restore_clock(&vm));
-    for vcpu in &vcpus {
-        // Tell the guest it was paused, so that its watchdogs do not take the pause for a
-        // lockup. Only a guest that set up kvmclock has anything to tell.
-        if let Err(e) = vcpu.kvmclock_ctrl() {
-            if e.errno() != libc::EINVAL {
-                fail(format!("KVM_KVMCLOCK_CTRL: {e}"));
-            }
-        }
-    }
-    let msrs = Arc::new(check("MSR list", state::msr_indices(&kvm)));
-    let m = Machine {
-        vm,
-        ram,
-        mem,
-        io,
-        console,
-        irq,
-    };
-    let restored = rdtsc();
-    say(format!(
-        "[kernel 2] retrieved the VM, {} guest_memfds and the state; restored {} vCPUs \
-         (regs, sregs, XSAVE, XCRs, {} MSRs, LAPIC, MP state, events, debug registers), \
-         PIC, IOAPIC, PIT, kvmclock and the UART",
-        m.ram.len(),
-        s.vcpus.len(),
-        s.vcpus.first().map_or(0, |v| v.msrs.as_slice().len())
-    ));
-    let running = check("vCPU threads", Running::start(vcpus, &m.io, &msrs));
-    let n = s.vcpus.len();
-    // The heartbeat goes on from where it was: the next beat, not a reboot's first.
-    let p0 = s.progress.clone();
-    wait_console(&m.console, &running, 0, 120, "heartbeat", |l| {
-        Progress::scan(l, n).beat > p0.beat
-    });
-    while running.first_entry() == 0 {
-        std::thread::yield_now();
-    }
-    let resumed = running.first_entry();
-    let lines = m.console.since(0);
-    let first_beat = lines
-        .iter()
-        .find_map(|l| {
-            let p = Progress::scan(std::slice::from_ref(l), n);
-            (p.beat != 0).then_some(p)
-        })
-        .unwrap_or_default();
-    // The next beat, or the one after if a kernel message garbled the next one's line; a
-    // guest that started again counts from 1.
-    if !(p0.beat + 1..=p0.beat + 2).contains(&first_beat.beat) {
-        fail(format!(
-            "the heartbeat went from {} to {}: the guest did not simply go on",
-            p0.beat, first_beat.beat
-        ));
-    }
-    // Beats are 0.25 s apart; the clock restored with KVM_SET_CLOCK hides the pause.
-    let gap = first_beat.mono - p0.mono;
-    if !(0.0..1.0).contains(&gap) {
-        fail(format!(
-            "the guest's clock jumped by {gap:.3} s across the pause"
-        ));
-    }
-    say(format!(
-        "[kernel 2] the guest went on: heartbeat {} -> {}, its clock {:.3} -> {:.3} s",
-        p0.beat, first_beat.beat, p0.mono, first_beat.mono
-    ));
-    // Two more generations on every vCPU: the one the pause interrupted, whose check reads
-    // what was written before the kexec, and a whole one after.
-    let want: Vec<u64> = p0.generations.iter().map(|g| g + 2).collect();
-    wait_console(&m.console, &running, 0, 600, "verified generations", |l| {
-        generations_reached(l, n, &want)
-    });
-    say(format!(
-        "[kernel 2] its memory checks verify: generations {:?} -> {:?}",
-        p0.generations, want
-    ));
-    ping(&m, &running, 2);
-    say("[kernel 2] its console answers");
-    let quiet_from = m.console.len();
-    std::thread::sleep(Duration::from_secs(5));
-    if let Some(t) = m.console.since(quiet_from).iter().find(|l| trouble(l)) {
-        fail(format!("the guest reports trouble: {t}"));
-    }
-    if let Some(t) = m
-        .console
-        .since(0)
-        .iter()
-        .find(|l| trouble(l) || AFTER_RESUME.iter().any(|r| l.contains(r)))
-    {
-        fail(format!("after resume, the guest's console has: {t}"));
-    }
-    say("[kernel 2] nothing in the guest's console about lockups, stalls, clocks or oopses");
-    check("stopping the guest", running.stop(|| Ok(())).map(|_| ()));
-    m.console.flush();
-    check("finish", session.finish());
-
     let hz = st.hz;
     let blackout = ms(resumed.saturating_sub(st.kick), hz);
     say(format!(
         "blackout {blackout:.0} ms (TSC, guest's last instruction in the old kernel to its first in the new):"
     ));
-    for (what, t) in [
+    for (what, ms_) in [
         ("stop + save", ms(st.saved - st.kick, hz)),
         ("preserve", ms(st.preserved - st.saved, hz)),
         (
             "freeze + kexec + boot to init",
-            ms(start.saturating_sub(st.preserved), hz),
+            ms(t.start.saturating_sub(st.preserved), hz),
         ),
-        ("retrieve", ms(retrieved - start, hz)),
-        ("restore", ms(restored - retrieved, hz)),
-        ("resume", ms(resumed.saturating_sub(restored), hz)),
+        ("retrieve", ms(t.retrieved - t.start, hz)),
+        ("restore", ms(t.restored - t.retrieved, hz)),
+        ("resume", ms(resumed.saturating_sub(t.restored), hz)),
     ] {
-        say(format!("  {what:<32} {t:>8.1} ms"));
+        say(format!("  {what:<32} {ms_:>8.1} ms"));
     }
     let args = format!(
         "klu.arg.blackout_us={} klu.arg.bare_tsc={} klu.arg.tsc_hz={hz}\n",
@@ -822,4 +1017,223 @@ pub fn resume() {
         std::fs::write(NEXT_ARGS, args),
     );
     say("PASS: the Linux guest kept running across the host kernel live update");
+}
+
+/// How a VMM under the agent behaves.
+pub struct AgentOpts {
+    /// The agent's socket.
+    pub socket: std::path::PathBuf,
+    /// The session's name, one per VM.
+    pub name: SessionName,
+    /// Test hook: never answer the agent's prepare (a VMM that does not become ready).
+    pub never_ready: bool,
+}
+
+/// Connects to the agent and gets this VM's session. Waits as long as it takes: agent
+/// trouble never stops a guest.
+fn agent_session(a: &AgentOpts) -> (Client, Session, bool) {
+    let mut wait = Duration::from_millis(200);
+    let mut tries = 0u32;
+    loop {
+        let got = Client::connect(&a.socket).and_then(|c| {
+            let (s, retrieved) = c.session(&a.name)?;
+            Ok((c, s, retrieved))
+        });
+        match got {
+            Ok(x) => return x,
+            Err(e) => {
+                if tries.is_multiple_of(10) {
+                    say(format!("waiting for a session from the agent: {e}"));
+                }
+                tries += 1;
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn tell(client: &Client, state: VmmState, detail: impl Into<String>) {
+    if let Err(e) = client.report(state, detail) {
+        say(format!("telling the agent: {e}"));
+    }
+}
+
+/// What came from the agent.
+enum Heard {
+    Event(FromAgent),
+    /// The agent closed the connection: it is gone.
+    Gone,
+    /// The connection failed otherwise; this side cut it.
+    Broken,
+}
+
+/// The agent's next event. Messages this VMM does not understand are skipped.
+fn next_event(client: &Client) -> Heard {
+    loop {
+        match client.next_event() {
+            Ok(Some(FromAgent::Unknown)) => {}
+            Ok(Some(m)) => return Heard::Event(m),
+            Ok(None) => return Heard::Gone,
+            Err(kvm_luo_agent::Error::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                say(format!("skipping a message from the agent: {e}"));
+            }
+            Err(kvm_luo_agent::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                say(format!("from the agent: {e}; disconnecting"));
+                client.disconnect();
+                return Heard::Broken;
+            }
+        }
+    }
+}
+
+/// After this VMM closed its session: tell the agent and get a new one, from a new
+/// connection (or a new agent) if that fails.
+fn renew(client: Client, a: &AgentOpts) -> (Client, Session) {
+    let again = client.release().and_then(|()| client.session(&a.name));
+    match again {
+        Ok((session, _)) => (client, session),
+        Err(e) => {
+            say(format!("a new session: {e}; connecting again"));
+            // The agent must see this connection go, or it keeps the name for it.
+            client.disconnect();
+            drop(client);
+            let (c, s, _) = agent_session(a);
+            (c, s)
+        }
+    }
+}
+
+/// A VMM under `kvm-luo-agent`: gets its session from the agent; if it came from the previous
+/// kernel, resumes the guest from it, otherwise boots the guest; then does what the agent
+/// says: prepare (stop, save, preserve, say ready: the host may kexec), or abort (close the
+/// session, get a new one, and run the guest again from where it stopped). If the agent goes
+/// away, the guest goes on and the VMM waits for an agent again. Returns only on failure.
+pub fn serve(opts: &Opts, a: &AgentOpts) {
+    let hz = tsc_hz();
+    let (mut client, mut session, retrieved) = agent_session(a);
+    let mut guest = if retrieved {
+        tell(
+            &client,
+            VmmState::Starting,
+            "restoring its guest from the previous kernel",
+        );
+        let (mut g, snap, _) = restore(&session, "");
+        g.check_went_on(&snap.progress, 0, "");
+        check("finish", session.finish().map_err(io::Error::from));
+        // The next update needs a session of this kernel.
+        drop(session);
+        (client, session) = renew(client, a);
+        say("finished the previous kernel's session; a new one for the next update");
+        tell(
+            &client,
+            VmmState::Resumed,
+            "guest resumed after the live update, checks pass",
+        );
+        g
+    } else {
+        tell(&client, VmmState::Starting, "booting its guest");
+        let g = boot(opts, "");
+        tell(&client, VmmState::Running, "guest booted, checks pass");
+        g
+    };
+    loop {
+        match next_event(&client) {
+            Heard::Event(FromAgent::Prepare) if a.never_ready => {
+                say("the agent asks to prepare; this VMM never answers (--never-ready)");
+            }
+            Heard::Event(FromAgent::Prepare) => {
+                tell(
+                    &client,
+                    VmmState::Preparing,
+                    "stopping and preserving its guest",
+                );
+                let mut stopped = guest.stop(hz);
+                let state_fd = match stopped.preserve(&session) {
+                    Ok(f) => {
+                        let p = &stopped.snapshot.progress;
+                        say(format!(
+                            "paused at heartbeat {} (guest clock {:.3} s), generations {:?}; \
+                             preserved the VM, {} guest_memfds and its state; ready",
+                            p.beat,
+                            p.mono,
+                            p.generations,
+                            stopped.m.ram.len()
+                        ));
+                        stopped.m.console.flush();
+                        tell(&client, VmmState::Ready, "everything preserved");
+                        let _ = client.ready(Ok(()));
+                        Some(f)
+                    }
+                    Err(e) => {
+                        say(format!("cannot be updated: {e}"));
+                        let _ = client.ready(Err(e.to_string()));
+                        None
+                    }
+                };
+                // The guest stays stopped until the kexec, or until the update is off.
+                let (reason, agent_there) = loop {
+                    match next_event(&client) {
+                        Heard::Event(FromAgent::Abort { reason }) => break (reason, true),
+                        Heard::Event(m) => say(format!("ignoring a message from the agent: {m:?}")),
+                        Heard::Gone => break ("the agent went away".to_string(), false),
+                        Heard::Broken => {
+                            // The agent refuses an update this VMM left, unless its kexec
+                            // is under way: give that one the time to happen.
+                            std::thread::sleep(Duration::from_secs(10));
+                            break ("the connection to the agent failed".to_string(), false);
+                        }
+                    }
+                };
+                say(format!(
+                    "the update is off ({reason}): closing the session, the guest goes on"
+                ));
+                // Closing the session (the agent closed its copy) unpreserves everything in it.
+                drop(state_fd);
+                drop(session);
+                if agent_there {
+                    // A session for the next update first, then the guest.
+                    (client, session) = renew(client, a);
+                    guest = stopped.go_on("");
+                } else {
+                    // The guest first: it does not wait for an agent.
+                    client.disconnect();
+                    guest = stopped.go_on("");
+                    let (c, s, _) = agent_session(a);
+                    (client, session) = (c, s);
+                }
+                tell(
+                    &client,
+                    VmmState::Continued,
+                    "guest went on after the update was off, checks pass",
+                );
+            }
+            Heard::Event(FromAgent::Abort { reason }) => {
+                say(format!(
+                    "the update is off ({reason}); the guest was not stopped"
+                ));
+                drop(session);
+                (client, session) = renew(client, a);
+                tell(
+                    &client,
+                    VmmState::Continued,
+                    "the update was off before this VMM prepared; the guest runs on",
+                );
+            }
+            Heard::Event(m) => say(format!("ignoring a message from the agent: {m:?}")),
+            Heard::Gone | Heard::Broken => {
+                say("the agent went away (restarted?): the guest goes on; waiting for an agent");
+                client.disconnect();
+                drop(client);
+                drop(session);
+                let (c, s, _) = agent_session(a);
+                (client, session) = (c, s);
+                tell(&client, VmmState::Running, "guest runs, checks passed");
+            }
+        }
+        if guest.running.any_failed() {
+            fail("a vCPU stopped");
+        }
+    }
 }

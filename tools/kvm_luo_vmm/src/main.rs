@@ -12,14 +12,13 @@
 mod boot;
 mod devices;
 mod linux;
-mod liveupdate;
 mod state;
 
 use kvm_bindings::{
     kvm_create_guest_memfd, kvm_regs, kvm_sregs, kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use liveupdate::{Orchestrator, Session};
+use liveupdate::{Device, Session, SessionName};
 use std::io::{self, Error};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::exit;
@@ -70,12 +69,20 @@ struct SavedState {
 
 const MAGIC: u64 = 0x4b4c_5556_4d4d_3031; // "KLUVMM01"
 
+/// The VM's name under the agent, if any: it goes into every line the VMM prints.
+static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `" NAME"` under the agent, nothing otherwise.
+fn name_suffix() -> String {
+    NAME.get().map(|n| format!(" {n}")).unwrap_or_default()
+}
+
 fn say(msg: impl AsRef<str>) {
-    println!("vmm: {}", msg.as_ref());
+    println!("vmm{}: {}", name_suffix(), msg.as_ref());
 }
 
 fn fail(msg: impl AsRef<str>) -> ! {
-    println!("vmm: FAILED: {}", msg.as_ref());
+    println!("vmm{}: FAILED: {}", name_suffix(), msg.as_ref());
     exit(1)
 }
 
@@ -244,9 +251,12 @@ fn stage1() {
         state.regs.rip, state.ram_checksum
     ));
 
-    let luo = check("open /dev/liveupdate", Orchestrator::open());
-    let session = check("create session", luo.create_session(SESSION));
-    check("preserve VM", session.preserve(&vm, TOKEN_VM));
+    let name = check("session name", SessionName::new(SESSION));
+    let luo = check("open /dev/liveupdate", Device::open());
+    let session = check("create session", luo.create_session(&name));
+    // SAFETY: The VM fd stays open while `vm` lives, beyond this borrow.
+    let vm_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+    check("preserve VM", session.preserve(&vm_fd, TOKEN_VM));
     check("preserve guest_memfd", session.preserve(&gmem, TOKEN_RAM));
     check(
         "preserve vCPU state",
@@ -307,7 +317,7 @@ fn load_state(fd: &OwnedFd) -> io::Result<SavedState> {
 }
 
 /// Keeps the session (and the files) open in a child while the host kexecs.
-fn hold_and_exit(luo: Orchestrator, session: Session, files: Vec<Box<dyn std::any::Any>>) -> ! {
+fn hold_and_exit(luo: Device, session: Session, files: Vec<Box<dyn std::any::Any>>) -> ! {
     // SAFETY: Single-threaded process; the child only sleeps.
     match unsafe { libc::fork() } {
         -1 => fail(format!("fork: {}", Error::last_os_error())),
@@ -325,8 +335,9 @@ fn hold_and_exit(luo: Orchestrator, session: Session, files: Vec<Box<dyn std::an
 }
 
 fn stage2() {
-    let luo = check("open /dev/liveupdate", Orchestrator::open());
-    let session = check("retrieve session", luo.retrieve_session(SESSION));
+    let name = check("session name", SessionName::new(SESSION));
+    let luo = check("open /dev/liveupdate", Device::open());
+    let session = check("retrieve session", luo.retrieve_session(&name));
     let state_fd = check("retrieve vCPU state", session.retrieve(TOKEN_STATE));
     let state = check("read vCPU state", load_state(&state_fd));
     let paused_ms = (rdtsc() - state.tsc_paused) as f64 * 1e3 / state.tsc_hz as f64;
@@ -390,14 +401,19 @@ fn stage2() {
 
 const USAGE: &str =
     "usage: kvm-luo-vmm [--linux BZIMAGE --initrd INITRAMFS [--mem MIB] [--vcpus N]] -s STAGE
+       kvm-luo-vmm --linux BZIMAGE --initrd INITRAMFS [--mem MIB] [--vcpus N] --agent SOCKET --name NAME [--never-ready]
   without --linux: the quick real-mode guest, stages 1 (preserve) and 2 (resume)
-  with --linux: a Linux guest, stages 1 (boot and preserve), 2 (resume), 3 (a bare kexec)";
+  with --linux: a Linux guest, stages 1 (boot and preserve), 2 (resume), 3 (a bare kexec)
+  with --agent: a Linux guest under kvm-luo-agent, in session NAME: resumed from it if the
+    previous kernel kept it, booted otherwise; prepared for an update when the agent says
+    (--never-ready: a test hook, never answer)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut stage = None;
     let (mut kernel, mut initrd) = (None, None);
     let (mut mem_mib, mut vcpus) = (256, 2);
+    let (mut agent, mut name, mut never_ready) = (None, None, false);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().unwrap_or_else(|| fail(USAGE));
@@ -407,6 +423,9 @@ fn main() {
             "--initrd" => initrd = Some(value()),
             "--mem" => mem_mib = value().parse().unwrap_or_else(|_| fail(USAGE)),
             "--vcpus" => vcpus = value().parse().unwrap_or_else(|_| fail(USAGE)),
+            "--agent" => agent = Some(value()),
+            "--name" => name = Some(value()),
+            "--never-ready" => never_ready = true,
             _ => fail(USAGE),
         }
     }
@@ -421,6 +440,20 @@ fn main() {
                 mem_mib,
                 vcpus,
             };
+            if let (Some(socket), Some(name), None) = (&agent, &name, &stage) {
+                let name = check("--name", SessionName::new(name));
+                let _ = NAME.set(name.to_string());
+                let a = linux::AgentOpts {
+                    socket: socket.into(),
+                    name,
+                    never_ready,
+                };
+                linux::serve(&opts, &a);
+                fail("the VMM stopped serving");
+            }
+            if agent.is_some() || name.is_some() || never_ready {
+                fail(USAGE);
+            }
             match stage.as_deref() {
                 Some("1") => linux::boot_and_preserve(&opts),
                 Some("2") => linux::resume(),

@@ -8,8 +8,10 @@
  * kexecs into /kernel with /initrd.img and "klu.stage=2" on the command line,
  * and the new kernel runs the same test with "-s 2". Three-stage tests
  * ("kexec2") kexec once more, from an initramfs that carries a kernel and an
- * image of its own, and run "-s 3". Every stage prints one line the runner
- * looks for:
+ * image of its own, and run "-s 3". In "agent" tests the test kexecs by
+ * itself (through the live-update agent) in stage 1 and prints that stage's
+ * line itself before it does; init never kexecs for it, and halts if it
+ * returns. Every stage prints one line the runner looks for:
  *
  *	KLU: stage S of NAME: PASS|FAIL (exit status E, expected X)
  *
@@ -151,7 +153,7 @@ static int find_test(const char *name, struct test *t)
 /* Number of kernels a test runs in. */
 static int stages_of(const struct test *t)
 {
-	if (!strcmp(t->kind, "kexec"))
+	if (!strcmp(t->kind, "kexec") || !strcmp(t->kind, "agent"))
 		return 2;
 	if (!strcmp(t->kind, "kexec2"))
 		return 3;
@@ -334,6 +336,12 @@ int main(void)
 	kmemleak_clear();
 	say("stage %d of %s: starting %s", stage, name, t.argv[0]);
 	rc = run(&t, stage);
+	if (!strcmp(t.kind, "agent") && stage == 1) {
+		/* Only a test that failed comes back: its kexec did not happen. */
+		say("stage 1 of %s: FAIL (it returned, exit status %d, instead of kexecing)",
+		    name, rc);
+		halt();
+	}
 	say("stage %d of %s: %s (exit status %d, expected %d)", stage, name,
 	    rc == expected ? "PASS" : "FAIL", rc, expected);
 	kmemleak_check(name, stage);

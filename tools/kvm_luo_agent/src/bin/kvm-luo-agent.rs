@@ -1,0 +1,553 @@
+// SPDX-License-Identifier: GPL-2.0
+//! `kvm-luo-agent [--socket PATH]`: holds `/dev/liveupdate` for a KVM host, hands each VMM a
+//! LUO session of its own over a Unix socket, performs the live update when an operator asks
+//! and every VMM is ready, and in the new kernel hands each VMM the session kept for it.
+//! The protocol: `kvm_luo_agent::protocol`.
+
+use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal};
+use kvm_luo_agent::protocol::{FromAgent, Handover, ToAgent, AGENT_SESSION, DEFAULT_SOCKET};
+use kvm_luo_agent::socket;
+use liveupdate::{Device, Session, SessionName};
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::exit;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long an armed update waits for the operator's commit.
+const COMMIT_WAIT: Duration = Duration::from_secs(60);
+/// The token of the agent's own state in its session.
+const HANDOVER_TOKEN: u64 = 1;
+
+fn say(msg: impl AsRef<str>) {
+    println!("agent: {}", msg.as_ref());
+}
+
+struct Shared {
+    fleet: Fleet<Session>,
+    /// Each connection's socket, to send it events.
+    conns: HashMap<ConnId, UnixStream>,
+    /// The agent's own session while an update is armed.
+    handover: Option<Session>,
+}
+
+struct Agent {
+    dev: Device,
+    shared: Mutex<Shared>,
+    /// Signalled when a VMM answers, reports or goes away.
+    changed: Condvar,
+}
+
+fn refusal(errno: i32, message: impl Into<String>) -> Refusal {
+    Refusal {
+        errno,
+        message: message.into(),
+    }
+}
+
+fn io_refusal(what: &str, e: &io::Error) -> Refusal {
+    refusal(
+        e.raw_os_error().unwrap_or(libc::EIO),
+        format!("{what}: {e}"),
+    )
+}
+
+fn lu_refusal(what: &str, e: &liveupdate::Error) -> Refusal {
+    refusal(e.errno(), format!("{what}: {e}"))
+}
+
+/// How long a send may block on a client that does not read.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn send(sock: &UnixStream, msg: &FromAgent) {
+    // A client that went away is seen by its connection's reader. One that does not read
+    // (the send timed out) is cut off, so that its reader sees it go.
+    if socket::send(sock, msg, None::<&OwnedFd>).is_err() {
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn send_refusal(sock: &UnixStream, r: Refusal) {
+    send(
+        sock,
+        &FromAgent::Error {
+            errno: r.errno,
+            message: r.message,
+        },
+    );
+}
+
+/// Loads `kernel` for the kexec (`kexec_file_load`).
+fn load_kernel(kernel: &str, initrd: Option<&str>, cmdline: Option<&str>) -> Result<(), Refusal> {
+    let k = File::open(kernel).map_err(|e| io_refusal(&format!("kernel {kernel}"), &e))?;
+    let i = initrd
+        .map(|p| File::open(p).map_err(|e| io_refusal(&format!("initrd {p}"), &e)))
+        .transpose()?;
+    let cmdline = match cmdline {
+        Some(c) => c.to_string(),
+        None => std::fs::read_to_string("/proc/cmdline")
+            .map_err(|e| io_refusal("/proc/cmdline", &e))?
+            .trim_end()
+            .to_string(),
+    };
+    let cmd =
+        CString::new(cmdline).map_err(|_| refusal(libc::EINVAL, "NUL in the command line"))?;
+    const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 4;
+    let flags = if i.is_none() {
+        KEXEC_FILE_NO_INITRAMFS
+    } else {
+        0
+    };
+    let kernel_fd = libc::c_long::from(k.as_raw_fd());
+    let initrd_fd = libc::c_long::from(i.as_ref().map_or(-1, |f| f.as_raw_fd()));
+    let len = cmd.as_bytes_with_nul().len() as libc::c_ulong;
+    // SAFETY: Open fds (or -1 with NO_INITRAMFS) and a NUL-terminated command line of the
+    // length given, which the kernel only reads; every argument is register-sized.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            kernel_fd,
+            initrd_fd,
+            len,
+            cmd.as_ptr(),
+            flags,
+        )
+    };
+    if ret < 0 {
+        return Err(io_refusal("kexec_file_load", &io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn unload_kernel() {
+    const KEXEC_FILE_UNLOAD: libc::c_ulong = 1;
+    // SAFETY: Unloading reads no fd and no pointer; every argument is register-sized.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            -1 as libc::c_long,
+            -1 as libc::c_long,
+            0 as libc::c_ulong,
+            std::ptr::null::<libc::c_char>(),
+            KEXEC_FILE_UNLOAD,
+        )
+    };
+    if ret < 0 {
+        say(format!(
+            "warning: unloading the kernel: {}",
+            io::Error::last_os_error()
+        ));
+    }
+}
+
+fn kernel_loaded() -> bool {
+    std::fs::read_to_string("/sys/kernel/kexec_loaded").is_ok_and(|s| s.trim() == "1")
+}
+
+/// A memfd holding `data`.
+fn memfd_with(data: &[u8]) -> io::Result<File> {
+    // SAFETY: A valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"kvm-luo-agent".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: A new fd nothing else owns.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(data)?;
+    Ok(f)
+}
+
+impl Agent {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The session `name` for `conn`: the previous kernel's if there is one, a new one
+    /// otherwise.
+    fn session(
+        &self,
+        conn: ConnId,
+        sock: &UnixStream,
+        name: &str,
+        pid: u32,
+    ) -> Result<(), Refusal> {
+        let n = SessionName::new(name).map_err(|e| lu_refusal("session name", &e))?;
+        if name == AGENT_SESSION {
+            return Err(refusal(libc::EPERM, format!("{name} is the agent's own")));
+        }
+        let mut sh = self.lock();
+        sh.fleet.may_claim(conn, name)?;
+        let held = sh.fleet.take_held(name);
+        let (session, retrieved) = match held.map_or_else(|| self.dev.retrieve_session(&n), Ok) {
+            Ok(s) => (s, true),
+            Err(e) if e.is_not_found() => match self.dev.create_session(&n) {
+                Ok(s) => (s, false),
+                Err(e) if e.is_exists() => {
+                    return Err(refusal(
+                        libc::EEXIST,
+                        format!(
+                            "a session named {name} is open already, held by a process this \
+                             agent does not know (was the agent restarted while a VMM held it?)"
+                        ),
+                    ))
+                }
+                Err(e) => return Err(lu_refusal("creating the session", &e)),
+            },
+            Err(e) => return Err(lu_refusal("retrieving the session", &e)),
+        };
+        if let Err(e) = socket::send(sock, &FromAgent::Session { retrieved }, Some(&session)) {
+            if retrieved {
+                // Not lost: the next VMM of that name gets it.
+                sh.fleet.attach(conn, name, pid, session, true);
+                drop(sh.fleet.disconnect(conn));
+            }
+            return Err(io_refusal("handing over the session", &e));
+        }
+        say(format!(
+            "{name} (pid {pid}): {} session",
+            if retrieved {
+                "the previous kernel's"
+            } else {
+                "a new"
+            }
+        ));
+        sh.fleet.attach(conn, name, pid, session, retrieved);
+        Ok(())
+    }
+
+    /// Tells every VMM the update will not happen, and closes the sessions the agent holds
+    /// (before telling them, so that a VMM asking again at once gets a new one).
+    fn abort(&self, reason: &str) {
+        let mut sh = self.lock();
+        let (conns, sessions) = sh.fleet.abort();
+        drop(sessions);
+        sh.handover = None;
+        for c in conns {
+            if let Some(s) = sh.conns.get(&c) {
+                send(
+                    s,
+                    &FromAgent::Abort {
+                        reason: reason.into(),
+                    },
+                );
+            }
+        }
+        say(format!(
+            "update refused: {reason}; every VMM told to resume"
+        ));
+    }
+
+    /// Tells the VMMs `conns` of the update this thread owns to prepare, and waits until
+    /// all are ready; then the agent's own state goes into its session.
+    fn prepare(&self, conns: &[ConnId], timeout: Duration) -> Result<Vec<String>, Refusal> {
+        let deadline = Instant::now() + timeout;
+        let mut sh = self.lock();
+        say(format!("update: {} VMMs told to prepare", conns.len()));
+        for c in conns {
+            if let Some(s) = sh.conns.get(c) {
+                send(s, &FromAgent::Prepare);
+            }
+        }
+        loop {
+            match sh.fleet.readiness() {
+                Readiness::AllReady(_) => break,
+                Readiness::Refused(r) => return Err(r),
+                Readiness::Waiting(_) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(sh.fleet.timed_out(timeout.as_secs_f64()));
+                    }
+                    sh = self
+                        .changed
+                        .wait_timeout(sh, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        let handover = Handover {
+            sessions: sh.fleet.names(),
+        };
+        let name = SessionName::new(AGENT_SESSION).map_err(|e| lu_refusal("name", &e))?;
+        let own = self
+            .dev
+            .create_session(&name)
+            .map_err(|e| lu_refusal("the agent's session", &e))?;
+        let data = memfd_with(&kvm_luo_agent::protocol::encode(&handover))
+            .map_err(|e| io_refusal("the agent's state", &e))?;
+        own.preserve(&data, HANDOVER_TOKEN)
+            .map_err(|e| lu_refusal("preserving the agent's state", &e))?;
+        let names = sh.fleet.arm()?;
+        sh.handover = Some(own);
+        Ok(names)
+    }
+
+    /// An operator's update, on its connection.
+    fn update(&self, sock: &UnixStream, req: ToAgent) -> Result<(), Refusal> {
+        let ToAgent::Update {
+            kernel,
+            initrd,
+            cmdline,
+            timeout_ms,
+        } = req
+        else {
+            return Err(refusal(libc::EINVAL, "not an update"));
+        };
+        // The fleet belongs to this update from here; another update is refused without
+        // touching this one.
+        let conns = self.lock().fleet.begin_update()?;
+        // The kernel before any guest stops: a wrong path refuses the update with nothing
+        // done.
+        let loaded = match &kernel {
+            Some(k) => load_kernel(k, initrd.as_deref(), cmdline.as_deref()).map(|()| true),
+            None if kernel_loaded() => Ok(false),
+            None => Err(refusal(
+                libc::ENOEXEC,
+                "no kernel is loaded for kexec: give one",
+            )),
+        };
+        let ours = match loaded {
+            Ok(ours) => ours,
+            Err(r) => {
+                self.lock().fleet.unreserve();
+                return Err(r);
+            }
+        };
+        let fail = |r: Refusal| {
+            self.abort(&r.message);
+            if ours {
+                unload_kernel();
+            }
+            r
+        };
+        let names = self
+            .prepare(&conns, Duration::from_millis(timeout_ms))
+            .map_err(fail)?;
+        say(format!("update armed: {} ready", names.join(", ")));
+        send(sock, &FromAgent::Armed { vmms: names });
+        // The operator commits or cancels on the same connection.
+        let _ = sock.set_read_timeout(Some(COMMIT_WAIT));
+        let next = socket::recv::<ToAgent>(sock);
+        let _ = sock.set_read_timeout(None);
+        match next {
+            Ok(Some((ToAgent::Commit, _))) => {
+                let committing = self.lock().fleet.commit();
+                if let Err(r) = committing {
+                    return Err(fail(r));
+                }
+                say("kexec");
+                // SAFETY: No pointers.
+                unsafe {
+                    libc::sync();
+                    libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
+                }
+                Err(fail(io_refusal("kexec", &io::Error::last_os_error())))
+            }
+            Ok(Some((ToAgent::Cancel, _))) => {
+                fail(refusal(libc::ECANCELED, "the operator cancelled it"));
+                send(sock, &FromAgent::Done);
+                Ok(())
+            }
+            _ => Err(fail(refusal(
+                libc::ECANCELED,
+                "the operator neither committed nor cancelled",
+            ))),
+        }
+    }
+
+    fn handle(&self, conn: ConnId, sock: &UnixStream, msg: ToAgent) {
+        match msg {
+            ToAgent::Session { name, pid } => {
+                if let Err(r) = self.session(conn, sock, &name, pid) {
+                    say(format!("{name} (pid {pid}): refused: {r}"));
+                    send_refusal(sock, r);
+                }
+            }
+            ToAgent::State { state, detail } => {
+                let mut sh = self.lock();
+                sh.fleet.report(conn, state, detail);
+                self.changed.notify_all();
+            }
+            ToAgent::Ready | ToAgent::NotReady { .. } => {
+                let ready = match msg {
+                    ToAgent::NotReady { reason } => Err(reason),
+                    _ => Ok(()),
+                };
+                let mut sh = self.lock();
+                if let Err(r) = sh.fleet.answer(conn, ready) {
+                    say(format!("ignored an answer: {r}"));
+                }
+                self.changed.notify_all();
+            }
+            ToAgent::Release => {
+                let released = self.lock().fleet.release(conn);
+                match released {
+                    Ok(session) => drop(session),
+                    Err(r) => say(format!("ignored a release: {r}")),
+                }
+            }
+            ToAgent::Status => {
+                let status = self.lock().fleet.status();
+                send(sock, &FromAgent::Status(status));
+            }
+            req @ ToAgent::Update { .. } => {
+                if let Err(r) = self.update(sock, req) {
+                    send_refusal(sock, r);
+                }
+            }
+            ToAgent::Commit | ToAgent::Cancel => send_refusal(
+                sock,
+                refusal(libc::EINVAL, "no update is armed on this connection"),
+            ),
+        }
+    }
+
+    fn serve(&self, conn: ConnId, sock: UnixStream) {
+        if let Err(e) = sock.set_write_timeout(Some(SEND_TIMEOUT)) {
+            say(format!("a connection: {e}"));
+            return;
+        }
+        match sock.try_clone() {
+            Ok(s) => {
+                self.lock().conns.insert(conn, s);
+            }
+            Err(e) => {
+                say(format!("a connection: {e}"));
+                return;
+            }
+        }
+        loop {
+            match socket::recv::<ToAgent>(&sock) {
+                Ok(Some((msg, _fd))) => self.handle(conn, &sock, msg),
+                Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    send_refusal(&sock, refusal(libc::EPROTO, format!("bad request: {e}")));
+                }
+                Err(e) => {
+                    say(format!("a connection: {e}"));
+                    break;
+                }
+            }
+        }
+        let session = {
+            let mut sh = self.lock();
+            sh.conns.remove(&conn);
+            sh.fleet.disconnect(conn)
+        };
+        self.changed.notify_all();
+        if session.is_some() {
+            say("a VMM went away; its session is closed");
+        }
+        drop(session);
+    }
+}
+
+/// What the previous kernel's agent handed over: the VMMs' session names.
+fn handover(dev: &Device) -> Vec<String> {
+    let name = SessionName::new(AGENT_SESSION).expect("a valid name");
+    let session = match dev.retrieve_session(&name) {
+        Ok(s) => s,
+        Err(e) if e.is_not_found() => return Vec::new(),
+        Err(e) => {
+            say(format!("warning: the previous agent's state: {e}"));
+            return Vec::new();
+        }
+    };
+    let read = || -> io::Result<Handover> {
+        let mut f = File::from(session.retrieve(HANDOVER_TOKEN)?);
+        let mut buf = Vec::new();
+        f.rewind()?;
+        f.read_to_end(&mut buf)?;
+        kvm_luo_agent::protocol::decode(&buf).map_err(io::Error::other)
+    };
+    let sessions = match read() {
+        Ok(h) => h.sessions,
+        Err(e) => {
+            say(format!("warning: the previous agent's state: {e}"));
+            Vec::new()
+        }
+    };
+    if let Err(e) = session.finish() {
+        say(format!("warning: finishing the agent's session: {e}"));
+    }
+    sessions
+}
+
+fn main() {
+    let mut path = PathBuf::from(DEFAULT_SOCKET);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => {}
+        [opt, p] if opt == "--socket" => path = PathBuf::from(p),
+        _ => {
+            eprintln!("usage: kvm-luo-agent [--socket PATH]");
+            exit(2)
+        }
+    }
+    let dev = Device::open().unwrap_or_else(|e| {
+        if e.is_busy() {
+            say(
+                "another process holds /dev/liveupdate (another agent, or a VMM using it directly)",
+            );
+        } else {
+            say(format!("{e}"));
+        }
+        exit(1)
+    });
+    if Path::new(&path).exists() {
+        if socket::connect(&path).is_ok() {
+            say(format!("an agent listens on {} already", path.display()));
+            exit(1);
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = socket::listen(&path).unwrap_or_else(|e| {
+        say(format!("listening on {}: {e}", path.display()));
+        exit(1)
+    });
+    // Only once nothing can stop the agent from serving: the state is read once.
+    let incoming = handover(&dev);
+    say(format!(
+        "listening on {}; sessions from the previous kernel: {}",
+        path.display(),
+        if incoming.is_empty() {
+            "none".to_string()
+        } else {
+            incoming.join(", ")
+        }
+    ));
+    let agent = Arc::new(Agent {
+        dev,
+        shared: Mutex::new(Shared {
+            fleet: Fleet::new(incoming),
+            conns: HashMap::new(),
+            handover: None,
+        }),
+        changed: Condvar::new(),
+    });
+    let next = AtomicU64::new(1);
+    for sock in listener.incoming() {
+        match sock {
+            Ok(sock) => {
+                let agent = agent.clone();
+                let conn = next.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = std::thread::Builder::new()
+                    .name(format!("conn{conn}"))
+                    .spawn(move || agent.serve(conn, sock))
+                {
+                    say(format!("a connection: {e}"));
+                }
+            }
+            Err(e) => {
+                say(format!("accept: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}

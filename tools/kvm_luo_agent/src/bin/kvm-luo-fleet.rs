@@ -1,0 +1,427 @@
+// SPDX-License-Identifier: GPL-2.0
+//! `kvm-luo-fleet`: a host with several VMs through a live update, for the tests and the
+//! demo. Starts `kvm-luo-agent` and one `kvm-luo-vmm` per memory size, each with a Linux guest,
+//! and then:
+//!
+//! - `-s 1` (old kernel): waits until every guest runs, asks the agent for the update into
+//!   `--kernel`/`--initrd` with this kernel's command line and `klu.stage=2`, and once the
+//!   agent is armed (every VMM ready) prints the stage's PASS line and commits: the agent
+//!   kexecs;
+//! - `-s 2` (new kernel): starts the agent and the VMMs again; the agent must know the
+//!   sessions its predecessor handed over, every VMM must get its own back and resume its
+//!   guest, with the guest's checks passing;
+//! - `--refuses` (one kernel): one VMM never becomes ready; the update must be refused, the
+//!   other guests go on on the old kernel, nothing is loaded for kexec any more, a session
+//!   asked for twice and a kernel that does not exist are refused, and after the agent is
+//!   restarted every VMM gets a session again.
+
+use kvm_luo_agent::protocol::{Status, VmmState};
+use kvm_luo_agent::Client;
+use liveupdate::SessionName;
+use std::path::{Path, PathBuf};
+use std::process::{exit, Child, Command};
+use std::time::{Duration, Instant};
+
+const SOCKET: &str = "/tmp/kvm-luo-agent.sock";
+
+fn say(msg: impl AsRef<str>) {
+    println!("fleet: {}", msg.as_ref());
+}
+
+struct Fleet {
+    agent_bin: PathBuf,
+    agent: Option<Child>,
+    vmms: Vec<(String, Child)>,
+    test: String,
+}
+
+impl Fleet {
+    fn fail(&mut self, msg: impl AsRef<str>) -> ! {
+        say(format!("FAILED: {}", msg.as_ref()));
+        self.stop_all();
+        exit(1)
+    }
+
+    fn stop_all(&mut self) {
+        for (_, c) in &mut self.vmms {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.stop_agent();
+    }
+
+    fn start_agent(&mut self) {
+        let _ = std::fs::remove_file(SOCKET);
+        let child = Command::new(&self.agent_bin)
+            .args(["--socket", SOCKET])
+            .spawn()
+            .unwrap_or_else(|e| self.fail(format!("starting the agent: {e}")));
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Client::connect(Path::new(SOCKET)).is_err() {
+            if Instant::now() > deadline {
+                self.fail("the agent does not listen");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    fn client(&mut self) -> Client {
+        Client::connect(Path::new(SOCKET)).unwrap_or_else(|e| self.fail(format!("{e}")))
+    }
+
+    fn status(&mut self) -> Status {
+        let c = self.client();
+        c.status()
+            .unwrap_or_else(|e| self.fail(format!("status: {e}")))
+    }
+
+    /// Fails if a VMM exited.
+    fn check_alive(&mut self) {
+        let mut dead = None;
+        for (name, c) in &mut self.vmms {
+            if let Ok(Some(status)) = c.try_wait() {
+                dead = Some(format!("the VMM of {name} exited ({status})"));
+            }
+        }
+        if let Some(d) = dead {
+            self.fail(d);
+        }
+    }
+
+    /// Waits until every VMM named in `want` reports its state there.
+    fn wait_states(&mut self, want: &[(String, VmmState)], secs: u64) -> Status {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            self.check_alive();
+            let s = self.status();
+            let state_of = |n: &str| s.vmms.iter().find(|v| v.name == n).map(|v| v.state);
+            if let Some(v) = s.vmms.iter().find(|v| v.state == VmmState::Failed) {
+                let msg = format!("{} failed: {}", v.name, v.detail);
+                self.fail(msg);
+            }
+            if want.iter().all(|(n, st)| state_of(n) == Some(*st)) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let have: Vec<String> = s
+                    .vmms
+                    .iter()
+                    .map(|v| format!("{} {:?}", v.name, v.state))
+                    .collect();
+                self.fail(format!(
+                    "waited {secs} s for {want:?}; the agent has {}",
+                    have.join(", ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+struct Args {
+    vmm: PathBuf,
+    guest: PathBuf,
+    mems: Vec<u64>,
+    vcpus: u8,
+    kernel: String,
+    initrd: String,
+    stage: u8,
+    refuses: bool,
+}
+
+const USAGE: &str = "usage: kvm-luo-fleet --vmm PATH --guest DIR [--mem MIB,MIB,...] [--vcpus N]
+                     [--kernel PATH --initrd PATH] (-s 1|2 | --refuses)";
+
+fn args() -> Args {
+    let mut a = Args {
+        vmm: PathBuf::new(),
+        guest: PathBuf::new(),
+        mems: vec![128, 160, 192],
+        vcpus: 1,
+        kernel: "/kernel".into(),
+        initrd: "/initrd.img".into(),
+        stage: 0,
+        refuses: false,
+    };
+    let usage = || -> ! {
+        eprintln!("{USAGE}");
+        exit(2)
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        match arg.as_str() {
+            "--vmm" => a.vmm = value().into(),
+            "--guest" => a.guest = value().into(),
+            "--mem" => {
+                a.mems = value()
+                    .split(',')
+                    .map(|m| m.parse().unwrap_or_else(|_| usage()))
+                    .collect()
+            }
+            "--vcpus" => a.vcpus = value().parse().unwrap_or_else(|_| usage()),
+            "--kernel" => a.kernel = value(),
+            "--initrd" => a.initrd = value(),
+            "-s" => a.stage = value().parse().unwrap_or_else(|_| usage()),
+            "--refuses" => a.refuses = true,
+            _ => usage(),
+        }
+    }
+    if a.vmm.as_os_str().is_empty()
+        || a.guest.as_os_str().is_empty()
+        || a.mems.is_empty()
+        || (a.refuses && a.mems.len() < 2)
+        || (a.refuses == (a.stage != 0))
+        || a.stage > 2
+    {
+        usage();
+    }
+    a
+}
+
+/// The `klu.test=` of this kernel's command line.
+fn test_name(cmdline: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("klu.test="))
+        .unwrap_or("fleet")
+        .to_string()
+}
+
+/// This kernel's command line for the next one: `klu.stage=2` instead of this stage's.
+fn next_cmdline(cmdline: &str) -> String {
+    let mut words: Vec<&str> = cmdline
+        .split_whitespace()
+        .filter(|w| !w.starts_with("klu.stage=") && !w.starts_with("klu.arg."))
+        .collect();
+    words.push("klu.stage=2");
+    words.join(" ")
+}
+
+/// Starts a VMM per memory size; with `one_by_one`, each only once the previous one's guest
+/// runs (the hosts of the tests boot guests one at a time: early boots of several nested
+/// guests at once under TCG are where the emulation is least reliable).
+fn start_vmms(f: &mut Fleet, a: &Args, never_ready: Option<&str>, one_by_one: bool) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, mem) in a.mems.iter().enumerate() {
+        let name = format!("vm{}", i + 1);
+        let mut cmd = Command::new(&a.vmm);
+        cmd.arg("--linux")
+            .arg(a.guest.join("bzImage"))
+            .arg("--initrd")
+            .arg(a.guest.join("initrd.cpio"))
+            .args(["--mem", &mem.to_string(), "--vcpus", &a.vcpus.to_string()])
+            .args(["--agent", SOCKET, "--name", &name]);
+        if never_ready == Some(name.as_str()) {
+            cmd.arg("--never-ready");
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| f.fail(format!("starting the VMM of {name}: {e}")));
+        say(format!(
+            "started the VMM of {name}: {mem} MiB, {} vCPUs",
+            a.vcpus
+        ));
+        f.vmms.push((name.clone(), child));
+        if one_by_one {
+            f.wait_states(&[(name.clone(), VmmState::Running)], 900);
+        }
+        names.push(name);
+    }
+    names
+}
+
+fn all(names: &[String], st: VmmState) -> Vec<(String, VmmState)> {
+    names.iter().map(|n| (n.clone(), st)).collect()
+}
+
+fn stage1(f: &mut Fleet, a: &Args, cmdline: &str) {
+    f.start_agent();
+    let t0 = Instant::now();
+    let names = start_vmms(f, a, None, true);
+    f.wait_states(&all(&names, VmmState::Running), 1500);
+    say(format!(
+        "[kernel 1] every guest runs ({:.0} s); asking the agent for the live update",
+        t0.elapsed().as_secs_f64()
+    ));
+    let client = f.client();
+    let next = next_cmdline(cmdline);
+    let t1 = Instant::now();
+    let armed = client
+        .update(
+            Some(&a.kernel),
+            Some(&a.initrd),
+            Some(&next),
+            Duration::from_secs(300),
+        )
+        .unwrap_or_else(|e| f.fail(format!("the update: {e}")));
+    let mut got = armed.vmms.clone();
+    got.sort();
+    if got != names {
+        f.fail(format!("armed with {got:?}, expected {names:?}"));
+    }
+    say(format!(
+        "[kernel 1] the agent is armed: {} ready in {:.1} s; commit",
+        armed.vmms.join(", "),
+        t1.elapsed().as_secs_f64()
+    ));
+    println!(
+        "KLU: stage 1 of {}: PASS (every VMM ready, the agent kexecs)",
+        f.test
+    );
+    let e = armed.commit();
+    f.fail(format!("the kexec: {e}"));
+}
+
+fn stage2(f: &mut Fleet, a: &Args) {
+    f.start_agent();
+    let expected: Vec<String> = (1..=a.mems.len()).map(|i| format!("vm{i}")).collect();
+    let s = f.status();
+    let mut incoming = s.incoming.clone();
+    incoming.sort();
+    if incoming != expected {
+        f.fail(format!(
+            "the agent knows the sessions {:?} from the previous kernel, expected {expected:?}",
+            s.incoming
+        ));
+    }
+    say(format!(
+        "[kernel 2] the agent has the previous kernel's sessions {}",
+        s.incoming.join(", ")
+    ));
+    let names = start_vmms(f, a, None, false);
+    let s = f.wait_states(&all(&names, VmmState::Resumed), 1500);
+    if !s.incoming.is_empty() || s.vmms.iter().any(|v| !v.has_session) {
+        f.fail(format!("after the resume: {s:?}"));
+    }
+    say(format!(
+        "[kernel 2] every guest resumed after the live update: {}",
+        names.join(", ")
+    ));
+}
+
+fn refuses(f: &mut Fleet, a: &Args, cmdline: &str) {
+    f.start_agent();
+    let last = format!("vm{}", a.mems.len());
+    let names = start_vmms(f, a, Some(&last), true);
+    f.wait_states(&all(&names, VmmState::Running), 1500);
+    say("every guest runs");
+
+    // A session asked for twice.
+    let c = f.client();
+    match c.session(&SessionName::new("vm1").expect("a valid name")) {
+        Err(e) if e.errno() == libc::EBUSY => say(format!("a session asked for twice: {e}")),
+        Err(e) => f.fail(format!("a session asked for twice: {e}")),
+        Ok(_) => f.fail("the agent handed out vm1 twice"),
+    }
+    // A kernel that does not exist: refused before any guest stops.
+    match c.update(Some("/nonexistent"), None, None, Duration::from_secs(5)) {
+        Err(e) if e.errno() == libc::ENOENT => say(format!("a missing kernel: {e}")),
+        Err(e) => f.fail(format!("a missing kernel: {e}")),
+        Ok(_) => f.fail("the agent armed an update with a kernel that does not exist"),
+    }
+    drop(c);
+
+    // One VMM never becomes ready. Meanwhile a second update is refused without
+    // disturbing the first.
+    let (a_client, b_client) = (f.client(), f.client());
+    let t0 = Instant::now();
+    let next = next_cmdline(cmdline);
+    let (first, second) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| {
+            a_client
+                .update(
+                    Some(&a.kernel),
+                    Some(&a.initrd),
+                    Some(&next),
+                    Duration::from_secs(15),
+                )
+                .map(|armed| armed.vmms.clone())
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        let second = b_client
+            .update(None, None, None, Duration::from_secs(5))
+            .map(|armed| armed.vmms.clone());
+        (first.join().expect("the update thread"), second)
+    });
+    match second {
+        Err(e) if e.errno() == libc::EBUSY => say(format!("a second update meanwhile: {e}")),
+        Err(e) => f.fail(format!("a second update meanwhile failed otherwise: {e}")),
+        Ok(_) => f.fail("the agent armed a second update during the first"),
+    }
+    match first {
+        Err(e) if e.errno() == libc::ETIMEDOUT && e.to_string().contains(&last) => say(format!(
+            "the update was refused after {:.1} s: {e}",
+            t0.elapsed().as_secs_f64()
+        )),
+        Err(e) => f.fail(format!("the update failed otherwise: {e}")),
+        Ok(_) => f.fail("the agent armed an update a VMM was not ready for"),
+    }
+    drop((a_client, b_client));
+    // Every guest goes on: two resumed from where they stopped, checks passing, and the
+    // one that was never stopped; each with a new session.
+    let s = f.wait_states(&all(&names, VmmState::Continued), 900);
+    if s.vmms.iter().any(|v| !v.has_session) {
+        f.fail(format!("after the refused update: {s:?}"));
+    }
+    let loaded = std::fs::read_to_string("/sys/kernel/kexec_loaded").unwrap_or_default();
+    if loaded.trim() != "0" {
+        f.fail("a kernel is still loaded for kexec after the refused update");
+    }
+    say("the other guests went on on the old kernel and their checks pass; no kernel is loaded");
+
+    // The agent restarted: every VMM notices, and gets a new session from the new agent.
+    f.stop_agent();
+    f.start_agent();
+    let s = f.wait_states(&all(&names, VmmState::Running), 120);
+    if s.vmms.iter().any(|v| !v.has_session) {
+        f.fail(format!("after the agent restarted: {s:?}"));
+    }
+    say("the agent restarted: every VMM has a session again");
+}
+
+fn main() {
+    let a = args();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let here = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let mut f = Fleet {
+        agent_bin: here.join("kvm-luo-agent"),
+        agent: None,
+        vmms: Vec::new(),
+        test: test_name(&cmdline),
+    };
+    if a.refuses {
+        refuses(&mut f, &a, &cmdline);
+    } else if a.stage == 1 {
+        stage1(&mut f, &a, &cmdline);
+    } else {
+        stage2(&mut f, &a);
+    }
+    f.stop_all();
+    say("PASS");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_kernel_gets_stage_2() {
+        assert_eq!(
+            next_cmdline("console=ttyS0 klu.test=x klu.stage=1 klu.arg.a=1 quiet\n"),
+            "console=ttyS0 klu.test=x quiet klu.stage=2"
+        );
+        assert_eq!(test_name("a klu.test=agent_fleet b"), "agent_fleet");
+    }
+}

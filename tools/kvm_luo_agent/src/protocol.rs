@@ -1,0 +1,254 @@
+// SPDX-License-Identifier: GPL-2.0
+//! The agent's protocol: one JSON object per `SOCK_SEQPACKET` message on a Unix socket, a
+//! session's file descriptor attached (`SCM_RIGHTS`) to the answer that hands it over.
+//!
+//! A VMM connects, sends [`ToAgent::Session`] and gets [`FromAgent::Session`] with the
+//! session's fd. It then reports its [`VmmState`] with [`ToAgent::State`] and waits for events
+//! on the same connection: [`FromAgent::Prepare`] (stop the guest, save its state, preserve
+//! everything in the session, answer [`ToAgent::Ready`] or [`ToAgent::NotReady`]) and
+//! [`FromAgent::Abort`] (the update will not happen: close the session fd, answer
+//! [`ToAgent::Release`], resume the guest, ask for a new session). If the update happens the
+//! host kexecs with the VMM still waiting. The connection is the registration: a VMM that
+//! disconnects is forgotten and its session closed.
+//!
+//! An operator sends [`ToAgent::Status`] or [`ToAgent::Update`]; an update answers
+//! [`FromAgent::Armed`] once every VMM is ready, and waits for [`ToAgent::Commit`] (kexec) or
+//! [`ToAgent::Cancel`] on the same connection.
+
+use serde::{Deserialize, Serialize};
+
+/// The largest message either side sends.
+pub const MAX_MESSAGE: usize = 64 << 10;
+
+/// Where the agent listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/kvm-luo-agent.sock";
+
+/// The session in which the agent keeps its own state across the kexec.
+pub const AGENT_SESSION: &str = "kvm-luo-agent";
+
+/// What a VMM tells the agent about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmState {
+    /// Starting or restoring its guest.
+    Starting,
+    /// Its guest runs and its checks pass.
+    Running,
+    /// Stopping its guest and preserving it, for an update.
+    Preparing,
+    /// Everything preserved: the host may kexec.
+    Ready,
+    /// Its guest runs again after an update that did not happen.
+    Continued,
+    /// Its guest, retrieved after the kexec, runs again and its checks pass.
+    Resumed,
+    /// Something went wrong; the detail says what.
+    Failed,
+}
+
+/// A message to the agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToAgent {
+    /// A VMM asks for its session: the one the previous kernel preserved under `name` if there
+    /// is one, a new one otherwise. Answer: [`FromAgent::Session`] with the fd, or an error.
+    Session {
+        /// The session's name, one per VM.
+        name: String,
+        /// The VMM's process ID, for status.
+        pid: u32,
+    },
+    /// A VMM reports how it is doing. No answer.
+    State {
+        /// Its state.
+        state: VmmState,
+        /// Free text for the operator.
+        detail: String,
+    },
+    /// A VMM answers [`FromAgent::Prepare`]: everything is preserved. No answer.
+    Ready,
+    /// A VMM answers [`FromAgent::Prepare`]: it cannot be updated. No answer.
+    NotReady {
+        /// Why.
+        reason: String,
+    },
+    /// A VMM closed its session fd (after [`FromAgent::Abort`], or after finishing the
+    /// session the previous kernel kept): the agent closes its own and forgets the claim, and
+    /// the VMM asks for a session again. No answer.
+    Release,
+    /// Answer: [`FromAgent::Status`].
+    Status,
+    /// Perform a live update: load the kernel (or use the one already loaded), prepare every
+    /// VMM and wait at most `timeout_ms` for all to be ready. Answer: [`FromAgent::Armed`],
+    /// or an error after every VMM was told to abort.
+    Update {
+        /// The kernel to kexec into; `None`: the one already loaded (`kexec -l`).
+        kernel: Option<String>,
+        /// Its initramfs.
+        initrd: Option<String>,
+        /// Its command line; `None`: this kernel's.
+        cmdline: Option<String>,
+        /// How long the VMMs have to become ready.
+        timeout_ms: u64,
+    },
+    /// After [`FromAgent::Armed`]: kexec. Answer: none if it works, an error otherwise.
+    Commit,
+    /// After [`FromAgent::Armed`]: do not update; every VMM is told to abort. Answer:
+    /// [`FromAgent::Done`].
+    Cancel,
+}
+
+/// A message from the agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromAgent {
+    /// The session's fd is attached.
+    Session {
+        /// It came from the previous kernel (the VMM resumes its guest from it).
+        retrieved: bool,
+    },
+    /// What the agent knows.
+    Status(Status),
+    /// Every VMM is ready and the kernel loaded: send [`ToAgent::Commit`] or
+    /// [`ToAgent::Cancel`].
+    Armed {
+        /// The VMMs that are ready.
+        vmms: Vec<String>,
+    },
+    /// A request that needed no other answer succeeded.
+    Done,
+    /// A request failed.
+    Error {
+        /// The errno that says best what happened.
+        errno: i32,
+        /// What happened.
+        message: String,
+    },
+    /// Event for a VMM: an update is starting, get ready.
+    Prepare,
+    /// Event for a VMM: the update will not happen.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// A message of a later version of the protocol, which this side does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// One VMM as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmmStatus {
+    /// Its session's name.
+    pub name: String,
+    /// Its process ID.
+    pub pid: u32,
+    /// What it last reported.
+    pub state: VmmState,
+    /// Its last detail.
+    pub detail: String,
+    /// Its session came from the previous kernel.
+    pub retrieved: bool,
+    /// The agent holds a session for it.
+    pub has_session: bool,
+}
+
+/// The answer to [`ToAgent::Status`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The connected VMMs.
+    pub vmms: Vec<VmmStatus>,
+    /// Sessions the previous kernel preserved that no VMM has asked for yet.
+    pub incoming: Vec<String>,
+    /// `idle`, `preparing` or `armed`.
+    pub phase: String,
+}
+
+/// What the agent preserves about itself across the kexec (in [`AGENT_SESSION`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The sessions of the VMMs that were ready.
+    pub sessions: Vec<String>,
+}
+
+/// Encodes a message.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these types cannot fail: no maps with non-string keys, no custom impls.
+    serde_json::to_vec(msg).expect("protocol messages serialize")
+}
+
+/// Decodes a message, refusing one that is not JSON of the expected type.
+pub fn decode<T: for<'a> Deserialize<'a>>(buf: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(buf).map_err(|e| format!("not a message of the protocol: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let msgs = [
+            ToAgent::Session {
+                name: "vm1".into(),
+                pid: 42,
+            },
+            ToAgent::State {
+                state: VmmState::Running,
+                detail: "heartbeat 4".into(),
+            },
+            ToAgent::Ready,
+            ToAgent::NotReady { reason: "x".into() },
+            ToAgent::Update {
+                kernel: Some("/kernel".into()),
+                initrd: None,
+                cmdline: None,
+                timeout_ms: 10,
+            },
+            ToAgent::Commit,
+        ];
+        for m in msgs {
+            assert_eq!(decode::<ToAgent>(&encode(&m)).unwrap(), m);
+        }
+        let a = FromAgent::Abort { reason: "r".into() };
+        assert_eq!(decode::<FromAgent>(&encode(&a)).unwrap(), a);
+        // A message type of a later version decodes as Unknown, so that it can be skipped.
+        assert_eq!(
+            decode::<FromAgent>(br#"{"type":"defragment","how":1}"#).unwrap(),
+            FromAgent::Unknown
+        );
+    }
+
+    #[test]
+    fn the_wire_format_is_plain_json() {
+        assert_eq!(
+            encode(&ToAgent::Session {
+                name: "vm1".into(),
+                pid: 7
+            }),
+            br#"{"op":"session","name":"vm1","pid":7}"#
+        );
+        assert_eq!(encode(&FromAgent::Prepare), br#"{"type":"prepare"}"#);
+        let s: ToAgent = decode(br#"{"op":"state","state":"ready","detail":""}"#).unwrap();
+        assert_eq!(
+            s,
+            ToAgent::State {
+                state: VmmState::Ready,
+                detail: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        for bad in [
+            &b""[..],
+            b"{",
+            br#"{"op":"reboot"}"#,
+            br#"{"op":"session","name":"x"}"#,
+            br#"{"op":"state","state":"dancing","detail":""}"#,
+        ] {
+            assert!(decode::<ToAgent>(bad).is_err(), "{bad:?}");
+        }
+    }
+}
