@@ -28,7 +28,7 @@ if step setup "$KLU_TOP/build/setup.sh" && step kernel "$KLU_TOP/build/kernel.sh
 	step guest-kernel env KLU_KERNEL=guest "$KLU_TOP/build/kernel.sh" all
 	"$KLU_TOP/build/lint.sh" -r "$results"
 	# The userspace crates' own tests (no device needed), one result each.
-	for crate in "${KLU_CRATES[@]}"; do
+	for crate in "${KLU_TESTED_CRATES[@]}"; do
 		step "cargo-test:${crate#tools/}" env CARGO_TARGET_DIR="$KLU_CACHE/cargo-test" \
 			cargo test -q --locked --manifest-path "$KLU_TOP/$crate/Cargo.toml"
 	done

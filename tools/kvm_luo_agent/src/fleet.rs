@@ -4,7 +4,8 @@
 //! type so that it can be tested without the device.
 
 use crate::protocol::{Status, VmmState, VmmStatus};
-use std::collections::BTreeMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// A connection's identity.
@@ -81,22 +82,39 @@ pub enum Readiness {
 #[derive(Debug)]
 pub struct Fleet<S> {
     vmms: BTreeMap<ConnId, Vmm<S>>,
-    /// Sessions the previous kernel kept that no VMM has asked for yet.
-    incoming: Vec<String>,
-    /// Sessions from the previous kernel whose VMM went away before it released them: the
-    /// next VMM that asks for the name gets them (a retrieve cannot be repeated).
-    held: Vec<(String, S)>,
+    /// What outlives a restart of the agent.
+    registry: Registry,
     phase: Phase,
     /// VMMs that went away during an update, with their sessions: kept open (what they
     /// preserved is not dropped behind the update's back) until the update is over.
     gone: Vec<(String, Option<S>)>,
 }
 
+/// What the agent must not forget when it restarts (it keeps it in a file next to its
+/// socket, which a kexec clears): the VMs it knows, the sessions of the previous kernel not
+/// taken over yet, the VMs lost.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    /// Every VM whose VMM asked for a session, until an operator forgets it: an update waits
+    /// for all of them to be connected.
+    pub known: BTreeSet<String>,
+    /// Sessions the previous kernel kept that no VMM has asked for yet.
+    pub incoming: BTreeSet<String>,
+    /// VMs whose session of the previous kernel could not be taken over, or whose VMM died
+    /// while resuming from it: their guests are gone.
+    pub lost: BTreeSet<String>,
+}
+
 /// The longest detail or reason the fleet keeps.
 pub const MAX_TEXT: usize = 512;
 
-/// `text`, cut to [`MAX_TEXT`] bytes at a character boundary.
-pub fn bounded(mut text: String) -> String {
+/// `text` without control characters, cut to [`MAX_TEXT`] bytes at a character boundary
+/// (so that it takes at most twice that once escaped in JSON).
+pub fn bounded(text: String) -> String {
+    let mut text: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if text.len() > MAX_TEXT {
         let mut end = MAX_TEXT;
         while !text.is_char_boundary(end) {
@@ -108,20 +126,53 @@ pub fn bounded(mut text: String) -> String {
 }
 
 impl<S> Fleet<S> {
-    /// A fleet with no VMM yet; `incoming` names the sessions the previous kernel preserved.
-    pub fn new(incoming: Vec<String>) -> Self {
+    /// A fleet with no VMM connected yet, and what the agent knew.
+    pub fn new(registry: Registry) -> Self {
         Self {
             vmms: BTreeMap::new(),
-            incoming,
-            held: Vec::new(),
+            registry,
             phase: Phase::Idle,
             gone: Vec::new(),
         }
     }
 
+    /// What outlives a restart of the agent.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Whether the previous kernel kept a session named `name` that no VMM took yet.
+    pub fn is_incoming(&self, name: &str) -> bool {
+        self.registry.incoming.contains(name)
+    }
+
+    /// The previous kernel's session `name` cannot be taken over: its guest is lost.
+    pub fn mark_lost(&mut self, name: &str) {
+        self.registry.incoming.remove(name);
+        self.registry.lost.insert(name.into());
+    }
+
+    /// An operator says the VM `name` is gone for good: updates stop waiting for it. Refused
+    /// while a VMM of that name is connected.
+    pub fn forget(&mut self, name: &str) -> Result<(), Refusal> {
+        if self.vmms.values().any(|v| v.name == name) {
+            return Err(Refusal::new(
+                libc::EBUSY,
+                format!("the VMM of {name} is connected"),
+            ));
+        }
+        let known = self.registry.known.remove(name);
+        let incoming = self.registry.incoming.remove(name);
+        let lost = self.registry.lost.remove(name);
+        if known || incoming || lost {
+            Ok(())
+        } else {
+            Err(Refusal::new(libc::ENOENT, format!("no VM named {name}")))
+        }
+    }
+
     /// Connection `conn` asks for the session `name`: checks that it may have it. The
-    /// caller then obtains the session (first [`Fleet::take_held`]) and gives it with
-    /// [`Fleet::attach`].
+    /// caller then obtains the session and gives it with [`Fleet::attach`].
     pub fn may_claim(&self, conn: ConnId, name: &str) -> Result<(), Refusal> {
         if self.phase != Phase::Idle {
             return Err(Refusal::new(
@@ -153,15 +204,10 @@ impl<S> Fleet<S> {
         Ok(())
     }
 
-    /// The previous kernel's session `name`, if its last VMM went away without releasing it.
-    pub fn take_held(&mut self, name: &str) -> Option<S> {
-        let i = self.held.iter().position(|(n, _)| n == name)?;
-        Some(self.held.remove(i).1)
-    }
-
     /// Records that `conn` holds the session `name` (after [`Fleet::may_claim`]).
     pub fn attach(&mut self, conn: ConnId, name: &str, pid: u32, session: S, retrieved: bool) {
-        self.incoming.retain(|n| n != name);
+        self.registry.incoming.remove(name);
+        self.registry.known.insert(name.into());
         let (state, detail) = match self.vmms.remove(&conn) {
             Some(v) => (v.state, v.detail),
             None => (VmmState::Starting, String::new()),
@@ -181,22 +227,24 @@ impl<S> Fleet<S> {
     }
 
     /// `conn` went away: forgets it and gives back its session to close. During an update
-    /// the session stays open until the update is over, and the update is refused. A session
-    /// of the previous kernel is kept for the next VMM of that name.
+    /// the session stays open until the update is over, and the update is refused. A VMM
+    /// that dies while it resumes from the previous kernel's session takes its guest with it
+    /// (what it retrieved belonged to it): the VM is marked lost.
     pub fn disconnect(&mut self, conn: ConnId) -> Option<S> {
         let vmm = self.vmms.remove(&conn)?;
         if self.phase != Phase::Idle {
             self.gone.push((vmm.name, vmm.session));
             return None;
         }
-        match vmm.session {
-            Some(s) if vmm.retrieved => {
-                self.incoming.push(vmm.name.clone());
-                self.held.push((vmm.name, s));
-                None
-            }
-            s => s,
+        if vmm.retrieved && vmm.session.is_some() {
+            self.registry.lost.insert(vmm.name);
         }
+        vmm.session
+    }
+
+    /// Whether `conn` is a VMM's connection.
+    pub fn has_vmm(&self, conn: ConnId) -> bool {
+        self.vmms.contains_key(&conn)
     }
 
     /// `conn` says how it is doing. Unknown connections are ignored.
@@ -216,10 +264,13 @@ impl<S> Fleet<S> {
             .vmms
             .get_mut(&conn)
             .ok_or_else(|| Refusal::new(libc::EINVAL, "ask for a session first"))?;
-        v.answer = match ready {
-            Ok(()) => Answer::Ready,
-            Err(reason) => Answer::NotReady(bounded(reason)),
-        };
+        // A VMM that said it cannot be updated is not taken back by a later "ready".
+        if !matches!(v.answer, Answer::NotReady(_)) {
+            v.answer = match ready {
+                Ok(()) => Answer::Ready,
+                Err(reason) => Answer::NotReady(bounded(reason)),
+            };
+        }
         Ok(())
     }
 
@@ -234,16 +285,45 @@ impl<S> Fleet<S> {
                 "an update is in progress already",
             ));
         }
-        if !self.incoming.is_empty() {
+        if !self.registry.incoming.is_empty() {
             return Err(Refusal::new(
                 libc::EBUSY,
                 format!(
                     "no VMM has taken over {} of the previous kernel yet: an update now would lose it",
-                    self.incoming.join(", ")
+                    join(&self.registry.incoming)
+                ),
+            ));
+        }
+        let connected: BTreeSet<&String> = self.vmms.values().map(|v| &v.name).collect();
+        let missing: Vec<&String> = self
+            .registry
+            .known
+            .iter()
+            .filter(|n| !connected.contains(n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Refusal::new(
+                libc::EAGAIN,
+                format!(
+                    "{} not connected (forget a VM that is gone for good)",
+                    missing
+                        .iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
         for v in self.vmms.values() {
+            if !matches!(
+                v.state,
+                VmmState::Running | VmmState::Continued | VmmState::Resumed
+            ) {
+                return Err(Refusal::new(
+                    libc::EAGAIN,
+                    format!("{} is not running its guest yet ({:?})", v.name, v.state),
+                ));
+            }
             if v.session.is_none() {
                 return Err(Refusal::new(
                     libc::EAGAIN,
@@ -264,11 +344,13 @@ impl<S> Fleet<S> {
         Ok(self.vmms.keys().copied().collect())
     }
 
-    /// Gives the fleet back after [`Fleet::begin_update`] when no VMM was told anything yet.
-    pub fn unreserve(&mut self) {
+    /// Gives the fleet back after [`Fleet::begin_update`] when no VMM was told anything yet;
+    /// returns the sessions of VMMs that went away meanwhile, to close.
+    pub fn unreserve(&mut self) -> Vec<S> {
         if self.phase == Phase::Preparing {
             self.phase = Phase::Idle;
         }
+        self.gone.drain(..).filter_map(|(_, s)| s).collect()
     }
 
     /// Where the update stands.
@@ -393,7 +475,8 @@ impl<S> Fleet<S> {
                     has_session: v.session.is_some(),
                 })
                 .collect(),
-            incoming: self.incoming.clone(),
+            incoming: self.registry.incoming.iter().cloned().collect(),
+            lost: self.registry.lost.iter().cloned().collect(),
             phase: match self.phase {
                 Phase::Idle => "idle",
                 Phase::Preparing => "preparing",
@@ -405,17 +488,37 @@ impl<S> Fleet<S> {
     }
 }
 
+fn join(names: &BTreeSet<String>) -> String {
+    names
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Three VMMs with sessions of this kernel; session `n` is `conn * 10`.
+    fn registry(incoming: &[&str]) -> Registry {
+        Registry {
+            incoming: incoming.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn claim(f: &mut Fleet<u32>, conn: ConnId, session: u32, retrieved: bool) {
+        let name = format!("vm{conn}");
+        f.may_claim(conn, &name).unwrap();
+        f.attach(conn, &name, 100 + conn as u32, session, retrieved);
+    }
+
+    /// Three VMMs running their guests, with sessions of this kernel (`conn * 10`).
     fn fleet3() -> Fleet<u32> {
-        let mut f = Fleet::new(Vec::new());
+        let mut f = Fleet::new(Registry::default());
         for conn in 1..=3 {
-            let name = format!("vm{conn}");
-            f.may_claim(conn, &name).unwrap();
-            f.attach(conn, &name, 100 + conn as u32, conn as u32 * 10, false);
+            claim(&mut f, conn, conn as u32 * 10, false);
+            f.report(conn, VmmState::Running, String::new());
         }
         f
     }
@@ -439,9 +542,10 @@ mod tests {
 
     #[test]
     fn the_previous_kernels_sessions_must_be_taken_over_before_an_update() {
-        let mut f: Fleet<u32> = Fleet::new(vec!["vm1".into(), "vm9".into()]);
-        f.may_claim(1, "vm1").unwrap();
-        f.attach(1, "vm1", 101, 10, true);
+        let mut f = Fleet::new(registry(&["vm1", "vm9"]));
+        claim(&mut f, 1, 10, true);
+        f.report(1, VmmState::Resumed, String::new());
+        assert!(f.is_incoming("vm9") && !f.is_incoming("vm1"));
         let s = f.status();
         assert_eq!(s.incoming, vec!["vm9".to_string()]);
         assert!(s.vmms[0].retrieved && s.vmms[0].has_session);
@@ -449,33 +553,51 @@ mod tests {
         let e = f.begin_update().unwrap_err();
         assert_eq!(e.errno, libc::EBUSY);
         assert!(e.message.contains("vm9"), "{e}");
-        f.may_claim(2, "vm9").unwrap();
-        f.attach(2, "vm9", 102, 90, true);
+        // It cannot be: its guest is lost, and updates no longer wait for it.
+        f.mark_lost("vm9");
+        assert_eq!(f.status().lost, vec!["vm9".to_string()]);
         // vm1 still resumes from its retrieved session.
         assert_eq!(f.begin_update().unwrap_err().errno, libc::EAGAIN);
         // It finished it and released it: it needs a session of this kernel first.
         assert_eq!(f.release(1).unwrap(), Some(10));
         assert_eq!(f.begin_update().unwrap_err().errno, libc::EAGAIN);
-        f.may_claim(1, "vm1").unwrap();
-        f.attach(1, "vm1", 101, 11, false);
-        f.release(2).unwrap();
-        f.may_claim(2, "vm9").unwrap();
-        f.attach(2, "vm9", 102, 91, false);
-        assert_eq!(f.begin_update().unwrap(), vec![1, 2]);
+        claim(&mut f, 1, 11, false);
+        assert!(f.begin_update().is_ok());
     }
 
     #[test]
-    fn a_vmm_that_dies_while_resuming_leaves_its_session_to_the_next() {
-        let mut f: Fleet<u32> = Fleet::new(vec!["vm1".into()]);
-        f.may_claim(1, "vm1").unwrap();
-        f.attach(1, "vm1", 101, 10, true);
-        assert_eq!(f.disconnect(1), None, "kept, not closed");
-        assert_eq!(f.status().incoming, vec!["vm1".to_string()]);
-        f.may_claim(2, "vm1").unwrap();
-        assert_eq!(f.take_held("vm1"), Some(10));
-        assert_eq!(f.take_held("vm1"), None);
-        f.attach(2, "vm1", 102, 10, true);
-        assert!(f.status().incoming.is_empty());
+    fn a_vmm_that_dies_while_resuming_loses_its_guest() {
+        let mut f = Fleet::new(registry(&["vm1"]));
+        claim(&mut f, 1, 10, true);
+        // What it retrieved belonged to it: the session is closed, the VM lost.
+        assert_eq!(f.disconnect(1), Some(10));
+        let s = f.status();
+        assert!(s.incoming.is_empty());
+        assert_eq!(s.lost, vec!["vm1".to_string()]);
+        // Updates wait for it until an operator forgets it.
+        assert_eq!(f.begin_update().unwrap_err().errno, libc::EAGAIN);
+        assert_eq!(f.forget("vm1"), Ok(()));
+        assert!(f.status().lost.is_empty());
+        assert_eq!(f.forget("vm1").unwrap_err().errno, libc::ENOENT);
+        assert!(f.begin_update().is_ok());
+    }
+
+    #[test]
+    fn an_update_waits_for_every_known_vmm_running_its_guest() {
+        let mut f = fleet3();
+        // vm2's VMM went away (the agent restarted, or the VMM reconnects).
+        assert_eq!(f.disconnect(2), Some(20));
+        let e = f.begin_update().unwrap_err();
+        assert_eq!(e.errno, libc::EAGAIN);
+        assert!(e.message.starts_with("vm2 not connected"), "{e}");
+        assert_eq!(f.forget("vm1").unwrap_err().errno, libc::EBUSY);
+        f.may_claim(4, "vm2").unwrap();
+        f.attach(4, "vm2", 104, 21, false);
+        // Its guest still boots.
+        let e = f.begin_update().unwrap_err();
+        assert!(e.message.contains("not running its guest"), "{e}");
+        f.report(4, VmmState::Continued, String::new());
+        assert!(f.begin_update().is_ok());
     }
 
     #[test]
@@ -505,9 +627,13 @@ mod tests {
     fn an_update_that_loaded_nothing_gives_the_fleet_back() {
         let mut f = fleet3();
         f.begin_update().unwrap();
-        f.unreserve();
+        // A VMM that went away meanwhile: its session is closed with the update.
+        assert_eq!(f.disconnect(3), None);
+        assert_eq!(f.unreserve(), vec![30]);
         assert_eq!(f.status().phase, "idle");
         assert!(f.status().vmms.iter().all(|v| v.has_session));
+        claim(&mut f, 3, 31, false);
+        f.report(3, VmmState::Running, String::new());
         assert!(f.begin_update().is_ok());
     }
 
@@ -516,6 +642,10 @@ mod tests {
         let mut f = fleet3();
         f.begin_update().unwrap();
         f.answer(2, Err("its guest failed".into())).unwrap();
+        // A later "ready" does not take it back.
+        f.answer(2, Ok(())).unwrap();
+        f.answer(1, Ok(())).unwrap();
+        f.answer(3, Ok(())).unwrap();
         match f.readiness() {
             Readiness::Refused(r) => {
                 assert_eq!(r.errno, libc::ECANCELED);
@@ -523,6 +653,7 @@ mod tests {
             }
             r => panic!("{r:?}"),
         }
+        assert!(f.arm().is_err());
         let (conns, sessions) = f.abort();
         assert_eq!(conns, vec![1, 2, 3]);
         assert_eq!(sessions, vec![10, 20, 30]);
@@ -543,8 +674,7 @@ mod tests {
         assert_eq!(sessions, vec![10, 20, 30]);
         // Outside an update, its session is closed at once.
         f.release(1).unwrap();
-        f.may_claim(1, "vm1").unwrap();
-        f.attach(1, "vm1", 101, 11, false);
+        claim(&mut f, 1, 11, false);
         assert_eq!(f.disconnect(1), Some(11));
     }
 
@@ -579,8 +709,7 @@ mod tests {
         assert_eq!(f.release(2).unwrap(), None);
         assert_eq!(f.release(9).unwrap_err().errno, libc::EINVAL);
         for c in 1..=3 {
-            f.may_claim(c, &format!("vm{c}")).unwrap();
-            f.attach(c, &format!("vm{c}"), 100 + c as u32, c as u32, false);
+            claim(&mut f, c, c as u32, false);
         }
         assert!(f.begin_update().is_ok());
     }
@@ -592,14 +721,26 @@ mod tests {
         f.begin_update().unwrap();
         assert_eq!(f.answer(9, Ok(())).unwrap_err().errno, libc::EINVAL);
         f.report(9, VmmState::Ready, String::new());
-        f.report(1, VmmState::Ready, "é".repeat(1000));
+        f.report(1, VmmState::Ready, "é\u{1}".repeat(1000));
         let s = f.status();
         assert_eq!(s.vmms[0].state, VmmState::Ready);
-        assert_eq!(s.vmms[0].detail.len(), MAX_TEXT);
+        assert!(s.vmms[0].detail.len() <= MAX_TEXT);
+        assert!(!s.vmms[0].detail.contains('\u{1}'));
         f.answer(2, Err("x".repeat(100_000))).unwrap();
         match f.readiness() {
             Readiness::Refused(r) => assert!(r.message.len() < MAX_TEXT + 100),
             r => panic!("{r:?}"),
         }
+    }
+
+    #[test]
+    fn the_status_of_many_vmms_fits_in_a_message() {
+        let mut f = Fleet::new(Registry::default());
+        for conn in 1..=200 {
+            claim(&mut f, conn, 0, false);
+            f.report(conn, VmmState::Running, "\"\\".repeat(MAX_TEXT));
+        }
+        let len = crate::protocol::encode(&crate::protocol::FromAgent::Status(f.status())).len();
+        assert!(len < crate::protocol::MAX_MESSAGE, "{len}");
     }
 }

@@ -193,6 +193,15 @@ impl Client {
         }
     }
 
+    /// Tells the agent the VM `name` is gone for good: updates stop waiting for its VMM.
+    pub fn forget(&self, name: &str) -> Result<()> {
+        self.send(&ToAgent::Forget { name: name.into() })?;
+        match self.answer()? {
+            (FromAgent::Done, _) => Ok(()),
+            (m, _) => Err(Error::Protocol(format!("{m:?}"))),
+        }
+    }
+
     /// Starts an update; returns once every VMM is ready (then commit or cancel it), or with
     /// the reason it was refused (every VMM was then told to resume).
     pub fn update(

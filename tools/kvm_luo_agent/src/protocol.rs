@@ -17,8 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The largest message either side sends.
-pub const MAX_MESSAGE: usize = 64 << 10;
+/// Every message is shorter than this (a status of hundreds of VMMs fits).
+pub const MAX_MESSAGE: usize = 256 << 10;
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/kvm-luo-agent.sock";
@@ -93,6 +93,12 @@ pub enum ToAgent {
     },
     /// After [`FromAgent::Armed`]: kexec. Answer: none if it works, an error otherwise.
     Commit,
+    /// An operator says the VM `name` is gone for good: updates stop waiting for its VMM.
+    /// Answer: [`FromAgent::Done`].
+    Forget {
+        /// The VM.
+        name: String,
+    },
     /// After [`FromAgent::Armed`]: do not update; every VMM is told to abort. Answer:
     /// [`FromAgent::Done`].
     Cancel,
@@ -160,7 +166,10 @@ pub struct Status {
     pub vmms: Vec<VmmStatus>,
     /// Sessions the previous kernel preserved that no VMM has asked for yet.
     pub incoming: Vec<String>,
-    /// `idle`, `preparing` or `armed`.
+    /// VMs whose guests were lost: the previous kernel's session could not be taken over,
+    /// or their VMM died while resuming from it.
+    pub lost: Vec<String>,
+    /// `idle`, `preparing`, `armed` or `committing`.
     pub phase: String,
 }
 

@@ -67,6 +67,12 @@ pub fn connect(path: &Path) -> io::Result<UnixStream> {
 /// Sends `msg`, with `fd` attached if given.
 pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<&impl AsFd>) -> io::Result<()> {
     let buf = encode(msg);
+    if buf.len() >= MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a message too long for the protocol",
+        ));
+    }
     let fds: Vec<_> = fd.iter().map(|f| f.as_fd().as_raw_fd()).collect();
     let n = sock
         .send_with_fds(&[&buf[..]], &fds)
@@ -96,6 +102,13 @@ pub fn recv<T: for<'a> Deserialize<'a>>(
     }
     if n == 0 {
         return Ok(None);
+    }
+    if n >= MAX_MESSAGE {
+        // Cut short by the buffer (the rest of a datagram is dropped).
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a message too long for the protocol",
+        ));
     }
     let msg = decode(&buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(Some((msg, fd)))

@@ -1088,6 +1088,25 @@ fn next_event(client: &Client) -> Heard {
     }
 }
 
+/// After the connection to the agent ended while this VMM was ready: waits while an update
+/// that may still carry its session is armed or under way (an agent that lost a VMM refuses
+/// to commit, but one already committing kexecs), and returns once none is, or no agent
+/// answers. The guest must not run again before.
+fn wait_update_off(a: &AgentOpts) {
+    loop {
+        match Client::connect(&a.socket).and_then(|c| c.status()) {
+            Ok(s) if s.phase == "armed" || s.phase == "committing" => {
+                say(format!(
+                    "the update is {}: the guest stays stopped",
+                    s.phase
+                ));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            _ => return,
+        }
+    }
+}
+
 /// After this VMM closed its session: tell the agent and get a new one, from a new
 /// connection (or a new agent) if that fails.
 fn renew(client: Client, a: &AgentOpts) -> (Client, Session) {
@@ -1121,7 +1140,15 @@ pub fn serve(opts: &Opts, a: &AgentOpts) {
         );
         let (mut g, snap, _) = restore(&session, "");
         g.check_went_on(&snap.progress, 0, "");
-        check("finish", session.finish().map_err(io::Error::from));
+        // A handler may not be done yet (EBUSY): finish is retried.
+        let mut tries = 0;
+        while let Err(e) = session.finish() {
+            tries += 1;
+            if e.errno() != libc::EBUSY || tries == 60 {
+                fail(format!("finish: {e}"));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
         // The next update needs a session of this kernel.
         drop(session);
         (client, session) = renew(client, a);
@@ -1177,12 +1204,9 @@ pub fn serve(opts: &Opts, a: &AgentOpts) {
                     match next_event(&client) {
                         Heard::Event(FromAgent::Abort { reason }) => break (reason, true),
                         Heard::Event(m) => say(format!("ignoring a message from the agent: {m:?}")),
-                        Heard::Gone => break ("the agent went away".to_string(), false),
-                        Heard::Broken => {
-                            // The agent refuses an update this VMM left, unless its kexec
-                            // is under way: give that one the time to happen.
-                            std::thread::sleep(Duration::from_secs(10));
-                            break ("the connection to the agent failed".to_string(), false);
+                        Heard::Gone | Heard::Broken => {
+                            wait_update_off(a);
+                            break ("the connection to the agent ended".to_string(), false);
                         }
                     }
                 };

@@ -15,7 +15,8 @@
 //! let luo = Device::open()?;
 //! // Before the kexec.
 //! let session = luo.create_session(&name)?;
-//! let memfd = std::fs::File::open("/proc/self/exe")?; // any file a LUO handler takes
+//! # fn a_memfd() -> std::fs::File { unimplemented!() }
+//! let memfd = a_memfd(); // a memfd, or any file a LUO handler takes
 //! session.preserve(&memfd, 7)?;
 //! // After it, in the new kernel.
 //! let session = luo.retrieve_session(&name)?;
@@ -42,8 +43,11 @@ pub const DEVICE_PATH: &str = "/dev/liveupdate";
 /// `LIVEUPDATE_SESSION_NAME_LENGTH`: a name's bytes and its terminating NUL.
 pub const NAME_LENGTH: usize = 64;
 
-/// The request type of `ioctl()` in this libc (`c_ulong` with glibc, `c_int` with musl).
-type Request = libc::Ioctl;
+/// The request type of `ioctl()` in this libc.
+#[cfg(target_env = "musl")]
+type Request = std::ffi::c_int;
+#[cfg(not(target_env = "musl"))]
+type Request = std::ffi::c_ulong;
 
 const IOCTL_TYPE: Request = 0xba;
 
@@ -93,6 +97,7 @@ struct GetNameArg {
 
 /// What the crate was doing when an [`Error`] happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Op {
     /// Opening `/dev/liveupdate`.
     Open,
@@ -126,6 +131,7 @@ impl fmt::Display for Op {
 
 /// An error of this crate.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// The kernel refused `op` with `errno`.
     Os {
@@ -137,6 +143,10 @@ pub enum Error {
     /// A session name that LUO cannot take: empty, longer than [`NAME_LENGTH`] - 1 bytes, or
     /// with a NUL byte.
     InvalidName(String),
+    /// A file that is not what it was taken for: a file descriptor that is not a LUO session
+    /// ([`Session::from_fd`]), or a device that is not LUO's ([`Device::open_path`]). No
+    /// LUO ioctl was sent to it.
+    NotLuo(&'static str),
 }
 
 impl Error {
@@ -156,6 +166,7 @@ impl Error {
         match self {
             Error::Os { errno, .. } => *errno,
             Error::InvalidName(_) => libc::EINVAL,
+            Error::NotLuo(_) => libc::ENOTTY,
         }
     }
 
@@ -186,6 +197,7 @@ impl fmt::Display for Error {
                 "invalid session name {name:?}: 1 to {} bytes, no NUL",
                 NAME_LENGTH - 1
             ),
+            Error::NotLuo(what) => write!(f, "{what}"),
         }
     }
 }
@@ -253,8 +265,10 @@ impl std::str::FromStr for SessionName {
 
 /// Calls `ioctl(fd, request, arg)`.
 fn ioctl<T>(fd: BorrowedFd<'_>, request: Request, arg: &mut T, op: Op) -> Result<()> {
-    // SAFETY: Every caller passes the `#[repr(C)]` argument struct that `request` takes, and
-    // `arg` is a live, exclusive reference to it for the duration of the call.
+    // SAFETY: `fd` is LUO's device or one of its sessions (`Device` and `Session` are only
+    // made from files checked to be, or returned by LUO), every caller passes the
+    // `#[repr(C)]` argument struct that `request` takes there, and `arg` is a live, exclusive
+    // reference to it for the duration of the call.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request, arg as *mut T) };
     if ret < 0 {
         Err(Error::last(op))
@@ -285,16 +299,33 @@ pub struct Device {
 impl Device {
     /// Opens [`DEVICE_PATH`].
     pub fn open() -> Result<Self> {
-        Self::open_path(DEVICE_PATH)
+        Self::open_checked(DEVICE_PATH, false)
     }
 
-    /// Opens the device at `path` (a device node elsewhere than `/dev`).
+    /// Opens the device at `path` (a device node elsewhere than `/dev`). Checks, before any
+    /// ioctl, that it is LUO's: the character device `/sys/class/misc/liveupdate/dev` names
+    /// (another driver would take LUO's ioctls its own way).
     pub fn open_path(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_checked(path, true)
+    }
+
+    fn open_checked(path: impl AsRef<Path>, check: bool) -> Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let dev = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(|e| Error::from_io(Op::Open, &e))?;
+        if !check {
+            return Ok(Self { dev });
+        }
+        let meta = dev.metadata().map_err(|e| Error::from_io(Op::Open, &e))?;
+        let luo = std::fs::read_to_string("/sys/class/misc/liveupdate/dev").unwrap_or_default();
+        let rdev = meta.rdev();
+        let this = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+        if !meta.file_type().is_char_device() || luo.trim() != this {
+            return Err(Error::NotLuo("not the /dev/liveupdate device"));
+        }
         Ok(Self { dev })
     }
 
@@ -338,8 +369,18 @@ pub struct Session(OwnedFd);
 
 impl Session {
     /// A session from a file descriptor received from elsewhere (another process, a Unix
-    /// socket). Checks that it is a session: other files fail with `ENOTTY` or `EINVAL`.
+    /// socket). Checks, before any ioctl, that it is a session (the kernel names its files
+    /// `anon_inode:[luo_session] NAME`, as `/proc/self/fd` shows): another file gives
+    /// [`Error::NotLuo`].
     pub fn from_fd(fd: OwnedFd) -> Result<Self> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|_| Error::NotLuo("cannot tell what the file is (is /proc mounted?)"))?;
+        if !link
+            .to_string_lossy()
+            .starts_with("anon_inode:[luo_session] ")
+        {
+            return Err(Error::NotLuo("not a LUO session"));
+        }
         let session = Self(fd);
         session.name()?;
         Ok(session)
@@ -485,6 +526,13 @@ mod tests {
     }
 
     #[test]
+    fn opening_a_device_that_is_not_luo_fails_before_any_ioctl() {
+        let e = Device::open_path("/dev/null").unwrap_err();
+        assert!(matches!(e, Error::NotLuo(_)), "{e}");
+        assert_eq!(e.errno(), libc::ENOTTY);
+    }
+
+    #[test]
     fn opening_a_missing_device_fails_with_its_errno() {
         let e = Device::open_path("/nonexistent/liveupdate").unwrap_err();
         assert!(matches!(
@@ -503,16 +551,13 @@ mod tests {
         let f = File::open("/proc/self/exe").unwrap();
         let e = Session::from_fd(OwnedFd::from(f)).unwrap_err();
         assert_eq!(e.errno(), libc::ENOTTY, "{e}");
-        assert!(matches!(
-            e,
-            Error::Os {
-                op: Op::GetName,
-                ..
-            }
-        ));
+        assert!(matches!(e, Error::NotLuo(_)));
 
-        // The same on a device that is not /dev/liveupdate: its ioctls fail, nothing leaks.
-        let dev = Device::open_path("/dev/null").unwrap();
+        // The ioctls themselves on a device that is not /dev/liveupdate (only this module
+        // can make such a `Device` or `Session`): they fail, nothing leaks.
+        let dev = Device {
+            dev: File::open("/dev/null").unwrap(),
+        };
         let name = SessionName::new("x").unwrap();
         let e = dev.create_session(&name).unwrap_err();
         assert_eq!(e.errno(), libc::ENOTTY);

@@ -4,7 +4,7 @@
 //! and every VMM is ready, and in the new kernel hands each VMM the session kept for it.
 //! The protocol: `kvm_luo_agent::protocol`.
 
-use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal};
+use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal, Registry};
 use kvm_luo_agent::protocol::{FromAgent, Handover, ToAgent, AGENT_SESSION, DEFAULT_SOCKET};
 use kvm_luo_agent::socket;
 use liveupdate::{Device, Session, SessionName};
@@ -39,6 +39,9 @@ struct Shared {
 
 struct Agent {
     dev: Device,
+    /// Where the registry is kept, and what was written there last.
+    registry_path: PathBuf,
+    saved: Mutex<Registry>,
     shared: Mutex<Shared>,
     /// Signalled when a VMM answers, reports or goes away.
     changed: Condvar,
@@ -168,6 +171,24 @@ impl Agent {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Keeps the registry in its file when it changed, for an agent restarted in this kernel.
+    fn save(&self, sh: &Shared) {
+        let reg = sh.fleet.registry();
+        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        if *saved == *reg {
+            return;
+        }
+        let tmp = self.registry_path.with_extension("tmp");
+        let data = kvm_luo_agent::protocol::encode(reg);
+        match std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &self.registry_path)) {
+            Ok(()) => *saved = reg.clone(),
+            Err(e) => say(format!(
+                "warning: keeping the registry in {}: {e}",
+                self.registry_path.display()
+            )),
+        }
+    }
+
     /// The session `name` for `conn`: the previous kernel's if there is one, a new one
     /// otherwise.
     fn session(
@@ -183,29 +204,43 @@ impl Agent {
         }
         let mut sh = self.lock();
         sh.fleet.may_claim(conn, name)?;
-        let held = sh.fleet.take_held(name);
-        let (session, retrieved) = match held.map_or_else(|| self.dev.retrieve_session(&n), Ok) {
+        let (session, retrieved) = match self.dev.retrieve_session(&n) {
             Ok(s) => (s, true),
-            Err(e) if e.is_not_found() => match self.dev.create_session(&n) {
-                Ok(s) => (s, false),
-                Err(e) if e.is_exists() => {
-                    return Err(refusal(
-                        libc::EEXIST,
-                        format!(
-                            "a session named {name} is open already, held by a process this \
+            Err(e) if sh.fleet.is_incoming(name) => {
+                // The previous kernel's agent handed it over, and it is not there.
+                sh.fleet.mark_lost(name);
+                self.save(&sh);
+                return Err(refusal(
+                    libc::EIO,
+                    format!(
+                        "the previous kernel's session {name} cannot be taken over ({e}): \
+                         its guest is lost; ask again for a new session"
+                    ),
+                ));
+            }
+            // None (or already retrieved, by an agent that did not keep its registry).
+            Err(e) if e.is_not_found() || e.errno() == libc::EINVAL => {
+                match self.dev.create_session(&n) {
+                    Ok(s) => (s, false),
+                    Err(e) if e.is_exists() => {
+                        return Err(refusal(
+                            libc::EEXIST,
+                            format!(
+                                "a session named {name} is open already, held by a process this \
                              agent does not know (was the agent restarted while a VMM held it?)"
-                        ),
-                    ))
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(lu_refusal("creating the session", &e)),
                 }
-                Err(e) => return Err(lu_refusal("creating the session", &e)),
-            },
+            }
             Err(e) => return Err(lu_refusal("retrieving the session", &e)),
         };
         if let Err(e) = socket::send(sock, &FromAgent::Session { retrieved }, Some(&session)) {
             if retrieved {
-                // Not lost: the next VMM of that name gets it.
-                sh.fleet.attach(conn, name, pid, session, true);
-                drop(sh.fleet.disconnect(conn));
+                // The VMM is gone, and a session cannot be retrieved twice.
+                sh.fleet.mark_lost(name);
+                self.save(&sh);
             }
             return Err(io_refusal("handing over the session", &e));
         }
@@ -315,10 +350,15 @@ impl Agent {
         let ours = match loaded {
             Ok(ours) => ours,
             Err(r) => {
-                self.lock().fleet.unreserve();
+                let gone = self.lock().fleet.unreserve();
+                drop(gone);
                 return Err(r);
             }
         };
+        // Whatever writes back slowly does so before any guest stops, not between the commit
+        // and the kexec, when a VMM that went away waits for the update to be over.
+        // SAFETY: No arguments.
+        unsafe { libc::sync() };
         let fail = |r: Refusal| {
             self.abort(&r.message);
             if ours {
@@ -397,8 +437,28 @@ impl Agent {
                 send(sock, &FromAgent::Status(status));
             }
             req @ ToAgent::Update { .. } => {
-                if let Err(r) = self.update(sock, req) {
+                let is_vmm = self.lock().fleet.has_vmm(conn);
+                let result = if is_vmm {
+                    Err(refusal(
+                        libc::EINVAL,
+                        "a VMM's connection cannot start an update",
+                    ))
+                } else {
+                    self.update(sock, req)
+                };
+                if let Err(r) = result {
                     send_refusal(sock, r);
+                }
+            }
+            ToAgent::Forget { name } => {
+                let mut sh = self.lock();
+                match sh.fleet.forget(&name) {
+                    Ok(()) => {
+                        self.save(&sh);
+                        say(format!("forgot {name}"));
+                        send(sock, &FromAgent::Done);
+                    }
+                    Err(r) => send_refusal(sock, r),
                 }
             }
             ToAgent::Commit | ToAgent::Cancel => send_refusal(
@@ -424,7 +484,10 @@ impl Agent {
         }
         loop {
             match socket::recv::<ToAgent>(&sock) {
-                Ok(Some((msg, _fd))) => self.handle(conn, &sock, msg),
+                Ok(Some((msg, _fd))) => {
+                    self.handle(conn, &sock, msg);
+                    self.save(&self.lock());
+                }
                 Ok(None) => break,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     send_refusal(&sock, refusal(libc::EPROTO, format!("bad request: {e}")));
@@ -507,30 +570,57 @@ fn main() {
         }
         let _ = std::fs::remove_file(&path);
     }
-    let listener = socket::listen(&path).unwrap_or_else(|e| {
+    // Only its owner (root) may talk to the agent, a client can claim any VM's session: the
+    // socket is made without access for others.
+    // SAFETY: umask() only sets the process's file mode creation mask.
+    let umask = unsafe { libc::umask(0o177) };
+    let listening = socket::listen(&path);
+    // SAFETY: As above.
+    unsafe { libc::umask(umask) };
+    let listener = listening.unwrap_or_else(|e| {
         say(format!("listening on {}: {e}", path.display()));
         exit(1)
     });
-    // Only once nothing can stop the agent from serving: the state is read once.
-    let incoming = handover(&dev);
-    say(format!(
-        "listening on {}; sessions from the previous kernel: {}",
-        path.display(),
-        if incoming.is_empty() {
+    // Only once nothing can stop the agent from serving: the state is read once. An agent
+    // restarted in the same kernel finds its registry in its file (a kexec clears it); the
+    // first agent of a kernel finds what the previous kernel's agent handed over.
+    let registry_path = path.with_extension("registry");
+    let registry = match std::fs::read(&registry_path) {
+        Ok(data) => kvm_luo_agent::protocol::decode::<Registry>(&data).unwrap_or_else(|e| {
+            say(format!("{}: {e}", registry_path.display()));
+            exit(1)
+        }),
+        Err(_) => Registry {
+            incoming: handover(&dev).into_iter().collect(),
+            ..Default::default()
+        },
+    };
+    let list = |names: &std::collections::BTreeSet<String>| {
+        if names.is_empty() {
             "none".to_string()
         } else {
-            incoming.join(", ")
+            names.iter().cloned().collect::<Vec<_>>().join(", ")
         }
+    };
+    say(format!(
+        "listening on {}; sessions from the previous kernel: {}; VMs known: {}; lost: {}",
+        path.display(),
+        list(&registry.incoming),
+        list(&registry.known),
+        list(&registry.lost)
     ));
     let agent = Arc::new(Agent {
         dev,
+        registry_path,
+        saved: Mutex::new(Registry::default()),
         shared: Mutex::new(Shared {
-            fleet: Fleet::new(incoming),
+            fleet: Fleet::new(registry),
             conns: HashMap::new(),
             handover: None,
         }),
         changed: Condvar::new(),
     });
+    agent.save(&agent.lock());
     let next = AtomicU64::new(1);
     for sock in listener.incoming() {
         match sock {

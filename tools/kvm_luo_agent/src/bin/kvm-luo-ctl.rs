@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! kvm-luo-ctl [--socket PATH] status
+//! kvm-luo-ctl [--socket PATH] forget NAME
 //! kvm-luo-ctl [--socket PATH] update [--kernel BZIMAGE [--initrd FILE] [--cmdline TEXT]]
 //!                                    [--timeout SECONDS]
 //! ```
@@ -14,6 +15,7 @@ use std::process::exit;
 use std::time::Duration;
 
 const USAGE: &str = "usage: kvm-luo-ctl [--socket PATH] status
+       kvm-luo-ctl [--socket PATH] forget NAME   (a VM gone for good: updates stop waiting for it)
        kvm-luo-ctl [--socket PATH] update [--kernel BZIMAGE [--initrd FILE] [--cmdline TEXT]] [--timeout SECONDS]
   update without --kernel kexecs into the kernel already loaded (kexec -l)";
 
@@ -27,6 +29,7 @@ fn main() {
     let (mut kernel, mut initrd, mut cmdline) = (None, None, None);
     let mut timeout = 30.0;
     let mut command = None;
+    let mut name = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
@@ -36,7 +39,8 @@ fn main() {
             "--initrd" => initrd = Some(value()),
             "--cmdline" => cmdline = Some(value()),
             "--timeout" => timeout = value().parse().unwrap_or_else(|_| usage()),
-            "status" | "update" if command.is_none() => command = Some(arg),
+            "status" | "update" | "forget" if command.is_none() => command = Some(arg),
+            _ if command.as_deref() == Some("forget") && name.is_none() => name = Some(arg),
             _ => usage(),
         }
     }
@@ -59,6 +63,9 @@ fn main() {
                     s.incoming.join(", ")
                 }
             );
+            if !s.lost.is_empty() {
+                println!("VMs whose guests were lost: {}", s.lost.join(", "));
+            }
             println!(
                 "{:<16} {:>7}  {:<10} {:<9} detail",
                 "VMM", "pid", "state", "session"
@@ -98,6 +105,14 @@ fn main() {
             let e = armed.commit();
             eprintln!("kvm-luo-ctl: the kexec failed: {e}");
             exit(1)
+        }
+        Some("forget") => {
+            let name = name.unwrap_or_else(|| usage());
+            if let Err(e) = client.forget(&name) {
+                eprintln!("kvm-luo-ctl: {e}");
+                exit(1)
+            }
+            println!("forgot {name}");
         }
         _ => usage(),
     }
