@@ -10,7 +10,7 @@
 #   make kernel-release  the same tree without debug options, for demo and bench
 #   make kernel-guest  a small kernel of the same tree for the demo's Linux guest
 #   make test    run the QEMU tests (T=name runs one)
-#   make test-fleet  the tests of a host with several VMs (not in check yet)
+#   make test-fleet  only the tests of a host with several VMs (T=name runs one)
 #   make lint    rustfmt, clippy and checkpatch over the project's code
 #   make bench   guest_memfd against memfd preservation (not part of check)
 #   make clean   remove the kernel build (the base tree and packages stay)
@@ -45,7 +45,7 @@ test:
 	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS)
 
 test-fleet:
-	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS) -l $(SELFTESTS)/fleet.list
+	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS) -l $(SELFTESTS)/fleet.list -c 1
 
 lint:
 	@build/lint.sh

@@ -32,9 +32,9 @@ resumes the guest there. First, a bare kexec of the same kernel to compare.
 under the live-update agent.)
 END
 fi
-list=$KLU_TOP/tools/testing/selftests/kvm_luo/tests.list
-[ "$DEMO" = agent_fleet ] && list=$KLU_TOP/tools/testing/selftests/kvm_luo/fleet.list
-"$runner" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT" -g "$KLU_CACHE/build-guest" -l "$list" -t "$DEMO" \
+list=(-l "$KLU_TOP/tools/testing/selftests/kvm_luo/tests.list")
+[ "$DEMO" = agent_fleet ] && list=(-l "$KLU_TOP/tools/testing/selftests/kvm_luo/fleet.list" -c 1)
+"$runner" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT" -g "$KLU_CACHE/build-guest" "${list[@]}" -t "$DEMO" \
 	> "$KLU_CACHE/demo-runner.log"
 status=$?
 log=$KLU_OUT/logs/$DEMO.log

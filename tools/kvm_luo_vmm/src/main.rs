@@ -72,6 +72,15 @@ const MAGIC: u64 = 0x4b4c_5556_4d4d_3031; // "KLUVMM01"
 /// The VM's name under the agent, if any: it goes into every line the VMM prints.
 static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// `--clock-gap`: how far, in seconds, a resumed guest's clock may move between its last
+/// heartbeat before the pause and its first after (and never more than half the pause).
+static CLOCK_GAP: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+const DEFAULT_CLOCK_GAP: f64 = 1.0;
+
+fn clock_gap() -> f64 {
+    CLOCK_GAP.get().copied().unwrap_or(DEFAULT_CLOCK_GAP)
+}
+
 /// `" NAME"` under the agent, nothing otherwise.
 fn name_suffix() -> String {
     NAME.get().map(|n| format!(" {n}")).unwrap_or_default()
@@ -406,7 +415,9 @@ const USAGE: &str =
   with --linux: a Linux guest, stages 1 (boot and preserve), 2 (resume), 3 (a bare kexec)
   with --agent: a Linux guest under kvm-luo-agent, in session NAME: resumed from it if the
     previous kernel kept it, booted otherwise; prepared for an update when the agent says
-    (--never-ready: a test hook, never answer)";
+    (--never-ready: a test hook, never answer)
+  --clock-gap SECS (with --linux): how far a resumed guest's clock may move across the pause,
+    more than 0 and at most 10 s (default 1 s; never more than half the pause)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -426,6 +437,12 @@ fn main() {
             "--agent" => agent = Some(value()),
             "--name" => name = Some(value()),
             "--never-ready" => never_ready = true,
+            "--clock-gap" => {
+                let gap: f64 = value().parse().unwrap_or_else(|_| fail(USAGE));
+                if !(gap > 0.0 && gap <= 10.0) || CLOCK_GAP.set(gap).is_err() {
+                    fail("--clock-gap must be given once, more than 0 and at most 10 s");
+                }
+            }
             _ => fail(USAGE),
         }
     }
@@ -461,6 +478,7 @@ fn main() {
                 _ => fail(USAGE),
             }
         }
+        (None, None) if CLOCK_GAP.get().is_some() => fail(USAGE),
         (None, None) => match stage.as_deref() {
             Some("1") => stage1(),
             Some("2") => stage2(),

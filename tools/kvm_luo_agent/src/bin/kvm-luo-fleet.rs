@@ -149,10 +149,12 @@ struct Args {
     initrd: String,
     stage: u8,
     refuses: bool,
+    /// Passed on to the VMMs as `--clock-gap`.
+    clock_gap: Option<String>,
 }
 
 const USAGE: &str = "usage: kvm-luo-fleet --vmm PATH --guest DIR [--mem MIB,MIB,...] [--vcpus N]
-                     [--kernel PATH --initrd PATH] (-s 1|2 | --refuses)";
+                     [--kernel PATH --initrd PATH] [--clock-gap SECS] (-s 1|2 | --refuses)";
 
 fn args() -> Args {
     let mut a = Args {
@@ -164,6 +166,7 @@ fn args() -> Args {
         initrd: "/initrd.img".into(),
         stage: 0,
         refuses: false,
+        clock_gap: None,
     };
     let usage = || -> ! {
         eprintln!("{USAGE}");
@@ -186,6 +189,13 @@ fn args() -> Args {
             "--initrd" => a.initrd = value(),
             "-s" => a.stage = value().parse().unwrap_or_else(|_| usage()),
             "--refuses" => a.refuses = true,
+            "--clock-gap" => {
+                let gap = value();
+                match gap.parse::<f64>() {
+                    Ok(secs) if secs > 0.0 && secs <= 10.0 => a.clock_gap = Some(gap),
+                    _ => usage(),
+                }
+            }
             _ => usage(),
         }
     }
@@ -234,6 +244,9 @@ fn start_vmms(f: &mut Fleet, a: &Args, never_ready: Option<&str>, one_by_one: bo
             .arg(a.guest.join("initrd.cpio"))
             .args(["--mem", &mem.to_string(), "--vcpus", &a.vcpus.to_string()])
             .args(["--agent", SOCKET, "--name", &name]);
+        if let Some(gap) = &a.clock_gap {
+            cmd.args(["--clock-gap", gap]);
+        }
         if never_ready == Some(name.as_str()) {
             cmd.arg("--never-ready");
         }

@@ -8,6 +8,7 @@
 # Ends with "N passed, N failed" and exits non-zero if anything failed.
 #
 # Usage: run_vmtests.sh -s SRC -b BUILD -o OUT [-g GUEST] [-t TEST]... [-r RESULTS]
+#                       [-l LIST] [-c CPUS]
 #   -s  the assembled kernel source tree
 #   -b  its O= build directory (with bzImage, usr/include, usr/gen_init_cpio)
 #   -g  the O= build directory of the Linux guest's kernel (the tests that
@@ -16,6 +17,7 @@
 #   -t  run only this test (repeatable); default: every test in tests.list
 #   -r  also append "PASS|FAIL name seconds" lines to this file
 #   -l  the test list (default: tests.list next to this script)
+#   -c  CPUs of the QEMU machine (default 2); fleet.list runs with 1 (see there)
 # Environment:
 #   KLU_QEMU_MEM     guest memory (default 3G, 4G for a debug kernel)
 #   KLU_INJECT_FAIL  name of a test to run with a wrong expected exit status,
@@ -24,10 +26,10 @@
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
-src="" obj="" out="" results="" list="" guest=""
+src="" obj="" out="" results="" list="" guest="" cpus=2
 only=()
 
-while getopts 's:b:o:g:t:r:l:h' opt; do
+while getopts 's:b:o:g:t:r:l:c:h' opt; do
 	case $opt in
 	s) src=$(realpath "$OPTARG") ;;
 	b) obj=$(realpath "$OPTARG") ;;
@@ -36,10 +38,12 @@ while getopts 's:b:o:g:t:r:l:h' opt; do
 	t) only+=("$OPTARG") ;;
 	r) results=$(realpath -m "$OPTARG") ;;
 	l) list=$(realpath "$OPTARG") ;;
+	c) cpus=$OPTARG ;;
 	*) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 2 ;;
 	esac
 done
 [ -n "$src" ] && [ -n "$obj" ] && [ -n "$out" ] || { echo "need -s, -b and -o" >&2; exit 2; }
+[[ "$cpus" =~ ^[1-8]$ ]] || { echo "-c takes 1 to 8 CPUs" >&2; exit 2; }
 
 list=${list:-$here/tests.list}
 kernel=$obj/arch/x86/boot/bzImage
@@ -217,7 +221,7 @@ test_lines() {
 boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE [INITRAMFS]
 	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline $4"
 	local initrd=${5:-$out/initramfs.cpio}
-	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp 2 \
+	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" \
 		-m "$qemu_mem" -nographic -nodefaults -no-reboot \
 		-serial file:"$3" -kernel "$kernel" -initrd "$initrd" \
 		-append "$cmdline" </dev/null >"$3.qemu" 2>&1
@@ -286,7 +290,7 @@ run_test() {	# run_test NAME KIND TIMEOUT
 	local start secs status trouble
 	[ "$kind" = boot ] && extra=""
 	[ "${KLU_INJECT_FAIL:-}" = "$name" ] && extra="$extra klu.expect=1"
-	rm -f "$log"
+	rm -f "$log" "$log.qemu"
 	local initrd=$out/initramfs.cpio stages=1 s
 	case $kind in
 	kexec) stages="1 2" ;;
@@ -345,22 +349,23 @@ run_test() {	# run_test NAME KIND TIMEOUT
 
 main() {
 	# One run at a time per output directory: another run would remove
-	# this one's logs and binaries.
+	# this one's binaries. Logs of tests this run does not run stay (make
+	# check runs tests.list, then fleet.list, with the same directory).
 	mkdir -p "$out"
 	exec 9>"$out/.lock"
 	if ! flock -n 9; then
 		echo "# waiting for another run using $out"
 		flock 9
 	fi
-	rm -rf "$logs" "$root"
+	rm -rf "$root"
 	mkdir -p "$logs" "$root"
 	echo "# building test binaries and the initramfs in $out"
 	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm && build_initramfs; }; then
-		record FAIL build 0 "building the tests failed"
+		record FAIL "build:$(basename "$list" .list)" 0 "building the tests failed"
 	else
 		local lines name kind tmo
 		lines=$(test_lines)
-		[ -n "$lines" ] || record FAIL select 0 "no test matches: ${only[*]}"
+		[ -n "$lines" ] || record FAIL "select:$(basename "$list" .list)" 0 "no test matches: ${only[*]}"
 		while read -r name kind tmo _; do
 			[ -n "$name" ] && run_test "$name" "$kind" "$tmo"
 		done <<< "$lines"
