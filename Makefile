@@ -9,7 +9,7 @@
 #   make kernel  assemble the tree and build the debug kernel the tests run on
 #   make kernel-release  the same tree without debug options, for demo and bench
 #   make kernel-guest  a small kernel of the same tree for the demo's Linux guest
-#   make test    run the QEMU tests (T=name runs one)
+#   make test    run the QEMU tests of tests.list (T=name runs one)
 #   make test-fleet  only the tests of a host with several VMs (T=name runs one)
 #   make lint    rustfmt, clippy and checkpatch over the project's code
 #   make bench   guest_memfd against memfd preservation (not part of check)

@@ -44,7 +44,7 @@ if step setup "$KLU_TOP/build/setup.sh" && step kernel "$KLU_TOP/build/kernel.sh
 		before=$(grep -c '^FAIL ' "$results")
 		if ! "${runner[@]}" -l "$tests/$1" -c "$2" &&
 		   [ "$(grep -c '^FAIL ' "$results")" = "$before" ]; then
-			echo "FAIL runner:$1 0" >> "$results"
+			echo "FAIL runner:${1%.list} 0" >> "$results"
 		fi
 	done
 else

@@ -156,6 +156,9 @@ fn ms(ticks: u64, hz: u64) -> f64 {
     ticks as f64 * 1e3 / hz as f64
 }
 
+/// The guest's heartbeat period, in seconds (its workload, guest/work.c, sleeps 250 ms between beats).
+const BEAT_SECS: f64 = 0.25;
+
 /// A VM with its RAM, its console and its port I/O.
 struct Machine {
     vm: VmFd,
@@ -844,9 +847,10 @@ impl Guest {
     /// generations on every vCPU, an answer on the console, and no complaint for 5 s.
     fn check_went_on(&mut self, s: &Snapshot, from: usize, label: &str) {
         // How long the guest was stopped (the TSC goes on across a kexec): its clock may move
-        // by at most half of that across the pause, so a pause it saw always fails.
+        // by a beat and half of that at most, so a pause it saw (a beat and all of the pause)
+        // always fails.
         let paused = ms(crate::rdtsc().saturating_sub(s.stamps.stopped), s.stamps.hz) / 1e3;
-        let max_gap = crate::clock_gap().min(paused / 2.0);
+        let max_gap = crate::clock_gap().min(BEAT_SECS + paused / 2.0);
         let p0 = &s.progress;
         let n = self.vcpus();
         let (console, running) = (&self.m.console, &self.running);

@@ -73,7 +73,8 @@ const MAGIC: u64 = 0x4b4c_5556_4d4d_3031; // "KLUVMM01"
 static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// `--clock-gap`: how far, in seconds, a resumed guest's clock may move between its last
-/// heartbeat before the pause and its first after (and never more than half the pause).
+/// heartbeat before the pause and its first after (and never more than a beat and half the
+/// pause).
 static CLOCK_GAP: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
 const DEFAULT_CLOCK_GAP: f64 = 1.0;
 
@@ -417,7 +418,7 @@ const USAGE: &str =
     previous kernel kept it, booted otherwise; prepared for an update when the agent says
     (--never-ready: a test hook, never answer)
   --clock-gap SECS (with --linux): how far a resumed guest's clock may move across the pause,
-    more than 0 and at most 10 s (default 1 s; never more than half the pause)";
+    more than 0 and at most 10 s (default 1 s; never more than 0.25 s and half the pause)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

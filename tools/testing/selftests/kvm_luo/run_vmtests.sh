@@ -359,13 +359,17 @@ main() {
 	fi
 	rm -rf "$root"
 	mkdir -p "$logs" "$root"
+	local lines name kind tmo
+	lines=$(test_lines)
+	# Nothing left of an earlier run of these tests is taken for this one's.
+	while read -r name _; do
+		[ -z "$name" ] || rm -f "$logs/$name.log" "$logs/$name.log.qemu"
+	done <<< "$lines"
 	echo "# building test binaries and the initramfs in $out"
 	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm && build_initramfs; }; then
-		record FAIL "build:$(basename "$list" .list)" 0 "building the tests failed"
+		record FAIL "runner-build:$(basename "$list" .list)" 0 "building the tests failed"
 	else
-		local lines name kind tmo
-		lines=$(test_lines)
-		[ -n "$lines" ] || record FAIL "select:$(basename "$list" .list)" 0 "no test matches: ${only[*]}"
+		[ -n "$lines" ] || record FAIL "runner-select:$(basename "$list" .list)" 0 "no test matches: ${only[*]}"
 		while read -r name kind tmo _; do
 			[ -n "$name" ] && run_test "$name" "$kind" "$tmo"
 		done <<< "$lines"
