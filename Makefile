@@ -10,7 +10,7 @@
 #   make kernel-release  the same tree without debug options, for demo and bench
 #   make kernel-guest  a small kernel of the same tree for the demo's Linux guest
 #   make test    run the QEMU tests of tests.list (T=name runs one)
-#   make test-fleet  only the tests of a host with several VMs (T=name runs one)
+#   make test-nested  the tests with nested Linux guests, on one CPU (T=name runs one)
 #   make lint    rustfmt, clippy and checkpatch over the project's code
 #   make bench   guest_memfd against memfd preservation (not part of check)
 #   make clean   remove the kernel build (the base tree and packages stay)
@@ -21,7 +21,7 @@ SELFTESTS := tools/testing/selftests/kvm_luo
 RUNNER_ARGS = -s $(KLU_CACHE)/src -b $(KLU_CACHE)/build -o $(KLU_CACHE)/out \
 	-g $(KLU_CACHE)/build-guest $(foreach t,$(T),-t $(t))
 
-.PHONY: check demo setup kernel kernel-release kernel-guest test test-fleet lint bench clean
+.PHONY: check demo setup kernel kernel-release kernel-guest test test-nested lint bench clean
 
 check:
 	@build/check.sh
@@ -44,8 +44,8 @@ kernel-guest: setup
 test:
 	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS)
 
-test-fleet:
-	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS) -l $(SELFTESTS)/fleet.list -c 1
+test-nested:
+	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS) -l $(SELFTESTS)/nested.list -c 1
 
 lint:
 	@build/lint.sh

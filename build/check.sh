@@ -36,10 +36,10 @@ if step setup "$KLU_TOP/build/setup.sh" && step kernel "$KLU_TOP/build/kernel.sh
 	tests=$KLU_TOP/tools/testing/selftests/kvm_luo
 	runner=("$tests/run_vmtests.sh" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT"
 		-g "$KLU_CACHE/build-guest" -r "$results")
-	# Every test, then a host with several VMs on a QEMU machine with one
-	# CPU (see fleet.list). A runner that fails without saying which test
+	# Every test, then those with nested Linux guests on a QEMU machine
+	# with one CPU (see nested.list). A runner that fails without saying which test
 	# failed (bad arguments, a missing kernel) is a failure of its own.
-	for run in "tests.list 2" "fleet.list 1"; do
+	for run in "tests.list 2" "nested.list 1"; do
 		set -- $run
 		before=$(grep -c '^FAIL ' "$results")
 		if ! "${runner[@]}" -l "$tests/$1" -c "$2" &&

@@ -17,7 +17,7 @@
 #   -t  run only this test (repeatable); default: every test in tests.list
 #   -r  also append "PASS|FAIL name seconds" lines to this file
 #   -l  the test list (default: tests.list next to this script)
-#   -c  CPUs of the QEMU machine (default 2); fleet.list runs with 1 (see there)
+#   -c  CPUs of the QEMU machine (default 2); nested.list runs with 1 (see there)
 # Environment:
 #   KLU_QEMU_MEM     guest memory (default 3G, 4G for a debug kernel)
 #   KLU_INJECT_FAIL  name of a test to run with a wrong expected exit status,
@@ -218,11 +218,12 @@ test_lines() {
 }
 
 # Every boot is a machine with two NUMA nodes (numa=fake=2), as hosts are.
+# QEMU logs a triple fault of the machine (and every CPU reset) in LOG.qemu.
 boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE [INITRAMFS]
 	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline $4"
 	local initrd=${5:-$out/initramfs.cpio}
 	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" \
-		-m "$qemu_mem" -nographic -nodefaults -no-reboot \
+		-m "$qemu_mem" -nographic -nodefaults -no-reboot -d cpu_reset \
 		-serial file:"$3" -kernel "$kernel" -initrd "$initrd" \
 		-append "$cmdline" </dev/null >"$3.qemu" 2>&1
 }
@@ -307,6 +308,10 @@ run_test() {	# run_test NAME KIND TIMEOUT
 		record FAIL "$name" "$secs" "timed out after ${tmo}s, log $log"
 		return
 	fi
+	if grep -q '^Triple fault' "$log.qemu"; then
+		record FAIL "$name" "$secs" "the QEMU machine took a triple fault (log $log, CPU state in $log.qemu)"
+		return
+	fi
 	if [ ! -s "$log" ]; then
 		record FAIL "$name" "$secs" "no serial output (qemu status $status, $log.qemu)"
 		return
@@ -350,7 +355,7 @@ run_test() {	# run_test NAME KIND TIMEOUT
 main() {
 	# One run at a time per output directory: another run would remove
 	# this one's binaries. Logs of tests this run does not run stay (make
-	# check runs tests.list, then fleet.list, with the same directory).
+	# check runs tests.list, then nested.list, with the same directory).
 	mkdir -p "$out"
 	exec 9>"$out/.lock"
 	if ! flock -n 9; then
