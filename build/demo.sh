@@ -36,7 +36,8 @@ fi
 # nested.list).
 lists=$KLU_TOP/tools/testing/selftests/kvm_luo
 list=(-l "$lists/tests.list")
-grep -q "^$DEMO " "$lists/nested.list" && list=(-l "$lists/nested.list" -c 1)
+awk -v d="$DEMO" '$1 == d { f = 1 } END { exit !f }' "$lists/nested.list" &&
+	list=(-l "$lists/nested.list" -c 1)
 "$runner" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT" -g "$KLU_CACHE/build-guest" "${list[@]}" -t "$DEMO" \
 	> "$KLU_CACHE/demo-runner.log"
 status=$?

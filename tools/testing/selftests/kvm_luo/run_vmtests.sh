@@ -309,7 +309,7 @@ run_test() {	# run_test NAME KIND TIMEOUT
 		return
 	fi
 	if grep -q '^Triple fault' "$log.qemu"; then
-		record FAIL "$name" "$secs" "the QEMU machine took a triple fault (log $log, CPU state in $log.qemu)"
+		record FAIL "$name" "$secs" "the QEMU machine took a triple fault$(t=$(kernel_trouble "$log") && echo " after: $t") (log $log, CPU state in $log.qemu)"
 		return
 	fi
 	if [ ! -s "$log" ]; then
