@@ -2,8 +2,8 @@
 /*
  * KVM's interface for live update (virt/kvm/luo/): VMs and guest_memfd files
  * made without a file descriptor, the VM of a file and a file of a VM, memory
- * attributes read and set in ranges, and guest_memfd frozen while its memory
- * is handed over.
+ * attributes read and set in ranges, guest_memfd frozen while its memory is
+ * handed over, and filled late in the new kernel.
  *
  * Only opaque pointers cross it, so it can be used, and given to bindgen for
  * the Rust abstractions, without <linux/kvm_host.h>, which includes it.
@@ -15,6 +15,7 @@
 #include <linux/types.h>
 
 struct file;
+struct inode;
 struct kvm;
 
 /* Also declared in <linux/kvm_host.h>; the compiler checks that both agree. */
@@ -43,8 +44,33 @@ bool kvm_gmem_file_info(struct file *file, struct kvm **kvm, loff_t *size,
 			u64 *flags);
 int kvm_gmem_freeze(struct file *file);
 void kvm_gmem_unfreeze(struct file *file);
-int kvm_gmem_insert_pages(struct file *file, unsigned long pfn,
-			  unsigned long nr, pgoff_t index, bool uptodate);
+
+/**
+ * struct kvm_gmem_filler_ops - Putting handed-over memory in a guest_memfd late.
+ * @fill:    Put in the memory at @index, if some is pending, or wait for
+ *           whoever does; 0 when there is none left at @index.
+ * @discard: Punch-hole of [@start, @end): drop what is pending there, put in
+ *           what is partly in it; an error fails the punch-hole.
+ * @stop:    The last file of the inode was released.
+ * @release: The inode is being destroyed.
+ *
+ * See kvm_gmem_set_filler().
+ */
+struct kvm_gmem_filler_ops {
+	int (*fill)(void *filler, struct inode *inode, pgoff_t index);
+	int (*discard)(void *filler, struct inode *inode, pgoff_t start,
+		       pgoff_t end);
+	void (*stop)(void *filler);
+	void (*release)(void *filler);
+};
+
+/* Only for the Rust abstraction (rust/kernel/kvm.rs), which owns @filler's layout. */
+int kvm_gmem_set_filler(struct file *file,
+			const struct kvm_gmem_filler_ops *ops, void *filler);
+void *kvm_gmem_filler(struct file *file);
+int kvm_gmem_fill_pages(struct inode *inode, unsigned long pfn,
+			unsigned long nr, pgoff_t index, bool uptodate,
+			unsigned long *done);
 #endif /* CONFIG_KVM_GUEST_MEMFD */
 
 #endif /* __LINUX_KVM_LUO_H */

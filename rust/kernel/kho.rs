@@ -496,38 +496,84 @@ unsafe impl<T: FromBytes + Send> Send for RestoredVec<T> {}
 // SAFETY: `&RestoredVec<T>` only gives out `&[T]`.
 unsafe impl<T: FromBytes + Sync> Sync for RestoredVec<T> {}
 
-/// A run of folios preserved across kexec with `kho_preserve_pages()`.
+/// A run of folios preserved across kexec with `kho_preserve_pages()`, in windows.
 ///
 /// The run holds a reference to each of its folios, so their memory stays allocated until the
 /// kexec hands it over, whatever happens to the file they are in. Dropping this object
 /// unpreserves the pages and drops the references.
 ///
+/// The run is preserved one naturally aligned window of `2^window_order` physical pages at a
+/// time (the part of the run inside it), so that no KHO block crosses a window: the next kernel
+/// can take back any window of the run on its own with [`RestoredPages::restore`], and never has
+/// to take back more than a window at once.
+///
 /// # Invariants
 ///
-/// The pages of `run` are preserved, by this object only.
+/// The pages of `run` are preserved, by this object only, each window of `2^window_order` pages
+/// with one `kho_preserve_pages()`; `window_order < 64`.
 pub struct PreservedPages {
     run: FolioRun,
+    window_order: u32,
+}
+
+/// The windows of `2^order` pages that `span` crosses, as `(pfn, nr_pages)`.
+fn windows(span: Span, order: u32) -> impl Iterator<Item = (u64, u64)> {
+    let end = span.pfn + span.nr_pages;
+    let mut pfn = span.pfn;
+    core::iter::from_fn(move || {
+        if pfn >= end {
+            return None;
+        }
+        // The start of the next window, unless that is past the top of the pfn space.
+        let next = (pfn >> order)
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(1 << order))
+            .map_or(end, |n| n.min(end));
+        let window = (pfn, next - pfn);
+        pfn = next;
+        Some(window)
+    })
+}
+
+/// Unpreserves the pages of windows preserved by `kho_preserve_pages()`.
+///
+/// # Safety
+///
+/// Each window must have been preserved, as it is, with `kho_preserve_pages()` by the caller,
+/// which gives the preservation up.
+unsafe fn unpreserve_windows(windows: impl Iterator<Item = (u64, u64)>) {
+    for (pfn, nr) in windows {
+        // SAFETY: By the function's safety requirements.
+        unsafe { bindings::kho_unpreserve_pages(bindings::pfn_to_page(pfn as usize), nr as usize) };
+    }
 }
 
 impl PreservedPages {
-    /// Preserves the pages of `run`.
+    /// Preserves the pages of `run`, in windows of `2^window_order` pages (at most 63).
     ///
     /// # Errors
     ///
-    /// Returns the error of `kho_preserve_pages()` (`EINVAL` if the run overlaps KHO scratch
-    /// memory, `ENOMEM`); `run` is dropped then.
-    pub fn new(run: FolioRun) -> Result<Self> {
+    /// Returns `EINVAL` for an order over 63, the error of `kho_preserve_pages()` (`EINVAL` if
+    /// the run overlaps KHO scratch memory, `ENOMEM`); `run` is dropped then, nothing preserved.
+    pub fn new(run: FolioRun, window_order: u32) -> Result<Self> {
+        if window_order >= u64::BITS {
+            return Err(EINVAL);
+        }
         let span = run.span();
-        // SAFETY: The run's folios are allocated memory we hold references to; KHO only records
-        // the range.
-        to_result(unsafe {
-            bindings::kho_preserve_pages(
-                bindings::pfn_to_page(span.pfn as usize),
-                span.nr_pages as usize,
-            )
-        })?;
-        // INVARIANT: Preserved above.
-        Ok(Self { run })
+        for (done, (pfn, nr)) in windows(span, window_order).enumerate() {
+            // SAFETY: The run's folios are allocated memory we hold references to; KHO only
+            // records the range.
+            let r = to_result(unsafe {
+                bindings::kho_preserve_pages(bindings::pfn_to_page(pfn as usize), nr as usize)
+            });
+            if let Err(err) = r {
+                // SAFETY: The first `done` windows were preserved above, and are given up.
+                unsafe { unpreserve_windows(windows(span, window_order).take(done)) };
+                return Err(err);
+            }
+        }
+        // INVARIANT: Preserved above, window by window.
+        Ok(Self { run, window_order })
     }
 
     /// Where the preserved pages are.
@@ -538,15 +584,9 @@ impl PreservedPages {
 
 impl Drop for PreservedPages {
     fn drop(&mut self) {
-        let span = self.run.span();
-        // SAFETY: The run was preserved by `new`, by the type invariants, with these arguments.
-        // The references to its folios are dropped after this, with `run`.
-        unsafe {
-            bindings::kho_unpreserve_pages(
-                bindings::pfn_to_page(span.pfn as usize),
-                span.nr_pages as usize,
-            )
-        };
+        // SAFETY: The windows were preserved by `new`, by the type invariants, and this object
+        // goes. The references to the folios are dropped after this, with `run`.
+        unsafe { unpreserve_windows(windows(self.run.span(), self.window_order)) };
     }
 }
 
@@ -589,18 +629,17 @@ impl RestoredPages {
         Ok(Self { next: pfn, end })
     }
 
+    /// Forgets the first `n` pages not handed out yet (at most all of them), whose references
+    /// the caller handed on.
+    #[cfg(all(CONFIG_KVM_X86 = "y", CONFIG_KVM_GUEST_MEMFD))]
+    pub(crate) fn give_up_front(&mut self, n: u64) {
+        // INVARIANT: The pages left are still ours.
+        self.next += n.min(self.end - self.next);
+    }
+
     /// The first page frame number and the number of pages not handed out yet.
     pub fn remaining(&self) -> (u64, u64) {
         (self.next, self.end - self.next)
-    }
-
-    /// Gives up the pages not handed out yet, and their references, to the caller, which must
-    /// free them or hand them on.
-    #[cfg(all(CONFIG_KVM_X86 = "y", CONFIG_KVM_GUEST_MEMFD))]
-    pub(crate) fn into_raw(self) -> (u64, u64) {
-        let remaining = self.remaining();
-        core::mem::forget(self);
-        remaining
     }
 
     /// Hands out the next page of the run as a folio, with its reference.

@@ -385,39 +385,273 @@ impl GuestMemfdFile {
         Ok(Self { file })
     }
 
-    /// Puts the pages of `run`, handed over by the previous kernel, at page `index` of the file
-    /// and the following ones.
-    ///
-    /// # Errors
-    ///
-    /// Returns `EINVAL` if the run does not fit in the file, `EEXIST` if an index is populated,
-    /// `ENOMEM`; the pages not inserted are freed then.
-    #[cfg(CONFIG_KEXEC_HANDOVER)]
-    pub fn insert_pages(
-        &self,
-        run: crate::kho::RestoredPages,
-        index: u64,
-        uptodate: bool,
-    ) -> Result {
-        let (pfn, nr) = run.remaining();
-        let (Ok(pfn), Ok(nr), Ok(index)) = (
-            usize::try_from(pfn),
-            usize::try_from(nr),
-            usize::try_from(index),
-        ) else {
-            // `run` is dropped, which frees its pages.
-            return Err(EINVAL);
-        };
-        run.into_raw();
-        // SAFETY: The file is a guest_memfd by the type invariants; the pages are restored
-        // order-0 pages whose references we own, which the function consumes in every case.
-        to_result(unsafe {
-            bindings::kvm_gmem_insert_pages(self.file.as_ptr(), pfn, nr, index, uptodate)
-        })
-    }
-
     /// The file, to hand to userspace.
     pub fn into_file(self) -> ARef<File> {
         self.file
+    }
+}
+
+#[cfg(all(CONFIG_KVM_GUEST_MEMFD, CONFIG_KEXEC_HANDOVER))]
+pub use filler::{
+    filler_of,
+    GmemFiller,
+    GmemInode, //
+};
+
+/// Memory a live update puts in a guest_memfd after the file is handed out.
+///
+/// A [`GmemFiller`] set on a new guest_memfd ([`GuestMemfdFile::set_filler`]) is asked for the
+/// memory at an index whenever guest_memfd would allocate memory there, and is told about
+/// punch-holes, the release of the last file and the end of the inode. It puts the memory in
+/// through the [`GmemInode`] it is given, the pages of a [`RestoredPages`] run at a time.
+///
+/// [`RestoredPages`]: crate::kho::RestoredPages
+#[cfg(all(CONFIG_KVM_GUEST_MEMFD, CONFIG_KEXEC_HANDOVER))]
+mod filler {
+    use super::GuestMemfdFile;
+    use crate::{
+        bindings,
+        error::to_result,
+        fs::File,
+        kho::RestoredPages,
+        prelude::*,
+        sync::{
+            aref::{
+                ARef,
+                AlwaysRefCounted, //
+            },
+            Arc,
+            ArcBorrow, //
+        },
+        types::{
+            ForeignOwnable,
+            Opaque, //
+        },
+    };
+    use core::{
+        any::TypeId,
+        ptr::NonNull, //
+    };
+
+    /// The inode of a guest_memfd: its memory, which lives as long as the last file or mapping
+    /// of it, or a reference taken with [`ARef`].
+    ///
+    /// # Invariants
+    ///
+    /// The object is a valid `struct inode` of a guest_memfd.
+    #[repr(transparent)]
+    pub struct GmemInode {
+        inner: Opaque<bindings::inode>,
+    }
+
+    // SAFETY: `ihold()` and `iput()` may be called from any thread.
+    unsafe impl Send for GmemInode {}
+    // SAFETY: The methods on `&GmemInode` take the page cache's own locks.
+    unsafe impl Sync for GmemInode {}
+
+    // SAFETY: The refcount is managed by `ihold()` and `iput()`; a `&GmemInode` implies a non-zero
+    // count.
+    unsafe impl AlwaysRefCounted for GmemInode {
+        fn inc_ref(&self) {
+            // SAFETY: The existence of `&self` means the inode is alive, with a reference.
+            unsafe { bindings::ihold(self.inner.get()) };
+        }
+
+        unsafe fn dec_ref(obj: NonNull<Self>) {
+            // SAFETY: The caller owns a reference to give back.
+            unsafe { bindings::iput(obj.cast().as_ptr()) };
+        }
+    }
+
+    impl GmemInode {
+        /// # Safety
+        ///
+        /// `ptr` must be the inode of a guest_memfd, alive for `'a`.
+        unsafe fn from_raw<'a>(ptr: *mut bindings::inode) -> &'a Self {
+            // SAFETY: By the function's safety requirements; `GmemInode` is `repr(transparent)`.
+            unsafe { &*ptr.cast::<Self>() }
+        }
+
+        /// Puts the pages of `run` in the page cache, the first at `index` and the others after
+        /// it, marked uptodate if `uptodate` (their contents are valid guest memory; if not,
+        /// guest_memfd zeroes them on first use). The pages put in leave `run`, from its first;
+        /// on error the others stay in it, for a later call.
+        ///
+        /// # Errors
+        ///
+        /// Returns `EINVAL` if the run does not fit in the file, `EEXIST` if an index is
+        /// populated, `ENOMEM`.
+        pub fn fill_pages(&self, run: &mut RestoredPages, index: u64, uptodate: bool) -> Result {
+            let (pfn, nr) = run.remaining();
+            let (Ok(pfn), Ok(nr), Ok(index)) = (
+                usize::try_from(pfn),
+                usize::try_from(nr),
+                usize::try_from(index),
+            ) else {
+                return Err(EINVAL);
+            };
+            let mut done = 0;
+            // SAFETY: The inode is a valid guest_memfd inode by the type invariants; the pages
+            // are restored order-0 pages whose references `run` owns; the function takes the
+            // references of the first `done` pages, which `run` gives up below.
+            let result = to_result(unsafe {
+                bindings::kvm_gmem_fill_pages(self.inner.get(), pfn, nr, index, uptodate, &mut done)
+            });
+            run.give_up_front(done as u64);
+            result
+        }
+    }
+
+    /// What puts handed-over memory in a guest_memfd after the file is handed out.
+    ///
+    /// Its methods run wherever guest_memfd allocates memory (vCPU and user-mapping faults,
+    /// `fallocate()`), may sleep, and must not take the mapping's `invalidate_lock`.
+    pub trait GmemFiller: Send + Sync + 'static {
+        /// Puts in the memory at `index` if some is pending there, or waits for whoever does.
+        /// `Ok(())` means guest_memfd may allocate at `index` if the page cache still has
+        /// nothing there.
+        fn fill(&self, inode: &GmemInode, index: u64) -> Result;
+
+        /// A punch-hole of `[start, end)`, under the `invalidate_lock`: nothing pending there may
+        /// be put in later. Pages partly in the hole must be put in first, since the hole's
+        /// truncation follows.
+        fn discard(&self, inode: &GmemInode, start: u64, end: u64) -> Result;
+
+        /// The last file of the inode was released: nothing needs the memory any more.
+        fn stop(&self);
+    }
+
+    /// A filler, with the type it was set as, which [`filler_of`] checks.
+    #[repr(C)]
+    struct Typed<T> {
+        type_id: TypeId,
+        filler: Arc<T>,
+    }
+
+    struct Ops<T>(core::marker::PhantomData<T>);
+
+    impl<T: GmemFiller> Ops<T> {
+        const OPS: bindings::kvm_gmem_filler_ops = bindings::kvm_gmem_filler_ops {
+            fill: Some(Self::fill),
+            discard: Some(Self::discard),
+            stop: Some(Self::stop),
+            release: Some(Self::release),
+        };
+
+        /// # Safety
+        ///
+        /// `filler` must come from [`GuestMemfdFile::set_filler`] for `T`, not released yet.
+        unsafe fn borrow<'a>(filler: *mut c_void) -> &'a T {
+            // SAFETY: `filler` is a `KBox<Typed<T>>` owned by the inode until `release`.
+            unsafe { &(*filler.cast::<Typed<T>>()).filler }
+        }
+
+        /// # Safety
+        ///
+        /// Called by guest_memfd with the filler of `inode`, alive.
+        unsafe extern "C" fn fill(
+            filler: *mut c_void,
+            inode: *mut bindings::inode,
+            index: c_ulong,
+        ) -> c_int {
+            // SAFETY: By the function's safety requirements.
+            let (filler, inode) = unsafe { (Self::borrow(filler), GmemInode::from_raw(inode)) };
+            match filler.fill(inode, index as u64) {
+                Ok(()) => 0,
+                Err(err) => err.to_errno(),
+            }
+        }
+
+        /// # Safety
+        ///
+        /// As for [`Self::fill`].
+        unsafe extern "C" fn discard(
+            filler: *mut c_void,
+            inode: *mut bindings::inode,
+            start: c_ulong,
+            end: c_ulong,
+        ) -> c_int {
+            // SAFETY: By the function's safety requirements.
+            let (filler, inode) = unsafe { (Self::borrow(filler), GmemInode::from_raw(inode)) };
+            match filler.discard(inode, start as u64, end as u64) {
+                Ok(()) => 0,
+                Err(err) => err.to_errno(),
+            }
+        }
+
+        /// # Safety
+        ///
+        /// As for [`Self::fill`].
+        unsafe extern "C" fn stop(filler: *mut c_void) {
+            // SAFETY: By the function's safety requirements.
+            unsafe { Self::borrow(filler) }.stop();
+        }
+
+        /// # Safety
+        ///
+        /// Called once, by the destruction of the inode, after every other call.
+        unsafe extern "C" fn release(filler: *mut c_void) {
+            // SAFETY: `filler` came from `KBox::into_foreign` in `set_filler`, and is not used
+            // after this.
+            drop(unsafe { KBox::<Typed<T>>::from_foreign(filler) });
+        }
+    }
+
+    impl GuestMemfdFile {
+        /// Sets the filler of this new file, before it is handed out.
+        ///
+        /// # Errors
+        ///
+        /// Returns `EBUSY` if the file has a filler already, `ENOMEM`.
+        pub fn set_filler<T: GmemFiller>(&self, filler: Arc<T>) -> Result {
+            let typed = KBox::new(
+                Typed {
+                    type_id: TypeId::of::<T>(),
+                    filler,
+                },
+                GFP_KERNEL,
+            )?;
+            let ptr = typed.into_foreign();
+            // SAFETY: The file is a guest_memfd by the type invariants; `OPS` is a constant
+            // promoted to a static; `ptr` is ours until `release` takes it back.
+            let r = unsafe {
+                bindings::kvm_gmem_set_filler(self.file.as_ptr(), &Ops::<T>::OPS, ptr.cast())
+            };
+            if r != 0 {
+                // SAFETY: Not taken by the file: still ours.
+                drop(unsafe { KBox::<Typed<T>>::from_foreign(ptr) });
+            }
+            to_result(r)
+        }
+
+        /// The inode of this file, with a reference.
+        pub fn inode(&self) -> ARef<GmemInode> {
+            inode_of(&self.file)
+        }
+    }
+
+    fn inode_of(file: &File) -> ARef<GmemInode> {
+        // SAFETY: `file` is valid, so is its inode.
+        let inode = unsafe { (*file.as_ptr()).f_inode };
+        // SAFETY: The inode is alive while `file` is; `inc_ref` takes our own reference.
+        ARef::from(unsafe { GmemInode::from_raw(inode) })
+    }
+
+    /// The filler of `file` and its inode, if `file` is a guest_memfd whose filler is a `T`.
+    pub fn filler_of<T: GmemFiller>(file: &File) -> Option<(ArcBorrow<'_, T>, ARef<GmemInode>)> {
+        // SAFETY: `file` is valid; the function returns the filler argument of a guest_memfd, or
+        // NULL.
+        let ptr = unsafe { bindings::kvm_gmem_filler(file.as_ptr()) };
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: Every filler is a `KBox<Typed<_>>` from `set_filler`, alive as long as the inode,
+        // so as long as `file`; its first field is a `TypeId` (`repr(C)`), whatever the type.
+        if unsafe { *ptr.cast::<TypeId>() } != TypeId::of::<T>() {
+            return None;
+        }
+        // SAFETY: As above, and the filler is a `Typed<T>`, checked above.
+        let typed = unsafe { &*ptr.cast::<Typed<T>>() };
+        Some((typed.filler.as_arc_borrow(), inode_of(file)))
     }
 }

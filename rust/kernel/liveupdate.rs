@@ -258,8 +258,11 @@ pub trait FileHandler: Sized + 'static {
         session: &IncomingSession<'_>,
     ) -> Result<ARef<File>, RetrieveError<Self>>;
 
-    /// Whether the session may finish now.
-    fn can_finish(_status: RetrieveStatus) -> bool {
+    /// Whether the session may finish now. `file` is the file [`FileHandler::retrieve`] made,
+    /// when it succeeded. `releasing` says the session's last file descriptor is being closed:
+    /// a refusal then keeps the session and its files until the next reboot, so a handler should
+    /// not refuse then unless it must.
+    fn can_finish(_file: Option<&File>, _status: RetrieveStatus, _releasing: bool) -> bool {
         build_error!(VTABLE_DEFAULT_ERROR)
     }
 
@@ -530,7 +533,18 @@ impl<T: FileHandler> HandlerVTable<T> {
     /// `args` must be valid.
     unsafe extern "C" fn can_finish(args: *mut bindings::liveupdate_file_op_args) -> bool {
         // SAFETY: `args` is valid by the function's safety requirements.
-        T::can_finish(RetrieveStatus::from_raw(unsafe { (*args).retrieve_status }))
+        let (status, file, releasing) =
+            unsafe { ((*args).retrieve_status, (*args).file, (*args).releasing) };
+        let status = RetrieveStatus::from_raw(status);
+        let file = match status {
+            RetrieveStatus::Retrieved if !file.is_null() => {
+                // SAFETY: After a successful retrieve, LUO holds a reference to the file it made
+                // until finish, and passes it here.
+                Some(unsafe { File::from_raw_file(file) })
+            }
+            _ => None,
+        };
+        T::can_finish(file, status, releasing)
     }
 
     /// # Safety

@@ -44,6 +44,10 @@ const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
 const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 const MAGIC: &str = "kvm-luo-vmm linux guest v1";
 const NEXT_ARGS: &str = "/tmp/klu-next-args";
+
+/// How long finishing the previous kernel's session may wait for the handlers (guest memory is
+/// put back in the background after retrieve).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 /// What in the guest's console after resume means it is not well.
 const TROUBLE: &[&str] = &[
     "Oops",
@@ -997,7 +1001,12 @@ pub fn resume() {
     let resumed = g.running.first_entry();
     check("stopping the guest", g.running.stop(|| Ok(())).map(|_| ()));
     g.m.console.flush();
-    check("finish", session.finish().map_err(io::Error::from));
+    check(
+        "finish",
+        session
+            .finish_waiting(FINISH_TIMEOUT)
+            .map_err(io::Error::from),
+    );
 
     let st = s.stamps;
     let hz = st.hz;
@@ -1152,13 +1161,8 @@ pub fn serve(opts: &Opts, a: &AgentOpts) {
         let (mut g, snap, _) = restore(&session, "");
         g.check_went_on(&snap, 0, "");
         // A handler may not be done yet (EBUSY): finish is retried.
-        let mut tries = 0;
-        while let Err(e) = session.finish() {
-            tries += 1;
-            if e.errno() != libc::EBUSY || tries == 60 {
-                fail(format!("finish: {e}"));
-            }
-            std::thread::sleep(Duration::from_secs(1));
+        if let Err(e) = session.finish_waiting(FINISH_TIMEOUT) {
+            fail(format!("finish: {e}"));
         }
         // The next update needs a session of this kernel.
         drop(session);

@@ -405,7 +405,10 @@ fn stage2() {
     say(format!(
         "[new kernel] the guest was paused for {paused_ms:.0} ms (TSC) across the kexec"
     ));
-    check("finish", session.finish());
+    check(
+        "finish",
+        session.finish_waiting(std::time::Duration::from_secs(60)),
+    );
     say("PASS: the guest survived the host kernel live update");
 }
 

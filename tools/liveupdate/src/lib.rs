@@ -37,6 +37,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// The path of the device.
 pub const DEVICE_PATH: &str = "/dev/liveupdate";
@@ -430,6 +431,26 @@ impl Session {
         ioctl(self.0.as_fd(), FINISH, &mut arg, Op::Finish)
     }
 
+    /// [`Session::finish`], tried again every 10 ms while a handler still needs time (`EBUSY`,
+    /// e.g. guest memory still being put back), for up to `timeout`; then the last error.
+    ///
+    /// ```no_run
+    /// # fn f(session: &liveupdate::Session) -> liveupdate::Result<()> {
+    /// session.finish_waiting(std::time::Duration::from_secs(60))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn finish_waiting(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            match self.finish() {
+                Err(e) if e.errno() == libc::EBUSY && start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Closes this file descriptor of the session. If it was the last one, and the session
     /// is outgoing, everything preserved in it is unpreserved and the name is free again.
     pub fn unpreserve(self) {
@@ -573,6 +594,11 @@ mod tests {
         assert_eq!(s.preserve(&dev, 1).unwrap_err().errno(), libc::ENOTTY);
         assert_eq!(s.retrieve(1).unwrap_err().errno(), libc::ENOTTY);
         assert_eq!(s.finish().unwrap_err().errno(), libc::ENOTTY);
+        // Only EBUSY is waited for.
+        let t = Instant::now();
+        let e = s.finish_waiting(Duration::from_secs(30)).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOTTY);
+        assert!(t.elapsed() < Duration::from_secs(5));
         let raw = s.into_fd().into_raw_fd();
         assert!(raw >= 0);
         // SAFETY: `raw` came from `into_raw_fd` just above and nothing else owns it.

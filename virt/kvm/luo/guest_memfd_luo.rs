@@ -5,8 +5,9 @@
 //! A LUO file handler for the files `KVM_CREATE_GUEST_MEMFD` returns. Preserving a file freezes
 //! it (no memory is added or removed until it is unpreserved or the kexec happens), walks its
 //! page cache and records *extents*: runs of folios that are contiguous both in the file and in
-//! physical memory, on one NUMA node. Each extent is one KHO preservation, holding a reference
-//! to each of its folios, and 24 bytes of metadata; holes cost nothing. Folios that were
+//! physical memory, on one NUMA node. Each extent holds a reference to each of its folios, costs
+//! 24 bytes of metadata and is preserved in windows: its part in each naturally aligned 2 MiB of
+//! physical memory is one KHO preservation. Holes cost nothing. Folios that were
 //! allocated but never used are zeroed then, as their first use would, so every preserved folio
 //! is uptodate: the guest and the VMM may go on writing to guest memory until the kexec, and the
 //! new kernel sees exactly what the memory holds at kexec time. Folios with a hardware memory
@@ -16,7 +17,15 @@
 //! In the new kernel, retrieve gets the VM (through the session, so the VMM may retrieve the two
 //! files in any order) and creates a guest_memfd of the same size and flags for it before it
 //! takes any memory back: if either fails, the file stays retrievable and nothing is lost. Then
-//! it puts every page back at its index.
+//! it takes the extent records back and returns the file, with its memory still preserved: each
+//! window goes into the file the first time something needs memory there (a vCPU fault, a fault
+//! through a mapping, `fallocate()`), or when background workers, one per CPU, get to it, started
+//! right after retrieve; at most 512 pages per fault, in a time that does not depend on the size
+//! of the file. A punch-hole frees the pending memory in the hole. LUO's finish is refused
+//! (`EBUSY`) until every window is in, so that a finished session means all memory is back; a
+//! session closed without finish finishes at once, and the file keeps putting its memory in, or
+//! frees it when it goes. The module parameter `background_restore=0` leaves it all to first
+//! use.
 //!
 //! Private memory is supported for software-protected VMs, whose private memory is plain memory;
 //! VMs whose private memory is encrypted by hardware are refused.
@@ -41,7 +50,10 @@ use kernel::{
     },
     kvm::{
         self,
+        filler_of,
         FrozenGuestMemfd,
+        GmemFiller,
+        GmemInode,
         GuestMemfd,
         GuestMemfdFile,
         Kvm, //
@@ -55,9 +67,26 @@ use kernel::{
         RetrieveError,
         RetrieveStatus, //
     },
+    new_condvar, new_mutex,
     page::PAGE_SIZE,
     prelude::*,
-    sync::aref::ARef,
+    sync::{
+        aref::ARef,
+        Arc,
+        CondVar,
+        Mutex, //
+    },
+    time::{
+        delay::fsleep,
+        Delta, //
+    },
+    workqueue::{
+        self,
+        impl_has_work,
+        new_work,
+        Work,
+        WorkItem, //
+    },
 };
 use zerocopy::byteorder::little_endian::{
     U32,
@@ -70,10 +99,29 @@ kernel::module_liveupdate_handler! {
     authors: ["KVM live update in Rust developers"],
     description: "Live update of KVM guest_memfd files",
     license: "GPL",
+    params: {
+        background_restore: bool {
+            default: true,
+            description: "Put retrieved guest memory back in the background, not only on first use",
+        },
+    },
 }
 
 /// The handler's compatible string. The number is the version of the ABI below.
-const COMPATIBLE: &CStr = c"kvm-gmem-rs-v1";
+const COMPATIBLE: &CStr = c"kvm-gmem-rs-v2";
+
+/// Extents are preserved in naturally aligned windows of `2^WINDOW_ORDER` physical pages (2 MiB):
+/// the next kernel takes back, and puts in, one window at a time (ABI, since v2).
+const WINDOW_ORDER: u32 = 9;
+
+/// How many times a background worker tries a window when memory is short, 10 ms apart.
+const WORKER_TRIES: u32 = 100;
+
+/// The most windows a file may have (32 TiB of memory).
+const MAX_WINDOWS: u64 = 1 << 24;
+
+/// The most background workers a file gets.
+const MAX_WORKERS: u32 = 16;
 
 /// File flags in the ABI, owned by it and mapped to and from the kernel's `GUEST_MEMFD_FLAG_*`.
 const SER_FLAG_MMAP: u32 = 1 << 0;
@@ -246,10 +294,424 @@ fn for_each_valid_extent(
 struct GmemState {
     /// Keeps the file frozen until it is unpreserved or the kexec happens.
     _frozen: FrozenGuestMemfd,
-    /// One preservation per extent.
+    /// One preservation per extent, in windows.
     _pages: KVVec<PreservedPages>,
     /// The extent records.
     _extents: PreservedVec<ExtentSer>,
+}
+
+/// One window of an extent: the pages of the extent inside one naturally aligned window of
+/// `2^WINDOW_ORDER` physical pages, which the previous kernel preserved on their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    /// Where the first page goes in the file.
+    index: u64,
+    pfn: u64,
+    nr_pages: u64,
+    /// Whether the pages hold guest memory ([`EXTENT_UPTODATE`]).
+    uptodate: bool,
+}
+
+/// The windows of `extent`, in order.
+fn windows_of(extent: &Extent) -> impl Iterator<Item = Window> + '_ {
+    let end = extent.pfn + extent.nr_pages;
+    let mut pfn = extent.pfn;
+    core::iter::from_fn(move || {
+        if pfn >= end {
+            return None;
+        }
+        // The start of the next window, unless that is past the top of the pfn space.
+        let next = ((pfn >> WINDOW_ORDER) + 1)
+            .checked_mul(1 << WINDOW_ORDER)
+            .map_or(end, |next| next.min(end));
+        let window = Window {
+            index: extent.index + (pfn - extent.pfn),
+            pfn,
+            nr_pages: next - pfn,
+            uptodate: extent.flags & EXTENT_UPTODATE != 0,
+        };
+        pfn = next;
+        Some(window)
+    })
+}
+
+/// Checks that no two extents share a page of physical memory: one page must not go to two
+/// places in the file (KHO does not stop two concurrent takers of one page).
+fn check_disjoint(extents: &[Extent]) -> Result {
+    let mut ranges = KVVec::with_capacity(extents.len(), GFP_KERNEL)?;
+    for extent in extents {
+        ranges
+            .push_within_capacity((extent.pfn, extent.pfn + extent.nr_pages))
+            .map_err(|_| EINVAL)?;
+    }
+    ranges.sort_unstable();
+    if ranges.windows(2).any(|pair| pair[0].1 > pair[1].0) {
+        pr_err!("preserved guest_memfd extents overlap in physical memory\n");
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+/// The windows of `windows` (ordered by index, not overlapping) that hold memory of file pages
+/// `[start, end)`, as a range of positions.
+fn windows_in(windows: &[Window], start: u64, end: u64) -> core::ops::Range<usize> {
+    let first = windows.partition_point(|w| w.index + w.nr_pages <= start);
+    let last = first + windows[first..].partition_point(|w| w.index < end);
+    first..last
+}
+
+/// Where a window's memory is.
+enum WindowState {
+    /// Preserved by the previous kernel, not taken back yet.
+    Pending,
+    /// Being put in by one thread; the others wait for it.
+    Filling,
+    /// Taken back, partly put in: the rest, for the next try (memory was short).
+    Partial(RestoredPages),
+    /// In the file.
+    In,
+    /// Discarded by a punch-hole: its pages were freed.
+    Gone,
+    /// Lost: KHO refused its pages, or the page cache refused them. Faults on it fail.
+    Lost,
+}
+
+impl WindowState {
+    /// Whether nothing more will happen to the window but a punch-hole.
+    fn is_settled(&self) -> bool {
+        matches!(self, Self::In | Self::Gone | Self::Lost)
+    }
+}
+
+/// How far the memory of a retrieved file is put in.
+struct Progress {
+    states: KVVec<WindowState>,
+    /// Windows not settled.
+    left: usize,
+    /// The next window the background workers look at.
+    cursor: usize,
+    /// The last file was released: the workers stop.
+    stopped: bool,
+}
+
+/// The memory of a retrieved guest_memfd not put in yet: the file's filler.
+///
+/// A window goes from `Pending` to `In` once, through `Filling`, claimed under the lock by
+/// whoever needs it first (a fault, `fallocate()`, a background worker) and put in outside it;
+/// everyone else waits for the claimer. A punch-hole claims the pending windows in the hole and
+/// frees them, and puts in the windows partly in it, before the truncation. Whatever is pending
+/// when the inode goes is freed with it.
+#[pin_data(PinnedDrop)]
+struct LazyMemory {
+    windows: KVVec<Window>,
+    #[pin]
+    progress: Mutex<Progress>,
+    /// Signalled whenever a window leaves `Filling`.
+    #[pin]
+    settled: CondVar,
+}
+
+impl LazyMemory {
+    /// The pending memory of `extents`, valid and ordered.
+    fn new(extents: &[Extent]) -> Result<Arc<Self>> {
+        // Counted first: records from the previous kernel may describe absurd amounts of memory.
+        let mut count = 0u64;
+        for extent in extents {
+            let last = extent.pfn + (extent.nr_pages - 1);
+            count += (last >> WINDOW_ORDER) - (extent.pfn >> WINDOW_ORDER) + 1;
+            if count > MAX_WINDOWS {
+                pr_err!("preserved guest_memfd extents describe too much memory\n");
+                return Err(E2BIG);
+            }
+        }
+        check_disjoint(extents)?;
+        let mut windows = KVVec::with_capacity(count as usize, GFP_KERNEL)?;
+        for window in extents.iter().flat_map(windows_of) {
+            windows.push_within_capacity(window).map_err(|_| EINVAL)?;
+        }
+        let mut states = KVVec::with_capacity(windows.len(), GFP_KERNEL)?;
+        for _ in 0..windows.len() {
+            states
+                .push_within_capacity(WindowState::Pending)
+                .map_err(|_| ENOMEM)?;
+        }
+        let left = windows.len();
+        Arc::pin_init(
+            pin_init!(Self {
+                windows,
+                progress <- new_mutex!(Progress {
+                    states,
+                    left,
+                    cursor: 0,
+                    stopped: false,
+                }),
+                settled <- new_condvar!(),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Marks window `i`, which the caller claimed, as `state`, and wakes those waiting for it.
+    fn settle(&self, i: usize, state: WindowState) {
+        let mut progress = self.progress.lock();
+        if state.is_settled() {
+            progress.left -= 1;
+        }
+        progress.states[i] = state;
+        drop(progress);
+        self.settled.notify_all();
+    }
+
+    /// Puts window `i` in if it is pending, or waits for whoever does.
+    ///
+    /// # Errors
+    ///
+    /// Returns `ENOMEM` (the window stays pending, for another try) and `EIO` if its memory is
+    /// lost.
+    fn fill_window(&self, inode: &GmemInode, i: usize) -> Result {
+        let mut progress = self.progress.lock();
+        let taken = loop {
+            match progress.states[i] {
+                WindowState::Filling => self.settled.wait(&mut progress),
+                WindowState::In | WindowState::Gone => return Ok(()),
+                WindowState::Lost => return Err(EIO),
+                WindowState::Pending | WindowState::Partial(_) => {
+                    break core::mem::replace(&mut progress.states[i], WindowState::Filling)
+                }
+            }
+        };
+        drop(progress);
+
+        let window = self.windows[i];
+        let mut run = match taken {
+            WindowState::Partial(run) => run,
+            _ => match RestoredPages::restore(window.pfn, window.nr_pages) {
+                Ok(run) => run,
+                Err(err) => {
+                    pr_err!(
+                        "guest memory at index {} was not preserved: {:?}\n",
+                        window.index,
+                        err
+                    );
+                    self.settle(i, WindowState::Lost);
+                    return Err(EIO);
+                }
+            },
+        };
+        let (next, _) = run.remaining();
+        match inode.fill_pages(
+            &mut run,
+            window.index + (next - window.pfn),
+            window.uptodate,
+        ) {
+            Ok(()) => {
+                self.settle(i, WindowState::In);
+                Ok(())
+            }
+            Err(ENOMEM) => {
+                self.settle(i, WindowState::Partial(run));
+                Err(ENOMEM)
+            }
+            Err(err) => {
+                pr_err!(
+                    "could not put back guest memory at index {}: {:?}\n",
+                    window.index,
+                    err
+                );
+                // The pages not put in are freed with `run`.
+                self.settle(i, WindowState::Lost);
+                Err(EIO)
+            }
+        }
+    }
+
+    /// Puts in every window still pending, trying each a few times when memory is short.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EIO` if memory was lost (the other windows are put in all the same), `ENOMEM`.
+    fn fill_all(&self, inode: &GmemInode) -> Result {
+        let mut result = Ok(());
+        for i in 0..self.windows.len() {
+            let mut tries = 0;
+            loop {
+                match self.fill_window(inode, i) {
+                    Err(ENOMEM) if tries < WORKER_TRIES => {
+                        tries += 1;
+                        fsleep(Delta::from_millis(10));
+                    }
+                    Err(EIO) => {
+                        result = Err(EIO);
+                        break;
+                    }
+                    Err(err) => return Err(err),
+                    Ok(()) => break,
+                }
+            }
+        }
+        result
+    }
+
+    /// Frees the memory of window `i`, which the caller claimed and took out of `Pending`.
+    fn free_window(&self, i: usize) {
+        let window = self.windows[i];
+        if let Err(err) = RestoredPages::restore(window.pfn, window.nr_pages) {
+            pr_warn!(
+                "could not free guest memory at index {}: {:?}\n",
+                window.index,
+                err
+            );
+        }
+    }
+
+    /// Whether every window is settled.
+    fn is_done(&self) -> bool {
+        self.progress.lock().left == 0
+    }
+
+    /// Background work: puts in pending windows from the shared cursor on, until none is left
+    /// or the file is gone.
+    fn restore_in_background(&self, inode: &GmemInode) {
+        loop {
+            let mut progress = self.progress.lock();
+            if progress.stopped {
+                return;
+            }
+            // From the shared cursor; at the end, once more from the start, for windows a fault
+            // left partly in when memory was short.
+            let unclaimed =
+                |s: &WindowState| matches!(s, WindowState::Pending | WindowState::Partial(_));
+            let start = progress.cursor;
+            let Some(i) = progress.states[start..]
+                .iter()
+                .position(unclaimed)
+                .map(|i| start + i)
+                .or_else(|| progress.states.iter().position(unclaimed))
+            else {
+                return;
+            };
+            progress.cursor = i + 1;
+            drop(progress);
+            let mut tries = 0;
+            while self.fill_window(inode, i) == Err(ENOMEM) {
+                tries += 1;
+                if tries == WORKER_TRIES {
+                    pr_warn!("memory is short: guest memory is put back on first use only\n");
+                    return;
+                }
+                fsleep(Delta::from_millis(10));
+            }
+        }
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for LazyMemory {
+    fn drop(self: Pin<&mut Self>) {
+        // Nothing else is left to claim a window: free what is still preserved. Partly put in
+        // windows free their pages with their state.
+        let states = core::mem::take(&mut self.progress.lock().states);
+        for (i, state) in states.iter().enumerate() {
+            if matches!(state, WindowState::Pending) {
+                self.free_window(i);
+            }
+        }
+    }
+}
+
+impl GmemFiller for LazyMemory {
+    fn fill(&self, inode: &GmemInode, index: u64) -> Result {
+        match windows_in(&self.windows, index, index.saturating_add(1)) {
+            range if range.is_empty() => Ok(()),
+            range => self.fill_window(inode, range.start),
+        }
+    }
+
+    fn discard(&self, inode: &GmemInode, start: u64, end: u64) -> Result {
+        let range = windows_in(&self.windows, start, end);
+        let inside = |w: &Window| w.index >= start && w.index + w.nr_pages <= end;
+        // Windows partly in the hole go in first: the truncation that follows takes the part in
+        // the hole, and keeps the rest. Lost memory stays lost.
+        for i in range.clone() {
+            if !inside(&self.windows[i]) {
+                match self.fill_window(inode, i) {
+                    Ok(()) | Err(EIO) => (),
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        for i in range {
+            if !inside(&self.windows[i]) {
+                continue;
+            }
+            let mut progress = self.progress.lock();
+            let taken = loop {
+                match progress.states[i] {
+                    WindowState::Filling => self.settled.wait(&mut progress),
+                    _ => break core::mem::replace(&mut progress.states[i], WindowState::Gone),
+                }
+            };
+            if !taken.is_settled() {
+                progress.left -= 1;
+            }
+            drop(progress);
+            // In: the truncation frees the pages. Partial: dropping `taken` frees the rest.
+            if matches!(taken, WindowState::Pending) {
+                self.free_window(i);
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.progress.lock().stopped = true;
+    }
+}
+
+/// A background worker putting in the memory of a retrieved file; it holds the inode until it is
+/// done.
+#[pin_data]
+struct Worker {
+    memory: Arc<LazyMemory>,
+    inode: ARef<GmemInode>,
+    #[pin]
+    work: Work<Worker>,
+}
+
+impl_has_work! {
+    impl HasWork<Self> for Worker { self.work }
+}
+
+impl WorkItem for Worker {
+    type Pointer = Arc<Worker>;
+
+    fn run(this: Arc<Worker>) {
+        this.memory.restore_in_background(&this.inode);
+    }
+}
+
+/// Starts the background workers of a retrieved file, one per CPU (at most [`MAX_WORKERS`]) and
+/// no more than it has windows. Without memory for a worker, the memory comes in on first use.
+fn start_workers(memory: &Arc<LazyMemory>, inode: &ARef<GmemInode>) {
+    let nr = kernel::cpu::nr_cpu_ids()
+        .min(MAX_WORKERS)
+        .min(u32::try_from(memory.windows.len()).unwrap_or(u32::MAX));
+    for _ in 0..nr {
+        let worker = Arc::pin_init(
+            pin_init!(Worker {
+                memory: memory.clone(),
+                inode: inode.clone(),
+                work <- new_work!("guest_memfd_luo::Worker"),
+            }),
+            GFP_KERNEL,
+        );
+        match worker {
+            Ok(worker) => {
+                let _ = workqueue::system_dfl().enqueue(worker);
+            }
+            Err(_) => break,
+        }
+    }
 }
 
 struct GmemHandler;
@@ -301,7 +763,7 @@ fn preserve_memory(
     let mut records = VVec::with_capacity(runs.len(), GFP_KERNEL)?;
     for run in runs {
         records.push(Extent::uptodate(run.span()).encode(), GFP_KERNEL)?;
-        pages.push(PreservedPages::new(run)?, GFP_KERNEL)?;
+        pages.push(PreservedPages::new(run, WINDOW_ORDER)?, GFP_KERNEL)?;
     }
     Ok((pages, PreservedVec::new(records)?))
 }
@@ -330,11 +792,17 @@ fn release_extents(serialized: &GmemSer) -> Result {
     result
 }
 
+/// Frees the memory of validated extents whose records were taken back.
+fn release_pages(extents: &[Extent]) {
+    for extent in extents {
+        drop(RestoredPages::restore(extent.pfn, extent.nr_pages));
+    }
+}
+
 /// What retrieve needs before it takes any memory back.
 struct Prepared {
     gmem: GuestMemfdFile,
     extents: KVVec<Extent>,
-    runs: KVVec<RestoredPages>,
 }
 
 /// Everything of a retrieve that can fail for an ordinary reason: the VM, the new file, memory
@@ -347,7 +815,6 @@ fn prepare_retrieve(serialized: &GmemSer, session: &IncomingSession<'_>) -> Resu
     Ok(Prepared {
         gmem: GuestMemfdFile::create(kvm, serialized.size.get(), flags)?,
         extents: KVVec::with_capacity(nr, GFP_KERNEL)?,
-        runs: KVVec::with_capacity(nr, GFP_KERNEL)?,
     })
 }
 
@@ -364,6 +831,11 @@ impl FileHandler for GmemHandler {
     fn preserve(file: &File, _session: &OutgoingSession<'_>) -> Result<Outgoing<Self>> {
         let gmem = GuestMemfd::of(file).ok_or(EBADF)?;
         check_vm(&gmem)?;
+        // A file retrieved in this kernel may still have memory to put in: all of it must be in
+        // the page cache before it is frozen and walked.
+        if let Some((memory, inode)) = filler_of::<LazyMemory>(file) {
+            memory.fill_all(&inode)?;
+        }
         let frozen = FrozenGuestMemfd::freeze(file)?;
         let (pages, extents) = preserve_memory(&frozen)?;
         let nr_pages: u64 = pages.iter().map(|p| p.span().nr_pages).sum();
@@ -404,11 +876,7 @@ impl FileHandler for GmemHandler {
         serialized: Restored<GmemSer>,
         session: &IncomingSession<'_>,
     ) -> Result<ARef<File>, RetrieveError<Self>> {
-        let Prepared {
-            gmem,
-            mut extents,
-            mut runs,
-        } = match prepare_retrieve(&serialized, session) {
+        let Prepared { gmem, mut extents } = match prepare_retrieve(&serialized, session) {
             Ok(prepared) => prepared,
             Err(err) => return Err(RetrieveError::retry(err, serialized)),
         };
@@ -420,28 +888,27 @@ impl FileHandler for GmemHandler {
             Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
             Err(err) => return Err(err.into()),
         }
-        // From here on the preserved state is consumed: take back the pages of every extent, so
-        // that every error below frees them. An extent KHO refuses fails the retrieve, and the
-        // pages of the extents after it are freed as well.
-        for (i, extent) in extents.iter().enumerate() {
-            match RestoredPages::restore(extent.pfn, extent.nr_pages) {
-                Ok(run) => runs.push_within_capacity(run).map_err(|_| EINVAL)?,
-                Err(err) => {
-                    pr_err!("preserved guest_memfd pages are inconsistent\n");
-                    extents[i + 1..]
-                        .iter()
-                        .filter_map(|rest| RestoredPages::restore(rest.pfn, rest.nr_pages).ok())
-                        .for_each(drop);
-                    return Err(err.into());
-                }
-            }
-        }
-        // On error, the pages not inserted yet are freed, and those already inserted go with
-        // the new file.
-        for (extent, run) in extents.iter().zip(runs) {
-            gmem.insert_pages(run, extent.index, extent.flags & EXTENT_UPTODATE != 0)?;
+        // From here on the preserved state is consumed. The memory goes in on first use or in
+        // the background; on error it is freed, by `release_pages` or with `memory`.
+        let memory = LazyMemory::new(&extents).inspect_err(|_| release_pages(&extents))?;
+        gmem.set_filler(memory.clone())?;
+        if module_parameters::background_restore.value() {
+            start_workers(&memory, &gmem.inode());
         }
         Ok(gmem.into_file())
+    }
+
+    fn can_finish(file: Option<&File>, _status: RetrieveStatus, releasing: bool) -> bool {
+        // Finish means all memory is back: not before every window is in. When the session is
+        // released, a refusal would keep it and the file until reboot; the pending memory
+        // belongs to the file, which puts it in as it is used, or frees it when it goes.
+        if releasing {
+            return true;
+        }
+        match file.and_then(filler_of::<LazyMemory>) {
+            Some((memory, _)) => memory.is_done(),
+            None => true,
+        }
     }
 
     fn finish(_status: RetrieveStatus, unretrieved: Option<Restored<GmemSer>>) {
@@ -546,6 +1013,77 @@ mod tests {
         assert_eq!(flags_to_ser(1 << 40).err(), Some(EOPNOTSUPP));
         assert_eq!(flags_from_ser(1 << 7).err(), Some(EOPNOTSUPP));
         Ok(())
+    }
+
+    fn window(index: u64, pfn: u64, nr_pages: u64) -> Window {
+        Window {
+            index,
+            pfn,
+            nr_pages,
+            uptodate: true,
+        }
+    }
+
+    #[test]
+    fn windows_stop_at_physical_boundaries() -> Result {
+        // Pages 500..1100: the windows of 512 pages end at 512 and 1024.
+        let mut out = KVVec::new();
+        for w in windows_of(&extent(10, 500, 600, U)) {
+            out.push(w, GFP_KERNEL)?;
+        }
+        assert_eq!(
+            &out[..],
+            &[
+                window(10, 500, 12),
+                window(22, 512, 512),
+                window(534, 1024, 76)
+            ]
+        );
+        // An aligned extent of one window, and one at the top of the pfn space.
+        let aligned = extent(0, 1024, 512, U);
+        let mut one = windows_of(&aligned);
+        assert_eq!(one.next(), Some(window(0, 1024, 512)));
+        assert_eq!(one.next(), None);
+        let top = u64::MAX - 4;
+        let at_top = extent(3, top, 4, 0);
+        let mut last = windows_of(&at_top);
+        assert_eq!(
+            last.next(),
+            Some(Window {
+                uptodate: false,
+                ..window(3, top, 4)
+            })
+        );
+        assert_eq!(last.next(), None);
+        Ok(())
+    }
+
+    #[test]
+    fn overlapping_physical_ranges_are_refused() {
+        let apart = [
+            extent(0, 100, 10, U),
+            extent(20, 110, 5, U),
+            extent(30, 50, 50, U),
+        ];
+        assert_eq!(check_disjoint(&apart), Ok(()));
+        let overlap = [extent(0, 100, 10, U), extent(20, 95, 6, U)];
+        assert_eq!(check_disjoint(&overlap), Err(EINVAL));
+    }
+
+    #[test]
+    fn windows_in_finds_what_a_range_touches() {
+        let list = [
+            window(0, 100, 12),
+            window(12, 512, 512),
+            window(600, 2048, 10),
+        ];
+        assert_eq!(windows_in(&list, 0, 1), 0..1);
+        assert_eq!(windows_in(&list, 11, 13), 0..2);
+        assert_eq!(windows_in(&list, 524, 600), 2..2);
+        assert_eq!(windows_in(&list, 524, 601), 2..3);
+        assert_eq!(windows_in(&list, 609, 700), 2..3);
+        assert_eq!(windows_in(&list, 610, u64::MAX), 3..3);
+        assert_eq!(windows_in(&list, 0, u64::MAX), 0..3);
     }
 
     #[test]

@@ -184,7 +184,7 @@ static void stage2(int luo_fd)
 		p[i] = shared_byte(i, 2);
 	private_io(&v, 2, 1, "kernel 2");
 
-	if (luo_session_finish(session))
+	if (klu_finish(session))
 		fail_exit("finish chain-1");
 	close(session);
 	preserve_all(luo_fd, "chain-2", vm, gmem, pvm, pgmem);
@@ -213,7 +213,7 @@ static void stage3(int luo_fd)
 	v = private_vcpu(pvm, pgmem);
 	private_io(&v, 2, 0, "kernel 3");
 
-	if (luo_session_finish(session))
+	if (klu_finish(session))
 		fail_exit("finish chain-2");
 	close(session);
 	before = klu_mem_free_kb();

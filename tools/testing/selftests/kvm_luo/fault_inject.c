@@ -464,7 +464,7 @@ static void stage2(int luo_fd, int state_session)
 
 	/* What the loops did not use is freed by finish, as never retrieved. */
 	ksft_print_msg("%d of %d pairs used\n", done_gmem, PAIRS);
-	if (luo_session_finish(session) || luo_session_finish(vms))
+	if (klu_finish(session) || klu_finish(vms))
 		fail_exit("finish");
 
 	/* Each session gets one failure; finish cannot fail, it must free. */
@@ -494,7 +494,7 @@ static void stage2(int luo_fd, int state_session)
 				   FINISHES);
 	ksft_print_msg("finish: %d allocations, each failed once; every unretrieved guest_memfd freed\n",
 		       n - 1);
-	if (luo_session_finish(state_session))
+	if (klu_finish(state_session))
 		fail_exit("finish the state session");
 }
 

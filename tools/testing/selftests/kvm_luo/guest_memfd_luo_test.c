@@ -296,23 +296,27 @@ static void stage2(int luo_fd, int state_session)
 	if (vm < 0 || sparse < 0)
 		fail_exit("retrieve VM and sparse guest_memfd");
 
+	/*
+	 * Memory goes back in on first use or in the background: read what
+	 * was written first, then look for holes.
+	 */
 	p = map(gmem, GMEM_SIZE);
+	check_pattern(p);
 	n = resident_pages(p, GMEM_SIZE, &hole);
 	if (n != PATTERN_SIZE / PAGE || hole != PATTERN_SIZE / PAGE)
 		ksft_exit_fail_msg("%zu pages present, first hole at page %zu; expected %lu and %lu\n",
 				   n, hole, PATTERN_SIZE / PAGE, PATTERN_SIZE / PAGE);
-	check_pattern(p);
 	ksft_print_msg("the %lu MiB pattern survived; the rest is still a hole\n",
 		       PATTERN_SIZE / MIB);
 
 	s = map(sparse, SPARSE_SIZE);
+	for (i = 0; i < SPARSE_SIZE; i += MIB)
+		if (s[i] != pattern(i))
+			ksft_exit_fail_msg("sparse byte %#zx lost\n", i);
 	n = resident_pages(s, SPARSE_SIZE, &hole);
 	if (n != SPARSE_SIZE / MIB)
 		ksft_exit_fail_msg("sparse file: %zu pages present, expected %lu\n",
 				   n, SPARSE_SIZE / MIB);
-	for (i = 0; i < SPARSE_SIZE; i += MIB)
-		if (s[i] != pattern(i))
-			ksft_exit_fail_msg("sparse byte %#zx lost\n", i);
 	ksft_print_msg("sparse file: %zu pages, holes kept\n", n);
 
 	regs = run_at_4g(vm, gmem, p, check_code, sizeof(check_code));
@@ -337,14 +341,14 @@ static void stage2(int luo_fd, int state_session)
 					   private_offsets[i]);
 	ksft_print_msg("the guest reads its private memory back\n");
 
-	if (luo_session_finish(session) || luo_session_finish(state_session))
+	if (klu_finish(session) || klu_finish(state_session))
 		fail_exit("finish");
 
 	unretrieved = luo_retrieve_session(luo_fd, UNRETRIEVED);
 	if (unretrieved < 0)
 		fail_exit("retrieve the unretrieved session");
 	before = klu_mem_free_kb();
-	if (luo_session_finish(unretrieved))
+	if (klu_finish(unretrieved))
 		fail_exit("finish without retrieve");
 	after = klu_mem_free_kb();
 	ksft_print_msg("finish without retrieve freed %ld kB of %lu kB\n",

@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -250,6 +251,17 @@ static void kmemleak_check(const char *name, int stage)
 	    leaks);
 }
 
+/*
+ * Words a stage may leave for the next kernel's command line, and only for
+ * it: klu.arg.NAME=VALUE for the next stage, and parameters of the guest_memfd
+ * handler (guest_memfd_luo.NAME=VALUE).
+ */
+static bool next_only(const char *word)
+{
+	return !strncmp(word, "klu.arg.", 8) ||
+	       !strncmp(word, "guest_memfd_luo.", 16);
+}
+
 /* Load the next kernel, with this command line but klu.stage=@stage. */
 static int load_next_kernel(int stage)
 {
@@ -263,7 +275,7 @@ static int load_next_kernel(int stage)
 	while (*p) {
 		size_t n = strcspn(p, " ");
 
-		if (strncmp(p, "klu.stage=", 10) && strncmp(p, "klu.arg.", 8) &&
+		if (strncmp(p, "klu.stage=", 10) && !next_only(p) &&
 		    len + n + 1 < CMDLINE_MAX) {
 			memcpy(next + len, p, n);
 			len += n;
@@ -279,7 +291,7 @@ static int load_next_kernel(int stage)
 		char word[128];
 
 		while (fscanf(args, "%127s", word) == 1)
-			if (!strncmp(word, "klu.arg.", 8) &&
+			if (next_only(word) &&
 			    len + strlen(word) + 1 < CMDLINE_MAX)
 				len += snprintf(next + len, sizeof(next) - len,
 						" %s", word);

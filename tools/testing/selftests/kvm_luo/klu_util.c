@@ -69,6 +69,15 @@ uint8_t *klu_map(int fd, size_t size)
 	return p;
 }
 
+int klu_finish(int session)
+{
+	int r, tries = 0;
+
+	while ((r = luo_session_finish(session)) == -EBUSY && ++tries < 6000)
+		usleep(10000);
+	return r;
+}
+
 long klu_mem_free_kb(void)
 {
 	long kb = -1, pages = 0, n;

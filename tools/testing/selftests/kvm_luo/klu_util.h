@@ -30,6 +30,13 @@ int klu_create_gmem(int vm, uint64_t size, uint64_t flags);
 /* A shared read-write mapping of @size bytes of @fd; exits on failure. */
 uint8_t *klu_map(int fd, size_t size);
 
+/*
+ * Finish an incoming session, as a VMM does: while a handler is still putting
+ * retrieved memory back (EBUSY), try again every 10 ms, for up to 60 s.
+ * Returns 0 or -errno, like luo_session_finish().
+ */
+int klu_finish(int session);
+
 /* Free memory in kB: MemFree plus the pages on per-CPU free lists. */
 long klu_mem_free_kb(void);
 

@@ -195,14 +195,14 @@ static void stage2(int luo_fd, int state_session)
 	check_vm(vm_sw, 1, "protected VM after kexec");
 	check_vm(vm_again, 0, "re-preserved VM after kexec");
 
-	if (luo_session_finish(session) || luo_session_finish(state_session))
+	if (klu_finish(session) || klu_finish(state_session))
 		fail_exit("finish");
 
 	leak = luo_retrieve_session(luo_fd, LEAK_SESSION);
 	if (leak < 0)
 		fail_exit("retrieve the unretrieved session");
 	before = klu_mem_free_kb();
-	if (luo_session_finish(leak))
+	if (klu_finish(leak))
 		fail_exit("finish without retrieve");
 	/*
 	 * 24 bytes per range; allow a quarter for noise. Other tasks allocate

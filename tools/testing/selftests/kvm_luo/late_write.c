@@ -215,7 +215,7 @@ static void stage2(int luo_fd, int state_session)
 		if (vec[i] & 1)
 			ksft_exit_fail_msg("page %zu should be a hole\n", i);
 
-	if (luo_session_finish(session) || luo_session_finish(state_session))
+	if (klu_finish(session) || klu_finish(state_session))
 		fail_exit("finish");
 	ksft_print_msg("[STAGE 2] every byte written after preserve crossed over\n");
 }

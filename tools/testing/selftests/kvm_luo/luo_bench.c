@@ -9,12 +9,20 @@
  * session holds a guest_memfd without its VM), so LUO freezes every file,
  * fails on that one and unfreezes them; that is done once with the memfds
  * only, once with the guest_memfds only, and once with neither, and the
- * difference is the freeze (+ unfreeze) time. Stage 2 times retrieve and
- * finish. Metadata is what each handler serializes: for guest_memfd the
- * handler reports it in the kernel log; for memfd it is 48 bytes plus 16 per
- * folio (memfd-v2).
+ * difference is the freeze (+ unfreeze) time. Stage 2 times, per file:
+ * - usable: the retrieve ioctl, after which the VMM has its file;
+ * - first touch: right after retrieve, one byte read through a mapping in
+ *   each of up to 64 windows of 2 MiB from the end of the file backwards
+ *   (background restore works from the start): for guest_memfd, those
+ *   mincore says were not in yet; for memfd, whose pages are all in, every
+ *   one (a plain page fault). Median and worst;
+ * - restored: from before the retrieve until finish succeeds, which for
+ *   guest_memfd is when every page is back in the file.
+ * Metadata is what each handler serializes: for guest_memfd the handler
+ * reports it in the kernel log; for memfd it is 48 bytes plus 16 per folio
+ * (memfd-v2).
  *
- * Prints a table with ratios and one "BENCH-JSON:" line.
+ * Prints a table with ratios, one "BENCH-JSON:" line and one "ratios:" line.
  */
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -40,6 +48,8 @@
 #define STATE_TOKEN	99
 #define RESULTS_TOKEN	98
 #define MAX_CASES	8
+#define TOUCHES		64
+#define WINDOW		(2 * MIB)
 
 struct bench_case {
 	const char *name;
@@ -52,8 +62,14 @@ static const struct bench_case cases[] = {
 	{ "64M", 64 * MIB, 64 * MIB, MIB },
 	{ "256M", 256 * MIB, 256 * MIB, MIB },
 	{ "1G", 1024 * MIB, 1024 * MIB, MIB },
+	{ "2G", 2048 * MIB, 2048 * MIB, MIB },
 	{ "sparse-1G/64M", 1024 * MIB, 64 * MIB, 16 * MIB },
 };
+
+/* Cases the ratios line uses. */
+#define CASE_64M	0
+#define CASE_1G		2
+#define CASE_2G		3
 
 #define NR_CASES ARRAY_SIZE(cases)
 
@@ -62,8 +78,11 @@ struct results {
 	double preserve_ms[2][MAX_CASES];	/* [0] guest_memfd, [1] memfd */
 	double freeze_ms[2];			/* all cases together */
 	long meta_bytes[2][MAX_CASES];
-	double retrieve_ms[2][MAX_CASES];
-	double finish_ms[2][MAX_CASES];
+	double retrieve_ms[2][MAX_CASES];	/* usable */
+	double restored_ms[2][MAX_CASES];
+	double touch_median_us[2][MAX_CASES];
+	double touch_worst_us[2][MAX_CASES];
+	int touches[2][MAX_CASES];		/* of pages not in yet */
 };
 
 static double now_ms(void)
@@ -263,9 +282,66 @@ static void print_json(struct results *r, int k, size_t i)
 {
 	printf("\"%s\": {", k ? "memfd" : "guest_memfd");
 	printf("\"preserve_ms\": %.2f, ", r->preserve_ms[k][i]);
-	printf("\"retrieve_ms\": %.2f, ", r->retrieve_ms[k][i]);
-	printf("\"finish_ms\": %.2f, ", r->finish_ms[k][i]);
+	printf("\"usable_ms\": %.2f, ", r->retrieve_ms[k][i]);
+	printf("\"restored_ms\": %.2f, ", r->restored_ms[k][i]);
+	printf("\"first_touches\": %d, ", r->touches[k][i]);
+	printf("\"first_touch_median_us\": %.1f, ", r->touch_median_us[k][i]);
+	printf("\"first_touch_worst_us\": %.1f, ", r->touch_worst_us[k][i]);
 	printf("\"metadata_bytes\": %ld}", r->meta_bytes[k][i]);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * Read a byte in each of up to TOUCHES windows from the end of @fd
+ * backwards, right after its retrieve, timing the reads of pages that were
+ * not in the file yet.
+ */
+static void first_touches(struct results *r, int k, size_t i, int fd)
+{
+	const struct bench_case *c = &cases[i];
+	double lat[TOUCHES];
+	uint8_t *p, v;
+	unsigned char in;
+	size_t off, n = 0, j;
+
+	p = mmap(NULL, c->size, PROT_READ, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		fail_exit("mmap %s", c->name);
+	for (j = 0, off = c->size - WINDOW + 4096;
+	     j < TOUCHES && off < c->size; j++, off -= WINDOW) {
+		double t;
+
+		/* Only populated memory (sparse cases: a MiB every stride). */
+		if (off % c->stride >= MIB)
+			continue;
+		if (mincore(p + (off & ~4095UL), 4096, &in))
+			fail_exit("mincore");
+		if (!k && (in & 1))
+			continue;
+		t = now_ms();
+		v = p[off];
+		/* The read must happen: its value goes to the asm. */
+		asm volatile("" : : "r"(v));
+		lat[n++] = (now_ms() - t) * 1e3;
+	}
+	munmap(p, c->size);
+	r->touches[k][i] = n;
+	if (!n)
+		return;
+	qsort(lat, n, sizeof(lat[0]), cmp_double);
+	r->touch_median_us[k][i] = lat[n / 2];
+	r->touch_worst_us[k][i] = lat[n - 1];
+}
+
+static double ratio(double a, double b)
+{
+	return b > 0 ? a / b : 0;
 }
 
 static void stage2(int luo_fd, int state_session)
@@ -297,11 +373,11 @@ static void stage2(int luo_fd, int state_session)
 			r->retrieve_ms[k][i] = now_ms() - t;
 			if (file < 0)
 				fail_exit("retrieve %s", name);
+			first_touches(r, k, i, file);
 			close(file);
-			t = now_ms();
-			if (luo_session_finish(session))
+			if (klu_finish(session))
 				fail_exit("finish %s", name);
-			r->finish_ms[k][i] = now_ms() - t;
+			r->restored_ms[k][i] = now_ms() - t;
 			close(session);
 		}
 	}
@@ -311,10 +387,17 @@ static void stage2(int luo_fd, int state_session)
 	for (i = 0; i < NR_CASES; i++) {
 		print_row("preserve", cases[i].name, r->preserve_ms[0][i],
 			  r->preserve_ms[1][i], "ms");
-		print_row("retrieve", cases[i].name, r->retrieve_ms[0][i],
-			  r->retrieve_ms[1][i], "ms");
-		print_row("finish", cases[i].name, r->finish_ms[0][i],
-			  r->finish_ms[1][i], "ms (retrieved)");
+		print_row("usable", cases[i].name, r->retrieve_ms[0][i],
+			  r->retrieve_ms[1][i], "ms (retrieve)");
+		print_row("restored", cases[i].name, r->restored_ms[0][i],
+			  r->restored_ms[1][i], "ms (retrieve to finish)");
+		print_row("touch-med", cases[i].name, r->touch_median_us[0][i],
+			  r->touch_median_us[1][i], "us (first touch, median)");
+		print_row("touch-max", cases[i].name, r->touch_worst_us[0][i],
+			  r->touch_worst_us[1][i], "us (first touch, worst)");
+		printf("BENCH: %-10s %-14s %12d %12d %8s  %s\n", "touches",
+		       cases[i].name, r->touches[0][i], r->touches[1][i], "",
+		       "pages not in yet, of up to 64");
 		print_row("metadata", cases[i].name, r->meta_bytes[0][i],
 			  r->meta_bytes[1][i], "bytes");
 	}
@@ -333,9 +416,15 @@ static void stage2(int luo_fd, int state_session)
 	}
 	printf("], \"freeze_ms_all_cases\": {\"guest_memfd\": %.2f, ", r->freeze_ms[0]);
 	printf("\"memfd\": %.2f}}\n", r->freeze_ms[1]);
+	/* blackout_vs_bare_kexec_2G comes from the Linux guest's runs (bench.sh). */
+	printf("BENCH-RATIOS: usable_2G_vs_64M=%.3f usable_vs_memfd_1G=%.3f restored_vs_memfd_1G=%.3f preserve_vs_memfd_1G=%.3f\n",
+	       ratio(r->retrieve_ms[0][CASE_2G], r->retrieve_ms[0][CASE_64M]),
+	       ratio(r->retrieve_ms[0][CASE_1G], r->retrieve_ms[1][CASE_1G]),
+	       ratio(r->restored_ms[0][CASE_1G], r->restored_ms[1][CASE_1G]),
+	       ratio(r->preserve_ms[0][CASE_1G], r->preserve_ms[1][CASE_1G]));
 	fflush(stdout);
 
-	if (luo_session_finish(s) || luo_session_finish(state_session))
+	if (klu_finish(s) || klu_finish(state_session))
 		fail_exit("finish");
 }
 

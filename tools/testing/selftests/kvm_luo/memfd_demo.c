@@ -23,6 +23,8 @@
 
 #include <libliveupdate.h>
 
+#include "klu_util.h"
+
 #define SESSION		"klu-demo"
 #define STATE_SESSION	"klu-demo-state"
 #define DATA_TOKEN	1
@@ -180,7 +182,7 @@ static void stage2(int luo_fd, int state_session)
 	    (unsigned long long)sum, t_sum);
 
 	t = now_ms();
-	if (luo_session_finish(session) || luo_session_finish(state_session))
+	if (klu_finish(session) || klu_finish(state_session))
 		fail_exit("finish");
 	say("[new kernel] finished the sessions in %.1f ms\n", now_ms() - t);
 }

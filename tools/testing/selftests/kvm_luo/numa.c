@@ -121,7 +121,7 @@ static void stage2(int luo_fd, int state_session)
 					   p[i], byte_at(i));
 	ksft_print_msg("after kexec: %lu MiB intact\n", GMEM_SIZE / MIB);
 	check_nodes(p, "after kexec");
-	if (luo_session_finish(session) || luo_session_finish(state_session))
+	if (klu_finish(session) || klu_finish(state_session))
 		fail_exit("finish");
 }
 
