@@ -15,6 +15,7 @@
 #include <linux/types.h>
 
 struct file;
+struct folio;
 struct inode;
 struct kvm;
 
@@ -44,6 +45,30 @@ bool kvm_gmem_file_info(struct file *file, struct kvm **kvm, loff_t *size,
 			u64 *flags);
 int kvm_gmem_freeze(struct file *file);
 void kvm_gmem_unfreeze(struct file *file);
+
+/**
+ * struct kvm_gmem_folio_desc - A folio of a guest_memfd, and where it is.
+ * @folio:    The folio, with a reference for the caller.
+ * @index:    Its index (in pages) in the file.
+ * @pfn:      Its first page frame.
+ * @nr_pages: Its number of pages.
+ * @nid:      The NUMA node of its memory.
+ * @uptodate: Whether it holds data: guest_memfd zeroes a folio on first use.
+ * @hwpoison: Whether memory failure handling found an error in it.
+ */
+struct kvm_gmem_folio_desc {
+	struct folio *folio;
+	pgoff_t index;
+	unsigned long pfn;
+	unsigned long nr_pages;
+	int nid;
+	bool uptodate;
+	bool hwpoison;
+};
+
+long kvm_gmem_get_folio_descs(struct file *file, pgoff_t *start,
+			      struct kvm_gmem_folio_desc *descs,
+			      unsigned int nr);
 
 /**
  * struct kvm_gmem_filler_ops - Putting handed-over memory in a guest_memfd late.

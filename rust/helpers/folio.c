@@ -1,7 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
 
-#include <linux/folio_batch.h>
-#include <linux/highmem.h>
 #include <linux/mm.h>
 #include <linux/pagemap.h>
 
@@ -25,11 +23,6 @@ __rust_helper long rust_helper_folio_nr_pages(const struct folio *folio)
 	return folio_nr_pages(folio);
 }
 
-__rust_helper void rust_helper_folio_lock(struct folio *folio)
-{
-	folio_lock(folio);
-}
-
 __rust_helper bool rust_helper_folio_test_uptodate(const struct folio *folio)
 {
 	return folio_test_uptodate(folio);
@@ -43,27 +36,6 @@ __rust_helper int rust_helper_folio_nid(const struct folio *folio)
 __rust_helper bool rust_helper_folio_contain_hwpoisoned_page(struct folio *folio)
 {
 	return folio_contain_hwpoisoned_page(folio);
-}
-
-__rust_helper void rust_helper_folio_zero_range(struct folio *folio,
-						size_t start, size_t length)
-{
-	folio_zero_range(folio, start, length);
-}
-
-__rust_helper void rust_helper_folio_mark_uptodate(struct folio *folio)
-{
-	folio_mark_uptodate(folio);
-}
-
-__rust_helper void rust_helper_folio_batch_init(struct folio_batch *fbatch)
-{
-	folio_batch_init(fbatch);
-}
-
-__rust_helper void rust_helper_folio_batch_release(struct folio_batch *fbatch)
-{
-	folio_batch_release(fbatch);
 }
 
 __rust_helper struct page *rust_helper_pfn_to_page(unsigned long pfn)

@@ -13,8 +13,6 @@
 
 use crate::{
     bindings,
-    fs::File,
-    prelude::*,
     sync::aref::{
         ARef,
         AlwaysRefCounted, //
@@ -106,119 +104,6 @@ impl Folio {
     }
 }
 
-impl Folio {
-    /// Locks the folio, sleeping until it is available, and returns a guard that unlocks it.
-    ///
-    /// A locked folio cannot be removed from its page cache or change state under the holder.
-    pub fn lock(&self) -> FolioLockGuard<'_> {
-        // SAFETY: `self` is a valid folio; `folio_lock` may sleep, which a `&Folio` allows.
-        unsafe { bindings::folio_lock(self.as_ptr()) };
-        // INVARIANT: Locked above.
-        FolioLockGuard { folio: self }
-    }
-}
-
-/// A locked folio; dropping the guard unlocks it.
-///
-/// # Invariants
-///
-/// `folio` is locked by this guard.
-#[must_use = "the folio is unlocked when the guard is dropped"]
-pub struct FolioLockGuard<'a> {
-    folio: &'a Folio,
-}
-
-impl core::ops::Deref for FolioLockGuard<'_> {
-    type Target = Folio;
-
-    fn deref(&self) -> &Folio {
-        self.folio
-    }
-}
-
-// For guest_memfd (kernel::kvm), whose folios are zeroed on first use.
-#[cfg(all(CONFIG_KVM_X86 = "y", CONFIG_KVM_GUEST_MEMFD))]
-impl FolioLockGuard<'_> {
-    /// Fills the folio with zeroes and marks it uptodate, unless it is uptodate already; this is
-    /// the first use of a folio whose file zeroes folios on first use. Returns whether it did.
-    ///
-    /// # Safety
-    ///
-    /// In the folio's file, a folio that is not uptodate must hold no data yet, and whatever
-    /// fills it or maps it must do so under the folio lock and mark it uptodate first.
-    pub(crate) unsafe fn zero_unless_uptodate(&self) -> bool {
-        // A poisoned page may be unmapped from the kernel: never write it.
-        if self.is_uptodate() || self.is_hwpoisoned() {
-            return false;
-        }
-        let folio = self.as_ptr();
-        // SAFETY: The folio is valid and locked by us, and not uptodate: by the function's
-        // safety requirements nobody reads, writes or maps its contents until it is marked
-        // uptodate under the lock we hold.
-        unsafe {
-            bindings::folio_zero_range(folio, 0, bindings::folio_size(folio));
-            bindings::folio_mark_uptodate(folio);
-        }
-        true
-    }
-}
-
-impl Drop for FolioLockGuard<'_> {
-    fn drop(&mut self) {
-        // SAFETY: The folio is locked by us, by the type invariants.
-        unsafe { bindings::folio_unlock(self.folio.as_ptr()) };
-    }
-}
-
-/// Calls `f` for every folio in the page cache of `file`, in index order, with the reference the
-/// page cache lookup took on it: `f` keeps it or drops it (no reference is taken or dropped
-/// per folio otherwise).
-///
-/// The folios are the ones present when the walk reaches them; the caller keeps the page cache
-/// from changing if it needs an exact snapshot. `f` may sleep.
-///
-/// # Errors
-///
-/// Stops at, and returns, the first error of `f`.
-pub fn for_each_in_file<F>(file: &File, mut f: F) -> Result
-where
-    F: FnMut(ARef<Folio>) -> Result,
-{
-    // SAFETY: `file` is valid, so is its mapping, for the duration of the walk.
-    let mapping = unsafe { (*file.as_ptr()).f_mapping };
-    let mut batch: bindings::folio_batch = pin_init::zeroed();
-    let mut start: usize = 0;
-    // SAFETY: `batch` is a valid, exclusively owned batch.
-    unsafe { bindings::folio_batch_init(&mut batch) };
-    loop {
-        // SAFETY: `mapping` is valid; the function fills `batch` with referenced folios and
-        // advances `start` past them.
-        let nr =
-            unsafe { bindings::filemap_get_folios(mapping, &mut start, usize::MAX, &mut batch) };
-        if nr == 0 {
-            return Ok(());
-        }
-        let mut result = Ok(());
-        for &ptr in batch.folios.iter().take(nr as usize) {
-            // The lookup adds no NULL entry; `ARef` needs that checked.
-            let Some(ptr) = NonNull::new(ptr.cast::<Folio>()) else {
-                continue;
-            };
-            // SAFETY: The lookup took a reference on each folio of the batch; it moves into
-            // this `ARef` (the batch is emptied below without dropping any).
-            let folio = unsafe { ARef::from_raw(ptr) };
-            // After an error, the rest of the batch is only dropped.
-            if result.is_ok() {
-                result = f(folio);
-            }
-        }
-        // Every reference of the batch went to an `ARef` above (`folio_batch_reinit()`).
-        batch.nr = 0;
-        batch.i = 0;
-        result?;
-    }
-}
-
 /// Where a run of pages is: its first index in a file, its first page frame, its length and its
 /// NUMA node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,6 +128,48 @@ impl Span {
     }
 }
 
+/// A folio, with a reference, and where it is.
+///
+/// # Invariants
+///
+/// `span` is `folio.span()` as read while the reference was held. Its pfn, number of pages and
+/// node stay true while the reference is: a referenced folio is neither split nor freed (nor
+/// moved, which needs its references frozen). Its index is the one read then: the folio may
+/// leave its page cache since.
+pub struct SpannedFolio {
+    folio: ARef<Folio>,
+    span: Span,
+}
+
+impl SpannedFolio {
+    /// Looks up where `folio` is.
+    pub fn new(folio: ARef<Folio>) -> Self {
+        let span = folio.span();
+        // INVARIANT: `span` is the folio's.
+        Self { folio, span }
+    }
+
+    /// Pairs `folio` with a span read from it by the caller.
+    ///
+    /// # Safety
+    ///
+    /// `span` must be `folio.span()`, read while the reference in `folio` was held.
+    pub unsafe fn from_parts(folio: ARef<Folio>, span: Span) -> Self {
+        // INVARIANT: By the safety requirements.
+        Self { folio, span }
+    }
+
+    /// Where the folio is.
+    pub fn span(&self) -> Span {
+        self.span
+    }
+
+    /// The folio.
+    pub fn folio(&self) -> &Folio {
+        &self.folio
+    }
+}
+
 /// Folios that follow each other in a file and in physical memory, all on one NUMA node, each
 /// held by a reference the run owns.
 ///
@@ -259,25 +186,24 @@ pub struct FolioRun {
 
 impl FolioRun {
     /// Starts a run with `folio`, whose reference the run keeps.
-    pub fn new(folio: ARef<Folio>) -> Self {
-        let span = folio.span();
-        // INVARIANT: `folio_pfn()` is the folio's first page; the reference `folio` held is the
-        // run's now.
-        let _ = ARef::into_raw(folio);
+    pub fn new(folio: SpannedFolio) -> Self {
+        // INVARIANT: The span of a `SpannedFolio` is the folio's, from its first page; the
+        // reference it held is the run's now.
+        let span = folio.span;
+        let _ = ARef::into_raw(folio.folio);
         Self { span }
     }
 
     /// Appends `folio`, keeping its reference, if it continues the run (see
     /// [`Span::continues_with`]); gives it back otherwise.
-    pub fn try_append(&mut self, folio: ARef<Folio>) -> core::result::Result<(), ARef<Folio>> {
-        let next = folio.span();
-        if !self.span.continues_with(&next) {
+    pub fn try_append(&mut self, folio: SpannedFolio) -> core::result::Result<(), SpannedFolio> {
+        if !self.span.continues_with(&folio.span) {
             return Err(folio);
         }
         // INVARIANT: `folio` starts where the run ended and is whole; its reference is the
         // run's now.
-        let _ = ARef::into_raw(folio);
-        self.span.nr_pages += next.nr_pages;
+        self.span.nr_pages += folio.span.nr_pages;
+        let _ = ARef::into_raw(folio.folio);
         Ok(())
     }
 

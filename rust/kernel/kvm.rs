@@ -18,8 +18,9 @@
 
 #[cfg(CONFIG_KVM_GUEST_MEMFD)]
 use crate::folio::{
-    self,
-    Folio, //
+    Folio,
+    Span,
+    SpannedFolio, //
 };
 use crate::{
     bindings,
@@ -312,40 +313,88 @@ impl FrozenGuestMemfd {
     ///
     /// Every folio `f` sees is uptodate. In guest_memfd a folio that is not uptodate was
     /// allocated (e.g. by `fallocate()`) but never used: it is zeroed on first use by the guest
-    /// or through a mapping. This does that first use for such folios, under the folio lock, so
-    /// that what the folio holds no longer depends on whether it is used later; contents written
-    /// after this call are in the folio's memory like any others.
+    /// or through a mapping. The lookup does that first use for such folios, under the folio
+    /// lock, so that what the folio holds no longer depends on whether it is used later; contents
+    /// written after this call are in the folio's memory like any others. (That is sound because
+    /// the file is frozen, so its VM's memory is plain, by the type invariants.)
+    ///
+    /// The folios are looked up, used and described a batch at a time, in one call to C.
     ///
     /// # Errors
     ///
-    /// Returns `EHWPOISON` for a poisoned folio, and stops at, and returns, the first error of
-    /// `f`.
+    /// Returns `EHWPOISON` for a poisoned folio, `ENOMEM`, and stops at, and returns, the first
+    /// error of `f`.
     pub fn for_each_folio<F>(&self, mut f: F) -> Result
     where
-        F: FnMut(ARef<Folio>) -> Result,
+        F: FnMut(SpannedFolio) -> Result,
     {
-        folio::for_each_in_file(&self.file, |folio| {
-            if folio.is_hwpoisoned() {
-                return Err(EHWPOISON);
+        let mut descs = KVVec::<bindings::kvm_gmem_folio_desc>::with_capacity(
+            FOLIO_BATCH as usize,
+            GFP_KERNEL,
+        )?;
+        let mut start: usize = 0;
+        loop {
+            // SAFETY: `self.file` is a frozen guest_memfd of a VM whose memory is plain, by the type
+            // invariants, where zeroing a folio that is not uptodate under its lock is its first
+            // use; `descs` has room for `FOLIO_BATCH` descriptions, at most as many as the function
+            // writes.
+            let found = unsafe {
+                bindings::kvm_gmem_get_folio_descs(
+                    self.file.as_ptr(),
+                    &mut start,
+                    descs.as_mut_ptr(),
+                    FOLIO_BATCH,
+                )
+            };
+            let found = match usize::try_from(found) {
+                Ok(found) => found,
+                Err(_) => return Err(i32::try_from(found).map_or(EINVAL, Error::from_errno)),
+            };
+            if found == 0 {
+                return Ok(());
             }
-            if !folio.is_uptodate() {
-                let locked = folio.lock();
-                // SAFETY: In a guest_memfd of a VM with plain memory (by the type invariants), a
-                // folio that is not uptodate holds no data yet, and every path that fills it
-                // (`kvm_gmem_get_folio()` callers: guest faults, userspace faults) does so under
-                // the folio lock and marks it uptodate before it unlocks; `kvm_gmem_populate()`,
-                // which does not, is only for VMs whose memory is not plain.
-                unsafe { locked.zero_unless_uptodate() };
-                // Poisoned between the check above and the lock: it was not zeroed, and must not
-                // be handed over.
-                if !locked.is_uptodate() {
-                    return Err(EHWPOISON);
+            // SAFETY: The function initialized the first `found` descriptions, at most
+            // `FOLIO_BATCH`, the capacity; the vector is empty, and they are plain data.
+            unsafe { descs.inc_len(found) };
+            let mut result = Ok(());
+            for desc in descs.drain_all() {
+                let Some(ptr) = NonNull::new(desc.folio.cast::<Folio>()) else {
+                    continue;
+                };
+                // SAFETY: The lookup took a reference on the folio for us; it moves into this
+                // `ARef`, and the description is not used for it again.
+                let folio = unsafe { ARef::from_raw(ptr) };
+                // After an error, the rest of the batch is only dropped.
+                if result.is_ok() {
+                    result = Self::describe(folio, &desc).and_then(&mut f);
                 }
             }
-            f(folio)
-        })
+            result?;
+        }
+    }
+
+    /// Checks a folio looked up by [`Self::for_each_folio`] and pairs it with where it is.
+    fn describe(folio: ARef<Folio>, desc: &bindings::kvm_gmem_folio_desc) -> Result<SpannedFolio> {
+        // Not uptodate after the lookup's first use: poisoned.
+        if desc.hwpoison || !desc.uptodate {
+            return Err(EHWPOISON);
+        }
+        let span = Span {
+            index: desc.index as u64,
+            pfn: desc.pfn as u64,
+            nr_pages: desc.nr_pages as u64,
+            nid: desc.nid,
+        };
+        // SAFETY: `kvm_gmem_get_folio_descs()` read the span from the folio after taking the
+        // reference `folio` holds.
+        Ok(unsafe { SpannedFolio::from_parts(folio, span) })
     }
 }
+
+/// How many folios [`FrozenGuestMemfd::for_each_folio`] looks up in one call to C: a multiple of
+/// the page cache's batch, which the C function needs at least.
+#[cfg(CONFIG_KVM_GUEST_MEMFD)]
+const FOLIO_BATCH: u32 = bindings::FOLIO_BATCH_SIZE * 8;
 
 #[cfg(CONFIG_KVM_GUEST_MEMFD)]
 impl Drop for FrozenGuestMemfd {
@@ -394,6 +443,7 @@ impl GuestMemfdFile {
 #[cfg(all(CONFIG_KVM_GUEST_MEMFD, CONFIG_KEXEC_HANDOVER))]
 pub use filler::{
     filler_of,
+    FillerSlot,
     GmemFiller,
     GmemInode, //
 };
@@ -430,6 +480,7 @@ mod filler {
     };
     use core::{
         any::TypeId,
+        mem::MaybeUninit,
         ptr::NonNull, //
     };
 
@@ -597,20 +648,28 @@ mod filler {
         }
     }
 
+    /// Memory for a filler of type `T`, taken before [`GuestMemfdFile::set_filler`] so that
+    /// setting it cannot fail for want of memory.
+    pub struct FillerSlot<T: GmemFiller>(KBox<MaybeUninit<Typed<T>>>);
+
+    impl<T: GmemFiller> FillerSlot<T> {
+        /// Allocates the slot.
+        pub fn new() -> Result<Self> {
+            Ok(Self(KBox::new_uninit(GFP_KERNEL)?))
+        }
+    }
+
     impl GuestMemfdFile {
-        /// Sets the filler of this new file, before it is handed out.
+        /// Sets the filler of this new file, before it is handed out, in `slot`.
         ///
         /// # Errors
         ///
-        /// Returns `EBUSY` if the file has a filler already, `ENOMEM`.
-        pub fn set_filler<T: GmemFiller>(&self, filler: Arc<T>) -> Result {
-            let typed = KBox::new(
-                Typed {
-                    type_id: TypeId::of::<T>(),
-                    filler,
-                },
-                GFP_KERNEL,
-            )?;
+        /// Returns `EBUSY` if the file has a filler already.
+        pub fn set_filler<T: GmemFiller>(&self, slot: FillerSlot<T>, filler: Arc<T>) -> Result {
+            let typed = slot.0.write(Typed {
+                type_id: TypeId::of::<T>(),
+                filler,
+            });
             let ptr = typed.into_foreign();
             // SAFETY: The file is a guest_memfd by the type invariants; `OPS` is a constant
             // promoted to a static; `ptr` is ours until `release` takes it back.

@@ -32,11 +32,13 @@
 //!
 //! The ABI is documented in `Documentation/virt/kvm/luo.rst`.
 
+use core::mem::MaybeUninit;
 use kernel::{
+    alloc::flags::__GFP_NOWARN,
     folio::{
-        Folio,
         FolioRun,
-        Span, //
+        Span,
+        SpannedFolio, //
     },
     fs::File,
     kho::{
@@ -51,6 +53,7 @@ use kernel::{
     kvm::{
         self,
         filler_of,
+        FillerSlot,
         FrozenGuestMemfd,
         GmemFiller,
         GmemInode,
@@ -74,7 +77,8 @@ use kernel::{
         aref::ARef,
         Arc,
         CondVar,
-        Mutex, //
+        Mutex,
+        UniqueArc, //
     },
     time::{
         delay::fsleep,
@@ -313,6 +317,12 @@ struct Window {
 }
 
 /// The windows of `extent`, in order.
+/// How many windows `nr_pages` pages from `pfn` (at least one) make, as [`windows_of`] cuts them.
+fn window_count(pfn: u64, nr_pages: u64) -> u64 {
+    let last = pfn + (nr_pages - 1);
+    (last >> WINDOW_ORDER) - (pfn >> WINDOW_ORDER) + 1
+}
+
 fn windows_of(extent: &Extent) -> impl Iterator<Item = Window> + '_ {
     let end = extent.pfn + extent.nr_pages;
     let mut pfn = extent.pfn;
@@ -335,17 +345,16 @@ fn windows_of(extent: &Extent) -> impl Iterator<Item = Window> + '_ {
     })
 }
 
-/// Checks that no two extents share a page of physical memory: one page must not go to two
-/// places in the file (KHO does not stop two concurrent takers of one page).
-fn check_disjoint(extents: &[Extent]) -> Result {
-    let mut ranges = KVVec::with_capacity(extents.len(), GFP_KERNEL)?;
-    for extent in extents {
-        ranges
-            .push_within_capacity((extent.pfn, extent.pfn + extent.nr_pages))
-            .map_err(|_| EINVAL)?;
-    }
-    ranges.sort_unstable();
-    if ranges.windows(2).any(|pair| pair[0].1 > pair[1].0) {
+/// Checks that no two extents (ordered by index, not overlapping in the file) share a page of
+/// physical memory: one page must not go to two places in the file (KHO does not stop two
+/// concurrent takers of one page). Leaves them ordered by index.
+fn check_disjoint(extents: &mut [Extent]) -> Result {
+    extents.sort_unstable_by_key(|e| e.pfn);
+    let overlap = extents
+        .windows(2)
+        .any(|pair| pair[0].pfn + pair[0].nr_pages > pair[1].pfn);
+    extents.sort_unstable_by_key(|e| e.index);
+    if overlap {
         pr_err!("preserved guest_memfd extents overlap in physical memory\n");
         return Err(EINVAL);
     }
@@ -411,46 +420,78 @@ struct LazyMemory {
     settled: CondVar,
 }
 
-impl LazyMemory {
-    /// The pending memory of `extents`, valid and ordered.
-    fn new(extents: &[Extent]) -> Result<Arc<Self>> {
-        // Counted first: records from the previous kernel may describe absurd amounts of memory.
-        let mut count = 0u64;
-        for extent in extents {
-            let last = extent.pfn + (extent.nr_pages - 1);
-            count += (last >> WINDOW_ORDER) - (extent.pfn >> WINDOW_ORDER) + 1;
-            if count > MAX_WINDOWS {
-                pr_err!("preserved guest_memfd extents describe too much memory\n");
-                return Err(E2BIG);
-            }
-        }
-        check_disjoint(extents)?;
-        let mut windows = KVVec::with_capacity(count as usize, GFP_KERNEL)?;
-        for window in extents.iter().flat_map(windows_of) {
-            windows.push_within_capacity(window).map_err(|_| EINVAL)?;
-        }
-        let mut states = KVVec::with_capacity(windows.len(), GFP_KERNEL)?;
-        for _ in 0..windows.len() {
-            states
-                .push_within_capacity(WindowState::Pending)
-                .map_err(|_| ENOMEM)?;
-        }
-        let left = windows.len();
-        Arc::pin_init(
-            pin_init!(Self {
-                windows,
-                progress <- new_mutex!(Progress {
-                    states,
-                    left,
-                    cursor: 0,
-                    stopped: false,
-                }),
-                settled <- new_condvar!(),
-            }),
-            GFP_KERNEL,
-        )
+/// At most how many windows `nr_extents` valid extents in a file of `file_pages` pages make, or
+/// [`MAX_WINDOWS`]. Valid extents do not overlap in the file: each has a window per
+/// `2^WINDOW_ORDER` of its pages, and at most two more for its ends.
+fn max_windows(nr_extents: usize, file_pages: u64) -> usize {
+    (nr_extents as u64)
+        .saturating_mul(2)
+        .saturating_add(file_pages >> WINDOW_ORDER)
+        .min(MAX_WINDOWS) as usize
+}
+
+/// The memory a [`LazyMemory`] needs, taken before the retrieve consumes the preserved records:
+/// after that, a failed allocation would lose the guest's memory.
+struct LazyReserve {
+    windows: KVVec<Window>,
+    states: KVVec<WindowState>,
+    memory: UniqueArc<MaybeUninit<LazyMemory>>,
+}
+
+impl LazyReserve {
+    /// Room for the windows of `nr_extents` extents in a file of `file_pages` pages, at most
+    /// [`MAX_WINDOWS`].
+    fn new(nr_extents: usize, file_pages: u64) -> Result<Self> {
+        let max = max_windows(nr_extents, file_pages);
+        Ok(Self {
+            windows: KVVec::with_capacity(max, GFP_KERNEL)?,
+            states: KVVec::with_capacity(max, GFP_KERNEL)?,
+            memory: UniqueArc::new_uninit(GFP_KERNEL)?,
+        })
     }
 
+    /// The pending memory of `extents`, valid and ordered (see [`validate_extents`]), in the
+    /// reserved memory: allocates nothing it needs (it gives back unused room if it can).
+    ///
+    /// # Errors
+    ///
+    /// Returns `E2BIG` if the extents make more windows than there is room for, and `EINVAL` if
+    /// they overlap in physical memory: records from the previous kernel may be hostile.
+    fn build(mut self, extents: &mut [Extent]) -> Result<Arc<LazyMemory>> {
+        check_disjoint(extents)?;
+        for window in extents.iter().flat_map(windows_of) {
+            self.windows.push_within_capacity(window).map_err(|_| {
+                pr_err!("preserved guest_memfd extents describe too much memory\n");
+                E2BIG
+            })?;
+        }
+        // Room was made for the worst case the file's size allows: give back what a sparse file
+        // does not use, if the allocator can (the table lives as long as the file).
+        let _ = self.windows.shrink_to(0, GFP_KERNEL | __GFP_NOWARN);
+        let _ = self
+            .states
+            .shrink_to(self.windows.len(), GFP_KERNEL | __GFP_NOWARN);
+        for _ in 0..self.windows.len() {
+            self.states
+                .push_within_capacity(WindowState::Pending)
+                .map_err(|_| E2BIG)?;
+        }
+        let left = self.windows.len();
+        let memory = self.memory.pin_init_with(pin_init!(LazyMemory {
+            windows: self.windows,
+            progress <- new_mutex!(Progress {
+                states: self.states,
+                left,
+                cursor: 0,
+                stopped: false,
+            }),
+            settled <- new_condvar!(),
+        }))?;
+        Ok(memory.into())
+    }
+}
+
+impl LazyMemory {
     /// Marks window `i`, which the caller claimed, as `state`, and wakes those waiting for it.
     fn settle(&self, i: usize, state: WindowState) {
         let mut progress = self.progress.lock();
@@ -690,26 +731,41 @@ impl WorkItem for Worker {
     }
 }
 
-/// Starts the background workers of a retrieved file, one per CPU (at most [`MAX_WORKERS`]) and
-/// no more than it has windows. Without memory for a worker, the memory comes in on first use.
-fn start_workers(memory: &Arc<LazyMemory>, inode: &ARef<GmemInode>) {
-    let nr = kernel::cpu::nr_cpu_ids()
-        .min(MAX_WORKERS)
-        .min(u32::try_from(memory.windows.len()).unwrap_or(u32::MAX));
-    for _ in 0..nr {
-        let worker = Arc::pin_init(
-            pin_init!(Worker {
+/// Memory for the background workers of a retrieved file, taken before the retrieve consumes
+/// the preserved records: without a worker, finish would wait for the VMM to touch every page.
+struct WorkerSlots(KVVec<UniqueArc<MaybeUninit<Worker>>>);
+
+impl WorkerSlots {
+    /// Room for one worker per CPU (at most [`MAX_WORKERS`]), or none without background restore.
+    fn new() -> Result<Self> {
+        let nr = if module_parameters::background_restore.value() {
+            kernel::cpu::nr_cpu_ids().min(MAX_WORKERS) as usize
+        } else {
+            0
+        };
+        let mut slots = KVVec::with_capacity(nr, GFP_KERNEL)?;
+        for _ in 0..nr {
+            slots
+                .push_within_capacity(UniqueArc::new_uninit(GFP_KERNEL)?)
+                .map_err(|_| ENOMEM)?;
+        }
+        Ok(Self(slots))
+    }
+
+    /// Starts the workers, no more than `memory` has windows.
+    fn start(self, memory: &Arc<LazyMemory>, inode: &ARef<GmemInode>) {
+        for slot in self.0.into_iter().take(memory.windows.len()) {
+            let worker = slot.pin_init_with(pin_init!(Worker {
                 memory: memory.clone(),
                 inode: inode.clone(),
                 work <- new_work!("guest_memfd_luo::Worker"),
-            }),
-            GFP_KERNEL,
-        );
-        match worker {
-            Ok(worker) => {
-                let _ = workqueue::system_dfl().enqueue(worker);
+            }));
+            match worker {
+                Ok(worker) => {
+                    let _ = workqueue::system_dfl().enqueue(Arc::from(worker));
+                }
+                Err(err) => match err {},
             }
-            Err(_) => break,
         }
     }
 }
@@ -732,7 +788,7 @@ fn check_vm(gmem: &GuestMemfd<'_>) -> Result {
 fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<KVVec<FolioRun>> {
     let mut runs: KVVec<FolioRun> = KVVec::new();
     frozen
-        .for_each_folio(|folio: ARef<Folio>| {
+        .for_each_folio(|folio: SpannedFolio| {
             let folio = match runs.last_mut() {
                 Some(last) => match last.try_append(folio) {
                     Ok(()) => return Ok(()),
@@ -759,6 +815,16 @@ fn preserve_memory(
     frozen: &FrozenGuestMemfd,
 ) -> Result<(KVVec<PreservedPages>, PreservedVec<ExtentSer>)> {
     let runs = collect_runs(frozen)?;
+    // The new kernel takes back at most `MAX_WINDOWS` windows: refuse here what it would refuse
+    // there, after the memory was handed over.
+    let windows = runs.iter().fold(0u64, |sum, run| {
+        let span = run.span();
+        sum + window_count(span.pfn, span.nr_pages)
+    });
+    if windows > MAX_WINDOWS {
+        pr_err!("refusing to preserve a guest_memfd of more than {MAX_WINDOWS} windows\n");
+        return Err(E2BIG);
+    }
     let mut pages = KVVec::with_capacity(runs.len(), GFP_KERNEL)?;
     let mut records = VVec::with_capacity(runs.len(), GFP_KERNEL)?;
     for run in runs {
@@ -803,18 +869,26 @@ fn release_pages(extents: &[Extent]) {
 struct Prepared {
     gmem: GuestMemfdFile,
     extents: KVVec<Extent>,
+    reserve: LazyReserve,
+    slot: FillerSlot<LazyMemory>,
+    workers: WorkerSlots,
 }
 
 /// Everything of a retrieve that can fail for an ordinary reason: the VM, the new file, memory
-/// for the lists. Nothing of the preserved state is consumed.
+/// for the extents, the windows, the filler and the workers. Nothing of the preserved state is
+/// consumed.
 fn prepare_retrieve(serialized: &GmemSer, session: &IncomingSession<'_>) -> Result<Prepared> {
     let nr = extent_count(serialized)?;
     let flags = flags_from_ser(serialized.flags.get())?;
     let vm_file = session.file(serialized.vm_token.get())?;
     let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
+    let size = serialized.size.get();
     Ok(Prepared {
-        gmem: GuestMemfdFile::create(kvm, serialized.size.get(), flags)?,
+        gmem: GuestMemfdFile::create(kvm, size, flags)?,
         extents: KVVec::with_capacity(nr, GFP_KERNEL)?,
+        reserve: LazyReserve::new(nr, size / PAGE_SIZE as u64)?,
+        slot: FillerSlot::new()?,
+        workers: WorkerSlots::new()?,
     })
 }
 
@@ -876,7 +950,13 @@ impl FileHandler for GmemHandler {
         serialized: Restored<GmemSer>,
         session: &IncomingSession<'_>,
     ) -> Result<ARef<File>, RetrieveError<Self>> {
-        let Prepared { gmem, mut extents } = match prepare_retrieve(&serialized, session) {
+        let Prepared {
+            gmem,
+            mut extents,
+            reserve,
+            slot,
+            workers,
+        } = match prepare_retrieve(&serialized, session) {
             Ok(prepared) => prepared,
             Err(err) => return Err(RetrieveError::retry(err, serialized)),
         };
@@ -888,13 +968,14 @@ impl FileHandler for GmemHandler {
             Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
             Err(err) => return Err(err.into()),
         }
-        // From here on the preserved state is consumed. The memory goes in on first use or in
-        // the background; on error it is freed, by `release_pages` or with `memory`.
-        let memory = LazyMemory::new(&extents).inspect_err(|_| release_pages(&extents))?;
-        gmem.set_filler(memory.clone())?;
-        if module_parameters::background_restore.value() {
-            start_workers(&memory, &gmem.inode());
-        }
+        // From here on the preserved state is consumed, and nothing needs memory. The memory goes
+        // in on first use or in the background. Only hostile records fail, and their memory is
+        // freed, by `release_pages` or with `memory`.
+        let memory = reserve
+            .build(&mut extents)
+            .inspect_err(|_| release_pages(&extents))?;
+        gmem.set_filler(slot, memory.clone())?;
+        workers.start(&memory, &gmem.inode());
         Ok(gmem.into_file())
     }
 
@@ -1058,16 +1139,68 @@ mod tests {
         Ok(())
     }
 
+    fn windows(list: &[Extent]) -> Result<KVVec<Window>> {
+        let mut out = KVVec::new();
+        for w in list.iter().flat_map(windows_of) {
+            out.push(w, GFP_KERNEL)?;
+        }
+        Ok(out)
+    }
+
     #[test]
     fn overlapping_physical_ranges_are_refused() {
-        let apart = [
+        let list = [
             extent(0, 100, 10, U),
             extent(20, 110, 5, U),
             extent(30, 50, 50, U),
         ];
-        assert_eq!(check_disjoint(&apart), Ok(()));
-        let overlap = [extent(0, 100, 10, U), extent(20, 95, 6, U)];
-        assert_eq!(check_disjoint(&overlap), Err(EINVAL));
+        let mut apart = list;
+        assert_eq!(check_disjoint(&mut apart), Ok(()));
+        // Left in file order.
+        assert_eq!(apart, list);
+        let mut overlap = [extent(0, 100, 10, U), extent(20, 95, 6, U)];
+        assert_eq!(check_disjoint(&mut overlap), Err(EINVAL));
+    }
+
+    #[test]
+    fn window_count_is_what_windows_of_makes() {
+        let top = u64::MAX - 4;
+        for (pfn, nr) in [(500, 600), (512, 512), (511, 2), (1, 1), (top - 1000, 1004)] {
+            let count = windows_of(&extent(0, pfn, nr, U)).count() as u64;
+            assert_eq!(window_count(pfn, nr), count);
+        }
+    }
+
+    #[test]
+    fn reserve_holds_the_worst_case() -> Result {
+        // Two-page extents across window boundaries, two windows each, and one of the rest of
+        // the file starting just before a boundary.
+        let file_pages = 4096;
+        let list = [
+            extent(0, 511, 2, U),
+            extent(2, 1023, 2, U),
+            extent(4, 4095, file_pages - 4, U),
+        ];
+        let count = windows(&list)?.len();
+        assert_eq!(count, 13);
+        assert!(count <= max_windows(list.len(), file_pages));
+        // Reached: two two-page extents across boundaries in a four-page file.
+        let list = [extent(0, 511, 2, U), extent(2, 1023, 2, U)];
+        assert_eq!(windows(&list)?.len(), max_windows(list.len(), 4));
+        assert_eq!(max_windows(usize::MAX, u64::MAX), MAX_WINDOWS as usize);
+        Ok(())
+    }
+
+    #[test]
+    fn reserve_refuses_more_windows_or_overlaps() -> Result {
+        // Room for 2 + 1 windows; these make 4.
+        let reserve = LazyReserve::new(1, 512)?;
+        let mut many = [extent(0, 1000, 1100, U)];
+        assert_eq!(reserve.build(&mut many).err(), Some(E2BIG));
+        let reserve = LazyReserve::new(2, 512)?;
+        let mut overlap = [extent(0, 100, 10, U), extent(20, 95, 6, U)];
+        assert_eq!(reserve.build(&mut overlap).err(), Some(EINVAL));
+        Ok(())
     }
 
     #[test]

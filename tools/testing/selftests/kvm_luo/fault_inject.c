@@ -21,8 +21,9 @@
  *   retrieve  RETRIEVE_FD of guest_memfds (their VMs retrieved first) and of
  *             VMs with private ranges (past what KVM_CREATE_VM itself
  *             allocates, which is KVM's): a failure must be retryable with the
- *             data intact, or final; a retrieved file must hold exactly what
- *             was preserved. A final failure, or one the retrieve gets over
+ *             data intact (for a guest_memfd, always: a final failure would
+ *             lose its memory), or final; a retrieved file must hold exactly
+ *             what was preserved. A final failure, or one the retrieve gets over
  *             (KVM does without a debugfs entry, for instance), uses up a
  *             file, so stage 1 preserves many; the protected VMs go in a
  *             session made after the freeze loop, which would otherwise
@@ -434,8 +435,12 @@ static void stage2(int luo_fd, int state_session)
 	if (!exhausted)
 		ksft_exit_fail_msg("guest_memfd retrieve: %d files used up before every allocation failed\n",
 				   PAIRS);
-	ksft_print_msg("guest_memfd retrieve: %d allocations, each failed once: %d files retrieved intact, %d failed for good\n",
-		       n - 2, retrieved, lost);
+	/* What it allocates, it allocates before it takes anything back. */
+	if (lost)
+		ksft_exit_fail_msg("guest_memfd retrieve: %d of %d files failed for good: their memory is lost\n",
+				   lost, done_gmem);
+	ksft_print_msg("guest_memfd retrieve: %d allocations, each failed once, retryable: %d files retrieved intact\n",
+		       n - 2, retrieved);
 
 	vms = luo_retrieve_session(luo_fd, "fi-vms");
 	if (vms < 0)

@@ -104,25 +104,6 @@ static uint8_t *map(int fd, size_t size)
 	return p;
 }
 
-/* Number of pages of [p, p + size) present in the page cache. */
-static size_t resident_pages(uint8_t *p, size_t size, size_t *first_hole)
-{
-	size_t i, n = 0, pages = size / PAGE;
-	unsigned char *vec = calloc(pages, 1);
-
-	if (!vec || mincore(p, size, vec))
-		fail_exit("mincore");
-	*first_hole = pages;
-	for (i = 0; i < pages; i++) {
-		if (vec[i] & 1)
-			n++;
-		else if (*first_hole == pages)
-			*first_hole = i;
-	}
-	free(vec);
-	return n;
-}
-
 static void expect_errno(int ret, int err, const char *what)
 {
 	if (ret == 0 || errno != err)
@@ -302,7 +283,7 @@ static void stage2(int luo_fd, int state_session)
 	 */
 	p = map(gmem, GMEM_SIZE);
 	check_pattern(p);
-	n = resident_pages(p, GMEM_SIZE, &hole);
+	n = klu_resident_pages(p, GMEM_SIZE, &hole);
 	if (n != PATTERN_SIZE / PAGE || hole != PATTERN_SIZE / PAGE)
 		ksft_exit_fail_msg("%zu pages present, first hole at page %zu; expected %lu and %lu\n",
 				   n, hole, PATTERN_SIZE / PAGE, PATTERN_SIZE / PAGE);
@@ -313,7 +294,7 @@ static void stage2(int luo_fd, int state_session)
 	for (i = 0; i < SPARSE_SIZE; i += MIB)
 		if (s[i] != pattern(i))
 			ksft_exit_fail_msg("sparse byte %#zx lost\n", i);
-	n = resident_pages(s, SPARSE_SIZE, &hole);
+	n = klu_resident_pages(s, SPARSE_SIZE, &hole);
 	if (n != SPARSE_SIZE / MIB)
 		ksft_exit_fail_msg("sparse file: %zu pages present, expected %lu\n",
 				   n, SPARSE_SIZE / MIB);

@@ -69,6 +69,54 @@ uint8_t *klu_map(int fd, size_t size)
 	return p;
 }
 
+struct klu_setup klu_setup_shared(int luo_fd, const char *name, size_t size)
+{
+	struct klu_setup t;
+
+	t.session = luo_create_session(luo_fd, name);
+	if (t.session < 0)
+		fail_exit("create session %s", name);
+	t.vm = klu_create_vm(0);
+	t.gmem = klu_create_gmem(t.vm, size, GUEST_MEMFD_FLAG_MMAP |
+				 GUEST_MEMFD_FLAG_INIT_SHARED);
+	t.p = klu_map(t.gmem, size);
+	return t;
+}
+
+void klu_bind_gmem(int vm, int gmem, uint64_t gpa, size_t size, uint8_t *p)
+{
+	struct kvm_userspace_memory_region2 slot = {
+		.slot = 1,
+		.flags = KVM_MEM_GUEST_MEMFD,
+		.guest_phys_addr = gpa,
+		.memory_size = size,
+		.userspace_addr = (uintptr_t)p,
+		.guest_memfd = gmem,
+	};
+
+	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &slot))
+		fail_exit("guest_memfd memslot at %#llx", (unsigned long long)gpa);
+}
+
+size_t klu_resident_pages(uint8_t *p, size_t size, size_t *first_hole)
+{
+	size_t i, n = 0, pages = size / KLU_PAGE, hole = pages;
+	unsigned char *vec = calloc(pages, 1);
+
+	if (!vec || mincore(p, size, vec))
+		fail_exit("mincore");
+	for (i = 0; i < pages; i++) {
+		if (vec[i] & 1)
+			n++;
+		else if (hole == pages)
+			hole = i;
+	}
+	free(vec);
+	if (first_hole)
+		*first_hole = hole;
+	return n;
+}
+
 int klu_finish(int session)
 {
 	int r, tries = 0;

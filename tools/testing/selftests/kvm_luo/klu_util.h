@@ -7,6 +7,7 @@
 #define SELFTESTS_KVM_LUO_KLU_UTIL_H
 
 #include <linux/kvm.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define KLU_MIB		(1UL << 20)
@@ -29,6 +30,30 @@ int klu_create_gmem(int vm, uint64_t size, uint64_t flags);
 
 /* A shared read-write mapping of @size bytes of @fd; exits on failure. */
 uint8_t *klu_map(int fd, size_t size);
+
+/* What a test preserves: a session, a VM and a guest_memfd mapped at @p. */
+struct klu_setup {
+	int session, vm, gmem;
+	uint8_t *p;
+};
+
+/*
+ * Create session @name, a VM, and a shared guest_memfd (MMAP | INIT_SHARED)
+ * of @size bytes, mapped; exits on failure.
+ */
+struct klu_setup klu_setup_shared(int luo_fd, const char *name, size_t size);
+
+/*
+ * Bind @size bytes of guest_memfd @gmem, mapped at @p, at guest physical @gpa
+ * as memslot 1; exits on failure.
+ */
+void klu_bind_gmem(int vm, int gmem, uint64_t gpa, size_t size, uint8_t *p);
+
+/*
+ * The pages of [@p, @p + @size) in the page cache (mincore); if @first_hole,
+ * set it to the index of the first page that is not, or @size / KLU_PAGE.
+ */
+size_t klu_resident_pages(uint8_t *p, size_t size, size_t *first_hole);
 
 /*
  * Finish an incoming session, as a VMM does: while a handler is still putting

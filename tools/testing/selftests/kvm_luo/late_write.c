@@ -125,55 +125,33 @@ static void check_vcpu(const uint8_t *p, size_t offset, size_t len,
 	ksft_print_msg("%s: %zu bytes intact\n", what, len);
 }
 
-static void bind_gmem(int vm, int gmem, uint8_t *p)
-{
-	struct kvm_userspace_memory_region2 slot = {
-		.slot = 1,
-		.flags = KVM_MEM_GUEST_MEMFD,
-		.guest_phys_addr = GMEM_GPA,
-		.memory_size = GMEM_SIZE,
-		.userspace_addr = (uintptr_t)p,
-		.guest_memfd = gmem,
-	};
-
-	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &slot))
-		fail_exit("memslot at 4 GiB");
-}
-
 static void stage1(int luo_fd)
 {
-	int session, vm, gmem;
+	struct klu_setup t;
 	struct klu_vcpu v;
-	uint8_t *p;
 
 	create_state_file(luo_fd, STATE_SESSION, STATE_TOKEN, 2);
-	session = luo_create_session(luo_fd, SESSION);
-	if (session < 0)
-		fail_exit("create session");
-	vm = klu_create_vm(0);
-	gmem = klu_create_gmem(vm, GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
-			       GUEST_MEMFD_FLAG_INIT_SHARED);
-	p = klu_map(gmem, GMEM_SIZE);
-	bind_gmem(vm, gmem, p);
-	v = klu_vcpu64_create(vm);
+	t = klu_setup_shared(luo_fd, SESSION, GMEM_SIZE);
+	klu_bind_gmem(t.vm, t.gmem, GMEM_GPA, GMEM_SIZE, t.p);
+	v = klu_vcpu64_create(t.vm);
 
 	/* Before preserve. */
-	vmm_fill(p, 0, MIB, 0);
-	if (fallocate(gmem, FALLOC_FL_KEEP_SIZE, MIB, 4 * MIB))
+	vmm_fill(t.p, 0, MIB, 0);
+	if (fallocate(t.gmem, FALLOC_FL_KEEP_SIZE, MIB, 4 * MIB))
 		fail_exit("fallocate");
 	vcpu_fill(&v, 5 * MIB, MIB, KEY_EARLY);
 
-	if (luo_session_preserve_fd(session, vm, TOKEN_VM) ||
-	    luo_session_preserve_fd(session, gmem, TOKEN_GMEM))
+	if (luo_session_preserve_fd(t.session, t.vm, TOKEN_VM) ||
+	    luo_session_preserve_fd(t.session, t.gmem, TOKEN_GMEM))
 		fail_exit("preserve");
 
 	/* After preserve: the VM keeps running until the kexec. */
-	vmm_fill(p, 0, MIB / 2, 1);
-	vmm_fill(p, MIB, 2 * MIB, 1);
+	vmm_fill(t.p, 0, MIB / 2, 1);
+	vmm_fill(t.p, MIB, 2 * MIB, 1);
 	vcpu_fill(&v, 3 * MIB, 2 * MIB, KEY_UNTOUCHED);
 	vcpu_fill(&v, 5 * MIB, MIB, KEY_LATE);
-	check_vmm(p, MIB, 2 * MIB, 1, "before kexec, VMM write to fallocated pages");
-	check_vcpu(p, 3 * MIB, 2 * MIB, KEY_UNTOUCHED,
+	check_vmm(t.p, MIB, 2 * MIB, 1, "before kexec, VMM write to fallocated pages");
+	check_vcpu(t.p, 3 * MIB, 2 * MIB, KEY_UNTOUCHED,
 		   "before kexec, vCPU write to fallocated pages");
 
 	ksft_print_msg("[STAGE 1] wrote after preserve; kexec\n");

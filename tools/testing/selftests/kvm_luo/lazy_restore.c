@@ -75,32 +75,10 @@ static int in_hole(size_t offset)
 	return offset >= HOLE_START && offset < HOLE_START + HOLE_LEN;
 }
 
-static void bind_gmem(int vm, int gmem, uint8_t *p)
-{
-	struct kvm_userspace_memory_region2 slot = {
-		.slot = 1,
-		.flags = KVM_MEM_GUEST_MEMFD,
-		.guest_phys_addr = GMEM_GPA,
-		.memory_size = GMEM_SIZE,
-		.userspace_addr = (uintptr_t)p,
-		.guest_memfd = gmem,
-	};
-
-	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &slot))
-		fail_exit("memslot at 4 GiB");
-}
-
 /* Pages of [@offset, @offset + @len) of the mapping in the page cache. */
 static size_t present(uint8_t *p, size_t offset, size_t len)
 {
-	static unsigned char vec[GMEM_SIZE / PAGE];
-	size_t i, n = 0;
-
-	if (mincore(p + offset, len, vec))
-		fail_exit("mincore");
-	for (i = 0; i < len / PAGE; i++)
-		n += vec[i] & 1;
-	return n;
+	return klu_resident_pages(p + offset, len, NULL);
 }
 
 static void expect_finish_refused(int session, const char *when)
@@ -115,35 +93,24 @@ static void expect_finish_refused(int session, const char *when)
 
 static void stage1(int luo_fd)
 {
-	int session, vm, gmem;
+	struct klu_setup t;
 	FILE *args;
-	uint8_t *p;
 	size_t i;
 
 	create_state_file(luo_fd, STATE_SESSION, STATE_TOKEN, 2);
-	session = luo_create_session(luo_fd, SESSION);
-	if (session < 0)
-		fail_exit("create session");
-	vm = klu_create_vm(0);
-	gmem = klu_create_gmem(vm, GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
-			       GUEST_MEMFD_FLAG_INIT_SHARED);
-	p = klu_map(gmem, GMEM_SIZE);
-	bind_gmem(vm, gmem, p);
+	t = klu_setup_shared(luo_fd, SESSION, GMEM_SIZE);
+	klu_bind_gmem(t.vm, t.gmem, GMEM_GPA, GMEM_SIZE, t.p);
 	for (i = 0; i < WRITTEN; i++)
-		p[i] = pattern(i);
-	if (luo_session_preserve_fd(session, vm, TOKEN_VM) ||
-	    luo_session_preserve_fd(session, gmem, TOKEN_GMEM))
+		t.p[i] = pattern(i);
+	if (luo_session_preserve_fd(t.session, t.vm, TOKEN_VM) ||
+	    luo_session_preserve_fd(t.session, t.gmem, TOKEN_GMEM))
 		fail_exit("preserve");
 
 	/* The second session's file, to close before its memory is in. */
-	session = luo_create_session(luo_fd, RELEASE_SESSION);
-	vm = klu_create_vm(0);
-	gmem = klu_create_gmem(vm, RELEASE_SIZE, GUEST_MEMFD_FLAG_MMAP |
-			       GUEST_MEMFD_FLAG_INIT_SHARED);
-	p = klu_map(gmem, RELEASE_SIZE);
-	memset(p, 0x5a, RELEASE_SIZE);
-	if (session < 0 || luo_session_preserve_fd(session, vm, TOKEN_VM) ||
-	    luo_session_preserve_fd(session, gmem, TOKEN_GMEM))
+	t = klu_setup_shared(luo_fd, RELEASE_SESSION, RELEASE_SIZE);
+	memset(t.p, 0x5a, RELEASE_SIZE);
+	if (luo_session_preserve_fd(t.session, t.vm, TOKEN_VM) ||
+	    luo_session_preserve_fd(t.session, t.gmem, TOKEN_GMEM))
 		fail_exit("preserve the second session");
 
 	args = fopen(NEXT_ARGS, "w");
@@ -209,7 +176,7 @@ static void stage2(int luo_fd, int state_session)
 	expect_finish_refused(session, "before any memory is in");
 
 	/* A vCPU's first touch. */
-	bind_gmem(vm, gmem, p);
+	klu_bind_gmem(vm, gmem, GMEM_GPA, GMEM_SIZE, p);
 	v = klu_vcpu64_create(vm);
 	klu_vcpu64_run(&v, read_code, sizeof(read_code), &regs);
 	for (i = 8, expect = 0; i-- > 0;)

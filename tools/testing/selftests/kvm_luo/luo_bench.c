@@ -4,7 +4,9 @@
  * (upstream's handler), measured in the same boot and the same kexec.
  *
  * For each case, a guest_memfd and a memfd of the same size with the same
- * populated bytes are preserved, each in a session of its own. Stage 1 times
+ * populated bytes are preserved, each in a session of its own. Memory is
+ * populated with fallocate(), whose never-used pages both handlers zero at
+ * preserve, but in the case "1G-written", written a byte per page. Stage 1 times
  * preserve, and freeze: it asks for a kexec that is bound to fail (a last
  * session holds a guest_memfd without its VM), so LUO freezes every file,
  * fails on that one and unfreezes them; that is done once with the memfds
@@ -17,13 +19,16 @@
  *   mincore says were not in yet; for memfd, whose pages are all in, every
  *   one (a plain page fault). Median and worst;
  * - restored: from before the retrieve until finish succeeds, which for
- *   guest_memfd is when every page is back in the file.
+ *   guest_memfd is when every page is back in the file; finish is tried
+ *   every millisecond. Split into the first touches above ("touching") and
+ *   the rest ("settling"), while the background workers run throughout.
  * Metadata is what each handler serializes: for guest_memfd the handler
  * reports it in the kernel log; for memfd it is 48 bytes plus 16 per folio
  * (memfd-v2).
  *
  * Prints a table with ratios, one "BENCH-JSON:" line and one "ratios:" line.
  */
+#include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/kexec.h>
@@ -56,6 +61,7 @@ struct bench_case {
 	size_t size;		/* file size */
 	size_t populated;	/* bytes populated */
 	size_t stride;		/* populate one MiB every stride bytes */
+	int written;		/* by a write to each page, not fallocate() */
 };
 
 static const struct bench_case cases[] = {
@@ -64,6 +70,8 @@ static const struct bench_case cases[] = {
 	{ "1G", 1024 * MIB, 1024 * MIB, MIB },
 	{ "2G", 2048 * MIB, 2048 * MIB, MIB },
 	{ "sparse-1G/64M", 1024 * MIB, 64 * MIB, 16 * MIB },
+	/* Written pages: preserve has no never-used folio to zero. */
+	{ "1G-written", 1024 * MIB, 1024 * MIB, MIB, 1 },
 };
 
 /* Cases the ratios line uses. */
@@ -80,6 +88,8 @@ struct results {
 	long meta_bytes[2][MAX_CASES];
 	double retrieve_ms[2][MAX_CASES];	/* usable */
 	double restored_ms[2][MAX_CASES];
+	double touching_ms[2][MAX_CASES];	/* the first-touch loop */
+	double settling_ms[2][MAX_CASES];	/* after it, until finish */
 	double touch_median_us[2][MAX_CASES];
 	double touch_worst_us[2][MAX_CASES];
 	int touches[2][MAX_CASES];		/* of pages not in yet */
@@ -95,12 +105,24 @@ static double now_ms(void)
 
 static void populate(int fd, const struct bench_case *c)
 {
-	size_t off;
+	uint8_t *p = NULL;
+	size_t off, i;
 
+	if (c->written) {
+		p = mmap(NULL, c->size, PROT_READ | PROT_WRITE, MAP_SHARED,
+			 fd, 0);
+		if (p == MAP_FAILED)
+			fail_exit("mmap %s", c->name);
+	}
 	for (off = 0; off < c->size && off / c->stride * MIB < c->populated;
-	     off += c->stride)
-		if (fallocate(fd, FALLOC_FL_KEEP_SIZE, off, MIB))
+	     off += c->stride) {
+		if (!p && fallocate(fd, FALLOC_FL_KEEP_SIZE, off, MIB))
 			fail_exit("fallocate");
+		for (i = 0; p && i < MIB; i += 4096)
+			p[off + i] = 1;
+	}
+	if (p)
+		munmap(p, c->size);
 }
 
 static int make_gmem(int vm, const struct bench_case *c)
@@ -284,6 +306,8 @@ static void print_json(struct results *r, int k, size_t i)
 	printf("\"preserve_ms\": %.2f, ", r->preserve_ms[k][i]);
 	printf("\"usable_ms\": %.2f, ", r->retrieve_ms[k][i]);
 	printf("\"restored_ms\": %.2f, ", r->restored_ms[k][i]);
+	printf("\"touching_ms\": %.2f, ", r->touching_ms[k][i]);
+	printf("\"settling_ms\": %.2f, ", r->settling_ms[k][i]);
 	printf("\"first_touches\": %d, ", r->touches[k][i]);
 	printf("\"first_touch_median_us\": %.1f, ", r->touch_median_us[k][i]);
 	printf("\"first_touch_worst_us\": %.1f, ", r->touch_worst_us[k][i]);
@@ -339,6 +363,19 @@ static void first_touches(struct results *r, int k, size_t i, int fd)
 	r->touch_worst_us[k][i] = lat[n - 1];
 }
 
+/*
+ * Finish @session as soon as the handlers let it: like klu_finish(), but
+ * trying every millisecond, so that the wait adds little to "restored".
+ */
+static int finish_soon(int session)
+{
+	int r, tries = 0;
+
+	while ((r = luo_session_finish(session)) == -EBUSY && ++tries < 60000)
+		usleep(1000);
+	return r;
+}
+
 static double ratio(double a, double b)
 {
 	return b > 0 ? a / b : 0;
@@ -362,7 +399,7 @@ static void stage2(int luo_fd, int state_session)
 	for (k = 0; k < 2; k++) {
 		for (i = 0; i < NR_CASES; i++) {
 			int session, file;
-			double t;
+			double t, t_touch, t_settle;
 
 			session_name(name, sizeof(name), k, i);
 			session = luo_retrieve_session(luo_fd, name);
@@ -373,11 +410,19 @@ static void stage2(int luo_fd, int state_session)
 			r->retrieve_ms[k][i] = now_ms() - t;
 			if (file < 0)
 				fail_exit("retrieve %s", name);
+			t_touch = now_ms();
 			first_touches(r, k, i, file);
-			close(file);
-			if (klu_finish(session))
+			t_settle = now_ms();
+			r->touching_ms[k][i] = t_settle - t_touch;
+			if (finish_soon(session))
 				fail_exit("finish %s", name);
 			r->restored_ms[k][i] = now_ms() - t;
+			r->settling_ms[k][i] = now_ms() - t_settle;
+			/*
+			 * Closed only now: with the file closed, finish would
+			 * drop the last reference and free all its memory.
+			 */
+			close(file);
 			close(session);
 		}
 	}
@@ -391,6 +436,10 @@ static void stage2(int luo_fd, int state_session)
 			  r->retrieve_ms[1][i], "ms (retrieve)");
 		print_row("restored", cases[i].name, r->restored_ms[0][i],
 			  r->restored_ms[1][i], "ms (retrieve to finish)");
+		print_row("touching", cases[i].name, r->touching_ms[0][i],
+			  r->touching_ms[1][i], "ms (of restored: the first touches)");
+		print_row("settling", cases[i].name, r->settling_ms[0][i],
+			  r->settling_ms[1][i], "ms (of restored: then until finish)");
 		print_row("touch-med", cases[i].name, r->touch_median_us[0][i],
 			  r->touch_median_us[1][i], "us (first touch, median)");
 		print_row("touch-max", cases[i].name, r->touch_worst_us[0][i],

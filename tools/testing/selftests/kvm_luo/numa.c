@@ -73,29 +73,22 @@ static void check_nodes(uint8_t *p, const char *when)
 static void stage1(int luo_fd)
 {
 	unsigned long node0 = 1, node1 = 2;
-	int session, vm, gmem;
-	uint8_t *p;
+	struct klu_setup t;
 	size_t i;
 
 	create_state_file(luo_fd, STATE_SESSION, STATE_TOKEN, 2);
-	session = luo_create_session(luo_fd, SESSION);
-	if (session < 0)
-		fail_exit("create session");
-	vm = klu_create_vm(0);
-	gmem = klu_create_gmem(vm, GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
-			       GUEST_MEMFD_FLAG_INIT_SHARED);
-	p = klu_map(gmem, GMEM_SIZE);
-	if (syscall(__NR_mbind, p, GMEM_SIZE / 2, MPOL_BIND, &node0,
+	t = klu_setup_shared(luo_fd, SESSION, GMEM_SIZE);
+	if (syscall(__NR_mbind, t.p, GMEM_SIZE / 2, MPOL_BIND, &node0,
 		    sizeof(node0) * 8, 0) ||
-	    syscall(__NR_mbind, p + GMEM_SIZE / 2, GMEM_SIZE / 2, MPOL_BIND,
+	    syscall(__NR_mbind, t.p + GMEM_SIZE / 2, GMEM_SIZE / 2, MPOL_BIND,
 		    &node1, sizeof(node1) * 8, 0))
 		fail_exit("mbind (is the kernel booted with numa=fake=2?)");
 	for (i = 0; i < GMEM_SIZE; i++)
-		p[i] = byte_at(i);
-	check_nodes(p, "before kexec");
+		t.p[i] = byte_at(i);
+	check_nodes(t.p, "before kexec");
 
-	if (luo_session_preserve_fd(session, vm, TOKEN_VM) ||
-	    luo_session_preserve_fd(session, gmem, TOKEN_GMEM))
+	if (luo_session_preserve_fd(t.session, t.vm, TOKEN_VM) ||
+	    luo_session_preserve_fd(t.session, t.gmem, TOKEN_GMEM))
 		fail_exit("preserve");
 	close(luo_fd);
 	daemonize_and_wait();

@@ -107,9 +107,8 @@ build_kvm_luo() {
 	local t
 	mkdir -p "$root/kvm_luo"
 	for t in memfd_demo kvm_vm_luo_test guest_memfd_luo_test \
-		 guest_memfd_luo_abort_test late_write lazy_restore chain numa \
-		 fault_inject \
-		 luo_bench; do
+		 guest_memfd_luo_abort_test late_write lazy_restore \
+		 background_restore chain numa fault_inject luo_bench; do
 		gcc -static -O2 -Wall -D_GNU_SOURCE= -isystem "$hdrs" \
 			-I "$sel/liveupdate/lib/include" -I "$sel" \
 			-o "$root/kvm_luo/$t" "$here/$t.c" "$here/klu_util.c" \
