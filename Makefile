@@ -13,6 +13,9 @@
 #   make test-nested  the tests with nested Linux guests, on one CPU (T=name runs one)
 #   make lint    rustfmt, clippy and checkpatch over the project's code
 #   make bench   guest_memfd against memfd preservation (not part of check)
+#   make soak    boot the nested Linux guest N times and count the outcomes
+#                (N=20 KERNEL=release|debug|base CPUS=1 MODE=boot|update
+#                VMM="--vcpus 1 ..."; build/soak.sh -h)
 #   make clean   remove the kernel build (the base tree and packages stay)
 
 SHELL := /bin/bash
@@ -21,7 +24,8 @@ SELFTESTS := tools/testing/selftests/kvm_luo
 RUNNER_ARGS = -s $(KLU_CACHE)/src -b $(KLU_CACHE)/build -o $(KLU_CACHE)/out \
 	-g $(KLU_CACHE)/build-guest $(foreach t,$(T),-t $(t))
 
-.PHONY: check demo setup kernel kernel-release kernel-guest test test-nested lint bench clean
+.PHONY: check demo setup kernel kernel-release kernel-guest kernel-base test test-nested lint \
+	bench soak clean
 
 check:
 	@build/check.sh
@@ -41,6 +45,9 @@ kernel-release: setup
 kernel-guest: setup
 	@KLU_KERNEL=guest build/kernel.sh all
 
+kernel-base: setup
+	@KLU_KERNEL=base build/kernel.sh all
+
 test:
 	@$(SELFTESTS)/run_vmtests.sh $(RUNNER_ARGS)
 
@@ -53,7 +60,16 @@ lint:
 bench: kernel-release
 	@KLU_KERNEL=release build/bench.sh
 
+N ?= 20
+KERNEL ?= release
+CPUS ?= 1
+MODE ?= boot
+soak: setup
+	@build/soak.sh -n $(N) -k $(KERNEL) -c $(CPUS) -m $(MODE) $(if $(JOBS),-j $(JOBS)) \
+		$(if $(QEMU),-q) $(if $(VMM),-- $(VMM))
+
 clean:
 	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/build-release $(KLU_CACHE)/build-guest \
 		$(KLU_CACHE)/clippy \
-		$(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/cargo-test $(KLU_CACHE)/out $(KLU_CACHE)/out-release
+		$(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/cargo-test $(KLU_CACHE)/out $(KLU_CACHE)/out-release \
+		$(KLU_CACHE)/build-base $(KLU_CACHE)/out-soak

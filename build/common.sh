@@ -14,12 +14,17 @@ KLU_SRC=$KLU_CACHE/src		# base + project files + patches
 # Two kernels from the same tree: "debug" (lockdep, KASAN, UBSAN, kmemleak and
 # friends; every test of make check runs on it) and "release" (no debug
 # options; make demo and make bench, so that their timings mean something).
+# And for the soak's comparisons (build/soak.sh), "base": the unpatched base
+# tree with the release configuration, less the options only the project
+# defines.
 KLU_KERNEL=${KLU_KERNEL:-debug}
 case $KLU_KERNEL in
 debug)	 KLU_OBJ=$KLU_CACHE/build;		KLU_OUT=$KLU_CACHE/out ;;
 release) KLU_OBJ=$KLU_CACHE/build-release;	KLU_OUT=$KLU_CACHE/out-release ;;
 guest)	 KLU_OBJ=$KLU_CACHE/build-guest;	KLU_OUT=$KLU_CACHE/out-guest ;;
-*)	 echo "error: KLU_KERNEL must be debug, release or guest" >&2; exit 1 ;;
+base)	 KLU_OBJ=$KLU_CACHE/build-base;		KLU_OUT=$KLU_CACHE/out-base
+	 KLU_SRC=$KLU_BASE ;;
+*)	 echo "error: KLU_KERNEL must be debug, release, guest or base" >&2; exit 1 ;;
 esac
 # The configuration fragments of each kernel, applied in this order. The host
 # kernels start from the defaults, the guest's from allnoconfig.

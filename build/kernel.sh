@@ -94,12 +94,25 @@ assemble() {
 	klu_log "assembled $KLU_SRC: $(echo "$new_state" | grep -c .) project files, $changed updated"
 }
 
+# The configuration fragments, as one text. The unpatched base gets them
+# without the options that only the project's own Kconfig files define.
+fragments() {
+	if [ "$KLU_KERNEL" = base ]; then
+		local own
+		own=$(cd "$KLU_TOP" && git ls-files -- '*Kconfig*' | xargs -r sed -n 's/^config \([A-Z0-9_]*\).*/\1/p')
+		(cd "$KLU_TOP" && cat "${KLU_FRAGMENTS[@]}") |
+			grep -v -E "^(# )?CONFIG_($(echo $own | tr ' ' '|'))[= ]"
+	else
+		(cd "$KLU_TOP" && cat "${KLU_FRAGMENTS[@]}")
+	fi
+}
+
 config_inputs_hash() {
-	local kconfigs
-	kconfigs=$(grep -E '(^|/)Kconfig[^/]*$' "$STATE" || true)
+	local kconfigs=""
+	[ "$KLU_KERNEL" = base ] || kconfigs=$(grep -E '(^|/)Kconfig[^/]*$' "$STATE" || true)
 	{
 		local f
-		for f in "${KLU_FRAGMENTS[@]}"; do cat "$KLU_TOP/$f"; done
+		fragments
 		for f in $kconfigs; do cat "$KLU_SRC/$f"; done
 	} | sha256sum | cut -d' ' -f1
 }
@@ -114,7 +127,7 @@ config() {
 	klu_log "configuring $KLU_OBJ from ${KLU_FRAGMENTS[*]}"
 	"${KLU_MAKE[@]}" -s rustavailable >/dev/null ||
 		klu_die "Rust is not available to the kernel build: run make setup"
-	(cd "$KLU_TOP" && cat "${KLU_FRAGMENTS[@]}") > "$KLU_OBJ/.config"
+	fragments > "$KLU_OBJ/.config"
 	if [ "$KLU_KERNEL" = guest ]; then
 		mv "$KLU_OBJ/.config" "$KLU_OBJ/.config.fragment"
 		KCONFIG_ALLCONFIG=$KLU_OBJ/.config.fragment "${KLU_MAKE[@]}" -s allnoconfig
@@ -134,7 +147,7 @@ config() {
 			echo "config: wanted '$want', got '$(grep -E "^$sym=|^# $sym is not set" "$KLU_OBJ/.config" || echo unset)'" >&2
 			bad=1
 		fi
-	done < <(cd "$KLU_TOP" && cat "${KLU_FRAGMENTS[@]}")
+	done < <(fragments)
 	[ "$bad" = 0 ] || { rm -f "$KLU_OBJ/.config"; klu_die "kernel config is missing requested options"; }
 	echo "$hash" > "$stamp"
 	klu_log "config has every option of ${KLU_FRAGMENTS[*]}"
@@ -152,10 +165,13 @@ mkdir -p "$KLU_CACHE"
 exec 8>"$KLU_CACHE/.kernel.lock"
 flock 8
 
+# The unpatched base is built as it is, without assembly.
+assemble_tree() { [ "$KLU_KERNEL" = base ] || assemble; }
+
 case "${1:-all}" in
-assemble) assemble ;;
-config) assemble; config ;;
+assemble) assemble_tree ;;
+config) assemble_tree; config ;;
 build) build ;;
-all) assemble; config; build ;;
+all) assemble_tree; config; build ;;
 *) klu_die "usage: $0 [assemble|config|build|all]" ;;
 esac

@@ -13,7 +13,11 @@
  *   generation. Every page is thus checked twice per generation, whenever a
  *   pause happens. A page that comes back different (lost, zeroed, another
  *   page's data) is reported as CORRUPT and the program exits 1.
- * - A heartbeat, four times a second: a counter and CLOCK_MONOTONIC.
+ * - A heartbeat, four times a second: a counter, CLOCK_MONOTONIC, and how
+ *   many times a ticker pinned to each CPU has woken from a 50 ms sleep. A
+ *   CPU whose local timer stopped delivering interrupts stops waking its
+ *   ticker, while the others go on: the VMM sees which CPU lost its timer
+ *   long before the guest's own stall detectors would say so.
  *
  * Every line starts with "WORK:" so the VMM can pick them out of the console.
  */
@@ -39,6 +43,9 @@ struct worker {
 };
 
 static pthread_mutex_t out_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Wake-ups of each CPU's ticker. */
+static volatile unsigned long *ticks;
 
 static void say(const char *fmt, ...)
 {
@@ -97,19 +104,38 @@ static void corrupt(int cpu, uint64_t gen, size_t page)
 	exit(1);
 }
 
+static void pin(int cpu, const char *what)
+{
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	if (sched_setaffinity(0, sizeof(set), &set)) {
+		say("FAILED: cannot pin the %s of cpu %d\n", what, cpu);
+		exit(1);
+	}
+}
+
+/* Sleeps on its CPU, whose timer alone can wake it, and counts. */
+static void *ticker(void *arg)
+{
+	int cpu = (int)(intptr_t)arg;
+
+	pin(cpu, "ticker");
+	for (;;) {
+		usleep(50000);
+		ticks[cpu]++;
+	}
+	return NULL;
+}
+
 static void *work(void *arg)
 {
 	struct worker *wk = arg;
-	cpu_set_t set;
 	uint64_t gen;
 	size_t p;
 
-	CPU_ZERO(&set);
-	CPU_SET(wk->cpu, &set);
-	if (sched_setaffinity(0, sizeof(set), &set)) {
-		say("FAILED: cannot pin the worker of cpu %d\n", wk->cpu);
-		exit(1);
-	}
+	pin(wk->cpu, "worker");
 	for (gen = 1;; gen++) {
 		double t0 = now();
 
@@ -147,7 +173,8 @@ int main(int argc, char **argv)
 	mem = mmap(NULL, mib << 20, PROT_READ | PROT_WRITE,
 		   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 	wk = calloc(cpus, sizeof(*wk));
-	if (mem == MAP_FAILED || !wk) {
+	ticks = calloc(cpus, sizeof(*ticks));
+	if (mem == MAP_FAILED || !wk || !ticks) {
 		say("FAILED: no memory for %zu MiB\n", mib);
 		return 1;
 	}
@@ -158,13 +185,21 @@ int main(int argc, char **argv)
 		wk[c].cpu = c;
 		wk[c].pages = (mib << 20) / PAGE / cpus;
 		wk[c].mem = mem + c * wk[c].pages * PAGE;
-		if (pthread_create(&t, NULL, work, &wk[c])) {
+		if (pthread_create(&t, NULL, work, &wk[c]) ||
+		    pthread_create(&t, NULL, ticker, (void *)(intptr_t)c)) {
 			say("FAILED: cannot start worker %ld\n", c);
 			return 1;
 		}
 	}
 	for (beat = 1;; beat++) {
+		char line[256];
+		int n;
+
 		usleep(250000);
-		say("beat %lu at %.3f\n", beat, now());
+		n = snprintf(line, sizeof(line), "beat %lu at %.3f ticks", beat,
+			     now());
+		for (c = 0; c < cpus && n < (int)sizeof(line) - 24; c++)
+			n += snprintf(line + n, sizeof(line) - n, " %lu", ticks[c]);
+		say("%s\n", line);
 	}
 }

@@ -194,17 +194,41 @@ fn write_mptable(mem: &GuestMemoryMmap, vcpus: u8) -> io::Result<()> {
         .map_err(|e| err("writing the MP table", e))
 }
 
+/// What the guest's CPUID offers beyond the basics, for the soak's comparisons.
+pub struct CpuFeatures {
+    /// The TSC-deadline mode of the local APIC timer (leaf 1 ECX bit 24); without it Linux
+    /// runs the timer in one-shot mode.
+    pub tsc_deadline: bool,
+    /// kvmclock (KVM leaf 0x4000_0001 EAX bits 0 and 3).
+    pub kvmclock: bool,
+}
+
 /// The CPUID of vCPU `id` of `count`: what KVM supports, with its APIC ID and the number of
-/// logical processors, and the hypervisor bit so the guest uses kvmclock.
-pub fn vcpu_cpuid(supported: &CpuId, id: u8, count: u8) -> CpuId {
+/// logical processors, and the hypervisor bit so the guest uses kvmclock. Never VMX or SVM:
+/// this VMM does not save nested state (`KVM_GET_NESTED_STATE`), so a guest that turned
+/// virtualization on (a distribution kernel loads kvm_intel or kvm_amd, which enables it at
+/// load) would lose it across an update.
+pub fn vcpu_cpuid(supported: &CpuId, id: u8, count: u8, features: &CpuFeatures) -> CpuId {
+    const VMX: u32 = 1 << 5; // leaf 1 ECX
+    const TSC_DEADLINE: u32 = 1 << 24; // leaf 1 ECX
+    const HYPERVISOR: u32 = 1 << 31; // leaf 1 ECX
+    const SVM: u32 = 1 << 2; // leaf 0x8000_0001 ECX
+    const KVMCLOCK: u32 = 1 << 0 | 1 << 3; // leaf 0x4000_0001 EAX
     let mut cpuid = supported.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
                 e.ebx = (e.ebx & 0xffff) | (u32::from(count) << 16) | (u32::from(id) << 24);
-                e.ecx |= 1 << 31;
+                e.ecx = (e.ecx | HYPERVISOR) & !VMX;
+                if !features.tsc_deadline {
+                    e.ecx &= !TSC_DEADLINE;
+                }
             }
             0xb | 0x1f => e.edx = u32::from(id),
+            0x8000_0001 => e.ecx &= !SVM,
+            // SVM's own leaf: with SVM hidden it says nothing.
+            0x8000_000a => (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0),
+            0x4000_0001 if !features.kvmclock => e.eax &= !KVMCLOCK,
             _ => {}
         }
     }

@@ -64,7 +64,8 @@ impl Console {
         }
     }
 
-    fn push(&self, bytes: &[u8]) {
+    /// Takes what the guest wrote, line by line.
+    pub fn push(&self, bytes: &[u8]) {
         let mut partial = self.partial.lock().unwrap();
         for &b in bytes {
             if b == b'\n' {

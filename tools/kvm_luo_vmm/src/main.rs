@@ -413,15 +413,46 @@ fn stage2() {
 }
 
 const USAGE: &str =
-    "usage: kvm-luo-vmm [--linux BZIMAGE --initrd INITRAMFS [--mem MIB] [--vcpus N]] -s STAGE
-       kvm-luo-vmm --linux BZIMAGE --initrd INITRAMFS [--mem MIB] [--vcpus N] --agent SOCKET --name NAME [--never-ready]
+    "usage: kvm-luo-vmm [--linux BZIMAGE --initrd INITRAMFS [OPTIONS]] -s STAGE
+       kvm-luo-vmm --linux BZIMAGE --initrd INITRAMFS [OPTIONS] --agent SOCKET --name NAME [--never-ready]
   without --linux: the quick real-mode guest, stages 1 (preserve) and 2 (resume)
-  with --linux: a Linux guest, stages 1 (boot and preserve), 2 (resume), 3 (a bare kexec)
+  with --linux: a Linux guest, stages 1 (boot and preserve), 2 (resume), 3 (a bare kexec), or
+    boot (boot it and watch it for --watch SECS, default 30: the soak's first boot)
   with --agent: a Linux guest under kvm-luo-agent, in session NAME: resumed from it if the
     previous kernel kept it, booted otherwise; prepared for an update when the agent says
     (--never-ready: a test hook, never answer)
-  --clock-gap SECS (with --linux): how far a resumed guest's clock may move across the pause,
-    more than 0 and at most 10 s (default 1 s; never more than 0.25 s and half the pause)";
+OPTIONS (with --linux):
+  --mem MIB, --vcpus N    guest RAM (64 to 2048, default 256) and vCPUs (1 to 4, default 2)
+  --ram gmem|anon         RAM in guest_memfds (default) or anonymous memory (only -s boot)
+  --no-tsc-deadline       hide the TSC-deadline timer from the guest's CPUID
+  --no-kvmclock           hide kvmclock from the guest's CPUID
+  --clock hide|advance    across the pause, the guest's clock stops (default: nothing in the
+                          guest sees time jump; its CLOCK_REALTIME falls behind by the pause)
+                          or moves on by it (KVM_CLOCK_REALTIME)
+  --finish-timeout SECS   how long one try to finish the previous kernel's session waits
+                          before the VMM says so and tries again (default 60; the guest runs)
+  --clock-gap SECS        how far a resumed guest's clock may move across the pause with
+                          --clock hide, more than 0 and at most 10 s (default 1 s; never
+                          more than 0.25 s and half the pause)
+  --inner-qemu DIR        with -s boot: run the guest in QEMU from DIR (the soak's runner packs
+                          it) instead of this VMM, with the same checks
+  --inject LIST           test hooks, comma-separated: save-fails (the first stop and save
+                          fails), refused-msr, zero-deadline, slow-finish, no-deadline-fixup";
+
+fn parse_inject(list: &str) -> linux::Inject {
+    let mut i = linux::Inject::default();
+    for what in list.split(',') {
+        match what {
+            "save-fails" => i.save_failures += 1,
+            "refused-msr" => i.refused_msr = true,
+            "zero-deadline" => i.zero_deadline = true,
+            "slow-finish" => i.slow_finish = true,
+            "no-deadline-fixup" => i.no_deadline_fixup = true,
+            _ => fail(format!("--inject: unknown fault {what}\n{USAGE}")),
+        }
+    }
+    i
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -429,6 +460,14 @@ fn main() {
     let (mut kernel, mut initrd) = (None, None);
     let (mut mem_mib, mut vcpus) = (256, 2);
     let (mut agent, mut name, mut never_ready) = (None, None, false);
+    let mut ram = linux::Ram::GuestMemfd;
+    let (mut tsc_deadline, mut kvmclock) = (true, true);
+    let mut clock = linux::ClockMode::default();
+    let mut finish_timeout = Duration::from_secs(60);
+    let mut inject = linux::Inject::default();
+    let mut watch = 30;
+    let mut inner_qemu = None;
+    let mut linux_only = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().unwrap_or_else(|| fail(USAGE));
@@ -446,21 +485,64 @@ fn main() {
                 if !(gap > 0.0 && gap <= 10.0) || CLOCK_GAP.set(gap).is_err() {
                     fail("--clock-gap must be given once, more than 0 and at most 10 s");
                 }
+                linux_only = true;
+            }
+            "--ram" => {
+                ram = match value().as_str() {
+                    "gmem" => linux::Ram::GuestMemfd,
+                    "anon" => linux::Ram::Anonymous,
+                    _ => fail(USAGE),
+                };
+                linux_only = true;
+            }
+            "--no-tsc-deadline" => (tsc_deadline, linux_only) = (false, true),
+            "--no-kvmclock" => (kvmclock, linux_only) = (false, true),
+            "--clock" => {
+                clock = match value().as_str() {
+                    "hide" => linux::ClockMode::Hide,
+                    "advance" => linux::ClockMode::Advance,
+                    _ => fail(USAGE),
+                };
+                linux_only = true;
+            }
+            "--finish-timeout" => {
+                let secs: f64 = value().parse().unwrap_or_else(|_| fail(USAGE));
+                if !(secs > 0.0 && secs <= 3600.0) {
+                    fail("--finish-timeout must be more than 0 and at most 3600 s");
+                }
+                finish_timeout = Duration::from_secs_f64(secs);
+                linux_only = true;
+            }
+            "--inject" => (inject, linux_only) = (parse_inject(&value()), true),
+            "--inner-qemu" => (inner_qemu, linux_only) = (Some(value()), true),
+            "--watch" => {
+                watch = value().parse().unwrap_or_else(|_| fail(USAGE));
+                linux_only = true;
             }
             _ => fail(USAGE),
         }
     }
     match (kernel, initrd) {
         (Some(kernel), Some(initrd)) => {
-            if !(1..=8).contains(&vcpus) || !(64..=2048).contains(&mem_mib) {
-                fail("--vcpus must be 1 to 8 and --mem 64 to 2048");
+            // The guest's kernel is built for at most 4 CPUs (CONFIG_NR_CPUS).
+            if !(1..=4).contains(&vcpus) || !(64..=2048).contains(&mem_mib) {
+                fail("--vcpus must be 1 to 4 and --mem 64 to 2048");
             }
             let opts = linux::Opts {
                 kernel,
                 initrd,
                 mem_mib,
                 vcpus,
+                ram,
+                tsc_deadline,
+                kvmclock,
+                clock,
+                finish_timeout,
+                inject,
             };
+            if ram == linux::Ram::Anonymous && stage.as_deref() != Some("boot") {
+                fail("--ram anon is only for -s boot: anonymous memory cannot be preserved");
+            }
             if let (Some(socket), Some(name), None) = (&agent, &name, &stage) {
                 let name = check("--name", SessionName::new(name));
                 let _ = NAME.set(name.to_string());
@@ -477,12 +559,16 @@ fn main() {
             }
             match stage.as_deref() {
                 Some("1") => linux::boot_and_preserve(&opts),
-                Some("2") => linux::resume(),
+                Some("2") => linux::resume(&opts),
                 Some("3") => linux::bare_kexec_done(),
+                Some("boot") => match &inner_qemu {
+                    Some(dir) => linux::boot_in_qemu(&opts, dir, watch),
+                    None => linux::boot_only(&opts, watch),
+                },
                 _ => fail(USAGE),
             }
         }
-        (None, None) if CLOCK_GAP.get().is_some() => fail(USAGE),
+        (None, None) if linux_only => fail(USAGE),
         (None, None) => match stage.as_deref() {
             Some("1") => stage1(),
             Some("2") => stage2(),

@@ -2,19 +2,34 @@
 //! The complete state of a paused VM, as KVM gives it, saved before the host kexecs and put
 //! back after: per vCPU and per VM, in an order that KVM accepts. Serialized with serde (the
 //! `kvm-bindings` types implement it) into JSON, in a memfd the VMM preserves with the VM.
+//!
+//! The new kernel's KVM is not the old one: an MSR it does not take is skipped and said, a
+//! CPUID feature it does not offer is said, and the XSAVE area is as large as either kernel
+//! needs.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_config,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, kvm_xsave2, CpuId,
+    Msrs, Xsave, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use std::io;
+use std::sync::Arc;
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// An MSR index no KVM knows (in KVM's own range, past its last MSR): the test's stand-in
+/// for an MSR the new kernel's KVM no longer takes.
+pub const MSR_NOBODY_KNOWS: u32 = 0x4b56_4dff;
+
+const APIC_ISR: usize = 0x100;
+const APIC_IRR: usize = 0x200;
+const APIC_LVTT: usize = 0x320;
+const APIC_LVT_MASKED: u32 = 1 << 16;
+const APIC_LVT_TIMER_TSCDEADLINE: u32 = 2 << 17;
+const APIC_LVT_TIMER_MODE: u32 = 3 << 17;
 
 fn os(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> io::Error {
     move |e| {
@@ -25,6 +40,63 @@ fn os(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> io::Error {
     }
 }
 
+fn fam(what: &'static str) -> impl Fn(vmm_sys_util::fam::Error) -> io::Error {
+    move |e| io::Error::other(format!("{what}: {e:?}"))
+}
+
+/// How the vCPUs save their state.
+#[derive(Clone, Debug)]
+pub struct SaveOpts {
+    /// The MSRs to save: those KVM lists.
+    pub msrs: Arc<Vec<u32>>,
+    /// `KVM_CAP_XSAVE2`: the size of the XSAVE area in bytes, or 0 without the capability.
+    pub xsave_size: usize,
+    /// How many vCPUs the VM has.
+    pub vcpus: usize,
+    /// Test hook: save the last vCPU's TSC deadline as 0, as if its timer fired between its
+    /// stop and its save.
+    pub zero_deadline: bool,
+    /// Repair a TSC deadline lost that way (always, but in a test that shows why).
+    pub deadline_fixup: bool,
+    /// Test hook: add an MSR the new kernel's KVM refuses.
+    pub refused_msr: bool,
+}
+
+impl SaveOpts {
+    pub fn new(kvm: &Kvm, vm: &VmFd, vcpus: usize) -> io::Result<Self> {
+        Ok(Self {
+            msrs: Arc::new(msr_indices(kvm)?),
+            xsave_size: xsave_size(vm),
+            vcpus,
+            zero_deadline: false,
+            deadline_fixup: true,
+            refused_msr: false,
+        })
+    }
+}
+
+/// `KVM_CAP_XSAVE2` of `vm`: the bytes `KVM_GET_XSAVE2` writes, or 0.
+fn xsave_size(vm: &VmFd) -> usize {
+    usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0)
+}
+
+/// An XSAVE buffer of at least `size` bytes (and never less than `kvm_xsave`), holding
+/// `from` if given, zeros after it.
+fn xsave_buffer(size: usize, from: Option<&Xsave>) -> io::Result<Xsave> {
+    let mut header = kvm_xsave::default();
+    if let Some(x) = from {
+        header.region = x.as_fam_struct_ref().xsave.region;
+    }
+    let mut x = Xsave::from_header(kvm_xsave2::from(header)).map_err(fam("XSAVE area"))?;
+    let entries = size.saturating_sub(size_of::<kvm_xsave>()).div_ceil(4);
+    let saved = from.map_or(&[][..], |x| x.as_slice());
+    for i in 0..entries.max(saved.len()) {
+        x.push(saved.get(i).copied().unwrap_or(0))
+            .map_err(fam("XSAVE area"))?;
+    }
+    Ok(x)
+}
+
 /// Everything KVM holds for one vCPU.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
@@ -32,7 +104,8 @@ pub struct VcpuState {
     pub tsc_khz: u32,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
-    pub xsave: kvm_xsave,
+    /// The whole XSAVE area, `KVM_GET_XSAVE2`'s size (AMX state included).
+    pub xsave: Xsave,
     pub xcrs: kvm_xcrs,
     pub msrs: Msrs,
     pub lapic: kvm_lapic_state,
@@ -43,7 +116,7 @@ pub struct VcpuState {
 
 /// Reads every MSR of `indices` that the vCPU has; an MSR KVM lists but cannot read for this
 /// vCPU is left out (KVM_GET_MSRS stops at the first it cannot read).
-fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> io::Result<Msrs> {
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> io::Result<Vec<kvm_bindings::kvm_msr_entry>> {
     let mut have = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
@@ -54,51 +127,123 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> io::Result<Msrs> {
                 ..Default::default()
             })
             .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|e| io::Error::other(format!("{e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(fam("MSRs"))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(os("KVM_GET_MSRS"))?;
         have.extend_from_slice(&msrs.as_slice()[..n]);
         rest = &rest[(n + 1).min(rest.len())..];
     }
-    // TSC first, so that the TSC deadline is set against the restored TSC.
-    have.sort_by_key(|e| match e.index {
-        MSR_IA32_TSC => 0,
-        MSR_IA32_TSC_DEADLINE => 2,
-        _ => 1,
-    });
-    Msrs::from_entries(&have).map_err(|e| io::Error::other(format!("{e:?}")))
+    Ok(have)
 }
 
-/// Gives the vCPU the TSC frequency it had. KVM takes a frequency within its tolerance of the
-/// host's as it is; another one needs TSC scaling, and without it the guest's TSC runs at the
-/// host's rate: warn, as QEMU does, rather than lose the guest.
-fn set_tsc_khz(vcpu: &VcpuFd, khz: u32) -> io::Result<()> {
-    let now = vcpu.get_tsc_khz().map_err(os("KVM_GET_TSC_KHZ"))?;
-    if now != khz {
-        if let Err(e) = vcpu.set_tsc_khz(khz) {
-            println!("vmm: warning: the guest's TSC runs at {now} kHz, not {khz} kHz: {e}");
+/// One 32-bit register of the local APIC's page.
+fn apic_reg(lapic: &kvm_lapic_state, off: usize) -> u32 {
+    u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[off + i] as u8))
+}
+
+/// Whether `vector` is set in the 256-bit APIC register array at `base` (IRR, ISR).
+fn apic_bit(lapic: &kvm_lapic_state, base: usize, vector: u32) -> bool {
+    apic_reg(lapic, base + 0x10 * (vector as usize / 32)) & (1 << (vector % 32)) != 0
+}
+
+/// A TSC-deadline timer that is armed (unmasked, in deadline mode) with a deadline of 0 and
+/// its interrupt neither requested nor in service has lost its interrupt: the guest waits for
+/// a tick that never comes. KVM zeroes the deadline when it injects the timer interrupt; a
+/// save between the two (a posted timer interrupt not yet in the IRR, older kernels) leaves
+/// exactly that. Firecracker repairs it the same way: a deadline of the saved TSC, which
+/// fires as soon as the vCPU runs; a spurious tick is harmless to the guest.
+fn repair_lost_deadline(lapic: &kvm_lapic_state, msrs: &mut [kvm_bindings::kvm_msr_entry]) -> bool {
+    let lvtt = apic_reg(lapic, APIC_LVTT);
+    let vector = lvtt & 0xff;
+    if lvtt & APIC_LVT_MASKED != 0
+        || lvtt & APIC_LVT_TIMER_MODE != APIC_LVT_TIMER_TSCDEADLINE
+        || apic_bit(lapic, APIC_IRR, vector)
+        || apic_bit(lapic, APIC_ISR, vector)
+    {
+        return false;
+    }
+    let Some(tsc) = msrs
+        .iter()
+        .find(|e| e.index == MSR_IA32_TSC)
+        .map(|e| e.data)
+    else {
+        return false;
+    };
+    match msrs.iter_mut().find(|e| e.index == MSR_IA32_TSC_DEADLINE) {
+        Some(deadline) if deadline.data == 0 => {
+            deadline.data = tsc;
+            true
         }
+        _ => false,
     }
-    Ok(())
 }
 
-/// Fails unless `kvm_xsave` holds every state component the VM may enable: with dynamic
-/// features (AMX), KVM needs `KVM_GET_XSAVE2`, which this VMM does not use.
-pub fn check_xsave_fits(vm: &VmFd) -> io::Result<()> {
-    let size = vm.check_extension_int(Cap::Xsave2);
-    if size > 0 && size as usize > size_of::<kvm_xsave>() {
-        return Err(io::Error::other(format!(
-            "the XSAVE area is {size} bytes, more than KVM_GET_XSAVE carries"
-        )));
+/// What a restore could not put back as it was, to be said.
+#[derive(Default)]
+pub struct RestoreReport {
+    /// MSRs the new kernel's KVM refused, skipped: (index, value).
+    pub skipped_msrs: Vec<(u32, u64)>,
+    /// The guest's TSC rate could not be set: it runs at the host's.
+    pub tsc_khz: Option<String>,
+}
+
+/// Sets `msrs` in order; one KVM refuses is skipped and the rest set. Returns the skipped.
+fn set_msrs_skipping(
+    vcpu: &VcpuFd,
+    msrs: &[kvm_bindings::kvm_msr_entry],
+) -> io::Result<Vec<(u32, u64)>> {
+    let mut skipped = Vec::new();
+    let mut rest = msrs;
+    while !rest.is_empty() {
+        let batch = Msrs::from_entries(rest).map_err(fam("MSRs"))?;
+        let n = vcpu.set_msrs(&batch).map_err(os("KVM_SET_MSRS"))?;
+        if n >= rest.len() {
+            break;
+        }
+        skipped.push((rest[n].index, rest[n].data));
+        rest = &rest[n + 1..];
     }
-    Ok(())
+    Ok(skipped)
 }
 
 impl VcpuState {
-    /// Saves the state of a vCPU that is not running. The MP state first: reading it makes
-    /// KVM act on a latched INIT or SIPI, which changes the registers.
-    pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> io::Result<Self> {
+    /// Saves the state of vCPU `id`, which is not running. The MP state first: reading it
+    /// makes KVM act on a latched INIT or SIPI, which changes the registers.
+    pub fn save(vcpu: &VcpuFd, id: usize, opts: &SaveOpts) -> io::Result<Self> {
         let mp_state = vcpu.get_mp_state().map_err(os("KVM_GET_MP_STATE"))?;
+        let xsave = if opts.xsave_size > 0 {
+            let mut x = xsave_buffer(opts.xsave_size, None)?;
+            // SAFETY: `x` holds `KVM_CAP_XSAVE2` bytes, the size of this VM's XSAVE area; the
+            // VMM never asks for more XSTATE features (arch_prctl), so it cannot grow.
+            unsafe { vcpu.get_xsave2(&mut x) }.map_err(os("KVM_GET_XSAVE2"))?;
+            x
+        } else {
+            let x = vcpu.get_xsave().map_err(os("KVM_GET_XSAVE"))?;
+            Xsave::from_header(kvm_xsave2::from(x)).map_err(fam("XSAVE area"))?
+        };
+        let lapic = vcpu.get_lapic().map_err(os("KVM_GET_LAPIC"))?;
+        let mut msrs = read_msrs(vcpu, &opts.msrs)?;
+        let last = id + 1 == opts.vcpus;
+        if opts.zero_deadline && last {
+            for e in msrs.iter_mut().filter(|e| e.index == MSR_IA32_TSC_DEADLINE) {
+                e.data = 0;
+            }
+        }
+        if opts.deadline_fixup && repair_lost_deadline(&lapic, &mut msrs) {
+            println!("vmm: vCPU {id}: its TSC-deadline timer had lost its interrupt; re-armed");
+        }
+        if opts.refused_msr && last {
+            msrs.push(kvm_bindings::kvm_msr_entry {
+                index: MSR_NOBODY_KNOWS,
+                data: 0x5a5a,
+                ..Default::default()
+            });
+        }
+        // TSC first, so that the TSC deadline is set against the restored TSC.
+        msrs.sort_by_key(|e| match e.index {
+            MSR_IA32_TSC => 0,
+            MSR_IA32_TSC_DEADLINE => 2,
+            _ => 1,
+        });
         Ok(Self {
             cpuid: vcpu
                 .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
@@ -106,10 +251,10 @@ impl VcpuState {
             tsc_khz: vcpu.get_tsc_khz().map_err(os("KVM_GET_TSC_KHZ"))?,
             regs: vcpu.get_regs().map_err(os("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(os("KVM_GET_SREGS"))?,
-            xsave: vcpu.get_xsave().map_err(os("KVM_GET_XSAVE"))?,
+            xsave,
             xcrs: vcpu.get_xcrs().map_err(os("KVM_GET_XCRS"))?,
-            msrs: read_msrs(vcpu, msr_indices)?,
-            lapic: vcpu.get_lapic().map_err(os("KVM_GET_LAPIC"))?,
+            msrs: Msrs::from_entries(&msrs).map_err(fam("MSRs"))?,
+            lapic,
             mp_state,
             events: vcpu.get_vcpu_events().map_err(os("KVM_GET_VCPU_EVENTS"))?,
             debugregs: vcpu.get_debug_regs().map_err(os("KVM_GET_DEBUGREGS"))?,
@@ -119,32 +264,86 @@ impl VcpuState {
     /// Puts the state back into a new vCPU of `vm`: CPUID first (it decides what the rest may
     /// hold), the TSC frequency, segment registers (with the APIC base) before the local APIC,
     /// the local APIC before the MSRs (the TSC deadline needs the timer mode), the TSC before
-    /// the TSC deadline, events and MP state last.
-    pub fn restore(&self, vm: &VmFd, vcpu: &VcpuFd) -> io::Result<()> {
-        check_xsave_fits(vm)?;
+    /// the TSC deadline, events and MP state last. An MSR KVM refuses is skipped (KVM's
+    /// parameters and defaults change between kernels, e.g. `enable_pmu`), and a TSC rate it
+    /// cannot set leaves the guest's TSC at the host's rate, as QEMU and Cloud Hypervisor do:
+    /// both said in the report rather than losing the guest.
+    pub fn restore(&self, vm: &VmFd, vcpu: &VcpuFd) -> io::Result<RestoreReport> {
+        let mut report = RestoreReport::default();
         vcpu.set_cpuid2(&self.cpuid).map_err(os("KVM_SET_CPUID2"))?;
-        set_tsc_khz(vcpu, self.tsc_khz)?;
+        let now = vcpu.get_tsc_khz().map_err(os("KVM_GET_TSC_KHZ"))?;
+        if now != self.tsc_khz {
+            if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
+                report.tsc_khz = Some(format!(
+                    "the guest's TSC runs at {now} kHz, not {} kHz: {e}",
+                    self.tsc_khz
+                ));
+            }
+        }
         vcpu.set_sregs(&self.sregs).map_err(os("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(os("KVM_SET_REGS"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(os("KVM_SET_XCRS"))?;
-        // SAFETY: `check_xsave_fits` above: the VM enables no state component beyond what
-        // `kvm_xsave` holds, so KVM reads no more than its size.
-        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(os("KVM_SET_XSAVE"))?;
+        let xsave = xsave_buffer(xsave_size(vm), Some(&self.xsave))?;
+        // SAFETY: `xsave` is at least `KVM_CAP_XSAVE2` bytes of this kernel (and at least
+        // `kvm_xsave`), all KVM reads.
+        unsafe { vcpu.set_xsave2(&xsave) }.map_err(os("KVM_SET_XSAVE"))?;
         vcpu.set_lapic(&self.lapic).map_err(os("KVM_SET_LAPIC"))?;
-        let n = vcpu.set_msrs(&self.msrs).map_err(os("KVM_SET_MSRS"))?;
-        if n != self.msrs.as_slice().len() {
-            return Err(io::Error::other(format!(
-                "KVM_SET_MSRS: MSR {:#x} refused",
-                self.msrs.as_slice()[n].index
-            )));
-        }
+        report.skipped_msrs = set_msrs_skipping(vcpu, self.msrs.as_slice())?;
         vcpu.set_vcpu_events(&self.events)
             .map_err(os("KVM_SET_VCPU_EVENTS"))?;
         vcpu.set_mp_state(self.mp_state)
             .map_err(os("KVM_SET_MP_STATE"))?;
         vcpu.set_debug_regs(&self.debugregs)
-            .map_err(os("KVM_SET_DEBUGREGS"))
+            .map_err(os("KVM_SET_DEBUGREGS"))?;
+        Ok(report)
     }
+}
+
+/// The CPUID registers that list features, as (leaf, subleaf, register name, which register).
+type Reg = fn(&kvm_bindings::kvm_cpuid_entry2) -> u32;
+const FEATURE_REGS: &[(u32, u32, &str, Reg)] = &[
+    (0x1, 0, "ECX", |e| e.ecx),
+    (0x1, 0, "EDX", |e| e.edx),
+    (0x6, 0, "EAX", |e| e.eax),
+    (0x7, 0, "EBX", |e| e.ebx),
+    (0x7, 0, "ECX", |e| e.ecx),
+    (0x7, 0, "EDX", |e| e.edx),
+    (0x7, 1, "EAX", |e| e.eax),
+    (0x7, 1, "EDX", |e| e.edx),
+    (0xd, 0, "EAX", |e| e.eax),
+    (0xd, 1, "EAX", |e| e.eax),
+    (0x8000_0001, 0, "ECX", |e| e.ecx),
+    (0x8000_0001, 0, "EDX", |e| e.edx),
+    (0x8000_0007, 0, "EDX", |e| e.edx),
+    (0x8000_0008, 0, "EBX", |e| e.ebx),
+    (0x8000_0021, 0, "EAX", |e| e.eax),
+    (0x4000_0001, 0, "EAX", |e| e.eax),
+];
+
+/// The features the guest's CPUID `saved` has that `supported` (this kernel's
+/// `KVM_GET_SUPPORTED_CPUID`) does not offer, one line per register. The guest keeps the
+/// CPUID it booted with (it read it then); a feature the new KVM withdrew may fault in it.
+pub fn cpuid_differences(saved: &CpuId, supported: &CpuId) -> Vec<String> {
+    let find = |c: &CpuId, leaf: u32, sub: u32| {
+        c.as_slice()
+            .iter()
+            .find(|e| e.function == leaf && e.index == sub)
+            .copied()
+    };
+    let mut out = Vec::new();
+    for &(leaf, sub, name, reg) in FEATURE_REGS {
+        let Some(s) = find(saved, leaf, sub) else {
+            continue;
+        };
+        let have = find(supported, leaf, sub).map_or(0, |e| reg(&e));
+        let extra = reg(&s) & !have;
+        if extra != 0 {
+            out.push(format!(
+                "CPUID {leaf:#x}.{sub} {name}: {extra:#010x} not offered by this kernel's KVM"
+            ));
+        }
+    }
+    out
 }
 
 /// What KVM holds for the whole VM: the in-kernel PICs and I/O APIC, the PIT, kvmclock.
@@ -153,6 +352,9 @@ pub struct VmState {
     pub irqchips: Vec<kvm_irqchip>,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
+    /// The host's CLOCK_REALTIME when the clock was read, in ns, for a clock that moves on by
+    /// the pause where KVM cannot do it (`KVM_CLOCK_REALTIME` not in the saved flags).
+    pub realtime_ns: u64,
 }
 
 const IRQCHIPS: [u32; 3] = [
@@ -171,11 +373,19 @@ pub fn create_irqchip_and_pit(vm: &VmFd) -> io::Result<()> {
     .map_err(os("KVM_CREATE_PIT2"))
 }
 
+fn realtime_ns() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl VmState {
     /// Saves the VM's state; its vCPUs must be stopped. The clock first, as close to the stop
     /// as can be.
     pub fn save(vm: &VmFd) -> io::Result<Self> {
         let clock = vm.get_clock().map_err(os("KVM_GET_CLOCK"))?;
+        let realtime_ns = realtime_ns();
         let mut irqchips = Vec::new();
         for chip_id in IRQCHIPS {
             let mut chip = kvm_irqchip {
@@ -189,6 +399,7 @@ impl VmState {
             irqchips,
             pit: vm.get_pit2().map_err(os("KVM_GET_PIT2"))?,
             clock,
+            realtime_ns,
         })
     }
 
@@ -201,13 +412,23 @@ impl VmState {
         vm.set_pit2(&self.pit).map_err(os("KVM_SET_PIT2"))
     }
 
-    /// Puts the clock back to where it stopped, last before the vCPUs run: the guest does not
-    /// see the time it was paused.
-    pub fn restore_clock(&self, vm: &VmFd) -> io::Result<()> {
-        let clock = kvm_clock_data {
+    /// Puts the clock back, last before the vCPUs run: where it stopped (`advance` false: the
+    /// guest does not see the pause), or moved on by the time the host's CLOCK_REALTIME moved
+    /// since (KVM does it with `KVM_CLOCK_REALTIME` when the saved clock has it, at the same
+    /// instant as it sets the clock; the VMM otherwise).
+    pub fn restore_clock(&self, vm: &VmFd, advance: bool) -> io::Result<()> {
+        let mut clock = kvm_clock_data {
             clock: self.clock.clock,
             ..Default::default()
         };
+        if advance {
+            if self.clock.flags & KVM_CLOCK_REALTIME != 0 {
+                clock.flags = KVM_CLOCK_REALTIME;
+                clock.realtime = self.clock.realtime;
+            } else {
+                clock.clock += realtime_ns().saturating_sub(self.realtime_ns);
+            }
+        }
         vm.set_clock(&clock).map_err(os("KVM_SET_CLOCK"))
     }
 }
@@ -219,4 +440,95 @@ pub fn msr_indices(kvm: &Kvm) -> io::Result<Vec<u32>> {
         .map_err(os("KVM_GET_MSR_INDEX_LIST"))?
         .as_slice()
         .to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn cpuid(entries: &[(u32, u32, u32, u32)]) -> CpuId {
+        let e: Vec<_> = entries
+            .iter()
+            .map(|&(function, index, ebx, ecx)| kvm_cpuid_entry2 {
+                function,
+                index,
+                ebx,
+                ecx,
+                ..Default::default()
+            })
+            .collect();
+        CpuId::from_entries(&e).unwrap()
+    }
+
+    #[test]
+    fn cpuid_differences_name_what_is_withdrawn() {
+        let saved = cpuid(&[
+            (0x7, 0, 0b1011, 0),
+            (0x1, 0, 0xffff_ffff, 1 << 5),
+            (0x2, 0, 7, 7),
+        ]);
+        let supported = cpuid(&[(0x7, 0, 0b0011, 0), (0x1, 0, 0, 1 << 5)]);
+        // Leaf 1 EBX holds APIC IDs, not features; leaf 2 is no feature leaf.
+        assert_eq!(
+            cpuid_differences(&saved, &supported),
+            ["CPUID 0x7.0 EBX: 0x00000008 not offered by this kernel's KVM"]
+        );
+        assert!(cpuid_differences(&saved, &saved).is_empty());
+    }
+
+    fn lapic(lvtt: u32, irr_vector: Option<u32>) -> kvm_lapic_state {
+        let mut l = kvm_lapic_state::default();
+        let mut set = |off: usize, v: u32| {
+            for (i, b) in v.to_le_bytes().iter().enumerate() {
+                l.regs[off + i] = *b as _;
+            }
+        };
+        set(APIC_LVTT, lvtt);
+        if let Some(v) = irr_vector {
+            set(APIC_IRR + 0x10 * (v as usize / 32), 1 << (v % 32));
+        }
+        l
+    }
+
+    fn msrs(deadline: u64) -> Vec<kvm_bindings::kvm_msr_entry> {
+        [(MSR_IA32_TSC, 1000), (MSR_IA32_TSC_DEADLINE, deadline)]
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lost_deadline_is_rearmed_and_nothing_else() {
+        let armed = APIC_LVT_TIMER_TSCDEADLINE | 0xec;
+        let mut m = msrs(0);
+        assert!(repair_lost_deadline(&lapic(armed, None), &mut m));
+        assert_eq!(m[1].data, 1000);
+        // Its interrupt requested: not lost.
+        let mut m = msrs(0);
+        assert!(!repair_lost_deadline(&lapic(armed, Some(0xec)), &mut m));
+        // Masked (the guest stopped its timer), one-shot mode, or a deadline set: left alone.
+        for (lvtt, deadline) in [(armed | APIC_LVT_MASKED, 0), (0xec, 0), (armed, 5000)] {
+            let mut m = msrs(deadline);
+            assert!(!repair_lost_deadline(&lapic(lvtt, None), &mut m));
+            assert_eq!(m[1].data, deadline);
+        }
+    }
+
+    #[test]
+    fn xsave_buffers_grow_to_what_the_kernel_reads() {
+        let small = xsave_buffer(0, None).unwrap();
+        assert_eq!(small.as_slice().len(), 0);
+        let mut big = xsave_buffer(4096 + 8192, None).unwrap();
+        assert_eq!(big.as_slice().len(), 2048);
+        big.as_mut_slice()[7] = 42;
+        // Restoring into a kernel with a smaller area keeps everything saved.
+        let copy = xsave_buffer(4096, Some(&big)).unwrap();
+        assert_eq!(copy.as_slice().len(), 2048);
+        assert_eq!(copy.as_slice()[7], 42);
+    }
 }

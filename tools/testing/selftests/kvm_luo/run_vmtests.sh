@@ -8,7 +8,7 @@
 # Ends with "N passed, N failed" and exits non-zero if anything failed.
 #
 # Usage: run_vmtests.sh -s SRC -b BUILD -o OUT [-g GUEST] [-t TEST]... [-r RESULTS]
-#                       [-l LIST] [-c CPUS]
+#                       [-l LIST] [-c CPUS] [-k BZIMAGE] [-q]
 #   -s  the assembled kernel source tree
 #   -b  its O= build directory (with bzImage, usr/include, usr/gen_init_cpio)
 #   -g  the O= build directory of the Linux guest's kernel (the tests that
@@ -18,6 +18,10 @@
 #   -r  also append "PASS|FAIL name seconds" lines to this file
 #   -l  the test list (default: tests.list next to this script)
 #   -c  CPUs of the QEMU machine (default 2); nested.list runs with 1 (see there)
+#   -k  boot this kernel instead of the one in -b (which still gives the
+#       headers and gen_init_cpio): the soak's unpatched base
+#   -q  also pack this machine's QEMU, with its libraries and firmware, in
+#       /qemu of the initramfs: the soak's other inner VMM
 # Environment:
 #   KLU_QEMU_MEM     guest memory (default 3G, 4G for a debug kernel)
 #   KLU_INJECT_FAIL  name of a test to run with a wrong expected exit status,
@@ -26,10 +30,10 @@
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
-src="" obj="" out="" results="" list="" guest="" cpus=2
+src="" obj="" out="" results="" list="" guest="" cpus=2 kernel="" qemu=0
 only=()
 
-while getopts 's:b:o:g:t:r:l:c:h' opt; do
+while getopts 's:b:o:g:t:r:l:c:k:qh' opt; do
 	case $opt in
 	s) src=$(realpath "$OPTARG") ;;
 	b) obj=$(realpath "$OPTARG") ;;
@@ -39,6 +43,8 @@ while getopts 's:b:o:g:t:r:l:c:h' opt; do
 	r) results=$(realpath -m "$OPTARG") ;;
 	l) list=$(realpath "$OPTARG") ;;
 	c) cpus=$OPTARG ;;
+	k) kernel=$(realpath "$OPTARG") ;;
+	q) qemu=1 ;;
 	*) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 2 ;;
 	esac
 done
@@ -46,7 +52,7 @@ done
 [[ "$cpus" =~ ^[1-8]$ ]] || { echo "-c takes 1 to 8 CPUs" >&2; exit 2; }
 
 list=${list:-$here/tests.list}
-kernel=$obj/arch/x86/boot/bzImage
+kernel=${kernel:-$obj/arch/x86/boot/bzImage}
 hdrs=$obj/usr/include
 gen_cpio=$obj/usr/gen_init_cpio
 sel=$src/tools/testing/selftests
@@ -67,7 +73,7 @@ failed_names=()
 # take direct-map addresses for wild ones (pgtable_l5_enabled() reads
 # X86_FEATURE_LA57); an upstream race, not ours, seen in about half the boots.
 debug_kernel=0
-grep -q '^CONFIG_DEBUG_KMEMLEAK=y' "$obj/.config" 2>/dev/null && debug_kernel=1
+grep -q '^CONFIG_DEBUG_KMEMLEAK=y' "$(dirname "$kernel")/../../../.config" 2>/dev/null && debug_kernel=1
 if [ "$debug_kernel" = 1 ]; then
 	qemu_mem=${KLU_QEMU_MEM:-4G}
 	debug_cmdline="kho_scratch=128M,768M,256M no5lvl"
@@ -152,6 +158,20 @@ build_guest() {
 	} > "$out/guest.list"
 	"$gen_cpio" "$out/guest.list" > "$root/kvm_luo/guest/initrd.cpio" || return 1
 	cp "$bz" "$root/kvm_luo/guest/bzImage"
+}
+
+# QEMU as an inner VMM (-q): the binary, the libraries it links (run through
+# the dynamic loader packed with them) and the firmware a PC boot reads.
+build_qemu() {
+	local bin=/usr/bin/qemu-system-x86_64 d=$root/qemu lib
+	[ "$qemu" = 1 ] || return 0
+	mkdir -p "$d/lib" "$d/share" || return 1
+	cp "$bin" "$d/" || return 1
+	for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\/.*ld-linux/ { print $1 }'); do
+		cp -L "$lib" "$d/lib/" || return 1
+	done
+	cp -L /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin \
+		/usr/share/qemu/kvmvapic.bin "$d/share/" || return 1
 }
 
 build_kvm() {
@@ -371,7 +391,8 @@ main() {
 		[ -z "$name" ] || rm -f "$logs/$name.log" "$logs/$name.log.qemu"
 	done <<< "$lines"
 	echo "# building test binaries and the initramfs in $out"
-	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm && build_initramfs; }; then
+	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm &&
+	       build_qemu && build_initramfs; }; then
 		record FAIL "runner-build:$(basename "$list" .list)" 0 "building the tests failed"
 	else
 		[ -n "$lines" ] || record FAIL "runner-select:$(basename "$list" .list)" 0 "no test matches: ${only[*]}"

@@ -1,0 +1,695 @@
+// SPDX-License-Identifier: GPL-2.0
+//! The VM: its RAM (guest_memfds, or anonymous memory for comparison), its devices, its vCPUs;
+//! and what happens to it: boot, stop and save, preserve, go on (the update was off), restore
+//! (in the new kernel).
+
+use super::checks::{self, Progress};
+use super::vcpu::Running;
+use super::{os, Opts, Ram, Stamps, MAGIC, REGION, TOKEN_RAM, TOKEN_STATE, TOKEN_VM};
+use crate::boot::{self, CpuFeatures};
+use crate::devices::{Console, ConsoleOut, IrqTrigger, PortIo, UartState, COM1_IRQ};
+use crate::state::{self, SaveOpts, VcpuState, VmState};
+use crate::{rdtsc, say};
+use kvm_bindings::{
+    kvm_create_guest_memfd, kvm_userspace_memory_region2, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_GUEST_MEMFD,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use liveupdate::Session;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+
+/// What stage 1 hands to stage 2, in a preserved memfd.
+#[derive(Serialize, Deserialize)]
+pub struct Snapshot {
+    magic: String,
+    pub mem_mib: u64,
+    vm: VmState,
+    vcpus: Vec<VcpuState>,
+    uart: UartState,
+    /// What the guest had written of its current console line.
+    console_line: Vec<u8>,
+    pub progress: Progress,
+    pub stamps: Stamps,
+}
+
+/// A VM with its RAM, its console and its port I/O.
+pub struct Machine {
+    pub vm: VmFd,
+    /// The guest_memfds that hold the RAM (none for anonymous RAM).
+    pub ram: Vec<File>,
+    pub mem: GuestMemoryMmap,
+    pub io: Arc<PortIo>,
+    pub console: Arc<Console>,
+    /// The UART's interrupt, as registered with KVM.
+    irq: EventFd,
+}
+
+impl Machine {
+    /// Maps the guest_memfds `ram` as guest RAM from address 0, one memslot each.
+    fn map_ram(vm: &VmFd, ram: &[File]) -> io::Result<GuestMemoryMmap> {
+        let mut ranges = Vec::new();
+        for (i, f) in ram.iter().enumerate() {
+            let size = f.metadata()?.len();
+            ranges.push((
+                GuestAddress(i as u64 * REGION),
+                size as usize,
+                Some(FileOffset::new(f.try_clone()?, 0)),
+            ));
+        }
+        let mem = GuestMemoryMmap::from_ranges_with_files(&ranges)
+            .map_err(|e| io::Error::other(format!("mapping guest RAM: {e}")))?;
+        for (i, f) in ram.iter().enumerate() {
+            let gpa = i as u64 * REGION;
+            let host = mem
+                .get_host_address(GuestAddress(gpa))
+                .map_err(|e| io::Error::other(format!("guest RAM: {e}")))?;
+            let region = kvm_userspace_memory_region2 {
+                slot: i as u32,
+                flags: KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: gpa,
+                memory_size: f.metadata()?.len(),
+                userspace_addr: host as u64,
+                guest_memfd_offset: 0,
+                guest_memfd: f.as_raw_fd() as u32,
+                ..Default::default()
+            };
+            // SAFETY: The region is a mapping `mem` owns; the VMM runs vCPUs only while `mem`
+            // exists.
+            unsafe { vm.set_user_memory_region2(region) }.map_err(os("memslot"))?;
+        }
+        Ok(mem)
+    }
+
+    /// Anonymous memory as guest RAM from address 0, in memslots of `REGION` as with
+    /// guest_memfds.
+    fn map_anonymous(vm: &VmFd, size: u64) -> io::Result<GuestMemoryMmap> {
+        let ranges: Vec<_> = (0..size.div_ceil(REGION))
+            .map(|i| {
+                let gpa = i * REGION;
+                (GuestAddress(gpa), REGION.min(size - gpa) as usize)
+            })
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| io::Error::other(format!("mapping guest RAM: {e}")))?;
+        for (i, &(gpa, len)) in ranges.iter().enumerate() {
+            let host = mem
+                .get_host_address(gpa)
+                .map_err(|e| io::Error::other(format!("guest RAM: {e}")))?;
+            let region = kvm_userspace_memory_region2 {
+                slot: i as u32,
+                guest_phys_addr: gpa.0,
+                memory_size: len as u64,
+                userspace_addr: host as u64,
+                ..Default::default()
+            };
+            // SAFETY: As in `map_ram`.
+            unsafe { vm.set_user_memory_region2(region) }.map_err(os("memslot"))?;
+        }
+        Ok(mem)
+    }
+
+    /// The console and the UART, from `uart` if given (a restored VM) or new.
+    fn devices(
+        vm: &VmFd,
+        uart: Option<&UartState>,
+        partial: Vec<u8>,
+    ) -> io::Result<(Arc<PortIo>, Arc<Console>, EventFd)> {
+        let console = Arc::new(Console::continuing(partial));
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.register_irqfd(&evt, COM1_IRQ).map_err(os("KVM_IRQFD"))?;
+        let irq = evt.try_clone()?;
+        let trigger = IrqTrigger(evt);
+        let out = ConsoleOut(console.clone());
+        let uart = match uart {
+            Some(state) => state.restore(trigger, out)?,
+            None => vm_superio::Serial::new(trigger, out),
+        };
+        Ok((
+            Arc::new(PortIo {
+                uart: Mutex::new(uart),
+            }),
+            console,
+            irq,
+        ))
+    }
+
+    /// Puts in every page of guest RAM that is not in yet, by reading a byte of each through
+    /// the VMM's mapping.
+    pub fn touch_all(&self) {
+        use vm_memory::GuestMemoryRegion;
+        for region in self.mem.iter() {
+            let mut off = 0;
+            while off < region.len() {
+                let _ = self
+                    .mem
+                    .read_obj::<u8>(GuestAddress(region.start_addr().0 + off));
+                off += 4096;
+            }
+        }
+    }
+}
+
+/// A guest whose vCPUs run.
+pub struct Guest {
+    pub m: Machine,
+    pub running: Running,
+    save: SaveOpts,
+    mem_mib: u64,
+    /// Its last `ping`.
+    pub pings: u32,
+}
+
+/// A guest whose vCPUs are stopped and whose state is saved.
+pub struct Stopped {
+    pub m: Machine,
+    vcpus: Vec<VcpuFd>,
+    save: SaveOpts,
+    pub snapshot: Snapshot,
+    pings: u32,
+}
+
+fn check<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+/// Boots the guest and waits until it works on every vCPU, takes timer interrupts everywhere,
+/// and answers on its console.
+pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
+    let kvm = check("open /dev/kvm", Kvm::new().map_err(os("open /dev/kvm")))?;
+    let vm = check(
+        "KVM_CREATE_VM",
+        kvm.create_vm().map_err(os("KVM_CREATE_VM")),
+    )?;
+    let mem_size = opts.mem_mib << 20;
+    let mut ram = Vec::new();
+    let mem = match opts.ram {
+        Ram::GuestMemfd => {
+            let mut gpa = 0;
+            while gpa < mem_size {
+                let size = REGION.min(mem_size - gpa);
+                let fd = check(
+                    "KVM_CREATE_GUEST_MEMFD",
+                    vm.create_guest_memfd(kvm_create_guest_memfd {
+                        size,
+                        flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+                        ..Default::default()
+                    })
+                    .map_err(os("KVM_CREATE_GUEST_MEMFD")),
+                )?;
+                // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new fd that we now own.
+                ram.push(unsafe { File::from_raw_fd(fd) });
+                gpa += size;
+            }
+            check("guest RAM", Machine::map_ram(&vm, &ram))?
+        }
+        Ram::Anonymous => check("guest RAM", Machine::map_anonymous(&vm, mem_size))?,
+    };
+    check("irqchip and PIT", state::create_irqchip_and_pit(&vm))?;
+    let (io, console, irq) = check("devices", Machine::devices(&vm, None, Vec::new()))?;
+    let entry = check(
+        "loading Linux",
+        boot::load_linux(
+            &mem,
+            mem_size,
+            &opts.kernel,
+            &opts.initrd,
+            &opts.cmdline(),
+            opts.vcpus,
+        ),
+    )?;
+    let supported = check(
+        "KVM_GET_SUPPORTED_CPUID",
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(os("KVM_GET_SUPPORTED_CPUID")),
+    )?;
+    let features = CpuFeatures {
+        tsc_deadline: opts.tsc_deadline,
+        kvmclock: opts.kvmclock,
+    };
+    let mut vcpus = Vec::new();
+    for id in 0..opts.vcpus {
+        let vcpu = check(
+            "KVM_CREATE_VCPU",
+            vm.create_vcpu(u64::from(id)).map_err(os("KVM_CREATE_VCPU")),
+        )?;
+        check(
+            "KVM_SET_CPUID2",
+            vcpu.set_cpuid2(&boot::vcpu_cpuid(&supported, id, opts.vcpus, &features))
+                .map_err(os("KVM_SET_CPUID2")),
+        )?;
+        check("LAPIC LINT", boot::setup_lint(&vcpu))?;
+        if id == 0 {
+            check("boot vCPU", boot::setup_boot_vcpu(&vcpu, entry))?;
+        }
+        vcpus.push(vcpu);
+    }
+    let mut save = check(
+        "MSR list",
+        SaveOpts::new(&kvm, &vm, usize::from(opts.vcpus)),
+    )?;
+    save.zero_deadline = opts.inject.zero_deadline;
+    save.deadline_fixup = !opts.inject.no_deadline_fixup;
+    save.refused_msr = opts.inject.refused_msr;
+    let m = Machine {
+        vm,
+        ram,
+        mem,
+        io,
+        console,
+        irq,
+    };
+    say(format!(
+        "{label}booting Linux: {} MiB of RAM in {}, {} vCPUs, {} MSRs saved per vCPU, \
+         XSAVE area {} bytes{}{}",
+        opts.mem_mib,
+        match opts.ram {
+            Ram::GuestMemfd => format!("{} guest_memfds", m.ram.len()),
+            Ram::Anonymous => "anonymous memory".to_string(),
+        },
+        opts.vcpus,
+        save.msrs.len(),
+        save.xsave_size.max(4096),
+        if opts.tsc_deadline {
+            ""
+        } else {
+            ", no TSC-deadline timer"
+        },
+        if opts.kvmclock { "" } else { ", no kvmclock" },
+    ));
+    let t0 = std::time::Instant::now();
+    let running = check("vCPU threads", Running::start(vcpus, &m.io, &save))?;
+    checks::booted(&m.console, &running)?;
+    say(format!(
+        "{label}the guest booted, its work verified a generation on every vCPU, and every \
+         vCPU takes timer interrupts ({:.1} s)",
+        t0.elapsed().as_secs_f64()
+    ));
+    let mut g = Guest {
+        m,
+        running,
+        save,
+        mem_mib: opts.mem_mib,
+        pings: 0,
+    };
+    g.ping()?;
+    say(format!("{label}the guest's console answers"));
+    Ok(g)
+}
+
+impl Guest {
+    /// Stops the vCPUs and saves the whole VM state. If that cannot be done, the guest runs
+    /// again and comes back with the reason.
+    pub fn stop(self, hz: u64) -> Result<Stopped, Box<(Guest, String)>> {
+        let Guest {
+            m,
+            running,
+            save,
+            mem_mib,
+            pings,
+        } = self;
+        let n = checks::Vcpus::count(&running);
+        // From here the guest does not run until it is resumed.
+        let kick = rdtsc();
+        let stopped = running.stop(|| {
+            // Nothing raises the UART's interrupt after this (KVM waits for injections in
+            // flight); then the VM-wide state.
+            m.vm.unregister_irqfd(&m.irq, COM1_IRQ)
+                .map_err(os("KVM_IRQFD deassign"))?;
+            VmState::save(&m.vm)
+        });
+        let (vm_state, stopped_vcpus) = match stopped {
+            Ok(s) => s,
+            Err((running, e)) => {
+                // The UART's interrupt again, if the stop got as far as taking it away (the
+                // eventfd's count carries an interrupt raised meanwhile).
+                if let Err(e2) = m.vm.register_irqfd(&m.irq, COM1_IRQ) {
+                    if e2.errno() != libc::EBUSY {
+                        say(format!("the UART's interrupt is lost: KVM_IRQFD: {e2}"));
+                    }
+                }
+                let g = Guest {
+                    m,
+                    running,
+                    save,
+                    mem_mib,
+                    pings,
+                };
+                return Err(Box::new((
+                    g,
+                    format!("stopping the vCPUs and saving the VM: {e}"),
+                )));
+            }
+        };
+        let stopped = rdtsc();
+        let progress = Progress::scan(&m.console.since(0), n);
+        let uart = UartState::save(&m.io.uart.lock().unwrap());
+        let (vcpus, vcpu_states): (Vec<_>, Vec<_>) = stopped_vcpus.into_iter().unzip();
+        let saved = rdtsc();
+        let snapshot = Snapshot {
+            magic: MAGIC.into(),
+            mem_mib,
+            vm: vm_state,
+            vcpus: vcpu_states,
+            uart,
+            console_line: m.console.partial(),
+            progress,
+            stamps: Stamps {
+                hz,
+                kick,
+                stopped,
+                saved,
+                preserved: 0,
+            },
+        };
+        Ok(Stopped {
+            m,
+            vcpus,
+            save,
+            snapshot,
+            pings,
+        })
+    }
+}
+
+impl Stopped {
+    /// Preserves the VM, its guest_memfds and its state in `session`; returns the memfd that
+    /// holds the state.
+    pub fn preserve(&mut self, session: &Session) -> io::Result<File> {
+        let lu = |what: &'static str| {
+            move |e: liveupdate::Error| io::Error::other(format!("{what}: {e}"))
+        };
+        if self.m.ram.is_empty() {
+            return Err(io::Error::other(
+                "the guest's RAM is anonymous memory, which cannot be preserved",
+            ));
+        }
+        // SAFETY: The VM fd stays open while `self.m.vm` lives, beyond this borrow.
+        let vm = unsafe { BorrowedFd::borrow_raw(self.m.vm.as_raw_fd()) };
+        session
+            .preserve(&vm, TOKEN_VM)
+            .map_err(lu("preserving the VM"))?;
+        for (i, f) in self.m.ram.iter().enumerate() {
+            session
+                .preserve(f, TOKEN_RAM + i as u64)
+                .map_err(lu("preserving a guest_memfd"))?;
+        }
+        self.snapshot.stamps.preserved = rdtsc();
+        let state_fd = write_snapshot(&self.snapshot)?;
+        session
+            .preserve(&state_fd, TOKEN_STATE)
+            .map_err(lu("preserving the state"))?;
+        Ok(state_fd)
+    }
+
+    /// Runs the guest again from the state it was saved in, on the same host kernel (the
+    /// update did not happen). Restoring that state hides the pause from the guest, or moves
+    /// its clock on by the pause, as the new kernel's restore does.
+    pub fn go_on(self, clock: super::ClockMode, label: &str) -> Result<Guest, String> {
+        let Stopped {
+            m,
+            vcpus,
+            save,
+            snapshot: s,
+            pings,
+        } = self;
+        for (id, (vcpu, state)) in vcpus.iter().zip(&s.vcpus).enumerate() {
+            let report = check("restoring a vCPU", state.restore(&m.vm, vcpu))?;
+            say_report(id, &report, label);
+        }
+        check("restoring the irqchip and PIT", s.vm.restore_devices(&m.vm))?;
+        check(
+            "KVM_IRQFD",
+            m.vm.register_irqfd(&m.irq, COM1_IRQ)
+                .map_err(os("KVM_IRQFD")),
+        )?;
+        check(
+            "restoring the clock",
+            s.vm.restore_clock(&m.vm, clock == super::ClockMode::Advance),
+        )?;
+        kvmclock_paused(&vcpus)?;
+        let from = m.console.len();
+        let running = check("vCPU threads", Running::start(vcpus, &m.io, &save))?;
+        let mut g = Guest {
+            m,
+            running,
+            save,
+            mem_mib: s.mem_mib,
+            pings,
+        };
+        g.check_went_on(&s.progress, &s.stamps, clock, from, label)?;
+        Ok(g)
+    }
+
+    /// Gives up the guest: its VM, RAM and vCPUs, once they are preserved or no longer needed.
+    pub fn into_files(self) -> (VmFd, Vec<File>) {
+        let Stopped { m, vcpus, .. } = self;
+        drop(vcpus);
+        let Machine { vm, ram, mem, .. } = m;
+        // No vCPU runs any more: the mapping can go.
+        drop(mem);
+        (vm, ram)
+    }
+}
+
+fn say_report(id: usize, report: &state::RestoreReport, label: &str) {
+    for (index, value) in &report.skipped_msrs {
+        say(format!(
+            "{label}vCPU {id}: MSR {index:#x} (value {value:#x}) refused by this kernel's KVM: \
+             skipped"
+        ));
+    }
+    if let Some(w) = &report.tsc_khz {
+        say(format!("{label}vCPU {id}: warning: {w}"));
+    }
+}
+
+/// Tells the guest it was paused, so that its watchdogs do not take the pause for a lockup.
+/// Only a guest that set up kvmclock has anything to tell.
+fn kvmclock_paused(vcpus: &[VcpuFd]) -> Result<(), String> {
+    for vcpu in vcpus {
+        if let Err(e) = vcpu.kvmclock_ctrl() {
+            if e.errno() != libc::EINVAL {
+                return Err(format!("KVM_KVMCLOCK_CTRL: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// When the steps of a restore ended (TSC).
+pub struct Restored {
+    pub start: u64,
+    pub retrieved: u64,
+    pub restored: u64,
+}
+
+/// A step of a restore that could not be done: everything retrieved so far stays open (the
+/// caller holds it, and the session stays unfinished), so nothing of the guest is freed.
+pub struct Held {
+    pub why: String,
+    /// What was retrieved, kept open.
+    pub files: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+/// Retrieves a guest from `session` and runs it again.
+pub fn restore(
+    session: &Session,
+    clock: super::ClockMode,
+    label: &str,
+) -> Result<(Guest, Snapshot, Restored), Held> {
+    let start = rdtsc();
+    let mut files: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    macro_rules! or_hold {
+        ($what:expr, $r:expr) => {
+            match $r {
+                Ok(x) => x,
+                Err(e) => {
+                    return Err(Held {
+                        why: format!("{}: {e}", $what),
+                        files,
+                    })
+                }
+            }
+        };
+    }
+    let state_fd = or_hold!("retrieve the state", session.retrieve(TOKEN_STATE));
+    let s = read_snapshot(&state_fd);
+    files.push(Box::new(state_fd));
+    let s = or_hold!("read the state", s);
+    let regions = s.mem_mib.div_ceil(REGION >> 20);
+    // The first guest_memfd before its VM, the others after it: any order works.
+    let first = or_hold!("retrieve guest_memfd 0", session.retrieve(TOKEN_RAM));
+    let mut ram = vec![File::from(first)];
+    let vm_fd = or_hold!("retrieve the VM", session.retrieve(TOKEN_VM));
+    for i in 1..regions {
+        match session.retrieve(TOKEN_RAM + i) {
+            Ok(f) => ram.push(File::from(f)),
+            Err(e) => {
+                files.push(Box::new(vm_fd));
+                files.push(Box::new(ram));
+                return Err(Held {
+                    why: format!("retrieve guest_memfd {i}: {e}"),
+                    files,
+                });
+            }
+        }
+    }
+    let retrieved = rdtsc();
+    // From here the VM and its RAM are held by what holds them below, or given to the caller.
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            files.push(Box::new(vm_fd));
+            files.push(Box::new(ram));
+            return Err(Held {
+                why: format!("open /dev/kvm: {e}"),
+                files,
+            });
+        }
+    };
+    // SAFETY: `vm_fd` is a VM fd retrieved from LUO, owned by the new `VmFd`.
+    let vm = match unsafe { kvm.create_vmfd_from_rawfd(vm_fd.into_raw_fd()) } {
+        Ok(vm) => vm,
+        Err(e) => {
+            // `create_vmfd_from_rawfd` fails only before it takes the fd, which then stays
+            // open, held, for the life of the process; the RAM is held here.
+            files.push(Box::new(ram));
+            return Err(Held {
+                why: format!("adopt the VM: {e}"),
+                files,
+            });
+        }
+    };
+    match rebuild(&kvm, vm, ram, &s, clock, label) {
+        Ok((g, restored)) => Ok((
+            g,
+            s,
+            Restored {
+                start,
+                retrieved,
+                restored,
+            },
+        )),
+        Err((why, vm, ram)) => {
+            files.push(Box::new(vm));
+            files.push(Box::new(ram));
+            Err(Held { why, files })
+        }
+    }
+}
+
+type Rebuilt = (Guest, u64);
+
+/// Rebuilds the VM's memory, devices and vCPUs from `s` and runs them; on failure gives the
+/// VM and its RAM back.
+#[allow(clippy::type_complexity)]
+fn rebuild(
+    kvm: &Kvm,
+    vm: VmFd,
+    ram: Vec<File>,
+    s: &Snapshot,
+    clock: super::ClockMode,
+    label: &str,
+) -> Result<Rebuilt, (String, VmFd, Vec<File>)> {
+    macro_rules! step {
+        ($what:expr, $r:expr) => {
+            match $r {
+                Ok(x) => x,
+                Err(e) => return Err((format!("{}: {e}", $what), vm, ram)),
+            }
+        };
+    }
+    let mem = step!("guest RAM", Machine::map_ram(&vm, &ram));
+    // Before anything is set: what the new kernel's KVM offers that the guest had.
+    let supported = step!(
+        "KVM_GET_SUPPORTED_CPUID",
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+    );
+    if let Some(v) = s.vcpus.first() {
+        for d in state::cpuid_differences(&v.cpuid, &supported) {
+            say(format!("{label}warning: the guest's {d}"));
+        }
+    }
+    // The irqchip and PIT must exist before the vCPUs; their state goes in once the vCPUs
+    // are there to take what they replay; the clock last.
+    step!("irqchip and PIT", state::create_irqchip_and_pit(&vm));
+    let mut vcpus = Vec::new();
+    for (id, st) in s.vcpus.iter().enumerate() {
+        let vcpu = step!("KVM_CREATE_VCPU", vm.create_vcpu(id as u64));
+        let report = step!(format!("restoring vCPU {id}"), st.restore(&vm, &vcpu));
+        say_report(id, &report, label);
+        vcpus.push(vcpu);
+    }
+    step!("restoring the irqchip and PIT", s.vm.restore_devices(&vm));
+    let (io, console, irq) = step!(
+        "devices",
+        Machine::devices(&vm, Some(&s.uart), s.console_line.clone())
+    );
+    step!(
+        "restoring the clock",
+        s.vm.restore_clock(&vm, clock == super::ClockMode::Advance)
+    );
+    step!("KVM_KVMCLOCK_CTRL", kvmclock_paused(&vcpus));
+    let save = step!("MSR list", SaveOpts::new(kvm, &vm, s.vcpus.len()));
+    let restored = rdtsc();
+    say(format!(
+        "{label}retrieved the VM, {} guest_memfds and the state; restored {} vCPUs \
+         (regs, sregs, XSAVE, XCRs, {} MSRs, LAPIC, MP state, events, debug registers), \
+         PIC, IOAPIC, PIT, kvmclock and the UART",
+        ram.len(),
+        s.vcpus.len(),
+        s.vcpus.first().map_or(0, |v| v.msrs.as_slice().len())
+    ));
+    let running = step!("vCPU threads", Running::start(vcpus, &io, &save));
+    let m = Machine {
+        vm,
+        ram,
+        mem,
+        io,
+        console,
+        irq,
+    };
+    let g = Guest {
+        m,
+        running,
+        save,
+        mem_mib: s.mem_mib,
+        // The guest answered one ping before it was saved.
+        pings: 1,
+    };
+    Ok((g, restored))
+}
+
+fn write_snapshot(s: &Snapshot) -> io::Result<File> {
+    let json = serde_json::to_vec(s).map_err(io::Error::other)?;
+    // SAFETY: memfd_create with a valid name.
+    let fd = unsafe { libc::memfd_create(c"vm-state".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is new and ours.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(&json)?;
+    Ok(f)
+}
+
+fn read_snapshot(fd: &OwnedFd) -> io::Result<Snapshot> {
+    let mut f = File::from(fd.try_clone()?);
+    let mut json = Vec::new();
+    f.rewind()?;
+    f.read_to_end(&mut json)?;
+    let s: Snapshot = serde_json::from_slice(&json).map_err(io::Error::other)?;
+    if s.magic != MAGIC {
+        return Err(io::Error::other("not a state this VMM saved"));
+    }
+    Ok(s)
+}

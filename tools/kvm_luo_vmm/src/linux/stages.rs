@@ -1,0 +1,350 @@
+// SPDX-License-Identifier: GPL-2.0
+//! The Linux guest test and demo, one host kernel each (`-s 1`, `-s 2`, `-s 3`), and the
+//! soak's first boot (`-s boot`).
+
+use super::checks;
+use super::machine::{self, Guest, Held, Restored, Stopped};
+use super::{ms, Opts, NEXT_ARGS, SESSION};
+use crate::{fail, hold_and_exit, rdtsc, say, tsc_hz};
+use liveupdate::{Device, Session, SessionName};
+use std::io::{self, Write};
+use std::time::Duration;
+
+/// How long a test's VMM keeps a guest it could not restore (and the session it came in)
+/// before it gives up; under the agent it keeps it for good.
+const TEST_HOLD: Duration = Duration::from_secs(30);
+
+fn or_fail<T>(r: Result<T, String>) -> T {
+    r.unwrap_or_else(|e| fail(e))
+}
+
+/// A restore that could not be completed: the session stays unfinished and everything
+/// retrieved stays open, so nothing of the guest is freed; says so, and waits `hold` (for
+/// ever if `None`) for an operator to look.
+pub fn hold(session: &Session, held: Held, hold: Option<Duration>) -> ! {
+    say(format!(
+        "FAILED: cannot restore the guest: {}; its session stays unfinished and the {} \
+         files retrieved stay open, so nothing of it is freed; waiting {}",
+        held.why,
+        held.files.len(),
+        hold.map_or(
+            "for an operator (kill this VMM to give the guest up)".into(),
+            |d| { format!("{} s (a test)", d.as_secs()) }
+        ),
+    ));
+    let _ = io::stdout().flush();
+    let _keep = (session, held.files);
+    match hold {
+        Some(d) => {
+            std::thread::sleep(d);
+            std::process::exit(1)
+        }
+        None => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+    }
+}
+
+/// Finishes the previous kernel's session while the guest runs: a handler that is not done
+/// (`EBUSY`: guest memory still coming back) is waited for, `timeout` at a time, saying so
+/// each time. Returns how many times it was not done, or the error that ends it (the session
+/// then stays unfinished; the guest runs on).
+pub fn finish(
+    session: &Session,
+    timeout: Duration,
+    g: &Guest,
+    touch: bool,
+    label: &str,
+) -> Result<u32, String> {
+    let mut busy = 0;
+    loop {
+        match session.finish_waiting(timeout) {
+            Ok(()) => return Ok(busy),
+            Err(e) if e.errno() == libc::EBUSY => {
+                busy += 1;
+                say(format!(
+                    "{label}finish: guest memory still coming back after {:.1} s more \
+                     (try {busy}); the guest runs on, trying again",
+                    timeout.as_secs_f64()
+                ));
+                if touch && busy == 1 {
+                    say(format!(
+                        "{label}putting in the guest memory nothing has used yet, by touching it"
+                    ));
+                    g.m.touch_all();
+                }
+            }
+            Err(e) => return Err(format!("finish: {e}")),
+        }
+    }
+}
+
+/// Stops the guest and saves it, for as many tries as the test injects failures: a stop that
+/// fails runs the guest again, which must go on unharmed (the update would be refused).
+fn stop_until_saved(mut g: Guest, opts: &Opts, hz: u64, label: &str) -> Stopped {
+    loop {
+        match g.stop(hz) {
+            Ok(s) => return s,
+            Err(failed) => {
+                let (again, e) = *failed;
+                say(format!(
+                    "{label}cannot be updated: {e}; the guest runs again"
+                ));
+                g = again;
+                let from = g.m.console.len();
+                or_fail(checks::timers_tick(&g.m.console, &g.running, from));
+                or_fail(g.ping());
+                say(format!(
+                    "{label}the guest went on after the failed stop: its timers tick and its \
+                     console answers"
+                ));
+                let _ = opts;
+            }
+        }
+    }
+}
+
+/// Stage 1 of 3: boot the guest, let it work, stop it and preserve it.
+pub fn boot_and_preserve(opts: &Opts) {
+    let hz = tsc_hz();
+    super::SAVE_FAILURES.store(
+        opts.inject.save_failures,
+        std::sync::atomic::Ordering::Release,
+    );
+    let g = or_fail(machine::boot(opts, "[kernel 1] "));
+    let mut s = stop_until_saved(g, opts, hz, "[kernel 1] ");
+    let name = SessionName::new(SESSION).expect("a valid name");
+    let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));
+    let session = luo
+        .create_session(&name)
+        .unwrap_or_else(|e| fail(format!("create session: {e}")));
+    let state_fd = s
+        .preserve(&session)
+        .unwrap_or_else(|e| fail(format!("preserving: {e}")));
+    if opts.inject.slow_finish {
+        // The next kernel puts guest memory in on first use only: finish must wait for it.
+        std::fs::write(NEXT_ARGS, "guest_memfd_luo.background_restore=0\n")
+            .unwrap_or_else(|e| fail(format!("{NEXT_ARGS}: {e}")));
+    }
+    let p = &s.snapshot.progress;
+    say(format!(
+        "[kernel 1] paused at heartbeat {} (guest clock {:.3} s), generations {:?}; \
+         preserved the VM, {} guest_memfds and its state; kexec",
+        p.beat,
+        p.mono,
+        p.generations,
+        s.m.ram.len()
+    ));
+    s.m.console.flush();
+    let (vm, ram) = s.into_files();
+    let mut keep: Vec<Box<dyn std::any::Any>> = vec![Box::new(vm), Box::new(state_fd)];
+    keep.extend(
+        ram.into_iter()
+            .map(|f| Box::new(f) as Box<dyn std::any::Any>),
+    );
+    hold_and_exit(luo, session, keep);
+}
+
+/// Stage 2 of 3: retrieve, restore, resume and check; finish the session while the guest
+/// runs; then leave what stage 3 needs to time a bare kexec.
+pub fn resume(opts: &Opts) {
+    let name = SessionName::new(SESSION).expect("a valid name");
+    let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));
+    let session = luo
+        .retrieve_session(&name)
+        .unwrap_or_else(|e| fail(format!("retrieve session: {e}")));
+    let (mut g, s, t) = match machine::restore(&session, opts.clock, "[kernel 2] ") {
+        Ok(r) => r,
+        Err(held) => hold(&session, held, Some(TEST_HOLD)),
+    };
+    // Finishing waits for the guest's memory to be back; the guest runs meanwhile.
+    let busy = or_fail(finish(
+        &session,
+        opts.finish_timeout,
+        &g,
+        opts.inject.slow_finish,
+        "[kernel 2] ",
+    ));
+    if opts.inject.slow_finish {
+        if busy == 0 {
+            fail("finish was not slower than its timeout: the test did not test it");
+        }
+        say(format!(
+            "[kernel 2] finished the session after {busy} timeouts, the guest running all along"
+        ));
+    }
+    or_fail(g.check_went_on(&s.progress, &s.stamps, opts.clock, 0, "[kernel 2] "));
+    let resumed = g.running.first_entry();
+    if let Err((_, e)) = g.running.stop(|| Ok(())) {
+        fail(format!("stopping the guest: {e}"));
+    }
+    g.m.console.flush();
+    report_blackout(&s.stamps, &t, resumed);
+    let hz = s.stamps.hz;
+    let blackout = ms(resumed.saturating_sub(s.stamps.kick), hz);
+    let args = format!(
+        "klu.arg.blackout_us={} klu.arg.bare_tsc={} klu.arg.tsc_hz={hz}\n",
+        (blackout * 1e3) as u64,
+        rdtsc(),
+    );
+    std::fs::write(NEXT_ARGS, args)
+        .unwrap_or_else(|e| fail(format!("write the next kernel's arguments: {e}")));
+    say("PASS: the Linux guest kept running across the host kernel live update");
+}
+
+fn report_blackout(st: &super::Stamps, t: &Restored, resumed: u64) {
+    let hz = st.hz;
+    let blackout = ms(resumed.saturating_sub(st.kick), hz);
+    say(format!(
+        "blackout {blackout:.0} ms (TSC, guest's last instruction in the old kernel to its first in the new):"
+    ));
+    for (what, ms_) in [
+        ("stop + save", ms(st.saved - st.kick, hz)),
+        ("preserve", ms(st.preserved - st.saved, hz)),
+        (
+            "freeze + kexec + boot to init",
+            ms(t.start.saturating_sub(st.preserved), hz),
+        ),
+        ("retrieve", ms(t.retrieved - t.start, hz)),
+        ("restore", ms(t.restored - t.retrieved, hz)),
+        ("resume", ms(resumed.saturating_sub(t.restored), hz)),
+    ] {
+        say(format!("  {what:<32} {ms_:>8.1} ms"));
+    }
+}
+
+/// Stage 3 of 3: how long the bare kexec that stage 2 started took, next to the blackout.
+pub fn bare_kexec_done() {
+    let now = rdtsc();
+    let (Some(start), Some(hz), Some(blackout_us)) = (
+        kernel_arg("bare_tsc"),
+        kernel_arg("tsc_hz"),
+        kernel_arg("blackout_us"),
+    ) else {
+        fail("no klu.arg.bare_tsc, tsc_hz and blackout_us on the command line: run stage 2 first")
+    };
+    let bare = ms(now.saturating_sub(start), hz);
+    let blackout = blackout_us as f64 / 1e3;
+    say(format!(
+        "[kernel 3] a bare kexec of the same kernel, nothing preserved, took {bare:.0} ms"
+    ));
+    say(format!(
+        "blackout {blackout:.0} ms / bare kexec {bare:.0} ms = {:.2}",
+        blackout / bare
+    ));
+}
+
+/// A `klu.arg.NAME=` value from the kernel command line.
+fn kernel_arg(name: &str) -> Option<u64> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    let key = format!("klu.arg.{name}=");
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key.as_str()))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The soak's boot (`-s boot`): boot the guest, check it, and watch it for `watch_secs`: every
+/// vCPU keeps taking timer interrupts and the guest reports no trouble.
+pub fn boot_only(opts: &Opts, watch_secs: u64) {
+    let mut g = or_fail(machine::boot(opts, ""));
+    say(format!(
+        "watching the guest for {watch_secs} s: timer interrupts on every vCPU, no trouble"
+    ));
+    or_fail(checks::watch(&g.m.console, &g.running, watch_secs));
+    or_fail(g.ping());
+    g.m.console.flush();
+    say("PASS: the guest booted and ran");
+}
+
+/// QEMU as the inner VMM (the soak's comparison): its vCPUs as the checks see them.
+struct InnerQemu {
+    child: std::sync::Mutex<std::process::Child>,
+    vcpus: usize,
+}
+
+impl checks::Vcpus for InnerQemu {
+    fn count(&self) -> usize {
+        self.vcpus
+    }
+
+    fn any_failed(&self) -> bool {
+        !matches!(self.child.lock().unwrap().try_wait(), Ok(None))
+    }
+}
+
+/// The soak's first boot with QEMU from `dir` (packed by the runner's `-q`: the binary, its
+/// libraries and loader in `lib/`, firmware in `share/`) as the inner VMM instead of this
+/// one, with the same guest kernel, initramfs and command line, and the same checks.
+pub fn boot_in_qemu(opts: &Opts, dir: &str, watch_secs: u64) {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut cpu = "host,-svm,-vmx".to_string();
+    if !opts.tsc_deadline {
+        cpu.push_str(",-tsc-deadline");
+    }
+    if !opts.kvmclock {
+        cpu.push_str(",-kvmclock");
+    }
+    let mut child = Command::new(format!("{dir}/lib/ld-linux-x86-64.so.2"))
+        .args(["--library-path", &format!("{dir}/lib")])
+        .arg(format!("{dir}/qemu-system-x86_64"))
+        .args(["-L", &format!("{dir}/share"), "-accel", "kvm", "-cpu", &cpu])
+        .args(["-smp", &opts.vcpus.to_string()])
+        .args(["-m", &opts.mem_mib.to_string()])
+        .args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .args(["-kernel", &opts.kernel, "-initrd", &opts.initrd])
+        .args(["-append", &opts.cmdline()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| fail(format!("starting QEMU from {dir}: {e}")));
+    let mut out = child.stdout.take().expect("piped");
+    let mut input = child.stdin.take().expect("piped");
+    let console = std::sync::Arc::new(crate::devices::Console::continuing(Vec::new()));
+    let c = console.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            c.push(&buf[..n]);
+        }
+    });
+    let qemu = InnerQemu {
+        child: std::sync::Mutex::new(child),
+        vcpus: usize::from(opts.vcpus),
+    };
+    say(format!(
+        "booting Linux in QEMU: {} MiB, {} vCPUs, -cpu {cpu}",
+        opts.mem_mib, opts.vcpus
+    ));
+    let t0 = std::time::Instant::now();
+    let result = checks::booted(&console, &qemu)
+        .inspect(|()| {
+            say(format!(
+                "the guest booted, its work verified a generation on every vCPU, and every \
+                 vCPU takes timer interrupts ({:.1} s)",
+                t0.elapsed().as_secs_f64()
+            ))
+        })
+        .and_then(|()| checks::ping(&console, &qemu, |t| input.write_all(t.as_bytes()), 1))
+        .and_then(|()| {
+            say(format!(
+                "watching the guest for {watch_secs} s: timer interrupts on every vCPU, no trouble"
+            ));
+            checks::watch(&console, &qemu, watch_secs)
+        });
+    let _ = qemu.child.lock().unwrap().kill();
+    console.flush();
+    or_fail(result);
+    say("PASS: the guest booted and ran");
+}
