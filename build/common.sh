@@ -42,7 +42,7 @@ KLU_MAKE=(make -C "$KLU_SRC" O="$KLU_OBJ" LLVM=-19 ARCH=x86_64 -j"$(nproc)")
 # The userspace Rust crates (cargo packages), at their paths in the tree.
 KLU_CRATES=(tools/liveupdate tools/kvm_luo_agent tools/kvm_luo_vmm)
 # Those of them with tests of their own (cargo test, counted in make check).
-KLU_TESTED_CRATES=(tools/liveupdate tools/kvm_luo_agent)
+KLU_TESTED_CRATES=(tools/liveupdate tools/kvm_luo_agent tools/kvm_luo_vmm)
 
 # The project directories that hold new files at their kernel paths.
 KLU_KERNEL_DIRS=(Documentation include kernel mm rust virt tools arch)

@@ -40,7 +40,7 @@ assemble() {
 
 	local stage
 	stage=$(mktemp -d)
-	trap 'rm -rf "$stage"' RETURN
+	trap 'rm -rf "$stage"; trap - RETURN' RETURN
 
 	# Base versions of every file a patch touches, then the patches.
 	local p f

@@ -16,7 +16,14 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+
+/// TSC deadlines the test hook saved as 0, and lost deadlines re-armed, since the start.
+pub static DEADLINES_ZEROED: AtomicU32 = AtomicU32::new(0);
+pub static DEADLINES_REARMED: AtomicU32 = AtomicU32::new(0);
+/// MSRs a restore skipped because KVM refused them, since the start.
+pub static MSRS_SKIPPED: AtomicU32 = AtomicU32::new(0);
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -53,8 +60,8 @@ pub struct SaveOpts {
     pub xsave_size: usize,
     /// How many vCPUs the VM has.
     pub vcpus: usize,
-    /// Test hook: save the last vCPU's TSC deadline as 0, as if its timer fired between its
-    /// stop and its save.
+    /// Test hook: save the TSC deadline of every vCPU whose timer is armed as 0, as if it fired
+    /// between the vCPU's stop and its save.
     pub zero_deadline: bool,
     /// Repair a TSC deadline lost that way (always, but in a test that shows why).
     pub deadline_fixup: bool,
@@ -145,20 +152,24 @@ fn apic_bit(lapic: &kvm_lapic_state, base: usize, vector: u32) -> bool {
     apic_reg(lapic, base + 0x10 * (vector as usize / 32)) & (1 << (vector % 32)) != 0
 }
 
-/// A TSC-deadline timer that is armed (unmasked, in deadline mode) with a deadline of 0 and
-/// its interrupt neither requested nor in service has lost its interrupt: the guest waits for
-/// a tick that never comes. KVM zeroes the deadline when it injects the timer interrupt; a
+/// Whether the local APIC timer is armed in TSC-deadline mode: unmasked, and its interrupt
+/// neither requested nor in service (the guest waits for it).
+fn deadline_armed(lapic: &kvm_lapic_state) -> bool {
+    let lvtt = apic_reg(lapic, APIC_LVTT);
+    let vector = lvtt & 0xff;
+    lvtt & APIC_LVT_MASKED == 0
+        && lvtt & APIC_LVT_TIMER_MODE == APIC_LVT_TIMER_TSCDEADLINE
+        && !apic_bit(lapic, APIC_IRR, vector)
+        && !apic_bit(lapic, APIC_ISR, vector)
+}
+
+/// A TSC-deadline timer that is armed with a deadline of 0 has lost its interrupt: the guest
+/// waits for a tick that never comes. KVM zeroes the deadline when it injects the timer interrupt; a
 /// save between the two (a posted timer interrupt not yet in the IRR, older kernels) leaves
 /// exactly that. Firecracker repairs it the same way: a deadline of the saved TSC, which
 /// fires as soon as the vCPU runs; a spurious tick is harmless to the guest.
 fn repair_lost_deadline(lapic: &kvm_lapic_state, msrs: &mut [kvm_bindings::kvm_msr_entry]) -> bool {
-    let lvtt = apic_reg(lapic, APIC_LVTT);
-    let vector = lvtt & 0xff;
-    if lvtt & APIC_LVT_MASKED != 0
-        || lvtt & APIC_LVT_TIMER_MODE != APIC_LVT_TIMER_TSCDEADLINE
-        || apic_bit(lapic, APIC_IRR, vector)
-        || apic_bit(lapic, APIC_ISR, vector)
-    {
+    if !deadline_armed(lapic) {
         return false;
     }
     let Some(tsc) = msrs
@@ -200,6 +211,7 @@ fn set_msrs_skipping(
             break;
         }
         skipped.push((rest[n].index, rest[n].data));
+        MSRS_SKIPPED.fetch_add(1, Ordering::Relaxed);
         rest = &rest[n + 1..];
     }
     Ok(skipped)
@@ -223,12 +235,15 @@ impl VcpuState {
         let lapic = vcpu.get_lapic().map_err(os("KVM_GET_LAPIC"))?;
         let mut msrs = read_msrs(vcpu, &opts.msrs)?;
         let last = id + 1 == opts.vcpus;
-        if opts.zero_deadline && last {
+        if opts.zero_deadline && deadline_armed(&lapic) {
             for e in msrs.iter_mut().filter(|e| e.index == MSR_IA32_TSC_DEADLINE) {
                 e.data = 0;
+                DEADLINES_ZEROED.fetch_add(1, Ordering::Relaxed);
+                println!("vmm: vCPU {id}: its TSC deadline saved as 0 (injected by the test)");
             }
         }
         if opts.deadline_fixup && repair_lost_deadline(&lapic, &mut msrs) {
+            DEADLINES_REARMED.fetch_add(1, Ordering::Relaxed);
             println!("vmm: vCPU {id}: its TSC-deadline timer had lost its interrupt; re-armed");
         }
         if opts.refused_msr && last {

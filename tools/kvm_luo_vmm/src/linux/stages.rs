@@ -5,9 +5,11 @@
 use super::checks;
 use super::machine::{self, Guest, Held, Restored, Stopped};
 use super::{ms, Opts, NEXT_ARGS, SESSION};
+use crate::state::{DEADLINES_REARMED, DEADLINES_ZEROED, MSRS_SKIPPED};
 use crate::{fail, hold_and_exit, rdtsc, say, tsc_hz};
 use liveupdate::{Device, Session, SessionName};
 use std::io::{self, Write};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// How long a test's VMM keeps a guest it could not restore (and the session it came in)
@@ -81,7 +83,7 @@ pub fn finish(
 
 /// Stops the guest and saves it, for as many tries as the test injects failures: a stop that
 /// fails runs the guest again, which must go on unharmed (the update would be refused).
-fn stop_until_saved(mut g: Guest, opts: &Opts, hz: u64, label: &str) -> Stopped {
+fn stop_until_saved(mut g: Guest, hz: u64, label: &str) -> Stopped {
     loop {
         match g.stop(hz) {
             Ok(s) => return s,
@@ -98,7 +100,6 @@ fn stop_until_saved(mut g: Guest, opts: &Opts, hz: u64, label: &str) -> Stopped 
                     "{label}the guest went on after the failed stop: its timers tick and its \
                      console answers"
                 ));
-                let _ = opts;
             }
         }
     }
@@ -107,12 +108,19 @@ fn stop_until_saved(mut g: Guest, opts: &Opts, hz: u64, label: &str) -> Stopped 
 /// Stage 1 of 3: boot the guest, let it work, stop it and preserve it.
 pub fn boot_and_preserve(opts: &Opts) {
     let hz = tsc_hz();
-    super::SAVE_FAILURES.store(
-        opts.inject.save_failures,
-        std::sync::atomic::Ordering::Release,
-    );
+    super::SAVE_FAILURES.store(opts.inject.save_failures, Ordering::Release);
     let g = or_fail(machine::boot(opts, "[kernel 1] "));
-    let mut s = stop_until_saved(g, opts, hz, "[kernel 1] ");
+    let mut s = stop_until_saved(g, hz, "[kernel 1] ");
+    if opts.inject.zero_deadline {
+        let zeroed = DEADLINES_ZEROED.load(Ordering::Relaxed);
+        let rearmed = DEADLINES_REARMED.load(Ordering::Relaxed);
+        if zeroed == 0 {
+            fail("no vCPU's timer was armed when it was saved: the test did not test");
+        }
+        say(format!(
+            "[kernel 1] {zeroed} TSC deadlines saved as 0 by the test, {rearmed} re-armed"
+        ));
+    }
     let name = SessionName::new(SESSION).expect("a valid name");
     let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));
     let session = luo
@@ -157,6 +165,9 @@ pub fn resume(opts: &Opts) {
         Ok(r) => r,
         Err(held) => hold(&session, held, Some(TEST_HOLD)),
     };
+    if opts.inject.refused_msr && MSRS_SKIPPED.load(Ordering::Relaxed) == 0 {
+        fail("no MSR was refused by this kernel's KVM: the test did not test");
+    }
     // Finishing waits for the guest's memory to be back; the guest runs meanwhile.
     let busy = or_fail(finish(
         &session,
@@ -253,6 +264,10 @@ pub fn boot_only(opts: &Opts, watch_secs: u64) {
     ));
     or_fail(checks::watch(&g.m.console, &g.running, watch_secs));
     or_fail(g.ping());
+    // The vCPUs stop before the RAM goes.
+    if let Err((_, e)) = g.running.stop(|| Ok(())) {
+        fail(format!("stopping the guest: {e}"));
+    }
     g.m.console.flush();
     say("PASS: the guest booted and ran");
 }
