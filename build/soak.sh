@@ -35,6 +35,7 @@
 #   host-oops     the host kernel reported a BUG, oops, GPF or WARNING
 #   other         anything else (the first line that says why is kept)
 set -uo pipefail
+unset KLU_KERNEL	# the assembled tree (KLU_SRC) whatever the caller's kernel
 . "$(dirname "$0")/common.sh"
 
 n=20 kernel=release cpus=1 mode=boot watch=30 jobs=1 qemu=0
@@ -54,6 +55,9 @@ shift $((OPTIND - 1))
 vmm_opts=("$@")
 [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] || klu_die "-n takes a number of boots"
 [[ "$jobs" =~ ^[1-4]$ ]] || klu_die "-j takes 1 to 4"
+[[ "$watch" =~ ^[0-9]+$ ]] || klu_die "-w takes seconds"
+[[ "$cpus" =~ ^[1-8]$ ]] || klu_die "-c takes 1 to 8 CPUs"
+[ "$jobs" -le "$n" ] || jobs=$n
 case $kernel in release|debug|base) ;; *) klu_die "-k takes release, debug or base" ;; esac
 case $mode in boot|update) ;; *) klu_die "-m takes boot or update" ;; esac
 [ "$kernel$mode" != baseupdate ] || klu_die "the unpatched base has no handlers: -m boot only"
@@ -107,6 +111,8 @@ results=$cells/results
 : > "$results"
 # Every job builds the same binaries into its own directory first (the
 # runner's lock is per directory); then each runs its share of the boots.
+# No log of an earlier soak is taken for this one's.
+rm -f "$out"/job*/logs/soak_*
 pids=()
 for j in $(seq "$jobs"); do
 	tests=()

@@ -328,7 +328,8 @@ fn load_state(fd: &OwnedFd) -> io::Result<SavedState> {
 
 /// Keeps the session (and the files) open in a child while the host kexecs.
 fn hold_and_exit(luo: Device, session: Session, files: Vec<Box<dyn std::any::Any>>) -> ! {
-    // SAFETY: Single-threaded process; the child only sleeps.
+    // SAFETY: The child only closes fds it owns and sleeps: it takes no lock another thread
+    // of the parent might have held at the fork.
     match unsafe { libc::fork() } {
         -1 => fail(format!("fork: {}", Error::last_os_error())),
         0 => {

@@ -16,14 +16,14 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// TSC deadlines the test hook saved as 0, and lost deadlines re-armed, since the start.
 pub static DEADLINES_ZEROED: AtomicU32 = AtomicU32::new(0);
 pub static DEADLINES_REARMED: AtomicU32 = AtomicU32::new(0);
-/// MSRs a restore skipped because KVM refused them, since the start.
-pub static MSRS_SKIPPED: AtomicU32 = AtomicU32::new(0);
+/// A restore skipped `MSR_NOBODY_KNOWS` (the test hook's) because KVM refused it.
+pub static REFUSED_MSR_SKIPPED: AtomicBool = AtomicBool::new(false);
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -211,7 +211,9 @@ fn set_msrs_skipping(
             break;
         }
         skipped.push((rest[n].index, rest[n].data));
-        MSRS_SKIPPED.fetch_add(1, Ordering::Relaxed);
+        if rest[n].index == MSR_NOBODY_KNOWS {
+            REFUSED_MSR_SKIPPED.store(true, Ordering::Relaxed);
+        }
         rest = &rest[n + 1..];
     }
     Ok(skipped)
@@ -335,6 +337,16 @@ const FEATURE_REGS: &[(u32, u32, &str, Reg)] = &[
     (0x4000_0001, 0, "EAX", |e| e.eax),
 ];
 
+/// Bits KVM sets in a vCPU's CPUID from the guest's own state (OSXSAVE from CR4.OSXSAVE,
+/// OSPKE from CR4.PKE), which `KVM_GET_SUPPORTED_CPUID` never lists.
+fn runtime_bits(leaf: u32, sub: u32, name: &str) -> u32 {
+    match (leaf, sub, name) {
+        (0x1, 0, "ECX") => 1 << 27,
+        (0x7, 0, "ECX") => 1 << 4,
+        _ => 0,
+    }
+}
+
 /// The features the guest's CPUID `saved` has that `supported` (this kernel's
 /// `KVM_GET_SUPPORTED_CPUID`) does not offer, one line per register. The guest keeps the
 /// CPUID it booted with (it read it then); a feature the new KVM withdrew may fault in it.
@@ -351,7 +363,7 @@ pub fn cpuid_differences(saved: &CpuId, supported: &CpuId) -> Vec<String> {
             continue;
         };
         let have = find(supported, leaf, sub).map_or(0, |e| reg(&e));
-        let extra = reg(&s) & !have;
+        let extra = reg(&s) & !have & !runtime_bits(leaf, sub, name);
         if extra != 0 {
             out.push(format!(
                 "CPUID {leaf:#x}.{sub} {name}: {extra:#010x} not offered by this kernel's KVM"
@@ -480,11 +492,12 @@ mod tests {
     fn cpuid_differences_name_what_is_withdrawn() {
         let saved = cpuid(&[
             (0x7, 0, 0b1011, 0),
-            (0x1, 0, 0xffff_ffff, 1 << 5),
+            (0x1, 0, 0xffff_ffff, 1 << 5 | 1 << 27),
             (0x2, 0, 7, 7),
         ]);
         let supported = cpuid(&[(0x7, 0, 0b0011, 0), (0x1, 0, 0, 1 << 5)]);
-        // Leaf 1 EBX holds APIC IDs, not features; leaf 2 is no feature leaf.
+        // Leaf 1 EBX holds APIC IDs, not features, OSXSAVE is the guest's own; leaf 2 is no
+        // feature leaf.
         assert_eq!(
             cpuid_differences(&saved, &supported),
             ["CPUID 0x7.0 EBX: 0x00000008 not offered by this kernel's KVM"]

@@ -151,10 +151,13 @@ struct Args {
     refuses: bool,
     /// Passed on to the VMMs as `--clock-gap`.
     clock_gap: Option<String>,
+    /// More arguments for every VMM (`--vmm-arg`, repeatable).
+    vmm_args: Vec<String>,
 }
 
 const USAGE: &str = "usage: kvm-luo-fleet --vmm PATH --guest DIR [--mem MIB,MIB,...] [--vcpus N]
-                     [--kernel PATH --initrd PATH] [--clock-gap SECS] (-s 1|2 | --refuses)";
+                     [--kernel PATH --initrd PATH] [--clock-gap SECS] [--vmm-arg ARG]...
+                     (-s 1|2 | --refuses)";
 
 fn args() -> Args {
     let mut a = Args {
@@ -167,6 +170,7 @@ fn args() -> Args {
         stage: 0,
         refuses: false,
         clock_gap: None,
+        vmm_args: Vec::new(),
     };
     let usage = || -> ! {
         eprintln!("{USAGE}");
@@ -189,6 +193,7 @@ fn args() -> Args {
             "--initrd" => a.initrd = value(),
             "-s" => a.stage = value().parse().unwrap_or_else(|_| usage()),
             "--refuses" => a.refuses = true,
+            "--vmm-arg" => a.vmm_args.push(value()),
             "--clock-gap" => {
                 let gap = value();
                 match gap.parse::<f64>() {
@@ -247,6 +252,7 @@ fn start_vmms(f: &mut Fleet, a: &Args, never_ready: Option<&str>, one_by_one: bo
         if let Some(gap) = &a.clock_gap {
             cmd.args(["--clock-gap", gap]);
         }
+        cmd.args(&a.vmm_args);
         if never_ready == Some(name.as_str()) {
             cmd.arg("--never-ready");
         }

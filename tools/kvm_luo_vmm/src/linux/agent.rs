@@ -56,7 +56,7 @@ fn tell(client: &Client, state: VmmState, detail: impl Into<String>) {
 }
 
 /// A check of the guest that failed: said to the agent and in the log; the guest runs on.
-fn checked(client: &Client, r: Result<(), String>, ok: VmmState, detail: &str) {
+fn report_checks(client: &Client, r: Result<(), String>, ok: VmmState, detail: &str) {
     match r {
         Ok(()) => tell(client, ok, detail),
         Err(e) => {
@@ -171,7 +171,7 @@ fn resume(
     let (client, session) = renew(client, a);
     say("finished the previous kernel's session; a new one for the next update");
     let r = g.check_went_on(&snap.progress, &snap.stamps, opts.clock, 0, "");
-    checked(
+    report_checks(
         &client,
         r,
         VmmState::Resumed,
@@ -274,15 +274,17 @@ pub fn serve(opts: &Opts, a: &AgentOpts) {
                     client.disconnect();
                     None
                 };
-                guest = stopped
+                let checked;
+                (guest, checked) = stopped
                     .go_on(opts.clock, "")
                     .unwrap_or_else(|e| fail(format!("running the guest again: {e}")));
                 (client, session) = renewed.unwrap_or_else(|| {
                     let (c, s, _) = agent_session(a);
                     (c, s)
                 });
-                tell(
+                report_checks(
                     &client,
+                    checked,
                     VmmState::Continued,
                     "guest went on after the update was off, checks pass",
                 );

@@ -289,10 +289,14 @@ impl Guest {
         wait_console(console, running, from, 120, "heartbeat", |l| {
             Progress::scan(l, n).beat > p0.beat
         })?;
-        let Some(first) = console.since(from).iter().find_map(|l| Beat::parse(l)) else {
+        let beats: Vec<Beat> = console
+            .since(from)
+            .iter()
+            .filter_map(|l| Beat::parse(l))
+            .collect();
+        let Some(first) = beats.first().map(|b| b.n) else {
             return Err("no heartbeat line after resume".into());
         };
-        let (first, first_beat) = (first.n, first.mono);
         // The next beat, or the one after if a kernel message garbled the next one's line; a
         // guest that started again counts from 1.
         if !(p0.beat + 1..=p0.beat + 2).contains(&first) {
@@ -301,16 +305,37 @@ impl Guest {
                 p0.beat
             ));
         }
-        let gap = first_beat - p0.mono;
+        // The first beat after resume may carry a clock read before the pause (its line was
+        // not out yet): with the clock moved on, the pause shows from the beat after it.
+        let mut first_beat = beats[0].mono;
         let (lo, hi) = match clock {
             // The restored clock hides the pause: the gap is a beat plus however long the vCPU
-            // waited for a host CPU, and never more than a beat and half the pause, so a pause
-            // the guest saw always fails.
-            ClockMode::Hide => (0.0, crate::clock_gap().min(BEAT_SECS + paused / 2.0)),
+            // waited for a host CPU, and never more than a beat and half the pause (two beats
+            // for a short pause), so a pause the guest saw always fails.
+            ClockMode::Hide => (
+                0.0,
+                crate::clock_gap().min((BEAT_SECS + paused / 2.0).max(2.0 * BEAT_SECS)),
+            ),
             // The clock moved on by the pause, as the host's CLOCK_REALTIME measured it (which
-            // a kexec may set from the RTC, to the second).
-            ClockMode::Advance => (paused - 1.5, paused + BEAT_SECS + crate::clock_gap() + 1.0),
+            // a kexec may set from the RTC, to the second each side): the second beat after
+            // resume is two beats and the pause on, a second either way.
+            ClockMode::Advance => {
+                wait_console(console, running, from, 120, "heartbeat", |l| {
+                    Progress::scan(l, n).beat > p0.beat + 1
+                })?;
+                first_beat = console
+                    .since(from)
+                    .iter()
+                    .filter_map(|l| Beat::parse(l))
+                    .find(|b| b.n > p0.beat + 1)
+                    .map_or(first_beat, |b| b.mono);
+                (
+                    paused - 1.5,
+                    paused + 2.0 * BEAT_SECS + crate::clock_gap() + 1.0,
+                )
+            }
         };
+        let gap = first_beat - p0.mono;
         if !(lo..hi).contains(&gap) {
             return Err(format!(
                 "the guest's clock moved by {gap:.3} s across a pause of {paused:.1} s \

@@ -411,9 +411,15 @@ impl Stopped {
     }
 
     /// Runs the guest again from the state it was saved in, on the same host kernel (the
-    /// update did not happen). Restoring that state hides the pause from the guest, or moves
-    /// its clock on by the pause, as the new kernel's restore does.
-    pub fn go_on(self, clock: super::ClockMode, label: &str) -> Result<Guest, String> {
+    /// update did not happen), and checks it went on. Restoring that state hides the pause from
+    /// the guest, or moves its clock on by the pause, as the new kernel's restore does. The
+    /// guest comes back running even when a check fails (with what failed); only a restore
+    /// that cannot be done loses it.
+    pub fn go_on(
+        self,
+        clock: super::ClockMode,
+        label: &str,
+    ) -> Result<(Guest, Result<(), String>), String> {
         let Stopped {
             m,
             vcpus,
@@ -445,8 +451,8 @@ impl Stopped {
             mem_mib: s.mem_mib,
             pings,
         };
-        g.check_went_on(&s.progress, &s.stamps, clock, from, label)?;
-        Ok(g)
+        let checked = g.check_went_on(&s.progress, &s.stamps, clock, from, label);
+        Ok((g, checked))
     }
 
     /// Gives up the guest: its VM, RAM and vCPUs, once they are preserved or no longer needed.
@@ -529,7 +535,16 @@ pub fn restore(
     // The first guest_memfd before its VM, the others after it: any order works.
     let first = or_hold!("retrieve guest_memfd 0", session.retrieve(TOKEN_RAM));
     let mut ram = vec![File::from(first)];
-    let vm_fd = or_hold!("retrieve the VM", session.retrieve(TOKEN_VM));
+    let vm_fd = match session.retrieve(TOKEN_VM) {
+        Ok(fd) => fd,
+        Err(e) => {
+            files.push(Box::new(ram));
+            return Err(Held {
+                why: format!("retrieve the VM: {e}"),
+                files,
+            });
+        }
+    };
     for i in 1..regions {
         match session.retrieve(TOKEN_RAM + i) {
             Ok(f) => ram.push(File::from(f)),

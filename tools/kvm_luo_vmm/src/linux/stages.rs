@@ -5,7 +5,7 @@
 use super::checks;
 use super::machine::{self, Guest, Held, Restored, Stopped};
 use super::{ms, Opts, NEXT_ARGS, SESSION};
-use crate::state::{DEADLINES_REARMED, DEADLINES_ZEROED, MSRS_SKIPPED};
+use crate::state::{DEADLINES_REARMED, DEADLINES_ZEROED, REFUSED_MSR_SKIPPED};
 use crate::{fail, hold_and_exit, rdtsc, say, tsc_hz};
 use liveupdate::{Device, Session, SessionName};
 use std::io::{self, Write};
@@ -110,22 +110,31 @@ pub fn boot_and_preserve(opts: &Opts) {
     let hz = tsc_hz();
     super::SAVE_FAILURES.store(opts.inject.save_failures, Ordering::Release);
     let g = or_fail(machine::boot(opts, "[kernel 1] "));
+    // The session first: nothing that can fail after the guest stopped is left undone.
+    let name = SessionName::new(SESSION).expect("a valid name");
+    let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));
+    let session = luo
+        .create_session(&name)
+        .unwrap_or_else(|e| fail(format!("create session: {e}")));
     let mut s = stop_until_saved(g, hz, "[kernel 1] ");
+    if super::SAVE_FAILURES.load(Ordering::Acquire) != 0 {
+        fail("an injected save failure never happened: the test did not test");
+    }
     if opts.inject.zero_deadline {
         let zeroed = DEADLINES_ZEROED.load(Ordering::Relaxed);
         let rearmed = DEADLINES_REARMED.load(Ordering::Relaxed);
         if zeroed == 0 {
             fail("no vCPU's timer was armed when it was saved: the test did not test");
         }
+        if !opts.inject.no_deadline_fixup && rearmed != zeroed {
+            fail(format!(
+                "{zeroed} TSC deadlines lost at the save, only {rearmed} re-armed"
+            ));
+        }
         say(format!(
             "[kernel 1] {zeroed} TSC deadlines saved as 0 by the test, {rearmed} re-armed"
         ));
     }
-    let name = SessionName::new(SESSION).expect("a valid name");
-    let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));
-    let session = luo
-        .create_session(&name)
-        .unwrap_or_else(|e| fail(format!("create session: {e}")));
     let state_fd = s
         .preserve(&session)
         .unwrap_or_else(|e| fail(format!("preserving: {e}")));
@@ -165,8 +174,8 @@ pub fn resume(opts: &Opts) {
         Ok(r) => r,
         Err(held) => hold(&session, held, Some(TEST_HOLD)),
     };
-    if opts.inject.refused_msr && MSRS_SKIPPED.load(Ordering::Relaxed) == 0 {
-        fail("no MSR was refused by this kernel's KVM: the test did not test");
+    if opts.inject.refused_msr && !REFUSED_MSR_SKIPPED.load(Ordering::Relaxed) {
+        fail("the MSR no KVM knows was not skipped: the test did not test");
     }
     // Finishing waits for the guest's memory to be back; the guest runs meanwhile.
     let busy = or_fail(finish(

@@ -11,7 +11,7 @@ use crate::say;
 use crate::state::{SaveOpts, VcpuState};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,10 +20,13 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 /// How long the vCPUs have to come out of `KVM_RUN` once asked to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the VMM decided for the vCPUs that stopped, in stop number `cycle`.
+/// Where stop number `cycle` is: how many vCPUs stopped in it, and what the VMM decided for
+/// them. Counted under the mutex, per stop: a vCPU counts itself only once it is out of
+/// `KVM_RUN` for this stop, never for an earlier one.
 #[derive(Clone, Copy, Default)]
 struct Verdict {
     cycle: u64,
+    stopped: usize,
     /// `Some(true)`: save and end; `Some(false)`: run again; `None`: not decided yet.
     save: Option<bool>,
 }
@@ -35,8 +38,6 @@ struct VcpuCtl {
     stop: AtomicBool,
     /// A vCPU left its run loop on an error.
     failed: AtomicBool,
-    /// vCPUs out of `KVM_RUN`, with no I/O pending, waiting for the verdict.
-    stopped: AtomicUsize,
     verdict: Mutex<Verdict>,
     told: Condvar,
     /// TSC at the first `KVM_RUN`.
@@ -149,14 +150,15 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, ctl: &VcpuCtl) -> (VcpuFd, io::Result<V
         // vCPU's LAPIC was saved), or run again.
         let mut v = ctl.verdict.lock().unwrap();
         let cycle = v.cycle;
-        ctl.stopped.fetch_add(1, Ordering::AcqRel);
-        while v.cycle == cycle && v.save.is_none() {
+        v.stopped += 1;
+        ctl.told.notify_all();
+        // A vCPU that failed cannot run again: it waits for a save or the next stop.
+        while v.cycle == cycle && (v.save.is_none() || (result.is_err() && v.save == Some(false))) {
             v = ctl.told.wait(v).unwrap();
         }
         if v.cycle == cycle && v.save == Some(true) {
             break;
         }
-        ctl.stopped.fetch_sub(1, Ordering::AcqRel);
     }
     let state = result.and_then(|()| {
         if id + 1 == ctl.save.vcpus && super::injected_save_failure() {
@@ -188,22 +190,31 @@ impl Running {
             save: save.clone(),
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
-            stopped: AtomicUsize::new(0),
             verdict: Mutex::default(),
             told: Condvar::new(),
             first_entry: AtomicU64::new(0),
         });
-        let threads = vcpus
-            .into_iter()
-            .enumerate()
-            .map(|(id, vcpu)| {
-                let ctl = ctl.clone();
-                std::thread::Builder::new()
-                    .name(format!("vcpu{id}"))
-                    .spawn(move || run_vcpu(id, vcpu, &ctl))
-            })
-            .collect::<io::Result<_>>()?;
-        Ok(Self { threads, ctl })
+        let mut running = Self {
+            threads: Vec::new(),
+            ctl,
+        };
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            let ctl = running.ctl.clone();
+            match std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || run_vcpu(id, vcpu, &ctl))
+            {
+                Ok(t) => running.threads.push(t),
+                Err(e) => {
+                    // The vCPUs that run stop again, before anything they use can go.
+                    if running.stop(|| Ok(())).is_err() {
+                        crate::fail(format!("vCPU threads: {e}; and they do not stop"));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(running)
     }
 
     /// Whether a vCPU left its run loop on an error.
@@ -227,14 +238,18 @@ impl Running {
     ) -> Result<Saved<T>, (Self, io::Error)> {
         {
             let mut v = self.ctl.verdict.lock().unwrap();
-            v.cycle += 1;
-            v.save = None;
+            *v = Verdict {
+                cycle: v.cycle + 1,
+                stopped: 0,
+                save: None,
+            };
         }
         self.ctl.stop.store(true, Ordering::Release);
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while self.ctl.stopped.load(Ordering::Acquire) < self.threads.len() {
+        let stopped = || self.ctl.verdict.lock().unwrap().stopped;
+        while stopped() < self.threads.len() {
             if Instant::now() > deadline {
-                let n = self.ctl.stopped.load(Ordering::Acquire);
+                let n = stopped();
                 self.ctl.decide(false);
                 let e = io::Error::other(format!(
                     "{} of {} vCPUs did not stop in {} s",
@@ -270,10 +285,15 @@ impl Running {
             }
             vcpus.push(vcpu);
         }
+        let failed = self.ctl.failed.load(Ordering::Acquire);
         match error {
             None => Ok((quiesced, vcpus.into_iter().zip(states).collect())),
             Some(e) => match Self::start(vcpus, &self.ctl.io, &self.ctl.save) {
-                Ok(running) => Err((running, e)),
+                Ok(running) => {
+                    // A vCPU that had failed still counts as failed.
+                    running.ctl.failed.fetch_or(failed, Ordering::AcqRel);
+                    Err((running, e))
+                }
                 Err(e2) => crate::fail(format!("{e}; and the vCPUs cannot run again: {e2}")),
             },
         }
