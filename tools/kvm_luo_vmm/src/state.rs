@@ -290,9 +290,21 @@ impl VcpuState {
         vcpu.set_cpuid2(&self.cpuid).map_err(os("KVM_SET_CPUID2"))?;
         let now = vcpu.get_tsc_khz().map_err(os("KVM_GET_TSC_KHZ"))?;
         if now != self.tsc_khz {
-            if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
+            // Only a KVM that can scale the TSC takes another rate. Without scaling,
+            // KVM_SET_TSC_KHZ fails, but only after it took the rate as the vCPU's virtual
+            // one, which then no longer matches the rate the TSC runs at nor the other vCPUs'
+            // at their creation: their TSCs fall into different generations, KVM stops using
+            // its master clock, and the guest's kvmclock was seen to jump by seconds on resume.
+            if vm.check_extension(Cap::TscControl) {
+                if let Err(e) = vcpu.set_tsc_khz(self.tsc_khz) {
+                    report.tsc_khz = Some(format!(
+                        "the guest's TSC runs at {now} kHz, not {} kHz: {e}",
+                        self.tsc_khz
+                    ));
+                }
+            } else {
                 report.tsc_khz = Some(format!(
-                    "the guest's TSC runs at {now} kHz, not {} kHz: {e}",
+                    "the guest's TSC runs at {now} kHz, not {} kHz: this KVM cannot scale it",
                     self.tsc_khz
                 ));
             }
