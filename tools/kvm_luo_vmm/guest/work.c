@@ -44,8 +44,8 @@ struct worker {
 
 static pthread_mutex_t out_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* Wake-ups of each CPU's ticker. */
-static volatile unsigned long *ticks;
+/* Wake-ups of each CPU's ticker (atomic: read by the heartbeat). */
+static unsigned long *ticks;
 
 static void say(const char *fmt, ...)
 {
@@ -111,7 +111,7 @@ static void pin(int cpu, const char *what)
 	CPU_ZERO(&set);
 	CPU_SET(cpu, &set);
 	if (sched_setaffinity(0, sizeof(set), &set)) {
-		say("FAILED: cannot pin the %s of cpu %d\n", what, cpu);
+		say("FAILED: cannot keep the %s of cpu %d on it\n", what, cpu);
 		exit(1);
 	}
 }
@@ -124,7 +124,7 @@ static void *ticker(void *arg)
 	pin(cpu, "ticker");
 	for (;;) {
 		usleep(50000);
-		ticks[cpu]++;
+		__atomic_fetch_add(&ticks[cpu], 1, __ATOMIC_RELAXED);
 	}
 	return NULL;
 }
@@ -199,7 +199,8 @@ int main(int argc, char **argv)
 		n = snprintf(line, sizeof(line), "beat %lu at %.3f ticks", beat,
 			     now());
 		for (c = 0; c < cpus && n < (int)sizeof(line) - 24; c++)
-			n += snprintf(line + n, sizeof(line) - n, " %lu", ticks[c]);
+			n += snprintf(line + n, sizeof(line) - n, " %lu",
+				      __atomic_load_n(&ticks[c], __ATOMIC_RELAXED));
 		say("%s\n", line);
 	}
 }
