@@ -38,8 +38,9 @@ set -uo pipefail
 unset KLU_KERNEL	# the assembled tree (KLU_SRC) whatever the caller's kernel
 . "$(dirname "$0")/common.sh"
 
-# The whole script is one function, read before it runs: editing this file
-# while a soak runs does not change that soak.
+# The whole script is one function, read before it runs, and the line that
+# runs it also exits: editing this file while a soak runs does not change that
+# soak (an edit in place may move what bash would read after main).
 main() {
 	n=20 kernel=release cpus=1 mode=boot watch=30 jobs=1 qemu=0
 	while getopts 'n:k:c:m:w:j:qh' opt; do
@@ -126,6 +127,14 @@ main() {
 	wait "${pids[@]}"
 	cat "$results".* > "$results" 2>/dev/null
 
+	# The first line of a log that matches ERE $3 (with $2 = -v: outside the guest's and the
+	# VMM's own lines), or nothing. Decided by the output, not the status: with pipefail, the
+	# commands before a grep that stops at its first match may die of SIGPIPE.
+	first() {
+		tr -d '\r' < "$1" | { if [ "$2" = -v ]; then grep -v -E '^(guest|vmm)[^:]*:'; else cat; fi; } |
+			grep -E "$3" | head -n 1
+	}
+
 	# One outcome per boot.
 	declare -A count=([pass]=0 [timer]=0 [guest-triple]=0 [host-triple]=0 [host-oops]=0 [other]=0)
 	: > "$cells/outcomes"
@@ -146,16 +155,16 @@ main() {
 			kind=other why="no log"
 		elif grep -q '^Triple fault' "$log.qemu" 2>/dev/null; then
 			kind=host-triple why=$(grep -m1 -E '^\[' "$log" | tail -c 200)
-		elif why=$(tr -d '\r' < "$log" | grep -v -E '^(guest|vmm)[^:]*:' |
-			   grep -m1 -E 'BUG:|Oops|general protection|WARNING:|Kernel panic|UBSAN:|refcount_t'); then
+		elif why=$(first "$log" -v 'BUG:|Oops|general protection|WARNING:|Kernel panic|UBSAN:|refcount_t'); [ -n "$why" ]; then
 			kind=host-oops
-		elif why=$(tr -d '\r' < "$log" | grep -m1 -E 'exit Shutdown|triple fault'); then
+		elif why=$(first "$log" '' 'exit Shutdown|triple fault'); [ -n "$why" ]; then
 			kind=guest-triple
-		elif why=$(tr -d '\r' < "$log" | grep -m1 -E 'take no timer interrupts|detected stall|timer handling|soft lockup|no heartbeat'); then
+		elif why=$(first "$log" '' 'take no timer interrupts|detected stall|timer handling|soft lockup|no heartbeat'); [ -n "$why" ]; then
 			kind=timer
 		else
 			kind=other
-			why=$(tr -d '\r' < "$log" | grep -m1 -E 'FAILED|FAIL|timed out' || echo "see $log")
+			why=$(first "$log" '' 'FAILED|FAIL|timed out')
+			[ -n "$why" ] || why="see $log"
 		fi
 		count[$kind]=$((count[$kind] + 1))
 		printf 'soak_%s %s %s\n' "$i" "$kind" "$why" >> "$cells/outcomes"
@@ -170,5 +179,5 @@ main() {
 	[ "${count[pass]}" = "$n" ]
 }
 
-main "$@"
-exit
+# One line: bash has read all of it before main runs, and reads nothing after.
+main "$@"; exit

@@ -48,7 +48,9 @@ impl Console {
         std::thread::spawn(move || {
             for p in rx {
                 match p {
-                    Print::Line(line) => println!("guest{}: {line}", crate::name_suffix()),
+                    Print::Line(line) => {
+                        crate::out_line(format_args!("guest{}: {line}", crate::name_suffix()))
+                    }
                     Print::Flushed(done) => {
                         let _ = io::stdout().flush();
                         let _ = done.send(());

@@ -87,12 +87,23 @@ fn name_suffix() -> String {
     NAME.get().map(|n| format!(" {n}")).unwrap_or_default()
 }
 
+/// Prints a line on standard output. A write that fails (the terminal or pipe that started the
+/// VMM went away) is dropped: the guest does not depend on anyone reading.
+fn out_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 fn say(msg: impl AsRef<str>) {
-    println!("vmm{}: {}", name_suffix(), msg.as_ref());
+    out_line(format_args!("vmm{}: {}", name_suffix(), msg.as_ref()));
 }
 
 fn fail(msg: impl AsRef<str>) -> ! {
-    println!("vmm{}: FAILED: {}", name_suffix(), msg.as_ref());
+    out_line(format_args!(
+        "vmm{}: FAILED: {}",
+        name_suffix(),
+        msg.as_ref()
+    ));
     exit(1)
 }
 
@@ -543,6 +554,15 @@ fn main() {
             };
             if ram == linux::Ram::Anonymous && stage.as_deref() != Some("boot") {
                 fail("--ram anon is only for -s boot: anonymous memory cannot be preserved");
+            }
+            // Advancing moves kvmclock on; a guest without it keeps time with its TSC or its
+            // ticks, which the restore does not move.
+            if clock == linux::ClockMode::Advance && !kvmclock {
+                fail("--clock advance needs kvmclock: it cannot go with --no-kvmclock");
+            }
+            // The test hooks belong to the test stages (-s 1, 2).
+            if agent.is_some() && inject != linux::Inject::default() {
+                fail("--inject is for the test stages (-s 1, -s 2), not under --agent");
             }
             if let (Some(socket), Some(name), None) = (&agent, &name, &stage) {
                 let name = check("--name", SessionName::new(name));

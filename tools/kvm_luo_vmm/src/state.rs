@@ -241,12 +241,16 @@ impl VcpuState {
             for e in msrs.iter_mut().filter(|e| e.index == MSR_IA32_TSC_DEADLINE) {
                 e.data = 0;
                 DEADLINES_ZEROED.fetch_add(1, Ordering::Relaxed);
-                println!("vmm: vCPU {id}: its TSC deadline saved as 0 (injected by the test)");
+                crate::say(format!(
+                    "vCPU {id}: its TSC deadline saved as 0 (injected by the test)"
+                ));
             }
         }
         if opts.deadline_fixup && repair_lost_deadline(&lapic, &mut msrs) {
             DEADLINES_REARMED.fetch_add(1, Ordering::Relaxed);
-            println!("vmm: vCPU {id}: its TSC-deadline timer had lost its interrupt; re-armed");
+            crate::say(format!(
+                "vCPU {id}: its TSC-deadline timer had lost its interrupt; re-armed"
+            ));
         }
         if opts.refused_msr && last {
             msrs.push(kvm_bindings::kvm_msr_entry {
@@ -318,7 +322,11 @@ impl VcpuState {
         unsafe { vcpu.set_xsave2(&xsave) }.map_err(os("KVM_SET_XSAVE"))?;
         vcpu.set_lapic(&self.lapic).map_err(os("KVM_SET_LAPIC"))?;
         report.skipped_msrs = set_msrs_skipping(vcpu, self.msrs.as_slice())?;
-        vcpu.set_vcpu_events(&self.events)
+        // KVM_GET_VCPU_EVENTS fills the SIPI vector without flagging it; KVM_SET_VCPU_EVENTS
+        // takes it only when flagged (QEMU sets the flag too).
+        let mut events = self.events;
+        events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        vcpu.set_vcpu_events(&events)
             .map_err(os("KVM_SET_VCPU_EVENTS"))?;
         vcpu.set_mp_state(self.mp_state)
             .map_err(os("KVM_SET_MP_STATE"))?;
@@ -338,9 +346,15 @@ const FEATURE_REGS: &[(u32, u32, &str, Reg)] = &[
     (0x7, 0, "ECX", |e| e.ecx),
     (0x7, 0, "EDX", |e| e.edx),
     (0x7, 1, "EAX", |e| e.eax),
+    (0x7, 1, "EBX", |e| e.ebx),
+    (0x7, 1, "ECX", |e| e.ecx),
     (0x7, 1, "EDX", |e| e.edx),
+    (0x7, 2, "EDX", |e| e.edx),
     (0xd, 0, "EAX", |e| e.eax),
+    (0xd, 0, "EDX", |e| e.edx),
     (0xd, 1, "EAX", |e| e.eax),
+    (0x14, 0, "EBX", |e| e.ebx),
+    (0x19, 0, "EBX", |e| e.ebx),
     (0x8000_0001, 0, "ECX", |e| e.ecx),
     (0x8000_0001, 0, "EDX", |e| e.edx),
     (0x8000_0007, 0, "EDX", |e| e.edx),

@@ -95,22 +95,38 @@ fn next_event(client: &Client) -> Heard {
     }
 }
 
+/// How long a VMM whose agent went away while it was ready keeps its guest stopped without an
+/// answer from any agent: one that died while committing has a kexec under way.
+const AGENT_SILENCE: Duration = Duration::from_secs(30);
+
 /// After the connection to the agent ended while this VMM was ready: waits while an update
 /// that may still carry its session is armed or under way (an agent that lost a VMM refuses
-/// to commit, but one already committing kexecs), and returns once none is, or no agent
-/// answers. The guest must not run again before.
+/// to commit, but one already committing kexecs), and returns once none is, or once no agent
+/// has answered for [`AGENT_SILENCE`]. The guest must not run again before.
 fn wait_update_off(a: &AgentOpts) {
+    let mut silent_since = None;
     loop {
         match Client::connect(&a.socket).and_then(|c| c.status()) {
             Ok(s) if s.phase == "armed" || s.phase == "committing" => {
+                silent_since = None;
                 say(format!(
                     "the update is {}: the guest stays stopped",
                     s.phase
                 ));
-                std::thread::sleep(Duration::from_secs(1));
             }
-            _ => return,
+            Ok(_) => return,
+            Err(e) => {
+                let since = *silent_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= AGENT_SILENCE {
+                    say(format!(
+                        "no agent answered for {} s ({e}): no update is under way",
+                        AGENT_SILENCE.as_secs()
+                    ));
+                    return;
+                }
+            }
         }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -159,10 +175,13 @@ fn resume(
             hold(&session, held, None)
         }
     };
-    // Finishing waits for the guest's memory to be back, for as long as it takes.
-    if let Err(e) = finish(&session, opts.finish_timeout, &g, false, "") {
+    // Finishing waits for the guest's memory to be back, for as long as it takes (touching
+    // what nothing used yet after the first wait, in case the kernel puts memory back on use
+    // only).
+    if let Err(e) = finish(&session, opts.finish_timeout, &g, true, "") {
         say(format!(
-            "{e}: the previous kernel's session stays unfinished; the guest runs on"
+            "{e}: closing the previous kernel's session, which finishes it (every file in it \
+             is retrieved); the guest runs on"
         ));
         tell(&client, VmmState::Failed, e);
     }

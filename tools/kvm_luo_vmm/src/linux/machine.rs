@@ -427,21 +427,38 @@ impl Stopped {
             snapshot: s,
             pings,
         } = self;
+        // The vCPUs have not run since they were saved, so they still hold that state: what is
+        // restored here only hides the pause. A step that fails is said, and the guest goes on
+        // without it; only vCPU threads that cannot start lose it.
+        let said = |what: &str, r: Result<(), String>| {
+            if let Err(e) = r {
+                say(format!("{label}{what}: {e}; the guest goes on without it"));
+            }
+        };
         for (id, (vcpu, state)) in vcpus.iter().zip(&s.vcpus).enumerate() {
-            let report = check("restoring a vCPU", state.restore(&m.vm, vcpu))?;
-            say_report(id, &report, label);
+            match state.restore(&m.vm, vcpu) {
+                Ok(report) => say_report(id, &report, label),
+                Err(e) => said(&format!("restoring vCPU {id}"), Err(e.to_string())),
+            }
         }
-        check("restoring the irqchip and PIT", s.vm.restore_devices(&m.vm))?;
-        check(
+        said(
+            "restoring the irqchip and PIT",
+            s.vm.restore_devices(&m.vm).map_err(|e| e.to_string()),
+        );
+        said(
             "KVM_IRQFD",
             m.vm.register_irqfd(&m.irq, COM1_IRQ)
-                .map_err(os("KVM_IRQFD")),
-        )?;
-        check(
+                .map_err(|e| format!("KVM_IRQFD: {e}")),
+        );
+        said(
             "restoring the clock",
-            s.vm.restore_clock(&m.vm, clock == super::ClockMode::Advance),
-        )?;
-        kvmclock_paused(&vcpus)?;
+            s.vm.restore_clock(&m.vm, clock == super::ClockMode::Advance)
+                .map_err(|e| e.to_string()),
+        );
+        said(
+            "telling the guest its clock was paused",
+            kvmclock_paused(&vcpus),
+        );
         let from = m.console.len();
         let running = check("vCPU threads", Running::start(vcpus, &m.io, &save))?;
         let mut g = Guest {

@@ -73,7 +73,7 @@ pub enum ClockMode {
 }
 
 /// Faults a test injects, to see the VMM keep the guest through them.
-#[derive(Clone, Copy, Default, Debug)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct Inject {
     /// The first this many stop-and-save attempts fail (a vCPU's save).
     pub save_failures: u32,

@@ -25,13 +25,15 @@ fn or_fail<T>(r: Result<T, String>) -> T {
 /// ever if `None`) for an operator to look.
 pub fn hold(session: &Session, held: Held, hold: Option<Duration>) -> ! {
     say(format!(
-        "FAILED: cannot restore the guest: {}; its session stays unfinished and the {} \
-         files retrieved stay open, so nothing of it is freed; waiting {}",
+        "FAILED: cannot restore the guest: {}; its session stays unfinished and \
+         everything retrieved stays open, so nothing of it is freed; waiting {}",
         held.why,
-        held.files.len(),
         hold.map_or(
             "for an operator (kill this VMM to give the guest up)".into(),
-            |d| { format!("{} s (a test)", d.as_secs()) }
+            |d| format!(
+                "{} s (a test: then it exits, and the session is finished)",
+                d.as_secs()
+            )
         ),
     ));
     let _ = io::stdout().flush();
@@ -81,10 +83,11 @@ pub fn finish(
     }
 }
 
-/// Stops the guest and saves it, for as many tries as the test injects failures: a stop that
-/// fails runs the guest again, which must go on unharmed (the update would be refused).
-fn stop_until_saved(mut g: Guest, hz: u64, label: &str) -> Stopped {
-    loop {
+/// Stops the guest and saves it, for as many tries as the test injects failures, and one more:
+/// a stop that fails runs the guest again, which must go on unharmed (the update would be
+/// refused).
+fn stop_until_saved(mut g: Guest, hz: u64, label: &str, failures: u32) -> Stopped {
+    for _ in 0..=failures {
         match g.stop(hz) {
             Ok(s) => return s,
             Err(failed) => {
@@ -103,6 +106,10 @@ fn stop_until_saved(mut g: Guest, hz: u64, label: &str) -> Stopped {
             }
         }
     }
+    fail(format!(
+        "{label}the guest could not be stopped and saved in {} tries",
+        failures + 1
+    ))
 }
 
 /// Stage 1 of 3: boot the guest, let it work, stop it and preserve it.
@@ -116,7 +123,7 @@ pub fn boot_and_preserve(opts: &Opts) {
     let session = luo
         .create_session(&name)
         .unwrap_or_else(|e| fail(format!("create session: {e}")));
-    let mut s = stop_until_saved(g, hz, "[kernel 1] ");
+    let mut s = stop_until_saved(g, hz, "[kernel 1] ", opts.inject.save_failures);
     if super::SAVE_FAILURES.load(Ordering::Acquire) != 0 {
         fail("an injected save failure never happened: the test did not test");
     }

@@ -140,8 +140,13 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, ctl: &VcpuCtl) -> (VcpuFd, io::Result<V
         while result.is_ok() {
             match vcpu.run() {
                 Err(e) if e.errno() == libc::EINTR => break,
+                Err(e) if e.errno() == libc::EAGAIN => {}
                 Ok(exit) => result = handle_exit(id, &ctl.io, exit),
                 Err(e) => result = Err(io::Error::other(format!("vCPU {id}: last KVM_RUN: {e}"))),
+            }
+            if let Err(e) = &result {
+                post_mortem(id, &vcpu, e);
+                ctl.failed.store(true, Ordering::Release);
             }
         }
         vcpu.set_kvm_immediate_exit(0);
@@ -169,6 +174,27 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, ctl: &VcpuCtl) -> (VcpuFd, io::Result<V
         VcpuState::save(&vcpu, id, &ctl.save)
     });
     (vcpu, state)
+}
+
+impl Drop for Running {
+    /// vCPUs must not run once what they use can go (the guest's memory mapping, the devices):
+    /// a `Running` dropped without [`Running::stop`], on an error path, stops its vCPUs first,
+    /// and the VMM aborts if they do not stop.
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        if let Err(left) = self.bring_out() {
+            say(format!(
+                "{left} vCPUs do not stop, and what they use is going: aborting"
+            ));
+            std::process::abort();
+        }
+        self.ctl.decide(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl super::checks::Vcpus for Running {
@@ -232,10 +258,9 @@ impl Running {
     /// their states, in vCPU order. On failure the vCPUs run again, and come back with the
     /// error: a vCPU that does not stop in time, `quiesce` failing (whatever it undid must be
     /// redone by the caller), or a vCPU whose state cannot be read.
-    pub fn stop<T>(
-        self,
-        quiesce: impl FnOnce() -> io::Result<T>,
-    ) -> Result<Saved<T>, (Self, io::Error)> {
+    /// Starts stop number `cycle + 1` and gets every vCPU out of `KVM_RUN`, waiting for its
+    /// verdict. Returns how many did not come out in time.
+    fn bring_out(&self) -> Result<(), usize> {
         {
             let mut v = self.ctl.verdict.lock().unwrap();
             *v = Verdict {
@@ -244,26 +269,38 @@ impl Running {
                 save: None,
             };
         }
+        // A vCPU that failed waits for the next stop: this is it.
+        self.ctl.told.notify_all();
         self.ctl.stop.store(true, Ordering::Release);
         let deadline = Instant::now() + STOP_TIMEOUT;
-        let stopped = || self.ctl.verdict.lock().unwrap().stopped;
-        while stopped() < self.threads.len() {
+        loop {
+            let stopped = self.ctl.verdict.lock().unwrap().stopped;
+            if stopped >= self.threads.len() {
+                return Ok(());
+            }
             if Instant::now() > deadline {
-                let n = stopped();
-                self.ctl.decide(false);
-                let e = io::Error::other(format!(
-                    "{} of {} vCPUs did not stop in {} s",
-                    self.threads.len() - n,
-                    self.threads.len(),
-                    STOP_TIMEOUT.as_secs()
-                ));
-                return Err((self, e));
+                return Err(self.threads.len() - stopped);
             }
             for t in &self.threads {
                 // A thread already waiting for the verdict just goes back to waiting.
                 let _ = t.kill(SIGRTMIN());
             }
             std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    pub fn stop<T>(
+        mut self,
+        quiesce: impl FnOnce() -> io::Result<T>,
+    ) -> Result<Saved<T>, (Self, io::Error)> {
+        if let Err(left) = self.bring_out() {
+            self.ctl.decide(false);
+            let e = io::Error::other(format!(
+                "{left} of {} vCPUs did not stop in {} s",
+                self.threads.len(),
+                STOP_TIMEOUT.as_secs()
+            ));
+            return Err((self, e));
         }
         let quiesced = match quiesce() {
             Ok(q) => q,
@@ -273,10 +310,11 @@ impl Running {
             }
         };
         self.ctl.decide(true);
-        let mut vcpus = Vec::with_capacity(self.threads.len());
-        let mut states = Vec::with_capacity(self.threads.len());
+        let threads = std::mem::take(&mut self.threads);
+        let mut vcpus = Vec::with_capacity(threads.len());
+        let mut states = Vec::with_capacity(threads.len());
         let mut error = None;
-        for t in self.threads {
+        for t in threads {
             // A vCPU thread does not panic (panic = "abort" for this binary).
             let (vcpu, state) = t.join().expect("a vCPU thread panicked");
             match state {
