@@ -16,8 +16,11 @@
 //!   before the kexec). If the kexec happens while they exist, the memory is handed over.
 //! - [`PreservedPages`] preserves a [`FolioRun`]: folios it holds references to until the kexec.
 //! - [`Restored<T>`], [`RestoredVec<T>`] and [`RestoredPages`] are the incoming side. Creating them takes the
-//!   memory back from KHO, which refuses memory that was not preserved or was already restored;
-//!   dropping them frees it.
+//!   memory back from KHO, which refuses memory that was not preserved or was already restored
+//!   (its claim of a block is atomic: of two restorers of the same block, one gets it and the
+//!   other an error); dropping them frees it. A [`RestoredVec`] is reached through the head
+//!   object that holds its descriptor ([`Restored::restore_vec`]), because restoring it reads the
+//!   descriptor's chunks before it claims them.
 //!
 //! Preserved data is plain old data: `T` must be [`FromBytes`] and [`IntoBytes`], so any bytes
 //! left by the previous kernel are a valid `T` and the caller only has to check their meaning.
@@ -80,7 +83,12 @@ fn pages_preserved(phys: u64, nr_pages: u64) -> bool {
 /// by the chunk list at `first`, is whole: every chunk and every block preserved by the previous
 /// kernel and not restored, as many blocks as the pages need, and no more chunks than they need
 /// (a corrupted list could loop). Reads only memory that passed those checks.
-fn vmalloc_intact(first: u64, total_pages: u64, order: u32) -> bool {
+///
+/// # Safety
+///
+/// Nobody restores or frees the chunks of the list while this runs (see
+/// [`RestoredVec::restore`]).
+unsafe fn vmalloc_intact(first: u64, total_pages: u64, order: u32) -> bool {
     let Some(blocks) = total_pages.checked_shr(order) else {
         return false;
     };
@@ -93,9 +101,9 @@ fn vmalloc_intact(first: u64, total_pages: u64, order: u32) -> bool {
         if !pages_preserved(phys, 1) {
             return false;
         }
-        // SAFETY: `phys` is a page the previous kernel preserved and nobody restored; the caller
-        // owns the preservation, so nobody restores or frees it while we read it. It is in the
-        // direct map and holds a `struct kho_vmalloc_chunk`.
+        // SAFETY: `phys` is a page the previous kernel preserved and nobody restored, and by
+        // the caller's safety requirements nobody else restores or frees it while we read it. It
+        // is in the direct map and holds a `struct kho_vmalloc_chunk`.
         let chunk = unsafe { &*bindings::phys_to_virt(phys).cast::<bindings::kho_vmalloc_chunk>() };
         // The bound `kho_restore_vmalloc()` applies too: as many full chunks as the blocks need.
         if chunks > blocks / chunk.phys.len() as u64 + 1 {
@@ -232,29 +240,56 @@ impl<T: FromBytes> Restored<T> {
     }
 }
 
-// For LUO, which keeps a head object a retrieve handed back.
-#[cfg(CONFIG_LIVEUPDATE)]
 impl<T: FromBytes> Restored<T> {
-    /// Gives up ownership, for a C user to keep; [`Restored::from_raw`] takes it back.
-    pub(crate) fn into_raw(self) -> *mut bindings::folio {
-        let folio = self.folio.as_ptr();
-        core::mem::forget(self);
-        folio
-    }
-
-    /// Takes back what [`Restored::into_raw`] gave up.
+    /// Takes back the vector of `len` elements described by the descriptor `desc` picks in this
+    /// head object.
     ///
-    /// # Safety
+    /// `len` comes from the caller's own serialized data, which it has bounded. The descriptor is
+    /// checked against it before KHO reads anything: it must describe exactly the pages `len`
+    /// elements need (as [`PreservedVec`] preserves them), in blocks of a valid order, starting at
+    /// memory the previous kernel preserved.
     ///
-    /// `folio` must come from `Restored::<T>::into_raw`, for the same `T`, and not have been taken
-    /// back since.
-    pub(crate) unsafe fn from_raw(folio: *mut bindings::folio) -> Self {
-        // INVARIANT: `into_raw` gave up a folio that satisfied the invariants, unchanged since.
-        Self {
-            // SAFETY: `into_raw` returns a non-null pointer.
-            folio: unsafe { NonNull::new_unchecked(folio) },
-            _t: PhantomData,
+    /// Only the owner of the head reaches its descriptors (`desc` must pick one inside it), and
+    /// `&mut self` keeps two of its users from restoring them at once. Once KHO was asked for
+    /// the memory, the descriptor is emptied, unless the call fails with `ENOMEM` (nothing taken,
+    /// try again): the memory it named is then this kernel's, and no later call may read it as
+    /// a descriptor's chunks.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` when `desc` picks no descriptor of this head, when the descriptor does
+    /// not match `len` or when KHO refuses the memory (not preserved, already restored,
+    /// inconsistent descriptor), and `ENOMEM` when memory to map the vector could not be
+    /// allocated and nothing was restored: the vector can be restored again later.
+    pub fn restore_vec<E: FromBytes>(
+        &mut self,
+        desc: impl FnOnce(&T) -> &VmallocDesc,
+        len: usize,
+    ) -> Result<RestoredVec<E>> {
+        // SAFETY: The folio is ours and in the direct map, by the type invariants.
+        let head = unsafe { bindings::folio_address(self.folio.as_ptr()) }.cast::<u8>();
+        let at = core::ptr::from_ref(desc(self));
+        let offset = (at as usize).wrapping_sub(head as usize);
+        if size_of::<T>()
+            .checked_sub(size_of::<VmallocDesc>())
+            .is_none_or(|last| offset > last)
+        {
+            return Err(EINVAL);
         }
+        // SAFETY: A `VmallocDesc` lies at `offset` inside the `T` of this head, checked above,
+        // suitably aligned since `desc` returned a reference to it; `&mut self` makes this the
+        // only reference to it.
+        let desc = unsafe { &mut *head.add(offset).cast::<VmallocDesc>() };
+        // SAFETY: The descriptor is in a head object we hold exclusively, which the previous
+        // kernel wrote for this one file: nothing of this kernel restores it meanwhile, and one
+        // KHO was asked for is emptied below. Two heads that name the same chunks come from a
+        // previous kernel that gave one page to two preservations, which this does not survive:
+        // KHO reads a chunk before it claims it.
+        let (restored, asked) = unsafe { RestoredVec::restore(desc, len) };
+        if asked && !matches!(restored, Err(ENOMEM)) {
+            *desc = VmallocDesc::default();
+        }
+        restored
     }
 }
 
@@ -338,7 +373,7 @@ impl<T: FromBytes + IntoBytes + Copy> PreservedVec<T> {
     ///
     /// The preserved area is exactly as many pages as the elements need (the vector is copied
     /// into one of that size first if its capacity is larger), which is what
-    /// [`RestoredVec::restore`] checks in the next kernel.
+    /// [`Restored::restore_vec`] checks in the next kernel.
     ///
     /// # Errors
     ///
@@ -370,7 +405,7 @@ impl<T: FromBytes + IntoBytes + Copy> PreservedVec<T> {
         Ok(preserved)
     }
 
-    /// The descriptor to pass to the next kernel, for [`RestoredVec::restore`].
+    /// The descriptor to pass to the next kernel, for [`Restored::restore_vec`].
     pub fn desc(&self) -> VmallocDesc {
         VmallocDesc::from_raw(&self.desc)
     }
@@ -412,60 +447,57 @@ pub struct RestoredVec<T: FromBytes> {
 }
 
 impl<T: FromBytes> RestoredVec<T> {
-    /// Takes back the vector of `len` elements described by `desc`.
+    /// Takes back the vector of `len` elements described by `desc`, as
+    /// [`Restored::restore_vec`] says; also returns whether KHO was asked for the memory.
     ///
-    /// `len` comes from the caller's own serialized data, which it has bounded. The descriptor is
-    /// checked against it before KHO reads anything: it must describe exactly the pages `len`
-    /// elements need (as [`PreservedVec`] preserves them), in blocks of a valid order, starting at
-    /// memory the previous kernel preserved.
+    /// # Safety
     ///
-    /// # Errors
-    ///
-    /// Returns `EINVAL` when the descriptor does not match `len` or KHO refuses the memory (not
-    /// preserved, already restored, inconsistent descriptor), and `ENOMEM` when memory to map
-    /// the vector could not be allocated and nothing was restored: the vector can be restored
-    /// again later.
-    pub fn restore(desc: &VmallocDesc, len: usize) -> Result<Self> {
-        let bytes = len.checked_mul(size_of::<T>()).ok_or(EINVAL)?;
+    /// Nobody restores or frees the memory `desc` describes while this runs: both this function
+    /// and `kho_restore_vmalloc()` read the descriptor's chunks, which KHO does not own, before
+    /// they claim them.
+    unsafe fn restore(desc: &VmallocDesc, len: usize) -> (Result<Self>, bool) {
+        let Some(bytes) = len.checked_mul(size_of::<T>()) else {
+            return (Err(EINVAL), false);
+        };
         if desc.is_empty() || bytes == 0 {
             if !desc.is_empty() || bytes != 0 {
-                return Err(EINVAL);
+                return (Err(EINVAL), false);
             }
-            return Ok(Self {
+            let empty = Self {
                 ptr: core::ptr::null_mut(),
                 len: 0,
-            });
+            };
+            return (Ok(empty), false);
         }
         let order = u32::from(desc.order.get());
-        if desc.total_pages.get() as usize != pages_for(bytes)
+        let total_pages = u64::from(desc.total_pages.get());
+        // SAFETY: Nobody restores or frees the chunks meanwhile, by the safety requirements.
+        let intact = || unsafe { vmalloc_intact(desc.first.get(), total_pages, order) };
+        if total_pages as usize != pages_for(bytes)
             || order > bindings::MAX_PAGE_ORDER
-            || desc.total_pages.get() % (1 << order) != 0
-            || !vmalloc_intact(desc.first.get(), desc.total_pages.get().into(), order)
+            || total_pages % (1 << order) != 0
+            || !intact()
         {
-            return Err(EINVAL);
+            return (Err(EINVAL), false);
         }
         let raw = desc.to_raw();
         // SAFETY: `kho_restore_vmalloc` validates each chunk and page against the KHO records
-        // and returns NULL if any is not preserved.
+        // and returns NULL if any is not preserved; nobody else restores or frees them
+        // meanwhile, by the safety requirements.
         let ptr = unsafe { bindings::kho_restore_vmalloc(&raw) };
         if ptr.is_null() {
             // The descriptor was whole, checked above, and `kho_restore_vmalloc()` allocates and
             // maps everything before it restores anything. If it still is, it ran out of memory
             // and restored nothing: the caller may try again.
-            return Err(
-                if vmalloc_intact(desc.first.get(), desc.total_pages.get().into(), order) {
-                    ENOMEM
-                } else {
-                    EINVAL
-                },
-            );
+            return (Err(if intact() { ENOMEM } else { EINVAL }), true);
         }
         // INVARIANT: The area is `total_pages` pages, which hold `len` elements, as checked
         // above.
-        Ok(Self {
+        let restored = Self {
             ptr: ptr.cast(),
             len,
-        })
+        };
+        (Ok(restored), true)
     }
 }
 

@@ -16,7 +16,9 @@
 //! - `freeze` / `unfreeze`: last actions right before the kexec, and their undo when the kexec is
 //!   aborted.
 //! - `unpreserve`: the session was closed before the kexec; release everything.
-//! - `retrieve`: in the new kernel, rebuild a file from the preserved head object.
+//! - `retrieve`: in the new kernel, rebuild a file from the preserved head object. A retrieve
+//!   that fails without losing anything (it took nothing back, or keeps what it took) can be
+//!   tried again.
 //! - `can_finish` / `finish`: the session is done; free whatever was not retrieved.
 //!
 //! In this abstraction, the serialized head object and the runtime state have their own types
@@ -93,16 +95,27 @@ impl<T: FileHandler> DerefMut for Outgoing<T> {
     }
 }
 
+/// What is left of a preserved file that was not retrieved: its head object, and what a failed
+/// retrieve took back of the rest and kept.
+pub struct Unconsumed<T: FileHandler> {
+    /// The head object the previous kernel preserved.
+    pub serialized: Restored<T::Serialized>,
+    /// What a failed retrieve took back of the preserved state and handed back with
+    /// [`RetrieveError::retry_with`], if anything.
+    pub partial: Option<T::Partial>,
+}
+
 /// Why a retrieve failed, and whether the preserved state is still whole.
 ///
 /// A handler that fails before it has consumed anything of the preserved state (beyond the head
-/// object it was given) hands the head object back with [`RetrieveError::retry`]: the file stays
-/// not retrieved, userspace may retrieve it again, and [`FileHandler::finish`] gets the head
-/// object back if it never is. Any other error (built from an [`Error`], e.g. with `?`) means the
-/// state was consumed; the error is then final.
+/// object it was given) hands the head object back with [`RetrieveError::retry`]; one that took
+/// part of the state back also hands that back, with [`RetrieveError::retry_with`]. The file then
+/// stays not retrieved, userspace may retrieve it again, and [`FileHandler::finish`] gets both
+/// back if it never is. Any other error (built from an [`Error`], e.g. with `?`) means the state
+/// was consumed; the error is then final.
 pub struct RetrieveError<T: FileHandler> {
     error: Error,
-    unconsumed: Option<Restored<T::Serialized>>,
+    unconsumed: Option<Unconsumed<T>>,
 }
 
 impl<T: FileHandler> RetrieveError<T> {
@@ -110,7 +123,26 @@ impl<T: FileHandler> RetrieveError<T> {
     pub fn retry(error: Error, serialized: Restored<T::Serialized>) -> Self {
         Self {
             error,
-            unconsumed: Some(serialized),
+            unconsumed: Some(Unconsumed {
+                serialized,
+                partial: None,
+            }),
+        }
+    }
+
+    /// A failure after part of the preserved state was taken back: `serialized`, and `partial`
+    /// if any, are kept for a later retrieve or finish.
+    pub fn retry_with(
+        error: Error,
+        serialized: Restored<T::Serialized>,
+        partial: Option<T::Partial>,
+    ) -> Self {
+        Self {
+            error,
+            unconsumed: Some(Unconsumed {
+                serialized,
+                partial,
+            }),
         }
     }
 }
@@ -133,7 +165,8 @@ impl<T: FileHandler> From<AllocError> for RetrieveError<T> {
 /// Whether and how a preserved file was retrieved in the new kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetrieveStatus {
-    /// Retrieve was never attempted.
+    /// Retrieve was never attempted, or failed only in ways that kept the preserved state (see
+    /// [`RetrieveError`]).
     NotAttempted,
     /// Retrieve succeeded.
     Retrieved,
@@ -224,6 +257,12 @@ pub trait FileHandler: Sized + 'static {
     /// Runtime state kept for each preserved file until the kexec.
     type State: Send + Sync;
 
+    /// What a retrieve that failed part-way took back of the preserved state and keeps for the
+    /// next try ([`RetrieveError::retry_with`]); [`core::convert::Infallible`] for a handler that
+    /// never does. Dropping it must release what it holds: it is dropped when the file is
+    /// finished without being retrieved.
+    type Partial: Send;
+
     /// Whether this handler supports `file`. Must be cheap: LUO asks every handler in turn.
     fn can_preserve(file: &File) -> bool;
 
@@ -251,10 +290,12 @@ pub trait FileHandler: Sized + 'static {
     }
 
     /// Rebuilds the file in the new kernel. `serialized` is the head object the previous kernel
-    /// preserved; the handler owns it and everything it refers to, on success and on failure,
-    /// unless it hands it back with [`RetrieveError::retry`].
+    /// preserved, and `partial` what an earlier, failed retrieve of the file took back and kept;
+    /// the handler owns them and everything they refer to, on success and on failure, unless it
+    /// hands them back with [`RetrieveError::retry`] or [`RetrieveError::retry_with`].
     fn retrieve(
         serialized: Restored<Self::Serialized>,
+        partial: Option<Self::Partial>,
         session: &IncomingSession<'_>,
     ) -> Result<ARef<File>, RetrieveError<Self>>;
 
@@ -266,9 +307,9 @@ pub trait FileHandler: Sized + 'static {
         build_error!(VTABLE_DEFAULT_ERROR)
     }
 
-    /// The session is finished. When the file was never retrieved, `unretrieved` holds its head
-    /// object, and the handler must release everything it refers to.
-    fn finish(status: RetrieveStatus, unretrieved: Option<Restored<Self::Serialized>>);
+    /// The session is finished. When the file was never retrieved, `unretrieved` holds what is
+    /// left of it, and the handler must release everything that refers to.
+    fn finish(status: RetrieveStatus, unretrieved: Option<Unconsumed<Self>>);
 }
 
 /// A registration of a LUO file handler.
@@ -476,15 +517,25 @@ impl<T: FileHandler> HandlerVTable<T> {
             ptr,
             _p: PhantomData,
         };
+        // Room to keep what is left if this try fails, taken before anything of the preserved
+        // state is: a failure here loses nothing, whatever an earlier try left stays where it is.
+        let Ok(room) = KBox::<Unconsumed<T>>::new_uninit(GFP_KERNEL) else {
+            // SAFETY: `args` is valid.
+            unsafe { (*args).retryable = true };
+            return ENOMEM.to_errno();
+        };
         // SAFETY: `args` is valid; LUO passes back what an earlier retryable retrieve left.
-        let serialized = match unsafe { Self::take_unconsumed(args) } {
-            Some(serialized) => serialized,
+        let (serialized, partial) = match unsafe { Self::take_unconsumed(args) } {
+            Some(Unconsumed {
+                serialized,
+                partial,
+            }) => (serialized, partial),
             None => match Restored::restore(phys) {
-                Ok(serialized) => serialized,
+                Ok(serialized) => (serialized, None),
                 Err(err) => return err.to_errno(),
             },
         };
-        match T::retrieve(serialized, &session) {
+        match T::retrieve(serialized, partial, &session) {
             Ok(file) => {
                 // SAFETY: `args` is valid; LUO takes over our reference to the new file.
                 unsafe { (*args).file = ARef::into_raw(file).as_ptr().cast() };
@@ -492,13 +543,14 @@ impl<T: FileHandler> HandlerVTable<T> {
             }
             Err(RetrieveError {
                 error,
-                unconsumed: Some(serialized),
+                unconsumed: Some(unconsumed),
             }) => {
+                let kept = KBox::write(room, unconsumed);
                 // SAFETY: `args` is valid; LUO keeps `private_data` for the next retrieve,
                 // can_finish and finish of this file, which take it back with
                 // `take_unconsumed`.
                 unsafe {
-                    (*args).private_data = serialized.into_raw().cast();
+                    (*args).private_data = kept.into_foreign().cast();
                     (*args).retryable = true;
                 }
                 error.to_errno()
@@ -507,7 +559,7 @@ impl<T: FileHandler> HandlerVTable<T> {
         }
     }
 
-    /// Takes back the head object a retryable retrieve left in `private_data`, if any.
+    /// Takes back what a retryable retrieve left in `private_data`, if anything.
     ///
     /// # Safety
     ///
@@ -515,7 +567,7 @@ impl<T: FileHandler> HandlerVTable<T> {
     /// was set by [`Self::retrieve`] and not taken back since.
     unsafe fn take_unconsumed(
         args: *mut bindings::liveupdate_file_op_args,
-    ) -> Option<Restored<T::Serialized>> {
+    ) -> Option<Unconsumed<T>> {
         // SAFETY: `args` is valid by the function's safety requirements.
         let ptr = unsafe { (*args).private_data };
         if ptr.is_null() {
@@ -523,9 +575,10 @@ impl<T: FileHandler> HandlerVTable<T> {
         }
         // SAFETY: `args` is valid; the pointer is taken back below, once.
         unsafe { (*args).private_data = core::ptr::null_mut() };
-        // SAFETY: A non-null `private_data` came from `Restored::into_raw` in `retrieve`, for a
-        // `Restored<T::Serialized>`.
-        Some(unsafe { Restored::from_raw(ptr.cast()) })
+        // SAFETY: A non-null `private_data` came from `KBox::into_foreign` in `retrieve`, for a
+        // `KBox<Unconsumed<T>>`, and is taken back only here.
+        let kept = unsafe { KBox::<Unconsumed<T>>::from_foreign(ptr.cast()) };
+        Some(KBox::into_inner(kept))
     }
 
     /// # Safety
@@ -554,26 +607,30 @@ impl<T: FileHandler> HandlerVTable<T> {
         // SAFETY: `args` is valid by the function's safety requirements.
         let (status, phys) = unsafe { ((*args).retrieve_status, (*args).serialized_data) };
         let status = RetrieveStatus::from_raw(status);
+        // What a retryable retrieve handed back; LUO leaves `private_data` null otherwise, but
+        // whatever is there is ours to free.
+        // SAFETY: `args` is valid, for a file of an incoming session; LUO does not use
+        // `private_data` after finish.
+        let kept = unsafe { Self::take_unconsumed(args) };
         // A retrieve, successful or not, consumed the head object already, except one that
         // handed it back.
-        let unretrieved = match status {
-            // SAFETY: `args` is valid, for a file of an incoming session; LUO does not use
-            // `private_data` after finish.
-            RetrieveStatus::NotAttempted => match unsafe { Self::take_unconsumed(args) } {
-                Some(ser) => Some(ser),
-                None => match Restored::restore(phys) {
-                    Ok(ser) => Some(ser),
-                    Err(err) => {
-                        pr_err!(
-                            "{}: cannot restore preserved data: {:?}\n",
-                            T::COMPATIBLE,
-                            err
-                        );
-                        None
-                    }
-                },
+        let unretrieved = match (status, kept) {
+            (_, Some(unconsumed)) => Some(unconsumed),
+            (RetrieveStatus::NotAttempted, None) => match Restored::restore(phys) {
+                Ok(serialized) => Some(Unconsumed {
+                    serialized,
+                    partial: None,
+                }),
+                Err(err) => {
+                    pr_err!(
+                        "{}: cannot restore preserved data: {:?}\n",
+                        T::COMPATIBLE,
+                        err
+                    );
+                    None
+                }
             },
-            _ => None,
+            (_, None) => None,
         };
         T::finish(status, unretrieved);
     }

@@ -32,7 +32,10 @@
 //!
 //! The ABI is documented in `Documentation/virt/kvm/luo.rst`.
 
-use core::mem::MaybeUninit;
+use core::{
+    convert::Infallible,
+    mem::MaybeUninit, //
+};
 use kernel::{
     alloc::flags::__GFP_NOWARN,
     folio::{
@@ -68,7 +71,8 @@ use kernel::{
         Outgoing,
         OutgoingSession,
         RetrieveError,
-        RetrieveStatus, //
+        RetrieveStatus,
+        Unconsumed, //
     },
     new_condvar, new_mutex,
     page::PAGE_SIZE,
@@ -835,18 +839,18 @@ fn preserve_memory(
 }
 
 /// Takes back and validates the extent records; from here on, the preserved state is consumed.
-fn restore_extents(serialized: &GmemSer, extents: &mut KVVec<Extent>) -> Result {
+fn restore_extents(serialized: &mut Restored<GmemSer>, extents: &mut KVVec<Extent>) -> Result {
     let nr = extent_count(serialized)?;
-    let records = RestoredVec::<ExtentSer>::restore(&serialized.extents, nr)?;
+    let records: RestoredVec<ExtentSer> = serialized.restore_vec(|s| &s.extents, nr)?;
     validate_extents(&records, serialized.size.get(), extents)
         .inspect_err(|_| pr_err!("preserved guest_memfd extents are inconsistent\n"))
 }
 
 /// Frees the memory of extents that will not be restored into a file. Allocates nothing but
 /// what KHO needs to map the records, and frees every extent it can even when one fails.
-fn release_extents(serialized: &GmemSer) -> Result {
+fn release_extents(serialized: &mut Restored<GmemSer>) -> Result {
     let nr = extent_count(serialized)?;
-    let records = RestoredVec::<ExtentSer>::restore(&serialized.extents, nr)?;
+    let records: RestoredVec<ExtentSer> = serialized.restore_vec(|s| &s.extents, nr)?;
     let mut result = Ok(());
     for_each_valid_extent(&records, serialized.size.get(), |extent| {
         match RestoredPages::restore(extent.pfn, extent.nr_pages) {
@@ -897,6 +901,8 @@ impl FileHandler for GmemHandler {
     const COMPATIBLE: &'static CStr = COMPATIBLE;
     type Serialized = GmemSer;
     type State = GmemState;
+    /// Everything that can fail for an ordinary reason comes before the records are taken back.
+    type Partial = Infallible;
 
     fn can_preserve(file: &File) -> bool {
         GuestMemfd::of(file).is_some()
@@ -947,7 +953,8 @@ impl FileHandler for GmemHandler {
     }
 
     fn retrieve(
-        serialized: Restored<GmemSer>,
+        mut serialized: Restored<GmemSer>,
+        _partial: Option<Infallible>,
         session: &IncomingSession<'_>,
     ) -> Result<ARef<File>, RetrieveError<Self>> {
         let Prepared {
@@ -963,7 +970,7 @@ impl FileHandler for GmemHandler {
 
         // Taking the records back consumes the preserved state, unless KHO could not allocate
         // what it needs to map them: then nothing is lost either.
-        match restore_extents(&serialized, &mut extents) {
+        match restore_extents(&mut serialized, &mut extents) {
             Ok(()) => (),
             Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
             Err(err) => return Err(err.into()),
@@ -992,9 +999,9 @@ impl FileHandler for GmemHandler {
         }
     }
 
-    fn finish(_status: RetrieveStatus, unretrieved: Option<Restored<GmemSer>>) {
-        if let Some(serialized) = unretrieved {
-            if let Err(err) = retry_on_enomem(FINISH_TRIES, || release_extents(&serialized)) {
+    fn finish(_status: RetrieveStatus, unretrieved: Option<Unconsumed<Self>>) {
+        if let Some(Unconsumed { mut serialized, .. }) = unretrieved {
+            if let Err(err) = retry_on_enomem(FINISH_TRIES, || release_extents(&mut serialized)) {
                 pr_warn!(
                     "could not free the memory of an unretrieved guest_memfd: {:?}\n",
                     err

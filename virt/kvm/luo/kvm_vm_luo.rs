@@ -13,6 +13,9 @@
 //! after `LIVEUPDATE_SESSION_PRESERVE_FD` is carried over as long as it completes before the
 //! reboot. They are stored as ranges of frames with equal attributes, not one entry per page.
 //!
+//! A retrieve that fails for want of memory, before or after it took the ranges back, can be
+//! tried again: the ranges it took back are kept with the file until it is.
+//!
 //! The ABI is documented in `Documentation/virt/kvm/luo.rst`.
 
 use kernel::{
@@ -35,7 +38,8 @@ use kernel::{
         Outgoing,
         OutgoingSession,
         RetrieveError,
-        RetrieveStatus, //
+        RetrieveStatus,
+        Unconsumed, //
     },
     prelude::*,
     str::CString,
@@ -175,11 +179,17 @@ fn preserve_attributes(kvm: &Kvm) -> Result<PreservedVec<AttrRange>> {
     PreservedVec::new(encoder.ranges)
 }
 
-/// Checks the number of ranges of `serialized` and makes a VM of its type.
-fn new_vm_file(serialized: &VmSer) -> Result<ARef<File>> {
-    if serialized.nr_ranges.get() > MAX_RANGES {
-        return Err(E2BIG);
+/// Gives the frames of each of `ranges` its attributes.
+fn set_ranges(kvm: &Kvm, ranges: &[AttrRange]) -> Result {
+    for range in ranges {
+        let start = range.start.get();
+        kvm.set_mem_attributes(start, start + range.nr_pages.get(), range.attrs.get())?;
     }
+    Ok(())
+}
+
+/// Makes a VM of the type of `serialized`.
+fn new_vm_file(serialized: &VmSer) -> Result<ARef<File>> {
     let id = RETRIEVED.fetch_add(1, Relaxed);
     let name = CString::try_from_fmt(fmt!("luo-{id}"))?;
     kvm::create_vm_file(serialized.vm_type.get(), &name)
@@ -210,6 +220,8 @@ impl FileHandler for VmHandler {
     const COMPATIBLE: &'static CStr = COMPATIBLE;
     type Serialized = VmSer;
     type State = VmState;
+    /// The ranges, once taken back.
+    type Partial = RestoredVec<AttrRange>;
 
     fn can_preserve(file: &File) -> bool {
         Kvm::from_file(file).is_some()
@@ -244,22 +256,32 @@ impl FileHandler for VmHandler {
     }
 
     fn retrieve(
-        serialized: Restored<VmSer>,
+        mut serialized: Restored<VmSer>,
+        partial: Option<RestoredVec<AttrRange>>,
         _session: &IncomingSession<'_>,
     ) -> Result<ARef<File>, RetrieveError<Self>> {
-        // What can fail for an ordinary reason (the count, making the VM) comes before the
-        // ranges are taken back: on such an error the file can be retrieved again.
+        // A count no kernel writes fails for good: the ranges cannot be found.
+        let nr = serialized.nr_ranges.get();
+        if nr > MAX_RANGES {
+            pr_err!("a preserved VM has {} attribute ranges\n", nr);
+            return Err(E2BIG.into());
+        }
+        // What can fail for want of memory (making the VM, mapping the ranges, setting them)
+        // hands back what it was given and took: the file can be retrieved again.
         let file = match new_vm_file(&serialized) {
             Ok(file) => file,
-            Err(err) => return Err(RetrieveError::retry(err, serialized)),
+            Err(err) => return Err(RetrieveError::retry_with(err, serialized, partial)),
         };
-        let nr = serialized.nr_ranges.get();
-        let restored = match RestoredVec::<AttrRange>::restore(&serialized.ranges, nr as usize) {
-            Ok(restored) => restored,
-            // KHO could not map the ranges and took nothing back.
-            Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
-            Err(err) => return Err(err.into()),
+        let restored = match partial {
+            Some(restored) => restored,
+            None => match serialized.restore_vec(|s| &s.ranges, nr as usize) {
+                Ok(restored) => restored,
+                // KHO could not map the ranges and took nothing back.
+                Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
+                Err(err) => return Err(err.into()),
+            },
         };
+        // Hostile or unknown records fail for good; dropping `restored` frees them.
         let ranges = validate_ranges(&restored, nr, kvm::MEMORY_ATTRIBUTE_PRIVATE)?;
         let kvm = Kvm::from_file(&file).ok_or(EINVAL)?;
         let supported = kvm.supported_mem_attributes();
@@ -270,19 +292,30 @@ impl FileHandler for VmHandler {
             pr_err!("preserved memory attributes not supported by a VM of this type\n");
             return Err(EOPNOTSUPP.into());
         }
-        for range in ranges {
-            let start = range.start.get();
-            kvm.set_mem_attributes(start, start + range.nr_pages.get(), range.attrs.get())?;
+        // KVM allocates as it sets them. When it runs out, the new VM goes, and the next try sets
+        // every range again on a VM of its own.
+        match set_ranges(kvm, ranges) {
+            Ok(()) => Ok(file),
+            Err(ENOMEM) => Err(RetrieveError::retry_with(
+                ENOMEM,
+                serialized,
+                Some(restored),
+            )),
+            Err(err) => Err(err.into()),
         }
-        Ok(file)
     }
 
-    fn finish(_status: RetrieveStatus, unretrieved: Option<Restored<VmSer>>) {
-        if let Some(serialized) = unretrieved {
+    fn finish(_status: RetrieveStatus, unretrieved: Option<Unconsumed<Self>>) {
+        // Ranges a failed retrieve took back are freed with `unretrieved`.
+        if let Some(Unconsumed {
+            mut serialized,
+            partial: None,
+        }) = unretrieved
+        {
             let nr = serialized.nr_ranges.get();
             if nr > MAX_RANGES
                 || retry_on_enomem(10, || {
-                    RestoredVec::<AttrRange>::restore(&serialized.ranges, nr as usize)
+                    serialized.restore_vec::<AttrRange>(|s| &s.ranges, nr as usize)
                 })
                 .is_err()
             {

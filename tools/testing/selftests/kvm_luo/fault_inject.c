@@ -21,13 +21,14 @@
  *   retrieve  RETRIEVE_FD of guest_memfds (their VMs retrieved first) and of
  *             VMs with private ranges (past what KVM_CREATE_VM itself
  *             allocates, which is KVM's): a failure must be retryable with the
- *             data intact (for a guest_memfd, always: a final failure would
- *             lose its memory), or final; a retrieved file must hold exactly
- *             what was preserved. A final failure, or one the retrieve gets over
- *             (KVM does without a debugfs entry, for instance), uses up a
- *             file, so stage 1 preserves many; the protected VMs go in a
- *             session made after the freeze loop, which would otherwise
- *             freeze them at every try.
+ *             data intact, never final (a final failure loses the file: a
+ *             guest_memfd's memory, or a VM's attributes and with them every
+ *             guest_memfd bound to it); a retrieved file must hold exactly
+ *             what was preserved (a VM's private ranges are probed by a
+ *             vCPU). A retrieve that gets over a failure (KVM does without a
+ *             debugfs entry, for instance) uses up a file, so stage 1
+ *             preserves many; the protected VMs go in a session made after
+ *             the freeze loop, which would otherwise freeze them at every try.
  *   finish    FINISH of sessions that hold a guest_memfd never retrieved,
  *             one session per failing allocation: the memory of each must
  *             come back.
@@ -65,7 +66,10 @@
 /* What other allocations may hold meanwhile (slab pages, KASAN quarantine). */
 #define FREE_SLACK_KB	1024
 #define MAX_TRIES	4000
-#define PGMEM_GPA	0x100000UL
+/* The private ranges of a protected VM, inside memslot 0 of klu_vcpu_create(). */
+#define PRIVATE_A	0x10000UL
+#define PRIVATE_B	0x80000UL
+#define PRIVATE_SIZE	(16 * KLU_PAGE)
 
 /* Tokens: pair i is VM 2i + 1 and guest_memfd 2i + 2; protected VMs after. */
 #define TOKEN_VM(i)	(2 * (i) + 1)
@@ -171,18 +175,49 @@ static int make_gmem(int vm, int pair)
 static int make_pvm(void)
 {
 	struct kvm_memory_attributes attr = {
-		.size = 64 * 4096,
+		.size = PRIVATE_SIZE,
 		.attributes = KVM_MEMORY_ATTRIBUTE_PRIVATE,
 	};
 	int vm = klu_create_vm(KVM_X86_SW_PROTECTED_VM);
 
-	attr.address = PGMEM_GPA;
+	attr.address = PRIVATE_A;
 	if (ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, &attr))
 		fail_exit("KVM_SET_MEMORY_ATTRIBUTES");
-	attr.address = PGMEM_GPA + 1024 * 4096;
+	attr.address = PRIVATE_B;
 	if (ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, &attr))
 		fail_exit("KVM_SET_MEMORY_ATTRIBUTES");
 	return vm;
+}
+
+/*
+ * A vCPU reads each probe of a retrieved protected VM: in a private range it
+ * must take a private memory fault (no guest_memfd backs it), in shared
+ * memory it must read.
+ */
+static void check_pvm(int vm, int token)
+{
+	static const struct { uint64_t gpa; int private; } probes[] = {
+		{ PRIVATE_A - KLU_PAGE, 0 }, { PRIVATE_A, 1 },
+		{ PRIVATE_A + PRIVATE_SIZE - KLU_PAGE, 1 },
+		{ PRIVATE_A + PRIVATE_SIZE, 0 }, { PRIVATE_B, 1 },
+		{ PRIVATE_B + PRIVATE_SIZE - KLU_PAGE, 1 },
+		{ PRIVATE_B + PRIVATE_SIZE, 0 },
+	};
+	struct klu_vcpu v = klu_vcpu_create(vm);
+	unsigned int exit, want;
+	uint8_t val = 0;
+	size_t i;
+
+	for (i = 0; i < ARRAY_SIZE(probes); i++) {
+		want = probes[i].private ? KVM_EXIT_MEMORY_FAULT : KVM_EXIT_HLT;
+		exit = klu_vcpu_access(&v, probes[i].gpa, 0, &val);
+		if (exit != want)
+			ksft_exit_fail_msg("VM %d retrieved after failures: %#llx: exit %u, expected %u (%s)\n",
+					   token, (unsigned long long)probes[i].gpa,
+					   exit, want, probes[i].private ? "private" : "shared");
+	}
+	close(v.fd);
+	munmap(v.slot0, KLU_MIB);
 }
 
 static void check_gmem(int gmem, int pair, const char *when)
@@ -457,15 +492,25 @@ static void stage2(int luo_fd, int state_session)
 		skip = 0;
 	ksft_print_msg("VM retrieve: %d allocations, %d of them KVM_CREATE_VM's\n",
 		       total, skip + 16);
-	for (i = 1, n = skip + 1, exhausted = 0; i < PVMS && !exhausted; i++) {
+	for (i = 1, n = skip + 1, exhausted = 0, lost = 0; i < PVMS && !exhausted; i++) {
 		fd = retrieve_with_failures(vms, TOKEN_PVM(i), &n, &exhausted);
+		if (fd >= 0) {
+			check_pvm(fd, TOKEN_PVM(i));
+			close(fd);
+		} else {
+			lost++;
+		}
 		done_vm = i + 1;
 	}
 	if (!exhausted)
 		ksft_exit_fail_msg("VM retrieve: %d VMs used up before every allocation failed\n",
 				   PVMS);
-	ksft_print_msg("VM retrieve: allocations %d to %d each failed once, cleanly (%d VMs)\n",
-		       skip + 1, n - 2, done_vm);
+	/* A VM that fails for good takes its guest_memfds with it. */
+	if (lost)
+		ksft_exit_fail_msg("VM retrieve: %d of %d VMs failed for good: their guests are lost\n",
+				   lost, done_vm - 1);
+	ksft_print_msg("VM retrieve: allocations %d to %d each failed once, retryable: %d VMs retrieved with their private ranges\n",
+		       skip + 1, n - 2, done_vm - 1);
 
 	/* What the loops did not use is freed by finish, as never retrieved. */
 	ksft_print_msg("%d of %d pairs used\n", done_gmem, PAIRS);

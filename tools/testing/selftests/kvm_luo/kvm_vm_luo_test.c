@@ -12,9 +12,12 @@
  * is released (it can be preserved again and retrieved); a VM that is never
  * retrieved has its preserved data freed by finish (MemFree grows by at
  * least the size of its many attribute ranges); fds that are not VMs are not
- * claimed.
+ * claimed; a VM whose retrieve runs out of memory while KVM sets its
+ * attributes (a memory cgroup too small for them: KVM keeps one entry per
+ * private page) can be retrieved again, whole, once memory is there.
  */
 
+#include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <stdint.h>
@@ -23,6 +26,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <libliveupdate.h>
@@ -37,6 +42,22 @@
 #define TOKEN_SW	2
 #define TOKEN_REPRESERVED 3
 #define TOKEN_MANY	4
+#define TOKEN_BIG	5
+
+/*
+ * The VM retrieved in a small memory cgroup: one private range from BIG_GPA
+ * to 4 GiB, nearly 2^20 pages (one record; KVM's attribute xarray for it
+ * takes about 9 MiB). It starts inside memslot 0 and ends inside a memslot
+ * of its own, so that a vCPU can probe both ends.
+ */
+#define BIG_GPA		0x2000UL
+#define BIG_END		(1UL << 32)
+#define BIG_PAGES	((BIG_END - BIG_GPA) / PAGE)
+#define END_SLOT	1
+#define END_SLOT_SIZE	(2UL << 20)
+#define MEMCG		"/sys/fs/cgroup/klu"
+/* Room left in the cgroup beyond what a new VM takes: far less than 9 MiB. */
+#define MEMCG_ROOM	(2UL << 20)
 
 #define MANY_RANGES	80000UL
 #define PAGE		KLU_PAGE
@@ -116,6 +137,125 @@ static void check_vm(int vm, int protected, const char *what)
 	close(v.fd);
 }
 
+/*
+ * The big VM's attributes, probed by a vCPU: shared below BIG_GPA, private
+ * from it to its last page.
+ */
+static void check_big(int vm, const char *what)
+{
+	static const struct { uint64_t gpa; int private; } big_probes[] = {
+		{ 0x0, 0 }, { 0x1000, 0 }, { BIG_GPA, 1 }, { 0xff000, 1 },
+		{ BIG_END - END_SLOT_SIZE, 1 }, { BIG_END - PAGE, 1 },
+	};
+	struct kvm_userspace_memory_region end = {
+		.slot = END_SLOT,
+		.guest_phys_addr = BIG_END - END_SLOT_SIZE,
+		.memory_size = END_SLOT_SIZE,
+	};
+	struct klu_vcpu v = klu_vcpu_create(vm);
+	unsigned int exit, want;
+	uint8_t *mem, val = 0;
+	size_t i;
+
+	mem = mmap(NULL, END_SLOT_SIZE, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED)
+		fail_exit("mmap");
+	end.userspace_addr = (uintptr_t)mem;
+	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &end))
+		fail_exit("KVM_SET_USER_MEMORY_REGION at the end of the big range");
+
+	for (i = 0; i < ARRAY_SIZE(big_probes); i++) {
+		want = big_probes[i].private ? KVM_EXIT_MEMORY_FAULT : KVM_EXIT_HLT;
+		exit = klu_vcpu_access(&v, big_probes[i].gpa, 0, &val);
+		if (exit != want)
+			ksft_exit_fail_msg("%s: %#llx: exit %u, expected %u\n", what,
+					   (unsigned long long)big_probes[i].gpa, exit, want);
+	}
+	ksft_print_msg("%s: %zu probes behave as preserved\n", what, i);
+	close(v.fd);
+	munmap(v.slot0, KLU_MIB);
+	munmap(mem, END_SLOT_SIZE);
+}
+
+static void write_str(const char *path, const char *val)
+{
+	int fd = open(path, O_WRONLY);
+
+	if (fd < 0 || write(fd, val, strlen(val)) != (ssize_t)strlen(val))
+		fail_exit("write %s to %s", val, path);
+	close(fd);
+}
+
+static long memcg_read(const char *file)
+{
+	char path[64], buf[32] = { 0 };
+	int fd;
+
+	snprintf(path, sizeof(path), MEMCG "/%s", file);
+	fd = open(path, O_RDONLY);
+	if (fd < 0 || read(fd, buf, sizeof(buf) - 1) <= 0)
+		fail_exit("read %s", path);
+	close(fd);
+	return atol(buf);
+}
+
+/*
+ * Retrieve the big VM from inside a memory cgroup with room for a new VM but
+ * not for its attributes: KVM runs out of memory setting them, after the
+ * handler took the ranges back. The retrieve must fail with ENOMEM and keep
+ * the VM retrievable; with the limit lifted, it must succeed, whole. This
+ * process alone is in the cgroup and the OOM killer may not pick it, so the
+ * charges fail instead.
+ */
+static int retrieve_big_in_small_memcg(int session)
+{
+	char val[32];
+	long cost, base;
+	int vm, err;
+
+	mkdir("/sys/fs/cgroup", 0755);
+	if (mount("none", "/sys/fs/cgroup", "cgroup2", 0, NULL) && errno != EBUSY)
+		fail_exit("mount cgroup2");
+	write_str("/sys/fs/cgroup/cgroup.subtree_control", "+memory");
+	if (mkdir(MEMCG, 0755) && errno != EEXIST)
+		fail_exit("mkdir " MEMCG);
+	snprintf(val, sizeof(val), "%d", getpid());
+	write_str(MEMCG "/cgroup.procs", val);
+	write_str("/proc/self/oom_score_adj", "-1000");
+
+	/* What a new protected VM costs the cgroup. */
+	base = memcg_read("memory.current");
+	vm = create_vm(KVM_X86_SW_PROTECTED_VM);
+	cost = memcg_read("memory.current") - base;
+	close(vm);
+	base = memcg_read("memory.current");
+	snprintf(val, sizeof(val), "%ld", base + cost + (long)MEMCG_ROOM);
+	write_str(MEMCG "/memory.max", val);
+
+	vm = luo_session_retrieve_fd(session, TOKEN_BIG);
+	err = -vm;
+	write_str(MEMCG "/memory.max", "max");
+	if (vm >= 0)
+		ksft_exit_fail_msg("the big VM was retrieved within %lu kB of room: the test cannot see an out-of-memory\n",
+				   (cost + MEMCG_ROOM) >> 10);
+	if (err != ENOMEM)
+		ksft_exit_fail_msg("the big VM in a small cgroup: %s, expected ENOMEM\n",
+				   strerror(err));
+	ksft_print_msg("the big VM in a cgroup with %ld kB of room: %s\n",
+		       (cost + (long)MEMCG_ROOM) >> 10, strerror(err));
+	vm = luo_session_retrieve_fd(session, TOKEN_BIG);
+	if (vm < 0)
+		ksft_exit_fail_msg("the big VM after the limit was lifted: %s: lost to an out-of-memory\n",
+				   strerror(-vm));
+
+	/* The rest of the test runs as before. */
+	write_str("/proc/self/oom_score_adj", "0");
+	snprintf(val, sizeof(val), "%d", getpid());
+	write_str("/sys/fs/cgroup/cgroup.procs", val);
+	return vm;
+}
+
 static void expect_not_claimed(int session, int fd, const char *what)
 {
 	int ret = luo_session_preserve_fd(session, fd, 1000 + fd);
@@ -127,7 +267,7 @@ static void expect_not_claimed(int session, int fd, const char *what)
 
 static void stage1(int luo_fd)
 {
-	int session, tmp, leak, vm_default, vm_sw, vm_again, vm_many, vcpu;
+	int session, tmp, leak, vm_default, vm_sw, vm_again, vm_many, vm_big, vcpu;
 	unsigned long i;
 
 	create_state_file(luo_fd, STATE_SESSION, STATE_TOKEN, 2);
@@ -142,6 +282,9 @@ static void stage1(int luo_fd)
 		set_private(vm_sw, private_ranges[i].gpa, private_ranges[i].size);
 	check_vm(vm_default, 0, "default VM before kexec");
 	check_vm(vm_sw, 1, "protected VM before kexec");
+	vm_big = create_vm(KVM_X86_SW_PROTECTED_VM);
+	set_private(vm_big, BIG_GPA, BIG_PAGES * PAGE);
+	check_big(vm_big, "big VM before kexec");
 
 	/* Files that are not VMs. */
 	vcpu = ioctl(vm_default, KVM_CREATE_VCPU, 1);
@@ -169,16 +312,17 @@ static void stage1(int luo_fd)
 		fail_exit("preserve the VM with many ranges");
 
 	if (luo_session_preserve_fd(session, vm_default, TOKEN_DEFAULT) ||
-	    luo_session_preserve_fd(session, vm_sw, TOKEN_SW))
+	    luo_session_preserve_fd(session, vm_sw, TOKEN_SW) ||
+	    luo_session_preserve_fd(session, vm_big, TOKEN_BIG))
 		fail_exit("preserve VMs");
-	ksft_print_msg("[STAGE 1] preserved 4 VMs\n");
+	ksft_print_msg("[STAGE 1] preserved 5 VMs\n");
 	close(luo_fd);
 	daemonize_and_wait();
 }
 
 static void stage2(int luo_fd, int state_session)
 {
-	int session, leak, vm_default, vm_sw, vm_again, tries;
+	int session, leak, vm_default, vm_sw, vm_again, vm_big, tries;
 	long before, after, want_kb;
 
 	session = luo_retrieve_session(luo_fd, MAIN_SESSION);
@@ -194,6 +338,8 @@ static void stage2(int luo_fd, int state_session)
 	check_vm(vm_default, 0, "default VM after kexec");
 	check_vm(vm_sw, 1, "protected VM after kexec");
 	check_vm(vm_again, 0, "re-preserved VM after kexec");
+	vm_big = retrieve_big_in_small_memcg(session);
+	check_big(vm_big, "big VM after kexec");
 
 	if (klu_finish(session) || klu_finish(state_session))
 		fail_exit("finish");
