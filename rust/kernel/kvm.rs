@@ -11,7 +11,7 @@
 //!
 //! Guest memory lives in guest_memfd files (`KVM_CREATE_GUEST_MEMFD`), each bound to one VM;
 //! [`GuestMemfd`] describes one, [`FrozenGuestMemfd`] stops its memory from changing, and
-//! [`GuestMemfdFile`] is a new one the kernel fills before handing it out.
+//! [`GuestMemfdFile`] is a new one the kernel hands out and fills later, as its memory is used.
 //!
 //! Memory attributes (`KVM_SET_MEMORY_ATTRIBUTES`) are per guest frame. Only VMs with private
 //! memory support them (e.g. `KVM_X86_SW_PROTECTED_VM`); for other VMs every frame is shared.
@@ -405,7 +405,8 @@ impl Drop for FrozenGuestMemfd {
 }
 
 #[cfg(CONFIG_KVM_GUEST_MEMFD)]
-/// A guest_memfd file created by the kernel, to fill before handing it to userspace.
+/// A guest_memfd file created by the kernel, handed to userspace with a filler that puts its
+/// memory in later.
 ///
 /// # Invariants
 ///

@@ -19,12 +19,13 @@
 //! takes any memory back: if either fails, the file stays retrievable and nothing is lost. Then
 //! it takes the extent records back and returns the file, with its memory still preserved: each
 //! window goes into the file the first time something needs memory there (a vCPU fault, a fault
-//! through a mapping, `fallocate()`), or when background workers, one per CPU, get to it, started
-//! right after retrieve; at most 512 pages per fault, in a time that does not depend on the size
-//! of the file. A punch-hole frees the pending memory in the hole. LUO's finish is refused
-//! (`EBUSY`) until every window is in, so that a finished session means all memory is back; a
-//! session closed without finish finishes at once, and the file keeps putting its memory in, or
-//! frees it when it goes. The module parameter `background_restore=0` leaves it all to first
+//! through a mapping, `fallocate()`), or when background work items (unbound, as many as CPUs, at
+//! most 16) get to it, started right after retrieve; at most 512 pages per fault, in a time that
+//! does not depend on the size of the file. A punch-hole frees the pending memory in the hole.
+//! LUO's finish is refused (`EBUSY`) until every window is settled: in, punched out, or lost
+//! (KHO or the page cache refused it, which is logged and makes faults there fail with `EIO`);
+//! a session closed without finish finishes at once, and the file keeps putting its memory in,
+//! or frees it when it goes. The module parameter `background_restore=0` leaves it all to first
 //! use.
 //!
 //! Private memory is supported for software-protected VMs, whose private memory is plain memory;
@@ -320,13 +321,13 @@ struct Window {
     uptodate: bool,
 }
 
-/// The windows of `extent`, in order.
 /// How many windows `nr_pages` pages from `pfn` (at least one) make, as [`windows_of`] cuts them.
 fn window_count(pfn: u64, nr_pages: u64) -> u64 {
     let last = pfn + (nr_pages - 1);
     (last >> WINDOW_ORDER) - (pfn >> WINDOW_ORDER) + 1
 }
 
+/// The windows of `extent`, in order.
 fn windows_of(extent: &Extent) -> impl Iterator<Item = Window> + '_ {
     let end = extent.pfn + extent.nr_pages;
     let mut pfn = extent.pfn;
@@ -987,7 +988,7 @@ impl FileHandler for GmemHandler {
     }
 
     fn can_finish(file: Option<&File>, _status: RetrieveStatus, releasing: bool) -> bool {
-        // Finish means all memory is back: not before every window is in. When the session is
+        // Finish means all memory is settled: not before every window is. When the session is
         // released, a refusal would keep it and the file until reboot; the pending memory
         // belongs to the file, which puts it in as it is used, or frees it when it goes.
         if releasing {
