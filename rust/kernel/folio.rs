@@ -56,52 +56,6 @@ impl Folio {
     pub fn as_ptr(&self) -> *mut bindings::folio {
         self.inner.get()
     }
-
-    /// The page frame number of the folio's first page.
-    pub fn pfn(&self) -> u64 {
-        // SAFETY: `self` is a valid folio.
-        unsafe { bindings::folio_pfn(self.as_ptr()) as u64 }
-    }
-
-    /// The index (in pages) of the folio in its file.
-    pub fn index(&self) -> u64 {
-        // SAFETY: `self` is a valid folio.
-        unsafe { bindings::folio_index(self.as_ptr()) as u64 }
-    }
-
-    /// The number of pages in the folio (`2^order`).
-    pub fn nr_pages(&self) -> u64 {
-        // SAFETY: `self` is a valid folio.
-        unsafe { bindings::folio_nr_pages(self.as_ptr()) as u64 }
-    }
-
-    /// Whether the folio's contents are valid.
-    pub fn is_uptodate(&self) -> bool {
-        // SAFETY: `self` is a valid folio.
-        unsafe { bindings::folio_test_uptodate(self.as_ptr()) }
-    }
-
-    /// The NUMA node the folio's memory is on.
-    pub fn nid(&self) -> i32 {
-        // SAFETY: `self` is a valid folio.
-        unsafe { bindings::folio_nid(self.as_ptr()) }
-    }
-
-    /// Whether memory failure handling found a hardware error in one of the folio's pages.
-    pub fn is_hwpoisoned(&self) -> bool {
-        // SAFETY: `self` is a valid folio.
-        unsafe { bindings::folio_contain_hwpoisoned_page(self.as_ptr()) }
-    }
-
-    /// Where the folio is, in its file and in physical memory.
-    pub fn span(&self) -> Span {
-        Span {
-            index: self.index(),
-            pfn: self.pfn(),
-            nr_pages: self.nr_pages(),
-            nid: self.nid(),
-        }
-    }
 }
 
 /// Where a run of pages is: its first index in a file, its first page frame, its length and its
@@ -132,28 +86,22 @@ impl Span {
 ///
 /// # Invariants
 ///
-/// `span` is `folio.span()` as read while the reference was held. Its pfn, number of pages and
-/// node stay true while the reference is: a referenced folio is neither split nor freed (nor
-/// moved, which needs its references frozen). Its index is the one read then: the folio may
-/// leave its page cache since.
+/// `span` is the folio's index, first page frame, number of pages and NUMA node, read while the
+/// reference was held. Its pfn, number of pages and node stay true while the reference is: a
+/// referenced folio is neither split nor freed (nor moved, which needs its references frozen).
+/// Its index is the one read then: the folio may leave its page cache since.
 pub struct SpannedFolio {
     folio: ARef<Folio>,
     span: Span,
 }
 
 impl SpannedFolio {
-    /// Looks up where `folio` is.
-    pub fn new(folio: ARef<Folio>) -> Self {
-        let span = folio.span();
-        // INVARIANT: `span` is the folio's.
-        Self { folio, span }
-    }
-
     /// Pairs `folio` with a span read from it by the caller.
     ///
     /// # Safety
     ///
-    /// `span` must be `folio.span()`, read while the reference in `folio` was held.
+    /// `span` must be the folio's index, first page frame, number of pages and NUMA node, read
+    /// while the reference in `folio` was held.
     pub unsafe fn from_parts(folio: ARef<Folio>, span: Span) -> Self {
         // INVARIANT: By the safety requirements.
         Self { folio, span }
@@ -162,11 +110,6 @@ impl SpannedFolio {
     /// Where the folio is.
     pub fn span(&self) -> Span {
         self.span
-    }
-
-    /// The folio.
-    pub fn folio(&self) -> &Folio {
-        &self.folio
     }
 }
 
