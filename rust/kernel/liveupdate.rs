@@ -636,6 +636,10 @@ impl<T: FileHandler> HandlerVTable<T> {
     }
 }
 
+/// How many times [`FileHandler::finish`] tries to release a file when memory is short, with
+/// [`retry_on_enomem`].
+pub const FINISH_TRIES: u32 = 10;
+
 /// Runs `f` again, up to `tries` times in all, 10 ms apart, while it fails with `ENOMEM`.
 ///
 /// For [`FileHandler::finish`], which cannot fail: releasing what a file preserved may need

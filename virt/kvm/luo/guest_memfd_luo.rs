@@ -73,7 +73,8 @@ use kernel::{
         OutgoingSession,
         RetrieveError,
         RetrieveStatus,
-        Unconsumed, //
+        Unconsumed,
+        FINISH_TRIES, //
     },
     new_condvar, new_mutex,
     page::PAGE_SIZE,
@@ -181,9 +182,6 @@ const KNOWN_EXTENT_FLAGS: u64 = EXTENT_UPTODATE;
 
 /// Bits of [`ExtentSer::pfn_flags`] that hold the flags.
 const FLAG_BITS: u32 = 12;
-
-/// How many times finish tries to free an unretrieved file when memory is short.
-const FINISH_TRIES: u32 = 10;
 
 /// The most extents a file may carry across (24 MiB of records).
 const MAX_EXTENTS: u64 = 1 << 20;

@@ -39,7 +39,8 @@ use kernel::{
         OutgoingSession,
         RetrieveError,
         RetrieveStatus,
-        Unconsumed, //
+        Unconsumed,
+        FINISH_TRIES, //
     },
     prelude::*,
     str::CString,
@@ -314,7 +315,7 @@ impl FileHandler for VmHandler {
         {
             let nr = serialized.nr_ranges.get();
             if nr > MAX_RANGES
-                || retry_on_enomem(10, || {
+                || retry_on_enomem(FINISH_TRIES, || {
                     serialized.restore_vec::<AttrRange>(|s| &s.ranges, nr as usize)
                 })
                 .is_err()
