@@ -6,8 +6,9 @@
 //! it (no memory is added or removed until it is unpreserved or the kexec happens), walks its
 //! page cache and records *extents*: runs of folios that are contiguous both in the file and in
 //! physical memory, on one NUMA node. Each extent holds a reference to each of its folios, costs
-//! 24 bytes of metadata and is preserved in windows: its part in each naturally aligned 2 MiB of
-//! physical memory is one KHO preservation. Holes cost nothing. Folios that were
+//! 16 bytes of metadata (per 4 GiB) and is preserved in windows: its part in each naturally
+//! aligned 2 MiB of physical memory is one KHO preservation. Holes cost nothing, and a file whose
+//! every page is an extent of its own costs what memfd costs per page. Folios that were
 //! allocated but never used are zeroed then, as their first use would, so every preserved folio
 //! is uptodate: the guest and the VMM may go on writing to guest memory until the kexec, and the
 //! new kernel sees exactly what the memory holds at kexec time. Folios with a hardware memory
@@ -38,7 +39,6 @@ use core::{
     mem::MaybeUninit, //
 };
 use kernel::{
-    alloc::flags::__GFP_NOWARN,
     folio::{
         FolioRun,
         Span,
@@ -118,7 +118,7 @@ kernel::module_liveupdate_handler! {
 }
 
 /// The handler's compatible string. The number is the version of the ABI below.
-const COMPATIBLE: &CStr = c"kvm-gmem-rs-v2";
+const COMPATIBLE: &CStr = c"kvm-gmem-rs-v3";
 
 /// Extents are preserved in naturally aligned windows of `2^WINDOW_ORDER` physical pages (2 MiB):
 /// the next kernel takes back, and puts in, one window at a time (ABI, since v2).
@@ -126,9 +126,6 @@ const WINDOW_ORDER: u32 = 9;
 
 /// How many times a background worker tries a window when memory is short, 10 ms apart.
 const WORKER_TRIES: u32 = 100;
-
-/// The most windows a file may have (32 TiB of memory).
-const MAX_WINDOWS: u64 = 1 << 24;
 
 /// The most background workers a file gets.
 const MAX_WORKERS: u32 = 16;
@@ -183,10 +180,17 @@ const KNOWN_EXTENT_FLAGS: u64 = EXTENT_UPTODATE;
 /// Bits of [`ExtentSer::pfn_flags`] that hold the flags.
 const FLAG_BITS: u32 = 12;
 
-/// The most extents a file may carry across (24 MiB of records).
-const MAX_EXTENTS: u64 = 1 << 20;
+/// Bits of [`ExtentSer::index_len`] that hold the length: a record describes at most
+/// `2^LEN_BITS` pages (4 GiB), and a longer extent takes a record per `2^LEN_BITS` pages.
+const LEN_BITS: u32 = 20;
 
-/// The preserved head of a guest_memfd (ABI, little-endian, 40 bytes).
+/// The most pages a record describes.
+const MAX_RECORD_PAGES: u64 = 1 << LEN_BITS;
+
+/// The largest file carried over, in pages (64 PiB): its page indexes fit in a record.
+const MAX_FILE_PAGES: u64 = 1 << (u64::BITS - LEN_BITS);
+
+/// The preserved head of a guest_memfd (ABI, little-endian, 64 bytes).
 #[repr(C)]
 #[derive(FromBytes, IntoBytes)]
 pub struct GmemSer {
@@ -194,22 +198,28 @@ pub struct GmemSer {
     size: U64,
     /// Its `GUEST_MEMFD_FLAG_*` flags.
     flags: U32,
-    /// Number of [`ExtentSer`] records in `extents`.
-    nr_extents: U32,
+    /// Zero.
+    reserved: U32,
+    /// Number of [`ExtentSer`] records in `extents`: at most one per page of the file.
+    nr_extents: U64,
+    /// Number of pages the records describe together.
+    nr_pages: U64,
+    /// Number of windows the records make together.
+    nr_windows: U64,
     /// Token of the file's VM in the same session, recorded at freeze.
     vm_token: U64,
     /// The vmalloc'ed array of extents, ordered by index, non-overlapping.
     extents: VmallocDesc,
 }
 
-/// `nr_pages` pages at file index `index`, at physical frames `pfn..` (ABI, 24 bytes).
+/// One to `2^LEN_BITS` pages at file index `index`, at physical frames `pfn..` (ABI, 16 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, FromBytes, IntoBytes)]
 pub struct ExtentSer {
-    index: U64,
-    /// `pfn << 12 | flags`.
+    /// `index << LEN_BITS | (nr_pages - 1)`.
+    index_len: U64,
+    /// `pfn << FLAG_BITS | flags`.
     pfn_flags: U64,
-    nr_pages: U64,
 }
 
 /// An extent, decoded.
@@ -222,65 +232,110 @@ struct Extent {
 }
 
 impl Extent {
-    fn uptodate(span: Span) -> Self {
-        Self {
-            index: span.index,
-            pfn: span.pfn,
-            nr_pages: span.nr_pages,
-            flags: EXTENT_UPTODATE,
-        }
-    }
-
+    /// The record of this extent, which has at most [`MAX_RECORD_PAGES`] pages at an index below
+    /// [`MAX_FILE_PAGES`] (the bits that do not fit are dropped).
     fn encode(&self) -> ExtentSer {
+        let len = self.nr_pages.wrapping_sub(1) & (MAX_RECORD_PAGES - 1);
         ExtentSer {
-            index: self.index.into(),
+            index_len: (self.index << LEN_BITS | len).into(),
             pfn_flags: (self.pfn << FLAG_BITS | self.flags).into(),
-            nr_pages: self.nr_pages.into(),
         }
     }
 
     fn decode(ser: &ExtentSer) -> Self {
+        let index_len = ser.index_len.get();
         let pfn_flags = ser.pfn_flags.get();
         Self {
-            index: ser.index.get(),
+            index: index_len >> LEN_BITS,
             pfn: pfn_flags >> FLAG_BITS,
-            nr_pages: ser.nr_pages.get(),
+            nr_pages: (index_len & (MAX_RECORD_PAGES - 1)) + 1,
             flags: pfn_flags & ((1 << FLAG_BITS) - 1),
         }
     }
 }
 
-/// The number of extents of a head object, checked against the limit.
-fn extent_count(serialized: &GmemSer) -> Result<usize> {
-    let nr = u64::from(serialized.nr_extents.get());
-    if nr > MAX_EXTENTS {
-        return Err(E2BIG);
-    }
-    Ok(nr as usize)
-}
-
-/// Checks the extents the previous kernel recorded before any memory is touched: each
-/// non-empty, inside the file, in increasing index order without overlap, with a pfn other than
-/// 0 and known flags. Decodes them into `extents`, which has room for all of them.
-fn validate_extents(records: &[ExtentSer], size: u64, extents: &mut KVVec<Extent>) -> Result {
-    for_each_valid_extent(records, size, |extent| {
-        extents.push_within_capacity(extent).map_err(|_| EINVAL)
+/// Cuts the pages `[pfn, end)` in pieces `[start, next(start).min(end))`, in order; `next(p)` is
+/// past `p`.
+fn cut(pfn: u64, end: u64, next: impl Fn(u64) -> u64) -> impl Iterator<Item = (u64, u64)> {
+    let mut at = pfn;
+    core::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let piece = (at, next(at).min(end));
+        at = piece.1;
+        Some(piece)
     })
 }
 
-/// Checks every record as [`validate_extents`] does, then calls `f` with each extent.
-fn for_each_valid_extent(
+/// The start of the window after the one of `pfn`, or the top of the pfn space.
+fn next_window(pfn: u64) -> u64 {
+    ((pfn >> WINDOW_ORDER) + 1).saturating_mul(1 << WINDOW_ORDER)
+}
+
+/// Where a record from `pfn` may end: after at most [`MAX_RECORD_PAGES`] pages, at the start of a
+/// window, since the memory was preserved in whole windows and a record takes back whole ones.
+fn next_record(pfn: u64) -> u64 {
+    pfn.saturating_add(MAX_RECORD_PAGES) & !((1 << WINDOW_ORDER) - 1)
+}
+
+/// The records of the uptodate pages of `span`, whose indexes are below [`MAX_FILE_PAGES`].
+fn records_of(span: Span) -> impl Iterator<Item = ExtentSer> {
+    cut(span.pfn, span.pfn + span.nr_pages, next_record).map(move |(pfn, end)| {
+        Extent {
+            index: span.index + (pfn - span.pfn),
+            pfn,
+            nr_pages: end - pfn,
+            flags: EXTENT_UPTODATE,
+        }
+        .encode()
+    })
+}
+
+/// What the head of a file says its records hold, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Counts {
+    extents: usize,
+    pages: u64,
+    windows: usize,
+}
+
+/// The counts of a head object: records are non-empty and do not overlap in the file, so there
+/// are no more records than pages and no more pages than the file has, and they make at least a
+/// window each and no more than [`max_windows`] (`EINVAL`).
+fn counts(serialized: &GmemSer) -> Result<Counts> {
+    let file_pages = serialized.size.get() / PAGE_SIZE as u64;
+    let nr = usize::try_from(serialized.nr_extents.get()).map_err(|_| EINVAL)?;
+    let pages = serialized.nr_pages.get();
+    let windows = usize::try_from(serialized.nr_windows.get()).map_err(|_| EINVAL)?;
+    if nr as u64 > pages || pages > file_pages || windows < nr || windows > max_windows(nr, pages) {
+        return Err(EINVAL);
+    }
+    Ok(Counts {
+        extents: nr,
+        pages,
+        windows,
+    })
+}
+
+/// Checks the extents the previous kernel recorded before any memory is touched: each inside
+/// the file, in increasing index order without overlap, with a pfn other than 0 and known flags,
+/// `nr_pages` pages together. Decodes them into `extents`, which has room for all of them.
+fn validate_extents(
     records: &[ExtentSer],
     size: u64,
-    mut f: impl FnMut(Extent) -> Result,
+    nr_pages: u64,
+    extents: &mut VVec<Extent>,
 ) -> Result {
     let file_pages = size / PAGE_SIZE as u64;
     let mut next_index = 0;
+    let mut pages: u64 = 0;
     for record in records {
+        // Decoded, an extent has 1 to `MAX_RECORD_PAGES` pages at an index below
+        // `MAX_FILE_PAGES`: its end does not overflow.
         let extent = Extent::decode(record);
-        let end = extent.index.checked_add(extent.nr_pages).ok_or(EINVAL)?;
-        if extent.nr_pages == 0
-            || extent.index < next_index
+        let end = extent.index + extent.nr_pages;
+        if extent.index < next_index
             || end > file_pages
             || extent.pfn == 0
             || extent.pfn.checked_add(extent.nr_pages).is_none()
@@ -291,10 +346,16 @@ fn for_each_valid_extent(
             return Err(EOPNOTSUPP);
         }
         next_index = end;
+        pages = pages.saturating_add(extent.nr_pages);
     }
-    records
-        .iter()
-        .try_for_each(|record| f(Extent::decode(record)))
+    if pages != nr_pages {
+        return Err(EINVAL);
+    }
+    records.iter().try_for_each(|record| {
+        extents
+            .push_within_capacity(Extent::decode(record))
+            .map_err(|_| EINVAL)
+    })
 }
 
 /// Runtime state of a preserved guest_memfd.
@@ -302,7 +363,7 @@ struct GmemState {
     /// Keeps the file frozen until it is unpreserved or the kexec happens.
     _frozen: FrozenGuestMemfd,
     /// One preservation per extent, in windows.
-    _pages: KVVec<PreservedPages>,
+    _pages: VVec<PreservedPages>,
     /// The extent records.
     _extents: PreservedVec<ExtentSer>,
 }
@@ -327,24 +388,11 @@ fn window_count(pfn: u64, nr_pages: u64) -> u64 {
 
 /// The windows of `extent`, in order.
 fn windows_of(extent: &Extent) -> impl Iterator<Item = Window> + '_ {
-    let end = extent.pfn + extent.nr_pages;
-    let mut pfn = extent.pfn;
-    core::iter::from_fn(move || {
-        if pfn >= end {
-            return None;
-        }
-        // The start of the next window, unless that is past the top of the pfn space.
-        let next = ((pfn >> WINDOW_ORDER) + 1)
-            .checked_mul(1 << WINDOW_ORDER)
-            .map_or(end, |next| next.min(end));
-        let window = Window {
-            index: extent.index + (pfn - extent.pfn),
-            pfn,
-            nr_pages: next - pfn,
-            uptodate: extent.flags & EXTENT_UPTODATE != 0,
-        };
-        pfn = next;
-        Some(window)
+    cut(extent.pfn, extent.pfn + extent.nr_pages, next_window).map(|(pfn, end)| Window {
+        index: extent.index + (pfn - extent.pfn),
+        pfn,
+        nr_pages: end - pfn,
+        uptodate: extent.flags & EXTENT_UPTODATE != 0,
     })
 }
 
@@ -397,7 +445,7 @@ impl WindowState {
 
 /// How far the memory of a retrieved file is put in.
 struct Progress {
-    states: KVVec<WindowState>,
+    states: VVec<WindowState>,
     /// Windows not settled.
     left: usize,
     /// The next window the background workers look at.
@@ -415,7 +463,7 @@ struct Progress {
 /// when the inode goes is freed with it.
 #[pin_data(PinnedDrop)]
 struct LazyMemory {
-    windows: KVVec<Window>,
+    windows: VVec<Window>,
     #[pin]
     progress: Mutex<Progress>,
     /// Signalled whenever a window leaves `Filling`.
@@ -423,61 +471,59 @@ struct LazyMemory {
     settled: CondVar,
 }
 
-/// At most how many windows `nr_extents` valid extents in a file of `file_pages` pages make, or
-/// [`MAX_WINDOWS`]. Valid extents do not overlap in the file: each has a window per
-/// `2^WINDOW_ORDER` of its pages, and at most two more for its ends.
-fn max_windows(nr_extents: usize, file_pages: u64) -> usize {
+/// At most how many windows `nr_extents` valid extents of `nr_pages` pages together make: each
+/// has a window per `2^WINDOW_ORDER` of its pages and at most two more for its ends, and there
+/// are no more windows than pages.
+fn max_windows(nr_extents: usize, nr_pages: u64) -> usize {
     (nr_extents as u64)
         .saturating_mul(2)
-        .saturating_add(file_pages >> WINDOW_ORDER)
-        .min(MAX_WINDOWS) as usize
+        .saturating_add(nr_pages >> WINDOW_ORDER)
+        .min(nr_pages)
+        .try_into()
+        .unwrap_or(usize::MAX)
 }
 
 /// The memory a [`LazyMemory`] needs, taken before the retrieve consumes the preserved records:
 /// after that, a failed allocation would lose the guest's memory.
 struct LazyReserve {
-    windows: KVVec<Window>,
-    states: KVVec<WindowState>,
+    windows: VVec<Window>,
+    states: VVec<WindowState>,
     memory: UniqueArc<MaybeUninit<LazyMemory>>,
 }
 
 impl LazyReserve {
-    /// Room for the windows of `nr_extents` extents in a file of `file_pages` pages, at most
-    /// [`MAX_WINDOWS`].
-    fn new(nr_extents: usize, file_pages: u64) -> Result<Self> {
-        let max = max_windows(nr_extents, file_pages);
+    /// Room for `nr_windows` windows.
+    fn new(nr_windows: usize) -> Result<Self> {
         Ok(Self {
-            windows: KVVec::with_capacity(max, GFP_KERNEL)?,
-            states: KVVec::with_capacity(max, GFP_KERNEL)?,
+            windows: VVec::with_capacity(nr_windows, GFP_KERNEL)?,
+            states: VVec::with_capacity(nr_windows, GFP_KERNEL)?,
             memory: UniqueArc::new_uninit(GFP_KERNEL)?,
         })
     }
 
     /// The pending memory of `extents`, valid and ordered (see [`validate_extents`]), in the
-    /// reserved memory: allocates nothing it needs (it gives back unused room if it can).
+    /// reserved memory: allocates nothing.
     ///
     /// # Errors
     ///
-    /// Returns `E2BIG` if the extents make more windows than there is room for, and `EINVAL` if
-    /// they overlap in physical memory: records from the previous kernel may be hostile.
+    /// Returns `EINVAL` if the extents do not make exactly as many windows as there is room for,
+    /// or overlap in physical memory: records from the previous kernel may be hostile.
     fn build(mut self, extents: &mut [Extent]) -> Result<Arc<LazyMemory>> {
         check_disjoint(extents)?;
+        let room = self.windows.capacity();
         for window in extents.iter().flat_map(windows_of) {
-            self.windows.push_within_capacity(window).map_err(|_| {
-                pr_err!("preserved guest_memfd extents describe too much memory\n");
-                E2BIG
-            })?;
+            self.windows
+                .push_within_capacity(window)
+                .map_err(|_| EINVAL)?;
         }
-        // Room was made for the worst case the file's size allows: give back what a sparse file
-        // does not use, if the allocator can (the table lives as long as the file).
-        let _ = self.windows.shrink_to(0, GFP_KERNEL | __GFP_NOWARN);
-        let _ = self
-            .states
-            .shrink_to(self.windows.len(), GFP_KERNEL | __GFP_NOWARN);
+        if self.windows.len() != room {
+            pr_err!("preserved guest_memfd extents do not make the windows the head says\n");
+            return Err(EINVAL);
+        }
         for _ in 0..self.windows.len() {
             self.states
                 .push_within_capacity(WindowState::Pending)
-                .map_err(|_| E2BIG)?;
+                .map_err(|_| EINVAL)?;
         }
         let left = self.windows.len();
         let memory = self.memory.pin_init_with(pin_init!(LazyMemory {
@@ -788,8 +834,8 @@ fn check_vm(gmem: &GuestMemfd<'_>) -> Result {
 }
 
 /// Collects the folios of a frozen file into runs, each holding references to its folios.
-fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<KVVec<FolioRun>> {
-    let mut runs: KVVec<FolioRun> = KVVec::new();
+fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<VVec<FolioRun>> {
+    let mut runs: VVec<FolioRun> = VVec::new();
     frozen
         .for_each_folio(|folio: SpannedFolio| {
             let folio = match runs.last_mut() {
@@ -799,9 +845,6 @@ fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<KVVec<FolioRun>> {
                 },
                 None => folio,
             };
-            if runs.len() as u64 >= MAX_EXTENTS {
-                return Err(E2BIG);
-            }
             runs.push(FolioRun::new(folio), GFP_KERNEL)?;
             Ok(())
         })
@@ -813,65 +856,141 @@ fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<KVVec<FolioRun>> {
     Ok(runs)
 }
 
+/// The preserved memory of a file and its records.
+struct PreservedMemory {
+    /// One preservation per run, in windows.
+    pages: VVec<PreservedPages>,
+    records: PreservedVec<ExtentSer>,
+    nr_pages: u64,
+    /// How many windows the records make.
+    nr_windows: u64,
+}
+
 /// Preserves the folios of a frozen file, an extent per run, and records the extents.
-fn preserve_memory(
-    frozen: &FrozenGuestMemfd,
-) -> Result<(KVVec<PreservedPages>, PreservedVec<ExtentSer>)> {
+fn preserve_memory(frozen: &FrozenGuestMemfd) -> Result<PreservedMemory> {
     let runs = collect_runs(frozen)?;
-    // The new kernel takes back at most `MAX_WINDOWS` windows: refuse here what it would refuse
-    // there, after the memory was handed over.
-    let windows = runs.iter().fold(0u64, |sum, run| {
-        let span = run.span();
-        sum + window_count(span.pfn, span.nr_pages)
-    });
-    if windows > MAX_WINDOWS {
-        pr_err!("refusing to preserve a guest_memfd of more than {MAX_WINDOWS} windows\n");
-        return Err(E2BIG);
-    }
-    let mut pages = KVVec::with_capacity(runs.len(), GFP_KERNEL)?;
-    let mut records = VVec::with_capacity(runs.len(), GFP_KERNEL)?;
+    let nr = runs
+        .iter()
+        .map(|run| records_of(run.span()).count())
+        .sum::<usize>();
+    let mut pages = VVec::with_capacity(runs.len(), GFP_KERNEL)?;
+    let mut records = VVec::with_capacity(nr, GFP_KERNEL)?;
+    let (mut nr_pages, mut nr_windows) = (0, 0);
     for run in runs {
-        records.push(Extent::uptodate(run.span()).encode(), GFP_KERNEL)?;
+        for record in records_of(run.span()) {
+            // The new kernel cuts the windows of each record, as this does.
+            let extent = Extent::decode(&record);
+            nr_pages += extent.nr_pages;
+            nr_windows += window_count(extent.pfn, extent.nr_pages);
+            records.push(record, GFP_KERNEL)?;
+        }
         pages.push(PreservedPages::new(run, WINDOW_ORDER)?, GFP_KERNEL)?;
     }
-    Ok((pages, PreservedVec::new(records)?))
+    Ok(PreservedMemory {
+        pages,
+        records: PreservedVec::new(records)?,
+        nr_pages,
+        nr_windows,
+    })
 }
 
-/// Takes back and validates the extent records; from here on, the preserved state is consumed.
-fn restore_extents(serialized: &mut Restored<GmemSer>, extents: &mut KVVec<Extent>) -> Result {
-    let nr = extent_count(serialized)?;
+/// Takes back and validates the extent records into `extents`, which has room for all of them;
+/// from here on, the preserved state is consumed. When the records are inconsistent, what can be
+/// of their memory is freed ([`free_extents`]).
+fn restore_extents(serialized: &mut Restored<GmemSer>, extents: &mut VVec<Extent>) -> Result {
+    let Counts {
+        extents: nr, pages, ..
+    } = counts(serialized)?;
+    let size = serialized.size.get();
     let records: RestoredVec<ExtentSer> = serialized.restore_vec(|s| &s.extents, nr)?;
-    validate_extents(&records, serialized.size.get(), extents)
-        .inspect_err(|_| pr_err!("preserved guest_memfd extents are inconsistent\n"))
+    validate_extents(&records, size, pages, extents).inspect_err(|err| {
+        decode_into(&records, extents);
+        let kept = free_extents(extents, size, free_pages);
+        pr_err!(
+            "preserved guest_memfd extents are inconsistent ({:?}): {} of {} records not freed\n",
+            err,
+            kept,
+            nr
+        );
+    })
 }
 
-/// Frees the memory of extents that will not be restored into a file. Allocates nothing but
-/// what KHO needs to map the records, and frees every extent it can even when one fails.
+/// Frees the memory of extents that will not be restored into a file ([`free_extents`]).
+/// Allocates room for the extents, and what KHO needs to map the records.
 fn release_extents(serialized: &mut Restored<GmemSer>) -> Result {
-    let nr = extent_count(serialized)?;
+    // The head's counts and the records' own consistency do not matter here, only that the
+    // records can be found.
+    let nr = usize::try_from(serialized.nr_extents.get()).map_err(|_| EINVAL)?;
+    let mut extents = VVec::with_capacity(nr, GFP_KERNEL)?;
     let records: RestoredVec<ExtentSer> = serialized.restore_vec(|s| &s.extents, nr)?;
-    let mut result = Ok(());
-    for_each_valid_extent(&records, serialized.size.get(), |extent| {
-        match RestoredPages::restore(extent.pfn, extent.nr_pages) {
-            Ok(run) => drop(run),
-            Err(err) => result = Err(err),
-        }
-        Ok(())
-    })?;
-    result
+    decode_into(&records, &mut extents);
+    let kept = free_extents(&mut extents, serialized.size.get(), free_pages);
+    if kept != 0 {
+        pr_warn!(
+            "{} of {} extent records of an unretrieved guest_memfd not freed\n",
+            kept,
+            nr
+        );
+    }
+    Ok(())
 }
 
-/// Frees the memory of validated extents whose records were taken back.
-fn release_pages(extents: &[Extent]) {
-    for extent in extents {
-        drop(RestoredPages::restore(extent.pfn, extent.nr_pages));
+/// Decodes `records` into `extents`, which has room for all of them.
+fn decode_into(records: &[ExtentSer], extents: &mut VVec<Extent>) {
+    extents.clear();
+    for record in records {
+        // Cannot fail: there is room.
+        let _ = extents.push_within_capacity(Extent::decode(record));
     }
+}
+
+/// Takes back pages `[pfn, pfn + nr_pages)` from KHO and frees them.
+fn free_pages(pfn: u64, nr_pages: u64) -> Result {
+    RestoredPages::restore(pfn, nr_pages).map(drop)
+}
+
+/// Frees, with `free`, window by window as they were preserved, the memory of every extent that
+/// is well-formed on its own (inside a file of `size` bytes, at a pfn other than 0) and shares no
+/// page with another, whatever else holds: an extent the file cannot use (out of order, with
+/// flags this kernel does not know, not adding up to the head's counts) still names memory the
+/// previous kernel preserved for the file. Of two extents that share memory, nothing says which
+/// names the file's: neither is freed. KHO refuses what it did not preserve. Leaves `extents`
+/// ordered by pfn. Returns how many extents were not freed whole: their memory, or the part KHO
+/// refused, stays reserved until the next reboot.
+fn free_extents(
+    extents: &mut [Extent],
+    size: u64,
+    mut free: impl FnMut(u64, u64) -> Result,
+) -> usize {
+    let file_pages = size / PAGE_SIZE as u64;
+    extents.sort_unstable_by_key(|e| e.pfn);
+    let mut kept = 0;
+    // The end of the extents before the current one that ends last.
+    let mut end_before = 0;
+    for (i, extent) in extents.iter().enumerate() {
+        // Decoded extents neither overflow their file index nor their pfn.
+        let end = extent.pfn + extent.nr_pages;
+        let shared = end_before > extent.pfn || extents.get(i + 1).is_some_and(|n| end > n.pfn);
+        end_before = end_before.max(end);
+        let whole = !shared
+            && extent.pfn != 0
+            && extent.index + extent.nr_pages <= file_pages
+            // Every window, even after one KHO refused.
+            && windows_of(extent)
+                .filter(|w| free(w.pfn, w.nr_pages).is_err())
+                .count()
+                == 0;
+        if !whole {
+            kept += 1;
+        }
+    }
+    kept
 }
 
 /// What retrieve needs before it takes any memory back.
 struct Prepared {
     gmem: GuestMemfdFile,
-    extents: KVVec<Extent>,
+    extents: VVec<Extent>,
     reserve: LazyReserve,
     slot: FillerSlot<LazyMemory>,
     workers: WorkerSlots,
@@ -881,15 +1000,18 @@ struct Prepared {
 /// for the extents, the windows, the filler and the workers. Nothing of the preserved state is
 /// consumed.
 fn prepare_retrieve(serialized: &GmemSer, session: &IncomingSession<'_>) -> Result<Prepared> {
-    let nr = extent_count(serialized)?;
+    let counts = counts(serialized)?;
     let flags = flags_from_ser(serialized.flags.get())?;
+    if serialized.reserved.get() != 0 {
+        return Err(EOPNOTSUPP);
+    }
     let vm_file = session.file(serialized.vm_token.get())?;
     let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
     let size = serialized.size.get();
     Ok(Prepared {
         gmem: GuestMemfdFile::create(kvm, size, flags)?,
-        extents: KVVec::with_capacity(nr, GFP_KERNEL)?,
-        reserve: LazyReserve::new(nr, size / PAGE_SIZE as u64)?,
+        extents: VVec::with_capacity(counts.extents, GFP_KERNEL)?,
+        reserve: LazyReserve::new(counts.windows)?,
         slot: FillerSlot::new()?,
         workers: WorkerSlots::new()?,
     })
@@ -910,14 +1032,22 @@ impl FileHandler for GmemHandler {
     fn preserve(file: &File, _session: &OutgoingSession<'_>) -> Result<Outgoing<Self>> {
         let gmem = GuestMemfd::of(file).ok_or(EBADF)?;
         check_vm(&gmem)?;
+        if gmem.size / PAGE_SIZE as u64 > MAX_FILE_PAGES {
+            pr_err!("refusing to preserve a guest_memfd of more than {MAX_FILE_PAGES} pages\n");
+            return Err(EFBIG);
+        }
         // A file retrieved in this kernel may still have memory to put in: all of it must be in
         // the page cache before it is frozen and walked.
         if let Some((memory, inode)) = filler_of::<LazyMemory>(file) {
             memory.fill_all(&inode)?;
         }
         let frozen = FrozenGuestMemfd::freeze(file)?;
-        let (pages, extents) = preserve_memory(&frozen)?;
-        let nr_pages: u64 = pages.iter().map(|p| p.span().nr_pages).sum();
+        let PreservedMemory {
+            pages,
+            records: extents,
+            nr_pages,
+            nr_windows,
+        } = preserve_memory(&frozen)?;
         pr_info!(
             "preserving {} pages in {} extents, {} bytes of metadata\n",
             nr_pages,
@@ -927,7 +1057,10 @@ impl FileHandler for GmemHandler {
         let serialized = Preserved::new(GmemSer {
             size: gmem.size.into(),
             flags: flags_to_ser(gmem.flags)?.into(),
-            nr_extents: u32::try_from(extents.len()).map_err(|_| E2BIG)?.into(),
+            reserved: 0.into(),
+            nr_extents: (extents.len() as u64).into(),
+            nr_pages: nr_pages.into(),
+            nr_windows: nr_windows.into(),
             vm_token: 0.into(),
             extents: extents.desc(),
         })?;
@@ -975,11 +1108,17 @@ impl FileHandler for GmemHandler {
             Err(err) => return Err(err.into()),
         }
         // From here on the preserved state is consumed, and nothing needs memory. The memory goes
-        // in on first use or in the background. Only hostile records fail, and their memory is
-        // freed, by `release_pages` or with `memory`.
-        let memory = reserve
-            .build(&mut extents)
-            .inspect_err(|_| release_pages(&extents))?;
+        // in on first use or in the background. Only hostile records fail, and what can be of
+        // their memory is freed, by `free_extents` or with `memory`.
+        let size = serialized.size.get();
+        let memory = reserve.build(&mut extents).inspect_err(|_| {
+            let kept = free_extents(&mut extents, size, free_pages);
+            pr_err!(
+                "{} of {} preserved guest_memfd extents not freed\n",
+                kept,
+                extents.len()
+            );
+        })?;
         gmem.set_filler(slot, memory.clone())?;
         workers.start(&memory, &gmem.inode());
         Ok(gmem.into_file())
@@ -1190,20 +1329,31 @@ mod tests {
         let count = windows(&list)?.len();
         assert_eq!(count, 13);
         assert!(count <= max_windows(list.len(), file_pages));
-        // Reached: two two-page extents across boundaries in a four-page file.
+        // Reached: two two-page extents across boundaries, four pages.
         let list = [extent(0, 511, 2, U), extent(2, 1023, 2, U)];
         assert_eq!(windows(&list)?.len(), max_windows(list.len(), 4));
-        assert_eq!(max_windows(usize::MAX, u64::MAX), MAX_WINDOWS as usize);
+        // Reached: a page per extent, a window per page, however many there are.
+        let list = [
+            extent(0, 100, 1, U),
+            extent(1, 300, 1, U),
+            extent(5, 99, 1, U),
+        ];
+        assert_eq!(windows(&list)?.len(), max_windows(list.len(), 3));
+        assert_eq!(max_windows(1 << 30, 1 << 30), 1 << 30);
+        assert_eq!(max_windows(usize::MAX, u64::MAX), usize::MAX);
+        // What luo.rst says a window costs until it is in.
+        assert!(size_of::<Window>() + size_of::<WindowState>() <= 56);
         Ok(())
     }
 
     #[test]
     fn reserve_refuses_more_windows_or_overlaps() -> Result {
-        // Room for 2 + 1 windows; these make 4.
-        let reserve = LazyReserve::new(1, 512)?;
-        let mut many = [extent(0, 1000, 1100, U)];
-        assert_eq!(reserve.build(&mut many).err(), Some(E2BIG));
-        let reserve = LazyReserve::new(2, 512)?;
+        // These make 4 windows: room for 3 or 5 is refused, room for 4 is filled.
+        let mut four = [extent(0, 1000, 1100, U)];
+        assert_eq!(LazyReserve::new(3)?.build(&mut four).err(), Some(EINVAL));
+        assert_eq!(LazyReserve::new(5)?.build(&mut four).err(), Some(EINVAL));
+        assert_eq!(LazyReserve::new(4)?.build(&mut four)?.windows.len(), 4);
+        let reserve = LazyReserve::new(2)?;
         let mut overlap = [extent(0, 100, 10, U), extent(20, 95, 6, U)];
         assert_eq!(reserve.build(&mut overlap).err(), Some(EINVAL));
         Ok(())
@@ -1227,21 +1377,63 @@ mod tests {
 
     #[test]
     fn encoding_round_trips() {
-        let e = extent(7, (1 << 40) + 3, 512, U);
-        assert_eq!(Extent::decode(&e.encode()), e);
+        for e in [
+            extent(7, (1 << 40) + 3, 512, U),
+            extent(MAX_FILE_PAGES - 1, 1, 1, U),
+            extent(0, (1 << 52) - 1, MAX_RECORD_PAGES, 0),
+        ] {
+            assert_eq!(Extent::decode(&e.encode()), e);
+        }
+        // A record is 16 bytes: a page per extent costs what a folio costs memfd.
+        assert_eq!(size_of::<ExtentSer>(), 16);
+        assert_eq!(size_of::<GmemSer>(), 64);
     }
 
-    fn validate(list: &[ExtentSer], size: u64) -> Result<KVVec<Extent>> {
-        let mut out = KVVec::with_capacity(list.len(), GFP_KERNEL)?;
-        validate_extents(list, size, &mut out)?;
+    #[test]
+    fn long_runs_take_a_record_per_4g_cut_at_windows() -> Result {
+        // A run that starts inside a window: every record but the first starts at a window, so
+        // the records' windows are the run's, each preserved whole.
+        let m = MAX_RECORD_PAGES;
+        let long = span(10, 1000, 2 * m + 3, 0);
+        let mut out = KVVec::new();
+        for record in records_of(long) {
+            out.push(Extent::decode(&record), GFP_KERNEL)?;
+        }
+        let first = (1000 + m) / 512 * 512 - 1000;
+        assert_eq!(
+            &out[..],
+            &[
+                extent(10, 1000, first, U),
+                extent(10 + first, 1000 + first, m, U),
+                extent(10 + first + m, 1000 + first + m, 2 * m + 3 - first - m, U)
+            ]
+        );
+        let mut cut = KVVec::new();
+        for w in out.iter().flat_map(windows_of) {
+            cut.push(w, GFP_KERNEL)?;
+        }
+        assert_eq!(&cut[..], &windows(&[extent(10, 1000, 2 * m + 3, U)])?[..]);
+        // Short runs, and an aligned one of exactly a record.
+        assert_eq!(records_of(span(0, 1, 1, 0)).count(), 1);
+        assert_eq!(records_of(span(0, 512, m, 0)).count(), 1);
+        assert_eq!(records_of(span(0, 511, m, 0)).count(), 2);
+        Ok(())
+    }
+
+    fn validate(list: &[ExtentSer], size: u64, nr_pages: u64) -> Result<VVec<Extent>> {
+        let mut out = VVec::with_capacity(list.len(), GFP_KERNEL)?;
+        validate_extents(list, size, nr_pages, &mut out)?;
         Ok(out)
     }
 
-    fn head(nr_extents: u32) -> GmemSer {
+    fn head(size: u64, nr_extents: u64, nr_pages: u64, nr_windows: u64) -> GmemSer {
         GmemSer {
-            size: (1u64 << 30).into(),
+            size: size.into(),
             flags: 0.into(),
+            reserved: 0.into(),
             nr_extents: nr_extents.into(),
+            nr_pages: nr_pages.into(),
+            nr_windows: nr_windows.into(),
             vm_token: 0.into(),
             extents: VmallocDesc::default(),
         }
@@ -1250,40 +1442,92 @@ mod tests {
     #[test]
     fn validate_accepts_good_extents() -> Result {
         let list = records(&[extent(0, 100, 4, U), extent(8, 300, 8, 0)])?;
-        assert_eq!(validate(&list, 16 * 4096)?.len(), 2);
+        assert_eq!(validate(&list, 16 * 4096, 12)?.len(), 2);
         Ok(())
     }
 
+    fn count(extents: usize, pages: u64, windows: usize) -> Counts {
+        Counts {
+            extents,
+            pages,
+            windows,
+        }
+    }
+
     #[test]
-    fn validate_rejects_bad_counts() -> Result {
-        assert_eq!(extent_count(&head(3))?, 3);
-        assert_eq!(extent_count(&head(1 << 20))?, 1 << 20);
-        assert_eq!(extent_count(&head((1 << 20) + 1)).err(), Some(E2BIG));
-        assert_eq!(extent_count(&head(u32::MAX)).err(), Some(E2BIG));
+    fn counts_follow_from_the_file_size() -> Result {
+        // A 16 GiB file whose every page is an extent of its own: 4M records, past the 2^20
+        // the previous version allowed.
+        let pages = 1u64 << 22;
+        let all = head(pages * 4096, pages, pages, pages);
+        assert_eq!(counts(&all)?, count(1 << 22, pages, 1 << 22));
+        assert_eq!(counts(&head(1 << 30, 3, 10, 4))?, count(3, 10, 4));
+        // More records than pages, or more pages than the file has.
+        assert_eq!(counts(&head(1 << 30, 11, 10, 11)).err(), Some(EINVAL));
+        assert_eq!(counts(&head(4096, 1, 2, 1)).err(), Some(EINVAL));
+        let huge = head(u64::MAX, u64::MAX, u64::MAX >> 12, u64::MAX);
+        assert_eq!(counts(&huge).err(), Some(EINVAL));
+        // Fewer windows than records, more than they can make.
+        assert_eq!(counts(&head(1 << 30, 3, 10, 2)).err(), Some(EINVAL));
+        assert_eq!(counts(&head(1 << 30, 3, 10, 7)).err(), Some(EINVAL));
+        assert_eq!(counts(&head(1 << 30, 3, 10, 6))?, count(3, 10, 6));
         Ok(())
     }
 
     #[test]
     fn validate_rejects_outside_overlapping_unordered() -> Result {
         let outside = records(&[extent(14, 100, 4, U)])?;
-        assert_eq!(validate(&outside, 16 * 4096).err(), Some(EINVAL));
+        assert_eq!(validate(&outside, 16 * 4096, 4).err(), Some(EINVAL));
         let overlap = records(&[extent(0, 100, 4, U), extent(3, 200, 1, U)])?;
-        assert_eq!(validate(&overlap, 1 << 30).err(), Some(EINVAL));
+        assert_eq!(validate(&overlap, 1 << 30, 5).err(), Some(EINVAL));
         let unordered = records(&[extent(8, 100, 1, U), extent(0, 200, 1, U)])?;
-        assert_eq!(validate(&unordered, 1 << 30).err(), Some(EINVAL));
-        let wrapping = records(&[extent(u64::MAX, 100, 2, U)])?;
-        assert_eq!(validate(&wrapping, 1 << 30).err(), Some(EINVAL));
+        assert_eq!(validate(&unordered, 1 << 30, 2).err(), Some(EINVAL));
+        let top = records(&[extent(MAX_FILE_PAGES - 1, 100, 2, U)])?;
+        assert_eq!(validate(&top, MAX_FILE_PAGES * 4096, 2).err(), Some(EINVAL));
         Ok(())
     }
 
     #[test]
-    fn validate_rejects_pfn_zero_empty_and_unknown_flags() -> Result {
+    fn what_can_be_of_bad_records_is_freed() -> Result {
+        // Inconsistent as a whole (out of order, an unknown flag, twice the same memory, pfn 0,
+        // outside the file): what is well-formed on its own and shares no memory is freed, by
+        // window, and only that.
+        let list = records(&[
+            extent(8, 100, 4, U),
+            extent(0, 200, 2, U | 1 << 7),
+            extent(20, 102, 4, U),
+            extent(30, 0, 1, U),
+            extent(40, 300, 3, U),
+            extent(50, 510, 4, U),
+            extent(1 << 20, 600, 1, U),
+        ])?;
+        assert!(validate(&list, 1 << 30, 19).is_err());
+        let mut extents = VVec::with_capacity(list.len(), GFP_KERNEL)?;
+        decode_into(&list, &mut extents);
+        let mut freed = KVVec::new();
+        let kept = free_extents(&mut extents, 1 << 30, |pfn, nr| {
+            freed.push((pfn, nr), GFP_KERNEL)?;
+            // KHO refuses a window, which the others of the extent do not stop.
+            if pfn == 512 {
+                return Err(EINVAL);
+            }
+            Ok(())
+        });
+        assert_eq!(&freed[..], &[(200, 2), (300, 3), (510, 2), (512, 2)]);
+        // The two sharing memory, pfn 0, outside, the one KHO refused part of.
+        assert_eq!(kept, 5);
+        Ok(())
+    }
+
+    #[test]
+    fn validate_rejects_pfn_zero_wrong_total_and_unknown_flags() -> Result {
         let zero = records(&[extent(0, 0, 1, U)])?;
-        assert_eq!(validate(&zero, 1 << 30).err(), Some(EINVAL));
-        let empty = records(&[extent(0, 100, 0, U)])?;
-        assert_eq!(validate(&empty, 1 << 30).err(), Some(EINVAL));
+        assert_eq!(validate(&zero, 1 << 30, 1).err(), Some(EINVAL));
+        let list = records(&[extent(0, 100, 4, U), extent(8, 300, 8, U)])?;
+        assert_eq!(validate(&list, 1 << 30, 13).err(), Some(EINVAL));
+        assert_eq!(validate(&list, 1 << 30, 11).err(), Some(EINVAL));
         let unknown = records(&[extent(0, 100, 1, 1 << 5)])?;
-        assert_eq!(validate(&unknown, 1 << 30).err(), Some(EOPNOTSUPP));
+        assert_eq!(validate(&unknown, 1 << 30, 1).err(), Some(EOPNOTSUPP));
         Ok(())
     }
 }

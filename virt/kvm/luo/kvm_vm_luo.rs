@@ -11,7 +11,11 @@
 //! The attributes are recorded when LUO freezes the file, right before the kexec, so the ones
 //! that reach the new kernel are those in force at kexec time: a `KVM_SET_MEMORY_ATTRIBUTES`
 //! after `LIVEUPDATE_SESSION_PRESERVE_FD` is carried over as long as it completes before the
-//! reboot. They are stored as ranges of frames with equal attributes, not one entry per page.
+//! reboot. They are stored as ranges of frames with equal attributes, not one entry per page,
+//! as many as there are: the guest decides how many (by converting memory), and freeze, inside
+//! `reboot()`, must not fail because of it for every VM of the host. A VM that KVM marked dead
+//! or bugged after it was preserved does not fail the freeze either: it is recorded as such, and
+//! the new kernel refuses to retrieve it.
 //!
 //! A retrieve that fails for want of memory, before or after it took the ranges back, can be
 //! tried again: the ranges it took back are kept with the file until it is.
@@ -63,10 +67,10 @@ kernel::module_liveupdate_handler! {
 }
 
 /// The handler's compatible string. The number is the version of the ABI below.
-const COMPATIBLE: &CStr = c"kvm-vm-rs-v1";
+const COMPATIBLE: &CStr = c"kvm-vm-rs-v2";
 
-/// The most attribute ranges a VM may carry across (32 MiB of vmalloc'ed records).
-const MAX_RANGES: u64 = 1 << 20;
+/// Flag of [`VmSer::flags`]: KVM had marked the VM dead or bugged when it was frozen.
+const VM_SER_DEAD: u64 = 1 << 0;
 
 /// Guest frame numbers must stay below this (52-bit guest physical addresses).
 const GFN_LIMIT: u64 = 1 << (52 - kernel::page::PAGE_SHIFT);
@@ -77,6 +81,8 @@ const GFN_LIMIT: u64 = 1 << (52 - kernel::page::PAGE_SHIFT);
 pub struct VmSer {
     /// The type passed to `KVM_CREATE_VM`.
     vm_type: U64,
+    /// `VM_SER_*` flags.
+    flags: U64,
     /// Number of [`AttrRange`] records in `ranges`.
     nr_ranges: U64,
     /// The vmalloc'ed array of [`AttrRange`], ordered by `start`, non-overlapping.
@@ -138,23 +144,15 @@ impl RangeEncoder {
         if attrs == 0 {
             return Ok(());
         }
-        if self.ranges.len() as u64 >= MAX_RANGES {
-            return Err(E2BIG);
-        }
         self.ranges
             .push(AttrRange::new(start, end - start, attrs), GFP_KERNEL)?;
         Ok(())
     }
 }
 
-/// Checks the ranges the previous kernel recorded: `nr` of them, within what was restored,
-/// each non-empty, inside the guest physical address space, in increasing order without
-/// overlap, with known attribute bits only.
-fn validate_ranges(restored: &[AttrRange], nr: u64, supported: u64) -> Result<&[AttrRange]> {
-    if nr > MAX_RANGES {
-        return Err(E2BIG);
-    }
-    let ranges = restored.get(..nr as usize).ok_or(EINVAL)?;
+/// Checks the ranges the previous kernel recorded: each non-empty, inside the guest physical
+/// address space, in increasing order without overlap, with known attribute bits only.
+fn validate_ranges(ranges: &[AttrRange], supported: u64) -> Result {
     let mut prev_end = 0;
     for range in ranges {
         let end = range.end().ok_or(EINVAL)?;
@@ -170,7 +168,7 @@ fn validate_ranges(restored: &[AttrRange], nr: u64, supported: u64) -> Result<&[
         }
         prev_end = end;
     }
-    Ok(ranges)
+    Ok(())
 }
 
 /// Records the memory attributes of `kvm` as ranges, preserved for the next kernel.
@@ -232,6 +230,7 @@ impl FileHandler for VmHandler {
         let kvm = vm_of(file)?;
         let serialized = Preserved::new(VmSer {
             vm_type: kvm.vm_type().into(),
+            flags: 0.into(),
             nr_ranges: 0.into(),
             ranges: VmallocDesc::default(),
         })?;
@@ -243,7 +242,15 @@ impl FileHandler for VmHandler {
         outgoing: &mut Outgoing<Self>,
         _session: &OutgoingSession<'_>,
     ) -> Result {
-        let ranges = preserve_attributes(vm_of(file)?)?;
+        let kvm = Kvm::from_file(file).ok_or(EBADF)?;
+        if kvm.is_dead() {
+            pr_warn!(
+                "a preserved VM was marked dead or bugged: the next kernel will not retrieve it\n"
+            );
+            outgoing.flags = VM_SER_DEAD.into();
+            return Ok(());
+        }
+        let ranges = preserve_attributes(kvm)?;
         outgoing.nr_ranges = (ranges.len() as u64).into();
         outgoing.ranges = ranges.desc();
         outgoing.state_mut().ranges = Some(ranges);
@@ -251,6 +258,7 @@ impl FileHandler for VmHandler {
     }
 
     fn unfreeze(_file: &File, outgoing: &mut Outgoing<Self>) {
+        outgoing.flags = 0.into();
         outgoing.nr_ranges = 0.into();
         outgoing.ranges = VmallocDesc::default();
         outgoing.state_mut().ranges = None;
@@ -261,12 +269,18 @@ impl FileHandler for VmHandler {
         partial: Option<RestoredVec<AttrRange>>,
         _session: &IncomingSession<'_>,
     ) -> Result<ARef<File>, RetrieveError<Self>> {
-        // A count no kernel writes fails for good: the ranges cannot be found.
-        let nr = serialized.nr_ranges.get();
-        if nr > MAX_RANGES {
-            pr_err!("a preserved VM has {} attribute ranges\n", nr);
-            return Err(E2BIG.into());
+        // A VM that was dead at the kexec stays so (it has no ranges), and unknown flags fail for
+        // good.
+        let flags = serialized.flags.get();
+        if flags & VM_SER_DEAD != 0 {
+            pr_err!("not retrieving a VM that KVM had marked dead or bugged before the kexec\n");
+            return Err(EIO.into());
         }
+        if flags != 0 {
+            return Err(EOPNOTSUPP.into());
+        }
+        // The count is checked against the ranges' descriptor when they are taken back.
+        let nr = usize::try_from(serialized.nr_ranges.get()).map_err(|_| EINVAL)?;
         // What can fail for want of memory (making the VM, mapping the ranges, setting them)
         // hands back what it was given and took: the file can be retrieved again.
         let file = match new_vm_file(&serialized) {
@@ -275,7 +289,7 @@ impl FileHandler for VmHandler {
         };
         let restored = match partial {
             Some(restored) => restored,
-            None => match serialized.restore_vec(|s| &s.ranges, nr as usize) {
+            None => match serialized.restore_vec(|s| &s.ranges, nr) {
                 Ok(restored) => restored,
                 // KHO could not map the ranges and took nothing back.
                 Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
@@ -283,7 +297,8 @@ impl FileHandler for VmHandler {
             },
         };
         // Hostile or unknown records fail for good; dropping `restored` frees them.
-        let ranges = validate_ranges(&restored, nr, kvm::MEMORY_ATTRIBUTE_PRIVATE)?;
+        validate_ranges(&restored, kvm::MEMORY_ATTRIBUTE_PRIVATE)?;
+        let ranges = &restored[..];
         let kvm = Kvm::from_file(&file).ok_or(EINVAL)?;
         let supported = kvm.supported_mem_attributes();
         if ranges
@@ -313,10 +328,12 @@ impl FileHandler for VmHandler {
             partial: None,
         }) = unretrieved
         {
-            let nr = serialized.nr_ranges.get();
-            if nr > MAX_RANGES
-                || retry_on_enomem(FINISH_TRIES, || {
-                    serialized.restore_vec::<AttrRange>(|s| &s.ranges, nr as usize)
+            let nr = usize::try_from(serialized.nr_ranges.get()).map_err(|_| EINVAL);
+            if nr
+                .and_then(|nr| {
+                    retry_on_enomem(FINISH_TRIES, || {
+                        serialized.restore_vec::<AttrRange>(|s| &s.ranges, nr)
+                    })
                 })
                 .is_err()
             {
@@ -391,52 +408,49 @@ mod tests {
     }
 
     #[test]
-    fn validate_accepts_good_ranges() {
-        let list = ranges(&[(0, 4, PRIVATE), (4, 4, PRIVATE), (100, 1, PRIVATE)]);
-        assert_eq!(validate_ranges(&list, 3, PRIVATE).map(|r| r.len()), Ok(3));
-        assert_eq!(validate_ranges(&list, 0, PRIVATE).map(|r| r.len()), Ok(0));
+    fn encoder_has_no_cap_but_memory() -> Result {
+        // A guest that alternates private and shared pages over 8 GiB: 2^20 + 1 ranges, which
+        // the previous version refused at freeze, failing the host's kexec.
+        let mut encoder = RangeEncoder::new();
+        for i in 0..(1u64 << 20) + 1 {
+            encoder.push(2 * i, 2 * i + 1, PRIVATE)?;
+            encoder.push(2 * i + 1, 2 * i + 2, 0)?;
+        }
+        assert_eq!(encoder.ranges.len(), (1 << 20) + 1);
+        assert_eq!(validate_ranges(&encoder.ranges, PRIVATE), Ok(()));
+        Ok(())
     }
 
     #[test]
-    fn validate_rejects_truncated_and_oversized_counts() {
-        let list = ranges(&[(0, 4, PRIVATE), (4, 4, PRIVATE)]);
-        assert_eq!(validate_ranges(&list, 3, PRIVATE).err(), Some(EINVAL));
-        assert_eq!(
-            validate_ranges(&list, MAX_RANGES + 1, PRIVATE).err(),
-            Some(E2BIG)
-        );
-        assert_eq!(validate_ranges(&list, u64::MAX, PRIVATE).err(), Some(E2BIG));
+    fn validate_accepts_good_ranges() {
+        let list = ranges(&[(0, 4, PRIVATE), (4, 4, PRIVATE), (100, 1, PRIVATE)]);
+        assert_eq!(validate_ranges(&list, PRIVATE), Ok(()));
+        assert_eq!(validate_ranges(&list[..0], PRIVATE), Ok(()));
     }
 
     #[test]
     fn validate_rejects_overlapping_and_unordered_ranges() {
         let overlapping = ranges(&[(0, 8, PRIVATE), (4, 8, PRIVATE)]);
-        assert_eq!(
-            validate_ranges(&overlapping, 2, PRIVATE).err(),
-            Some(EINVAL)
-        );
+        assert_eq!(validate_ranges(&overlapping, PRIVATE).err(), Some(EINVAL));
         let unordered = ranges(&[(16, 4, PRIVATE), (0, 4, PRIVATE)]);
-        assert_eq!(validate_ranges(&unordered, 2, PRIVATE).err(), Some(EINVAL));
+        assert_eq!(validate_ranges(&unordered, PRIVATE).err(), Some(EINVAL));
     }
 
     #[test]
     fn validate_rejects_empty_huge_and_wrapping_ranges() {
         let empty = ranges(&[(0, 0, PRIVATE)]);
-        assert_eq!(validate_ranges(&empty, 1, PRIVATE).err(), Some(EINVAL));
+        assert_eq!(validate_ranges(&empty, PRIVATE).err(), Some(EINVAL));
         let beyond = ranges(&[(GFN_LIMIT - 1, 2, PRIVATE)]);
-        assert_eq!(validate_ranges(&beyond, 1, PRIVATE).err(), Some(EINVAL));
+        assert_eq!(validate_ranges(&beyond, PRIVATE).err(), Some(EINVAL));
         let wrapping = ranges(&[(u64::MAX, 2, PRIVATE)]);
-        assert_eq!(validate_ranges(&wrapping, 1, PRIVATE).err(), Some(EINVAL));
+        assert_eq!(validate_ranges(&wrapping, PRIVATE).err(), Some(EINVAL));
     }
 
     #[test]
     fn validate_rejects_unknown_or_missing_attributes() {
         let unknown = ranges(&[(0, 1, PRIVATE | 1 << 40)]);
-        assert_eq!(
-            validate_ranges(&unknown, 1, PRIVATE).err(),
-            Some(EOPNOTSUPP)
-        );
+        assert_eq!(validate_ranges(&unknown, PRIVATE).err(), Some(EOPNOTSUPP));
         let none = ranges(&[(0, 1, 0)]);
-        assert_eq!(validate_ranges(&none, 1, PRIVATE).err(), Some(EINVAL));
+        assert_eq!(validate_ranges(&none, PRIVATE).err(), Some(EINVAL));
     }
 }

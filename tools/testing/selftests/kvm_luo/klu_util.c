@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -124,6 +125,46 @@ int klu_finish(int session)
 	while ((r = luo_session_finish(session)) == -EBUSY && ++tries < 6000)
 		usleep(10000);
 	return r;
+}
+
+void klu_gmem_reports(struct klu_gmem_report *out, size_t n)
+{
+	struct klu_gmem_report seen[64];
+	size_t i, count = 0;
+	char line[512];
+	FILE *f = fopen("/dev/kmsg", "r");
+
+	if (!f)
+		fail_exit("open /dev/kmsg");
+	if (n > ARRAY_SIZE(seen))
+		ksft_exit_fail_msg("at most %zu reports\n", ARRAY_SIZE(seen));
+	fcntl(fileno(f), F_SETFL, fcntl(fileno(f), F_GETFL) | O_NONBLOCK);
+	while (fgets(line, sizeof(line), f)) {
+		char *p = strstr(line, "guest_memfd_luo: preserving");
+		struct klu_gmem_report r;
+
+		if (p && sscanf(p, "guest_memfd_luo: preserving %ld pages in %ld extents, %ld bytes",
+				&r.pages, &r.extents, &r.bytes) == 3 && r.pages > 0)
+			seen[count++ % ARRAY_SIZE(seen)] = r;
+	}
+	fclose(f);
+	if (count < n)
+		ksft_exit_fail_msg("found %zu guest_memfd metadata reports, expected %zu\n",
+				   count, n);
+	for (i = 0; i < n; i++)
+		out[i] = seen[(count - n + i) % ARRAY_SIZE(seen)];
+}
+
+void klu_fragment(int fd, size_t size)
+{
+	size_t off;
+
+	if (fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size))
+		fail_exit("fill the file to fragment memory with");
+	for (off = 0; off < size; off += 2 * KLU_PAGE)
+		if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			      off, KLU_PAGE))
+			fail_exit("punch a hole at %#zx", off);
 }
 
 long klu_mem_free_kb(void)

@@ -95,4 +95,24 @@ struct klu_vcpu klu_vcpu64_create(int vm);
 void klu_vcpu64_run(struct klu_vcpu *v, const uint8_t *code, size_t len,
 		    struct kvm_regs *regs);
 
+/* What the guest_memfd handler reported for a file it preserved. */
+struct klu_gmem_report {
+	long pages, extents, bytes;	/* bytes of metadata */
+};
+
+/*
+ * The last @n reports of the guest_memfd handler in the kernel log for files
+ * with memory, oldest first; exits unless there are @n.
+ */
+void klu_gmem_reports(struct klu_gmem_report *out, size_t n);
+
+/*
+ * Fragment free memory of the kind @fd's pages are (guest_memfd's pages are
+ * unmovable and memfd's movable, and each kind has free lists of its own):
+ * fill @fd, a file of @size bytes, and punch out every other page, so that
+ * the next @size / 2 bytes the kernel allocates of that kind in single pages
+ * are rarely contiguous. Close @fd once that memory is allocated.
+ */
+void klu_fragment(int fd, size_t size);
+
 #endif /* SELFTESTS_KVM_LUO_KLU_UTIL_H */

@@ -62,6 +62,7 @@ struct bench_case {
 	size_t populated;	/* bytes populated */
 	size_t stride;		/* populate one MiB every stride bytes */
 	int written;		/* by a write to each page, not fallocate() */
+	int fragmented;		/* in single pages, rarely contiguous */
 };
 
 static const struct bench_case cases[] = {
@@ -72,6 +73,8 @@ static const struct bench_case cases[] = {
 	{ "sparse-1G/64M", 1024 * MIB, 64 * MIB, 16 * MIB },
 	/* Written pages: preserve has no never-used folio to zero. */
 	{ "1G-written", 1024 * MIB, 1024 * MIB, MIB, 1 },
+	/* Fragmented memory: an extent per page, the metadata's worst case. */
+	{ "fragmented-1G", 1024 * MIB, 1024 * MIB, MIB, 0, 1 },
 };
 
 /* Cases the ratios line uses. */
@@ -103,10 +106,14 @@ static double now_ms(void)
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-static void populate(int fd, const struct bench_case *c)
+/* Populate @fd; for a fragmented case, @scratch is a file of its kind, to fragment with. */
+static void populate(int fd, const struct bench_case *c, int scratch)
 {
 	uint8_t *p = NULL;
 	size_t off, i;
+
+	if (c->fragmented)
+		klu_fragment(scratch, 2 * c->populated);
 
 	if (c->written) {
 		p = mmap(NULL, c->size, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -123,6 +130,8 @@ static void populate(int fd, const struct bench_case *c)
 	}
 	if (p)
 		munmap(p, c->size);
+	if (c->fragmented)
+		close(scratch);
 }
 
 static int make_gmem(int vm, const struct bench_case *c)
@@ -135,55 +144,26 @@ static int make_gmem(int vm, const struct bench_case *c)
 
 	if (fd < 0)
 		fail_exit("KVM_CREATE_GUEST_MEMFD");
-	populate(fd, c);
+	args.size = 2 * c->populated;
+	populate(fd, c, c->fragmented ? ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args) : -1);
 	return fd;
 }
 
 static int make_memfd(const struct bench_case *c)
 {
 	int fd = memfd_create("bench", 0);
+	int scratch = c->fragmented ? memfd_create("bench-scratch", 0) : -1;
 
-	if (fd < 0 || ftruncate(fd, c->size))
+	if (fd < 0 || ftruncate(fd, c->size) ||
+	    (c->fragmented && (scratch < 0 || ftruncate(scratch, 2 * c->populated))))
 		fail_exit("memfd");
-	populate(fd, c);
+	populate(fd, c, scratch);
 	return fd;
 }
 
 static void session_name(char *buf, size_t len, int kind, size_t i)
 {
 	snprintf(buf, len, "bench-%s-%zu", kind ? "memfd" : "gmem", i);
-}
-
-/*
- * The "bytes of metadata" the guest_memfd handler printed for the last n
- * guest_memfds with memory it preserved, in order.
- */
-static void read_gmem_metadata(long *bytes, size_t n)
-{
-	long seen[4 * MAX_CASES];
-	size_t i, count = 0;
-	char line[512];
-	FILE *f = fopen("/dev/kmsg", "r");
-	int fd;
-
-	if (!f)
-		fail_exit("open /dev/kmsg");
-	fd = fileno(f);
-	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-	while (fgets(line, sizeof(line), f)) {
-		char *p = strstr(line, "guest_memfd_luo: preserving");
-		long pages, extents, meta;
-
-		if (p && sscanf(p, "guest_memfd_luo: preserving %ld pages in %ld extents, %ld bytes",
-				&pages, &extents, &meta) == 3 && pages > 0)
-			seen[count++ % ARRAY_SIZE(seen)] = meta;
-	}
-	fclose(f);
-	if (count < n)
-		ksft_exit_fail_msg("found %zu guest_memfd metadata reports, expected %zu\n",
-				   count, n);
-	for (i = 0; i < n; i++)
-		bytes[i] = seen[(count - n + i) % ARRAY_SIZE(seen)];
 }
 
 /* Ask for a kexec that must fail, and time it. */
@@ -221,6 +201,7 @@ static double failing_kexec_ms(int luo_fd)
 static void stage1(int luo_fd)
 {
 	int sessions[2][MAX_CASES], fds[2][MAX_CASES], vms[MAX_CASES], results_fd;
+	struct klu_gmem_report reports[MAX_CASES];
 	double base, with[2];
 	struct results *r;
 	char name[64];
@@ -281,7 +262,9 @@ static void stage1(int luo_fd)
 			r->preserve_ms[k][i] = now_ms() - t;
 		}
 	}
-	read_gmem_metadata(r->meta_bytes[0], NR_CASES);
+	klu_gmem_reports(reports, NR_CASES);
+	for (i = 0; i < NR_CASES; i++)
+		r->meta_bytes[0][i] = reports[i].bytes;
 	for (i = 0; i < NR_CASES; i++)
 		r->meta_bytes[1][i] = 48 + 16 * (long)(cases[i].size / getpagesize());
 

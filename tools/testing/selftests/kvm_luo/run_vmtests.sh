@@ -114,7 +114,7 @@ build_kvm_luo() {
 	mkdir -p "$root/kvm_luo"
 	for t in memfd_demo kvm_vm_luo_test guest_memfd_luo_test \
 		 guest_memfd_luo_abort_test late_write lazy_restore \
-		 background_restore chain numa fault_inject luo_bench; do
+		 background_restore chain numa fragmented fault_inject luo_bench; do
 		gcc -static -O2 -Wall -D_GNU_SOURCE= -isystem "$hdrs" \
 			-I "$sel/liveupdate/lib/include" -I "$sel" \
 			-o "$root/kvm_luo/$t" "$here/$t.c" "$here/klu_util.c" \
