@@ -91,11 +91,13 @@ struct kvm_gmem_filler_ops {
 
 /* Only for the Rust abstraction (rust/kernel/kvm.rs), which owns @filler's layout. */
 int kvm_gmem_set_filler(struct file *file,
-			const struct kvm_gmem_filler_ops *ops, void *filler);
-void *kvm_gmem_filler(struct file *file);
+			const struct kvm_gmem_filler_ops *ops, void *filler,
+			const void *owner);
+void *kvm_gmem_filler(struct file *file, const void *owner);
 int kvm_gmem_fill_pages(struct inode *inode, unsigned long pfn,
 			unsigned long nr, pgoff_t index, bool uptodate,
 			unsigned long *done);
+bool kvm_gmem_memcg_has_room(unsigned long nr_pages);
 #endif /* CONFIG_KVM_GUEST_MEMFD */
 
 #endif /* __LINUX_KVM_LUO_H */

@@ -353,6 +353,17 @@ impl VmallocDesc {
     pub fn is_empty(&self) -> bool {
         self.first.get() == 0
     }
+
+    /// Whether this describes as many pages as a vector of `len` elements of type `E` takes, as
+    /// [`Restored::restore_vec`] requires: a cheap check of a length from the same serialized data
+    /// before anything is allocated for it.
+    pub fn fits<E>(&self, len: usize) -> bool {
+        match len.checked_mul(size_of::<E>()) {
+            Some(0) => self.is_empty(),
+            Some(bytes) => !self.is_empty() && self.total_pages.get() as usize == pages_for(bytes),
+            None => false,
+        }
+    }
 }
 
 /// A vector in vmalloc memory preserved across kexec with `kho_preserve_vmalloc()`.
@@ -456,13 +467,10 @@ impl<T: FromBytes> RestoredVec<T> {
     /// and `kho_restore_vmalloc()` read the descriptor's chunks, which KHO does not own, before
     /// they claim them.
     unsafe fn restore(desc: &VmallocDesc, len: usize) -> (Result<Self>, bool) {
-        let Some(bytes) = len.checked_mul(size_of::<T>()) else {
+        if !desc.fits::<T>(len) {
             return (Err(EINVAL), false);
-        };
-        if desc.is_empty() || bytes == 0 {
-            if !desc.is_empty() || bytes != 0 {
-                return (Err(EINVAL), false);
-            }
+        }
+        if desc.is_empty() {
             let empty = Self {
                 ptr: core::ptr::null_mut(),
                 len: 0,
@@ -473,11 +481,7 @@ impl<T: FromBytes> RestoredVec<T> {
         let total_pages = u64::from(desc.total_pages.get());
         // SAFETY: Nobody restores or frees the chunks meanwhile, by the safety requirements.
         let intact = || unsafe { vmalloc_intact(desc.first.get(), total_pages, order) };
-        if total_pages as usize != pages_for(bytes)
-            || order > bindings::MAX_PAGE_ORDER
-            || total_pages % (1 << order) != 0
-            || !intact()
-        {
+        if order > bindings::MAX_PAGE_ORDER || total_pages % (1 << order) != 0 || !intact() {
             return (Err(EINVAL), false);
         }
         let raw = desc.to_raw();

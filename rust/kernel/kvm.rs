@@ -220,11 +220,12 @@ unsafe extern "C" fn trampoline(
 }
 
 /// Creates a VM of type `vm_type` and its file, as `KVM_CREATE_VM` does. `name` names its
-/// debugfs and stats entries.
+/// debugfs and stats entries. The VM belongs to the address space of the calling process.
 ///
 /// # Errors
 ///
-/// Returns `EINVAL` for a type this host does not support, and the errors of VM creation.
+/// Returns `EINVAL` for a type this host does not support or a caller without an address space
+/// (a kernel thread), and the errors of VM creation.
 pub fn create_vm_file(vm_type: u64, name: &CStr) -> Result<ARef<File>> {
     let vm_type = usize::try_from(vm_type).map_err(|_| EINVAL)?;
     // SAFETY: `name` is a valid C string for the duration of the call.
@@ -444,6 +445,7 @@ impl GuestMemfdFile {
 #[cfg(all(CONFIG_KVM_GUEST_MEMFD, CONFIG_KEXEC_HANDOVER))]
 pub use filler::{
     filler_of,
+    memcg_has_room,
     FillerSlot,
     GmemFiller,
     GmemInode, //
@@ -531,8 +533,9 @@ mod filler {
         ///
         /// # Errors
         ///
-        /// Returns `EINVAL` if the run does not fit in the file, `EEXIST` if an index is
-        /// populated, `ENOMEM`.
+        /// Returns `EINVAL` if the file has no filler (nothing would keep punch-hole out of the
+        /// pages) or the run does not fit in it, `EBUSY` if the file is frozen, `EEXIST` if an
+        /// index is populated, `ENOMEM`.
         pub fn fill_pages(&self, run: &mut RestoredPages, index: u64, uptodate: bool) -> Result {
             let (pfn, nr) = run.remaining();
             let (Ok(pfn), Ok(nr), Ok(index)) = (
@@ -572,6 +575,11 @@ mod filler {
         /// The last file of the inode was released: nothing needs the memory any more.
         fn stop(&self);
     }
+
+    /// The owner of every filler [`GuestMemfdFile::set_filler`] sets: guest_memfd hands a filler
+    /// back only to its owner, so that [`filler_of`] reads no filler another user of the C API
+    /// set.
+    static FILLER_OWNER: u8 = 0;
 
     /// A filler, with the type it was set as, which [`filler_of`] checks.
     #[repr(C)]
@@ -672,10 +680,12 @@ mod filler {
                 filler,
             });
             let ptr = typed.into_foreign();
+            let owner = core::ptr::from_ref(&FILLER_OWNER).cast();
             // SAFETY: The file is a guest_memfd by the type invariants; `OPS` is a constant
-            // promoted to a static; `ptr` is ours until `release` takes it back.
+            // promoted to a static; `ptr` is ours until `release` takes it back; `owner` is a
+            // static.
             let r = unsafe {
-                bindings::kvm_gmem_set_filler(self.file.as_ptr(), &Ops::<T>::OPS, ptr.cast())
+                bindings::kvm_gmem_set_filler(self.file.as_ptr(), &Ops::<T>::OPS, ptr.cast(), owner)
             };
             if r != 0 {
                 // SAFETY: Not taken by the file: still ours.
@@ -697,16 +707,28 @@ mod filler {
         ARef::from(unsafe { GmemInode::from_raw(inode) })
     }
 
+    /// Whether `nr_pages` more pages fit in the memory cgroup of the calling task and in its
+    /// ancestors, as their limits and usage are now: what a filler puts in is charged there.
+    pub fn memcg_has_room(nr_pages: u64) -> bool {
+        let Ok(nr_pages) = usize::try_from(nr_pages) else {
+            return false;
+        };
+        // SAFETY: The function only reads the cgroups of the calling task.
+        unsafe { bindings::kvm_gmem_memcg_has_room(nr_pages) }
+    }
+
     /// The filler of `file` and its inode, if `file` is a guest_memfd whose filler is a `T`.
     pub fn filler_of<T: GmemFiller>(file: &File) -> Option<(ArcBorrow<'_, T>, ARef<GmemInode>)> {
-        // SAFETY: `file` is valid; the function returns the filler argument of a guest_memfd, or
-        // NULL.
-        let ptr = unsafe { bindings::kvm_gmem_filler(file.as_ptr()) };
+        let owner = core::ptr::from_ref(&FILLER_OWNER).cast();
+        // SAFETY: `file` is valid; the function returns the filler argument of a guest_memfd that
+        // `owner` set, or NULL.
+        let ptr = unsafe { bindings::kvm_gmem_filler(file.as_ptr(), owner) };
         if ptr.is_null() {
             return None;
         }
-        // SAFETY: Every filler is a `KBox<Typed<_>>` from `set_filler`, alive as long as the inode,
-        // so as long as `file`; its first field is a `TypeId` (`repr(C)`), whatever the type.
+        // SAFETY: Every filler whose owner is `FILLER_OWNER` is a `KBox<Typed<_>>` from
+        // `set_filler`, alive as long as the inode, so as long as `file`; its first field is a
+        // `TypeId` (`repr(C)`), whatever the type.
         if unsafe { *ptr.cast::<TypeId>() } != TypeId::of::<T>() {
             return None;
         }

@@ -57,6 +57,7 @@ use kernel::{
     kvm::{
         self,
         filler_of,
+        memcg_has_room,
         FillerSlot,
         FrozenGuestMemfd,
         GmemFiller,
@@ -86,6 +87,7 @@ use kernel::{
         Mutex,
         UniqueArc, //
     },
+    task::cond_resched,
     time::{
         delay::fsleep,
         Delta, //
@@ -181,7 +183,7 @@ const KNOWN_EXTENT_FLAGS: u64 = EXTENT_UPTODATE;
 const FLAG_BITS: u32 = 12;
 
 /// Bits of [`ExtentSer::index_len`] that hold the length: a record describes at most
-/// `2^LEN_BITS` pages (4 GiB), and a longer extent takes a record per `2^LEN_BITS` pages.
+/// `2^LEN_BITS` pages (4 GiB), and a longer extent takes several, cut where a window starts.
 const LEN_BITS: u32 = 20;
 
 /// The most pages a record describes.
@@ -292,7 +294,16 @@ fn records_of(span: Span) -> impl Iterator<Item = ExtentSer> {
     })
 }
 
-/// What the head of a file says its records hold, checked.
+/// Lets other tasks run every 4096 steps of a loop over a table of extents or windows, which for
+/// memory in single pages has an entry per page.
+fn pace(step: usize) {
+    if step % 4096 == 4095 {
+        cond_resched();
+    }
+}
+
+/// What the head of a file says its records hold, checked against each other and the size of
+/// the file (no more than [`MAX_FILE_PAGES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Counts {
     extents: usize,
@@ -300,15 +311,22 @@ struct Counts {
     windows: usize,
 }
 
-/// The counts of a head object: records are non-empty and do not overlap in the file, so there
-/// are no more records than pages and no more pages than the file has, and they make at least a
-/// window each and no more than [`max_windows`] (`EINVAL`).
+/// The counts of a head object: records are non-empty, of at most [`MAX_RECORD_PAGES`] pages,
+/// and do not overlap in the file, so there are no more records than pages, no fewer than the
+/// pages need, and no more pages than the file has; they make at least a window each and no more
+/// than [`max_windows`] (`EINVAL`).
 fn counts(serialized: &GmemSer) -> Result<Counts> {
     let file_pages = serialized.size.get() / PAGE_SIZE as u64;
     let nr = usize::try_from(serialized.nr_extents.get()).map_err(|_| EINVAL)?;
     let pages = serialized.nr_pages.get();
     let windows = usize::try_from(serialized.nr_windows.get()).map_err(|_| EINVAL)?;
-    if nr as u64 > pages || pages > file_pages || windows < nr || windows > max_windows(nr, pages) {
+    if file_pages > MAX_FILE_PAGES
+        || nr as u64 > pages
+        || pages > (nr as u64).saturating_mul(MAX_RECORD_PAGES)
+        || pages > file_pages
+        || windows < nr
+        || windows > max_windows(nr, pages)
+    {
         return Err(EINVAL);
     }
     Ok(Counts {
@@ -330,7 +348,8 @@ fn validate_extents(
     let file_pages = size / PAGE_SIZE as u64;
     let mut next_index = 0;
     let mut pages: u64 = 0;
-    for record in records {
+    for (step, record) in records.iter().enumerate() {
+        pace(step);
         // Decoded, an extent has 1 to `MAX_RECORD_PAGES` pages at an index below
         // `MAX_FILE_PAGES`: its end does not overflow.
         let extent = Extent::decode(record);
@@ -511,7 +530,8 @@ impl LazyReserve {
     fn build(mut self, extents: &mut [Extent]) -> Result<Arc<LazyMemory>> {
         check_disjoint(extents)?;
         let room = self.windows.capacity();
-        for window in extents.iter().flat_map(windows_of) {
+        for (step, window) in extents.iter().flat_map(windows_of).enumerate() {
+            pace(step);
             self.windows
                 .push_within_capacity(window)
                 .map_err(|_| EINVAL)?;
@@ -556,8 +576,8 @@ impl LazyMemory {
     ///
     /// # Errors
     ///
-    /// Returns `ENOMEM` (the window stays pending, for another try) and `EIO` if its memory is
-    /// lost.
+    /// Returns `ENOMEM` and `EBUSY` (the file is frozen): the window stays pending, for another
+    /// try; `EIO` if its memory is lost.
     fn fill_window(&self, inode: &GmemInode, i: usize) -> Result {
         let mut progress = self.progress.lock();
         let taken = loop {
@@ -598,9 +618,11 @@ impl LazyMemory {
                 self.settle(i, WindowState::In);
                 Ok(())
             }
-            Err(ENOMEM) => {
+            // Memory is short, or the file is frozen (which preserve does only once every
+            // window is in): the rest stays for the next try.
+            Err(err) if err == ENOMEM || err == EBUSY => {
                 self.settle(i, WindowState::Partial(run));
-                Err(ENOMEM)
+                Err(err)
             }
             Err(err) => {
                 pr_err!(
@@ -683,7 +705,13 @@ impl LazyMemory {
             progress.cursor = i + 1;
             drop(progress);
             let mut tries = 0;
-            while self.fill_window(inode, i) == Err(ENOMEM) {
+            loop {
+                match self.fill_window(inode, i) {
+                    Err(ENOMEM) => (),
+                    // Frozen: nothing goes in until it is not.
+                    Err(EBUSY) => return,
+                    _ => break,
+                }
                 tries += 1;
                 if tries == WORKER_TRIES {
                     pr_warn!("memory is short: guest memory is put back on first use only\n");
@@ -704,6 +732,9 @@ impl PinnedDrop for LazyMemory {
         for (i, state) in states.iter().enumerate() {
             if matches!(state, WindowState::Pending) {
                 self.free_window(i);
+                cond_resched();
+            } else {
+                pace(i);
             }
         }
     }
@@ -836,8 +867,11 @@ fn check_vm(gmem: &GuestMemfd<'_>) -> Result {
 /// Collects the folios of a frozen file into runs, each holding references to its folios.
 fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<VVec<FolioRun>> {
     let mut runs: VVec<FolioRun> = VVec::new();
+    let mut step = 0;
     frozen
         .for_each_folio(|folio: SpannedFolio| {
+            pace(step);
+            step += 1;
             let folio = match runs.last_mut() {
                 Some(last) => match last.try_append(folio) {
                     Ok(()) => return Ok(()),
@@ -876,7 +910,8 @@ fn preserve_memory(frozen: &FrozenGuestMemfd) -> Result<PreservedMemory> {
     let mut pages = VVec::with_capacity(runs.len(), GFP_KERNEL)?;
     let mut records = VVec::with_capacity(nr, GFP_KERNEL)?;
     let (mut nr_pages, mut nr_windows) = (0, 0);
-    for run in runs {
+    for (step, run) in runs.into_iter().enumerate() {
+        pace(step);
         for record in records_of(run.span()) {
             // The new kernel cuts the windows of each record, as this does.
             let extent = Extent::decode(&record);
@@ -895,8 +930,8 @@ fn preserve_memory(frozen: &FrozenGuestMemfd) -> Result<PreservedMemory> {
 }
 
 /// Takes back and validates the extent records into `extents`, which has room for all of them;
-/// from here on, the preserved state is consumed. When the records are inconsistent, what can be
-/// of their memory is freed ([`free_extents`]).
+/// once they are taken back, the preserved state is consumed (not on `ENOMEM`). When the records
+/// are inconsistent, what can be of their memory is freed ([`free_extents`]).
 fn restore_extents(serialized: &mut Restored<GmemSer>, extents: &mut VVec<Extent>) -> Result {
     let Counts {
         extents: nr, pages, ..
@@ -921,6 +956,9 @@ fn release_extents(serialized: &mut Restored<GmemSer>) -> Result {
     // The head's counts and the records' own consistency do not matter here, only that the
     // records can be found.
     let nr = usize::try_from(serialized.nr_extents.get()).map_err(|_| EINVAL)?;
+    if !serialized.extents.fits::<ExtentSer>(nr) {
+        return Err(EINVAL);
+    }
     let mut extents = VVec::with_capacity(nr, GFP_KERNEL)?;
     let records: RestoredVec<ExtentSer> = serialized.restore_vec(|s| &s.extents, nr)?;
     decode_into(&records, &mut extents);
@@ -968,6 +1006,7 @@ fn free_extents(
     // The end of the extents before the current one that ends last.
     let mut end_before = 0;
     for (i, extent) in extents.iter().enumerate() {
+        pace(i);
         // Decoded extents neither overflow their file index nor their pfn.
         let end = extent.pfn + extent.nr_pages;
         let shared = end_before > extent.pfn || extents.get(i + 1).is_some_and(|n| end > n.pfn);
@@ -977,7 +1016,10 @@ fn free_extents(
             && extent.index + extent.nr_pages <= file_pages
             // Every window, even after one KHO refused.
             && windows_of(extent)
-                .filter(|w| free(w.pfn, w.nr_pages).is_err())
+                .filter(|w| {
+                    cond_resched();
+                    free(w.pfn, w.nr_pages).is_err()
+                })
                 .count()
                 == 0;
         if !whole {
@@ -1001,9 +1043,22 @@ struct Prepared {
 /// consumed.
 fn prepare_retrieve(serialized: &GmemSer, session: &IncomingSession<'_>) -> Result<Prepared> {
     let counts = counts(serialized)?;
+    // Before anything is allocated for them.
+    if !serialized.extents.fits::<ExtentSer>(counts.extents) {
+        return Err(EINVAL);
+    }
     let flags = flags_from_ser(serialized.flags.get())?;
     if serialized.reserved.get() != 0 {
         return Err(EOPNOTSUPP);
+    }
+    // What the file takes back late is charged to the caller's memory cgroup: one without room
+    // for it would lose it (the file goes with its VMM when the charges fail).
+    if !memcg_has_room(counts.pages) {
+        pr_err!(
+            "no room for {} MiB of guest memory in the memory cgroup of the retrieving task\n",
+            counts.pages >> (20 - kernel::page::PAGE_SHIFT)
+        );
+        return Err(ENOMEM);
     }
     let vm_file = session.file(serialized.vm_token.get())?;
     let kvm = Kvm::from_file(&vm_file).ok_or(EINVAL)?;
@@ -1467,6 +1522,14 @@ mod tests {
         assert_eq!(counts(&head(4096, 1, 2, 1)).err(), Some(EINVAL));
         let huge = head(u64::MAX, u64::MAX, u64::MAX >> 12, u64::MAX);
         assert_eq!(counts(&huge).err(), Some(EINVAL));
+        // Fewer records than the pages need, a file too large for the ABI.
+        assert_eq!(
+            counts(&head(1 << 40, 1, (1 << 20) + 1, 2)).err(),
+            Some(EINVAL)
+        );
+        let top = MAX_FILE_PAGES * 4096;
+        assert_eq!(counts(&head(top, 1, 1, 1))?, count(1, 1, 1));
+        assert_eq!(counts(&head(top + 4096, 1, 1, 1)).err(), Some(EINVAL));
         // Fewer windows than records, more than they can make.
         assert_eq!(counts(&head(1 << 30, 3, 10, 2)).err(), Some(EINVAL));
         assert_eq!(counts(&head(1 << 30, 3, 10, 7)).err(), Some(EINVAL));

@@ -422,6 +422,12 @@ mod tests {
     }
 
     #[test]
+    fn no_vm_for_a_kernel_thread() {
+        // KUnit runs tests in a kernel thread, which has no address space for a VM to belong to.
+        assert_eq!(kvm::create_vm_file(0, c"kunit").err(), Some(EINVAL));
+    }
+
+    #[test]
     fn validate_accepts_good_ranges() {
         let list = ranges(&[(0, 4, PRIVATE), (4, 4, PRIVATE), (100, 1, PRIVATE)]);
         assert_eq!(validate_ranges(&list, PRIVATE), Ok(()));

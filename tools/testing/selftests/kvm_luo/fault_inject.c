@@ -26,12 +26,14 @@
  *             guest_memfd bound to it); a retrieved file must hold exactly
  *             what was preserved (a VM's private ranges are probed by a
  *             vCPU). A retrieve that gets over a failure (KVM does without a
- *             debugfs entry, for instance) uses up a file, so stage 1
- *             preserves many; the protected VMs go in a session made after
+ *             debugfs entry, vmalloc falls back to single pages, kmemleak
+ *             does without a scan area, for instance) uses up a file, so
+ *             stage 1 preserves many; the protected VMs go in a session made after
  *             the freeze loop, which would otherwise freeze them at every try.
  *   finish    FINISH of sessions that hold a guest_memfd never retrieved,
- *             one session per failing allocation: the memory of each must
- *             come back.
+ *             one session per failing allocation (finish tries again when
+ *             one fails, and vmalloc's and kmemleak's own allocations make
+ *             many): the memory of each must come back.
  *
  * Leaks: init scans kmemleak after each stage and the runner fails the test
  * on any report.
@@ -58,11 +60,11 @@
 #define STATE_SESSION	"fi-state"
 #define STATE_TOKEN	99
 #define SESSION		"fi"
-#define PAIRS		32
+#define PAIRS		64
 #define PVMS		256
-#define FINISHES	16
+#define FINISHES	32
 #define GMEM_SIZE	(256 * 1024UL)
-#define FINISH_SIZE	(16 * KLU_MIB)
+#define FINISH_SIZE	(8 * KLU_MIB)
 /* What other allocations may hold meanwhile (slab pages, KASAN quarantine). */
 #define FREE_SLACK_KB	1024
 #define MAX_TRIES	4000

@@ -12,8 +12,13 @@
  * VM, and checks what the handler reports: every page, and at most 16 bytes
  * per extent on top of one head.
  *
- * Stage 2 retrieves both and checks every byte.
+ * Stage 2 retrieves the VM, then the guest_memfd from inside a memory cgroup
+ * with 16 MiB of room for its 64 MiB: its memory, taken back late, would be
+ * charged there and could not be, so the retrieve must fail with ENOMEM and
+ * keep the file retrievable. With the limit lifted, it is retrieved, and
+ * every byte is checked.
  */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,6 +38,8 @@
 #define TOKEN_GMEM	2
 
 #define GMEM_SIZE	(64 * KLU_MIB)
+#define MEMCG		"klu-fragmented"
+#define MEMCG_ROOM	(16 * KLU_MIB)
 #define NR_PAGES	(GMEM_SIZE / KLU_PAGE)
 /* What a page may cost, as memfd's folio does, and one head object. */
 #define BYTES_PER_EXTENT 16
@@ -105,13 +112,29 @@ static void stage2(int luo_fd, int state_session)
 	if (session < 0)
 		fail_exit("retrieve session");
 	vm = luo_session_retrieve_fd(session, TOKEN_VM);
+	if (vm < 0)
+		fail_exit("retrieve the VM");
+
+	klu_memcg_enter(MEMCG);
+	klu_memcg_set_max(MEMCG, klu_memcg_read(MEMCG, "memory.current") + MEMCG_ROOM);
 	gmem = luo_session_retrieve_fd(session, TOKEN_GMEM);
-	if (vm < 0 || gmem < 0)
-		fail_exit("retrieve");
+	klu_memcg_set_max(MEMCG, -1);
+	if (gmem >= 0)
+		ksft_exit_fail_msg("retrieved %lu MiB of guest memory in a memory cgroup with room for %lu MiB\n",
+				   GMEM_SIZE / KLU_MIB, MEMCG_ROOM / KLU_MIB);
+	if (gmem != -ENOMEM)
+		ksft_exit_fail_msg("retrieve in a small memory cgroup: %s, expected ENOMEM\n",
+				   strerror(-gmem));
+	ksft_print_msg("retrieve with %lu MiB of room: %s\n", MEMCG_ROOM / KLU_MIB,
+		       strerror(-gmem));
+	gmem = luo_session_retrieve_fd(session, TOKEN_GMEM);
+	if (gmem < 0)
+		ksft_exit_fail_msg("retrieve with the limit lifted: %s\n", strerror(-gmem));
 	p = klu_map(gmem, GMEM_SIZE);
 	for (i = 0; i < NR_PAGES; i++)
 		check_page(p + i * KLU_PAGE, i);
 	ksft_print_msg("after kexec: %lu MiB intact\n", GMEM_SIZE / KLU_MIB);
+	klu_memcg_leave();
 	if (klu_finish(session) || klu_finish(state_session))
 		fail_exit("finish");
 }

@@ -10,6 +10,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <libliveupdate.h>
@@ -165,6 +167,64 @@ void klu_fragment(int fd, size_t size)
 		if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 			      off, KLU_PAGE))
 			fail_exit("punch a hole at %#zx", off);
+}
+
+void klu_write_str(const char *path, const char *val)
+{
+	int fd = open(path, O_WRONLY);
+
+	if (fd < 0 || write(fd, val, strlen(val)) != (ssize_t)strlen(val))
+		fail_exit("write %s to %s", val, path);
+	close(fd);
+}
+
+void klu_memcg_enter(const char *name)
+{
+	char path[128], val[32];
+
+	mkdir("/sys/fs/cgroup", 0755);
+	if (mount("none", "/sys/fs/cgroup", "cgroup2", 0, NULL) && errno != EBUSY)
+		fail_exit("mount cgroup2");
+	klu_write_str("/sys/fs/cgroup/cgroup.subtree_control", "+memory");
+	snprintf(path, sizeof(path), "/sys/fs/cgroup/%s", name);
+	if (mkdir(path, 0755) && errno != EEXIST)
+		fail_exit("mkdir %s", path);
+	snprintf(path, sizeof(path), "/sys/fs/cgroup/%s/cgroup.procs", name);
+	snprintf(val, sizeof(val), "%d", getpid());
+	klu_write_str(path, val);
+	klu_write_str("/proc/self/oom_score_adj", "-1000");
+}
+
+void klu_memcg_leave(void)
+{
+	char val[32];
+
+	klu_write_str("/proc/self/oom_score_adj", "0");
+	snprintf(val, sizeof(val), "%d", getpid());
+	klu_write_str("/sys/fs/cgroup/cgroup.procs", val);
+}
+
+long klu_memcg_read(const char *name, const char *file)
+{
+	char path[128], buf[32] = { 0 };
+	int fd;
+
+	snprintf(path, sizeof(path), "/sys/fs/cgroup/%s/%s", name, file);
+	fd = open(path, O_RDONLY);
+	if (fd < 0 || read(fd, buf, sizeof(buf) - 1) <= 0)
+		fail_exit("read %s", path);
+	close(fd);
+	return atol(buf);
+}
+
+void klu_memcg_set_max(const char *name, long bytes)
+{
+	char path[128], val[32] = "max";
+
+	snprintf(path, sizeof(path), "/sys/fs/cgroup/%s/memory.max", name);
+	if (bytes >= 0)
+		snprintf(val, sizeof(val), "%ld", bytes);
+	klu_write_str(path, val);
 }
 
 long klu_mem_free_kb(void)

@@ -115,4 +115,20 @@ void klu_gmem_reports(struct klu_gmem_report *out, size_t n);
  */
 void klu_fragment(int fd, size_t size);
 
+/* Write @val to the file at @path; exits on failure. */
+void klu_write_str(const char *path, const char *val);
+
+/*
+ * Memory cgroups: klu_memcg_enter() moves this process into the cgroup
+ * /sys/fs/cgroup/@name (made, with cgroup2 mounted and the memory controller
+ * on, if need be), where the OOM killer may not pick it, so that charges
+ * beyond the limit fail instead; klu_memcg_leave() moves it back to the root.
+ */
+void klu_memcg_enter(const char *name);
+void klu_memcg_leave(void);
+/* A number read from @file of the cgroup @name. */
+long klu_memcg_read(const char *name, const char *file);
+/* Set memory.max of the cgroup @name to @bytes, or no limit if negative. */
+void klu_memcg_set_max(const char *name, long bytes);
+
 #endif /* SELFTESTS_KVM_LUO_KLU_UTIL_H */

@@ -26,8 +26,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <libliveupdate.h>
@@ -55,7 +53,7 @@
 #define BIG_PAGES	((BIG_END - BIG_GPA) / PAGE)
 #define END_SLOT	1
 #define END_SLOT_SIZE	(2UL << 20)
-#define MEMCG		"/sys/fs/cgroup/klu"
+#define MEMCG		"klu"
 /* Room left in the cgroup beyond what a new VM takes: far less than 9 MiB. */
 #define MEMCG_ROOM	(2UL << 20)
 
@@ -178,28 +176,6 @@ static void check_big(int vm, const char *what)
 	munmap(mem, END_SLOT_SIZE);
 }
 
-static void write_str(const char *path, const char *val)
-{
-	int fd = open(path, O_WRONLY);
-
-	if (fd < 0 || write(fd, val, strlen(val)) != (ssize_t)strlen(val))
-		fail_exit("write %s to %s", val, path);
-	close(fd);
-}
-
-static long memcg_read(const char *file)
-{
-	char path[64], buf[32] = { 0 };
-	int fd;
-
-	snprintf(path, sizeof(path), MEMCG "/%s", file);
-	fd = open(path, O_RDONLY);
-	if (fd < 0 || read(fd, buf, sizeof(buf) - 1) <= 0)
-		fail_exit("read %s", path);
-	close(fd);
-	return atol(buf);
-}
-
 /*
  * Retrieve the big VM from inside a memory cgroup with room for a new VM but
  * not for its attributes: KVM runs out of memory setting them, after the
@@ -210,32 +186,22 @@ static long memcg_read(const char *file)
  */
 static int retrieve_big_in_small_memcg(int session)
 {
-	char val[32];
 	long cost, base;
 	int vm, err;
 
-	mkdir("/sys/fs/cgroup", 0755);
-	if (mount("none", "/sys/fs/cgroup", "cgroup2", 0, NULL) && errno != EBUSY)
-		fail_exit("mount cgroup2");
-	write_str("/sys/fs/cgroup/cgroup.subtree_control", "+memory");
-	if (mkdir(MEMCG, 0755) && errno != EEXIST)
-		fail_exit("mkdir " MEMCG);
-	snprintf(val, sizeof(val), "%d", getpid());
-	write_str(MEMCG "/cgroup.procs", val);
-	write_str("/proc/self/oom_score_adj", "-1000");
+	klu_memcg_enter(MEMCG);
 
 	/* What a new protected VM costs the cgroup. */
-	base = memcg_read("memory.current");
+	base = klu_memcg_read(MEMCG, "memory.current");
 	vm = create_vm(KVM_X86_SW_PROTECTED_VM);
-	cost = memcg_read("memory.current") - base;
+	cost = klu_memcg_read(MEMCG, "memory.current") - base;
 	close(vm);
-	base = memcg_read("memory.current");
-	snprintf(val, sizeof(val), "%ld", base + cost + (long)MEMCG_ROOM);
-	write_str(MEMCG "/memory.max", val);
+	base = klu_memcg_read(MEMCG, "memory.current");
+	klu_memcg_set_max(MEMCG, base + cost + (long)MEMCG_ROOM);
 
 	vm = luo_session_retrieve_fd(session, TOKEN_BIG);
 	err = -vm;
-	write_str(MEMCG "/memory.max", "max");
+	klu_memcg_set_max(MEMCG, -1);
 	if (vm >= 0)
 		ksft_exit_fail_msg("the big VM was retrieved within %lu kB of room: the test cannot see an out-of-memory\n",
 				   (cost + MEMCG_ROOM) >> 10);
@@ -250,9 +216,7 @@ static int retrieve_big_in_small_memcg(int session)
 				   strerror(-vm));
 
 	/* The rest of the test runs as before. */
-	write_str("/proc/self/oom_score_adj", "0");
-	snprintf(val, sizeof(val), "%d", getpid());
-	write_str("/sys/fs/cgroup/cgroup.procs", val);
+	klu_memcg_leave();
 	return vm;
 }
 
