@@ -62,7 +62,6 @@ struct bench_case {
 	size_t populated;	/* bytes populated */
 	size_t stride;		/* populate one MiB every stride bytes */
 	int written;		/* by a write to each page, not fallocate() */
-	int fragmented;		/* in single pages, rarely contiguous */
 };
 
 static const struct bench_case cases[] = {
@@ -73,8 +72,12 @@ static const struct bench_case cases[] = {
 	{ "sparse-1G/64M", 1024 * MIB, 64 * MIB, 16 * MIB },
 	/* Written pages: preserve has no never-used folio to zero. */
 	{ "1G-written", 1024 * MIB, 1024 * MIB, MIB, 1 },
-	/* Fragmented memory: an extent per page, the metadata's worst case. */
-	{ "fragmented-1G", 1024 * MIB, 1024 * MIB, MIB, 0, 1 },
+	/*
+	 * No case in fragmented memory (an extent per page): the next kernel's
+	 * KHO reserves each preserved block on its own in memblock, in a time
+	 * quadratic in their number, and 2 x 256 MiB of single pages did not
+	 * boot within 5 minutes. The test "fragmented" checks 64 MiB.
+	 */
 };
 
 /* Cases the ratios line uses. */
@@ -106,14 +109,10 @@ static double now_ms(void)
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-/* Populate @fd; for a fragmented case, @scratch is a file of its kind, to fragment with. */
-static void populate(int fd, const struct bench_case *c, int scratch)
+static void populate(int fd, const struct bench_case *c)
 {
 	uint8_t *p = NULL;
 	size_t off, i;
-
-	if (c->fragmented)
-		klu_fragment(scratch, 2 * c->populated);
 
 	if (c->written) {
 		p = mmap(NULL, c->size, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -130,8 +129,6 @@ static void populate(int fd, const struct bench_case *c, int scratch)
 	}
 	if (p)
 		munmap(p, c->size);
-	if (c->fragmented)
-		close(scratch);
 }
 
 static int make_gmem(int vm, const struct bench_case *c)
@@ -144,20 +141,17 @@ static int make_gmem(int vm, const struct bench_case *c)
 
 	if (fd < 0)
 		fail_exit("KVM_CREATE_GUEST_MEMFD");
-	args.size = 2 * c->populated;
-	populate(fd, c, c->fragmented ? ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args) : -1);
+	populate(fd, c);
 	return fd;
 }
 
 static int make_memfd(const struct bench_case *c)
 {
 	int fd = memfd_create("bench", 0);
-	int scratch = c->fragmented ? memfd_create("bench-scratch", 0) : -1;
 
-	if (fd < 0 || ftruncate(fd, c->size) ||
-	    (c->fragmented && (scratch < 0 || ftruncate(scratch, 2 * c->populated))))
+	if (fd < 0 || ftruncate(fd, c->size))
 		fail_exit("memfd");
-	populate(fd, c, scratch);
+	populate(fd, c);
 	return fd;
 }
 
