@@ -15,12 +15,10 @@
 //!   memory is preserved; dropping them unpreserves and frees it (the live update was cancelled
 //!   before the kexec). If the kexec happens while they exist, the memory is handed over.
 //! - [`PreservedPages`] preserves a [`FolioRun`]: folios it holds references to until the kexec.
-//! - [`Restored<T>`], [`RestoredVec<T>`] and [`RestoredPages`] are the incoming side. Creating them takes the
-//!   memory back from KHO, which refuses memory that was not preserved or was already restored
-//!   (its claim of a block is atomic: of two restorers of the same block, one gets it and the
-//!   other an error); dropping them frees it. A [`RestoredVec`] is reached through the head
-//!   object that holds its descriptor ([`Restored::restore_vec`]), because restoring it reads the
-//!   descriptor's chunks before it claims them.
+//! - [`Restored<T>`], [`RestoredVec<T>`] and [`RestoredPages`] are the incoming side. Creating
+//!   them takes the memory back from KHO, which refuses memory that was not preserved or was
+//!   already restored (its claim of a block is atomic: of two restorers of the same block, one
+//!   gets it and the other an error); dropping them frees it.
 //!
 //! Preserved data is plain old data: `T` must be [`FromBytes`] and [`IntoBytes`], so any bytes
 //! left by the previous kernel are a valid `T` and the caller only has to check their meaning.
@@ -60,67 +58,6 @@ use zerocopy::byteorder::little_endian::{
     U32,
     U64, //
 };
-
-/// Whether `phys` is the start of a block the previous kernel preserved and that was not restored
-/// yet. Nothing is read but the page's own metadata, and nothing is restored.
-fn is_preserved(phys: u64) -> bool {
-    // SAFETY: `kho_is_preserved` accepts any address and only reads the memory map.
-    unsafe { bindings::kho_is_preserved(phys) }
-}
-
-/// Whether the `nr_pages` pages at `phys` are whole blocks the previous kernel preserved and that
-/// were not restored yet, so that `kho_restore_pages()` on them cannot fail part way. Nothing is
-/// read but the pages' own metadata, and nothing is restored.
-fn pages_preserved(phys: u64, nr_pages: u64) -> bool {
-    let Ok(nr) = usize::try_from(nr_pages) else {
-        return false;
-    };
-    // SAFETY: `kho_pages_preserved` accepts any run and only reads the memory map.
-    unsafe { bindings::kho_pages_preserved(phys, nr) }
-}
-
-/// Whether a vmalloc preservation of `total_pages` pages in blocks of `2^order` pages, described
-/// by the chunk list at `first`, is whole: every chunk and every block preserved by the previous
-/// kernel and not restored, as many blocks as the pages need, and no more chunks than they need
-/// (a corrupted list could loop). Reads only memory that passed those checks.
-///
-/// # Safety
-///
-/// Nobody restores or frees the chunks of the list while this runs (see
-/// [`RestoredVec::restore`]).
-unsafe fn vmalloc_intact(first: u64, total_pages: u64, order: u32) -> bool {
-    let Some(blocks) = total_pages.checked_shr(order) else {
-        return false;
-    };
-    let block_pages = 1u64 << order;
-    let mut seen = 0u64;
-    let mut chunks = 0u64;
-    let mut phys = first;
-    while phys != 0 {
-        chunks += 1;
-        if !pages_preserved(phys, 1) {
-            return false;
-        }
-        // SAFETY: `phys` is a page the previous kernel preserved and nobody restored, and by
-        // the caller's safety requirements nobody else restores or frees it while we read it. It
-        // is in the direct map and holds a `struct kho_vmalloc_chunk`.
-        let chunk = unsafe { &*bindings::phys_to_virt(phys).cast::<bindings::kho_vmalloc_chunk>() };
-        // The bound `kho_restore_vmalloc()` applies too: as many full chunks as the blocks need.
-        if chunks > blocks / chunk.phys.len() as u64 + 1 {
-            return false;
-        }
-        for &block in chunk.phys.iter().take_while(|&&block| block != 0) {
-            seen += 1;
-            if seen > blocks || !pages_preserved(block, block_pages) {
-                return false;
-            }
-        }
-        // SAFETY: `next` is a union of a pointer and its physical address; KHO stores the
-        // physical address.
-        phys = unsafe { chunk.hdr.next.phys };
-    }
-    seen == blocks
-}
 
 /// Number of pages that hold `bytes` bytes.
 fn pages_for(bytes: usize) -> usize {
@@ -219,11 +156,13 @@ impl<T: FromBytes> Restored<T> {
     /// was already restored, or is too small for a `T`.
     pub fn restore(phys: u64) -> Result<Self> {
         const { assert!(core::mem::align_of::<T>() <= PAGE_SIZE) };
-        if !is_preserved(phys) {
+        // KHO looks at the page `phys` is in.
+        if phys % PAGE_SIZE as u64 != 0 {
             return Err(EINVAL);
         }
-        // SAFETY: `kho_restore_folio` checks that `phys` is the head of a folio preserved by the
-        // previous kernel and not yet restored, and returns NULL otherwise.
+        // SAFETY: `kho_restore_folio` accepts any address: it checks that `phys` is the head of
+        // a folio preserved by the previous kernel and not yet restored, claims it atomically,
+        // and returns NULL otherwise.
         let folio = NonNull::new(unsafe { bindings::kho_restore_folio(phys) }).ok_or(EINVAL)?;
         // SAFETY: `folio` is a valid folio we hold the only reference to.
         let size = unsafe { bindings::folio_size(folio.as_ptr()) };
@@ -240,59 +179,6 @@ impl<T: FromBytes> Restored<T> {
     }
 }
 
-impl<T: FromBytes> Restored<T> {
-    /// Takes back the vector of `len` elements described by the descriptor `desc` picks in this
-    /// head object.
-    ///
-    /// `len` comes from the caller's own serialized data, which it has bounded. The descriptor is
-    /// checked against it before KHO reads anything: it must describe exactly the pages `len`
-    /// elements need (as [`PreservedVec`] preserves them), in blocks of a valid order, starting at
-    /// memory the previous kernel preserved.
-    ///
-    /// Only the owner of the head reaches its descriptors (`desc` must pick one inside it), and
-    /// `&mut self` keeps two of its users from restoring them at once. Once KHO was asked for
-    /// the memory, the descriptor is emptied, unless the call fails with `ENOMEM` (nothing taken,
-    /// try again): the memory it named is then this kernel's, and no later call may read it as
-    /// a descriptor's chunks.
-    ///
-    /// # Errors
-    ///
-    /// Returns `EINVAL` when `desc` picks no descriptor of this head, when the descriptor does
-    /// not match `len` or when KHO refuses the memory (not preserved, already restored,
-    /// inconsistent descriptor), and `ENOMEM` when memory to map the vector could not be
-    /// allocated and nothing was restored: the vector can be restored again later.
-    pub fn restore_vec<E: FromBytes>(
-        &mut self,
-        desc: impl FnOnce(&T) -> &VmallocDesc,
-        len: usize,
-    ) -> Result<RestoredVec<E>> {
-        // SAFETY: The folio is ours and in the direct map, by the type invariants.
-        let head = unsafe { bindings::folio_address(self.folio.as_ptr()) }.cast::<u8>();
-        let at = core::ptr::from_ref(desc(self));
-        let offset = (at as usize).wrapping_sub(head as usize);
-        if size_of::<T>()
-            .checked_sub(size_of::<VmallocDesc>())
-            .is_none_or(|last| offset > last)
-        {
-            return Err(EINVAL);
-        }
-        // SAFETY: A `VmallocDesc` lies at `offset` inside the `T` of this head, checked above,
-        // suitably aligned since `desc` returned a reference to it; `&mut self` makes this the
-        // only reference to it.
-        let desc = unsafe { &mut *head.add(offset).cast::<VmallocDesc>() };
-        // SAFETY: The descriptor is in a head object we hold exclusively, which the previous
-        // kernel wrote for this one file: nothing of this kernel restores it meanwhile, and one
-        // KHO was asked for is emptied below. Two heads that name the same chunks come from a
-        // previous kernel that gave one page to two preservations, which this does not survive:
-        // KHO reads a chunk before it claims it.
-        let (restored, asked) = unsafe { RestoredVec::restore(desc, len) };
-        if asked && !matches!(restored, Err(ENOMEM)) {
-            *desc = VmallocDesc::default();
-        }
-        restored
-    }
-}
-
 impl<T: FromBytes> Deref for Restored<T> {
     type Target = T;
 
@@ -301,6 +187,14 @@ impl<T: FromBytes> Deref for Restored<T> {
         // least `size_of::<T>()` long by the type invariants, page-aligned, and any bytes are a
         // valid `T`.
         unsafe { &*bindings::folio_address(self.folio.as_ptr()).cast::<T>() }
+    }
+}
+
+impl<T: FromBytes> DerefMut for Restored<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: As for `deref`; we own the only reference to the folio, so nothing else
+        // reads or writes the `T` while the returned reference lives.
+        unsafe { &mut *bindings::folio_address(self.folio.as_ptr()).cast::<T>() }
     }
 }
 
@@ -355,7 +249,7 @@ impl VmallocDesc {
     }
 
     /// Whether this describes as many pages as a vector of `len` elements of type `E` takes, as
-    /// [`Restored::restore_vec`] requires: a cheap check of a length from the same serialized data
+    /// [`RestoredVec::restore`] requires: a cheap check of a length from the same serialized data
     /// before anything is allocated for it.
     pub fn fits<E>(&self, len: usize) -> bool {
         match len.checked_mul(size_of::<E>()) {
@@ -384,7 +278,7 @@ impl<T: FromBytes + IntoBytes + Copy> PreservedVec<T> {
     ///
     /// The preserved area is exactly as many pages as the elements need (the vector is copied
     /// into one of that size first if its capacity is larger), which is what
-    /// [`Restored::restore_vec`] checks in the next kernel.
+    /// [`RestoredVec::restore`] checks in the next kernel.
     ///
     /// # Errors
     ///
@@ -416,7 +310,7 @@ impl<T: FromBytes + IntoBytes + Copy> PreservedVec<T> {
         Ok(preserved)
     }
 
-    /// The descriptor to pass to the next kernel, for [`Restored::restore_vec`].
+    /// The descriptor to pass to the next kernel, for [`RestoredVec::restore`].
     pub fn desc(&self) -> VmallocDesc {
         VmallocDesc::from_raw(&self.desc)
     }
@@ -458,50 +352,52 @@ pub struct RestoredVec<T: FromBytes> {
 }
 
 impl<T: FromBytes> RestoredVec<T> {
-    /// Takes back the vector of `len` elements described by `desc`, as
-    /// [`Restored::restore_vec`] says; also returns whether KHO was asked for the memory.
+    /// Takes back the vector of `len` elements described by `desc`, a descriptor the previous
+    /// kernel serialized.
     ///
-    /// # Safety
+    /// `len` comes from the caller's own serialized data, which it has bounded. The descriptor
+    /// must describe exactly the pages `len` elements need (as [`PreservedVec`] preserves them),
+    /// in blocks of a valid order. KHO checks the rest: it claims every chunk of the
+    /// descriptor's list before it reads it and every block atomically, so any descriptor is
+    /// safe to pass, however corrupted, and memory that was not preserved or that someone else
+    /// restored is refused.
     ///
-    /// Nobody restores or frees the memory `desc` describes while this runs: both this function
-    /// and `kho_restore_vmalloc()` read the descriptor's chunks, which KHO does not own, before
-    /// they claim them.
-    unsafe fn restore(desc: &VmallocDesc, len: usize) -> (Result<Self>, bool) {
+    /// Once KHO was asked for the memory, `desc` is emptied, unless the call fails with
+    /// `ENOMEM` (nothing was taken, try again): the memory it named is then this kernel's, or
+    /// was never a vector's, and no later call may look at it again.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` when the descriptor does not match `len` or when KHO refuses the memory
+    /// (not preserved, already restored, inconsistent descriptor), and `ENOMEM` when memory to
+    /// map the vector could not be allocated and nothing was restored: the vector can be
+    /// restored again later.
+    pub fn restore(desc: &mut VmallocDesc, len: usize) -> Result<Self> {
+        // vmalloc memory is page-aligned.
+        const { assert!(core::mem::align_of::<T>() <= PAGE_SIZE) };
         if !desc.fits::<T>(len) {
-            return (Err(EINVAL), false);
+            return Err(EINVAL);
         }
         if desc.is_empty() {
-            let empty = Self {
+            return Ok(Self {
                 ptr: core::ptr::null_mut(),
                 len: 0,
-            };
-            return (Ok(empty), false);
-        }
-        let order = u32::from(desc.order.get());
-        let total_pages = u64::from(desc.total_pages.get());
-        // SAFETY: Nobody restores or frees the chunks meanwhile, by the safety requirements.
-        let intact = || unsafe { vmalloc_intact(desc.first.get(), total_pages, order) };
-        if order > bindings::MAX_PAGE_ORDER || total_pages % (1 << order) != 0 || !intact() {
-            return (Err(EINVAL), false);
+            });
         }
         let raw = desc.to_raw();
-        // SAFETY: `kho_restore_vmalloc` validates each chunk and page against the KHO records
-        // and returns NULL if any is not preserved; nobody else restores or frees them
-        // meanwhile, by the safety requirements.
-        let ptr = unsafe { bindings::kho_restore_vmalloc(&raw) };
-        if ptr.is_null() {
-            // The descriptor was whole, checked above, and `kho_restore_vmalloc()` allocates and
-            // maps everything before it restores anything. If it still is, it ran out of memory
-            // and restored nothing: the caller may try again.
-            return (Err(if intact() { ENOMEM } else { EINVAL }), true);
+        // SAFETY: `kho_restore_vmalloc` accepts any descriptor: it claims each chunk of the list
+        // before it reads it, checks every block against KHO's records and claims each block
+        // atomically, so it neither reads memory it does not own nor hands us such memory.
+        let restored = from_err_ptr(unsafe { bindings::kho_restore_vmalloc(&raw) });
+        if !matches!(restored, Err(ENOMEM)) {
+            *desc = VmallocDesc::default();
         }
-        // INVARIANT: The area is `total_pages` pages, which hold `len` elements, as checked
-        // above.
-        let restored = Self {
+        // INVARIANT: The area is ours and `total_pages` pages long, which hold `len` elements,
+        // as checked above.
+        restored.map(|ptr| Self {
             ptr: ptr.cast(),
             len,
-        };
-        (Ok(restored), true)
+        })
     }
 }
 
@@ -552,18 +448,24 @@ pub struct PreservedPages {
     window_order: u32,
 }
 
-/// The windows of `2^order` pages that `span` crosses, as `(pfn, nr_pages)`.
-fn windows(span: Span, order: u32) -> impl Iterator<Item = (u64, u64)> {
-    let end = span.pfn + span.nr_pages;
-    let mut pfn = span.pfn;
+/// The naturally aligned windows of `2^order` pages that the `nr_pages` pages from `pfn` cross,
+/// as `(pfn, nr_pages)` of the part of the run inside each, in order.
+///
+/// [`PreservedPages`] preserves a run one such part at a time, so this is also how the next
+/// kernel finds the pieces it can take back with [`RestoredPages::restore`].
+pub fn windows(pfn: u64, nr_pages: u64, order: u32) -> impl Iterator<Item = (u64, u64)> {
+    let end = pfn.saturating_add(nr_pages);
+    let mut pfn = pfn;
     core::iter::from_fn(move || {
         if pfn >= end {
             return None;
         }
-        // The start of the next window, unless that is past the top of the pfn space.
-        let next = (pfn >> order)
-            .checked_add(1)
-            .and_then(|n| n.checked_mul(1 << order))
+        // The start of the next window, unless that is past the top of the pfn space (or the
+        // windows are larger than it).
+        let next = pfn
+            .checked_shr(order)
+            .and_then(|n| n.checked_add(1))
+            .and_then(|n| n.checked_mul(1u64.checked_shl(order)?))
             .map_or(end, |n| n.min(end));
         let window = (pfn, next - pfn);
         pfn = next;
@@ -596,7 +498,7 @@ impl PreservedPages {
             return Err(EINVAL);
         }
         let span = run.span();
-        for (done, (pfn, nr)) in windows(span, window_order).enumerate() {
+        for (done, (pfn, nr)) in windows(span.pfn, span.nr_pages, window_order).enumerate() {
             // SAFETY: The run's folios are allocated memory we hold references to; KHO only
             // records the range.
             let r = to_result(unsafe {
@@ -604,7 +506,9 @@ impl PreservedPages {
             });
             if let Err(err) = r {
                 // SAFETY: The first `done` windows were preserved above, and are given up.
-                unsafe { unpreserve_windows(windows(span, window_order).take(done)) };
+                unsafe {
+                    unpreserve_windows(windows(span.pfn, span.nr_pages, window_order).take(done))
+                };
                 return Err(err);
             }
         }
@@ -622,7 +526,13 @@ impl Drop for PreservedPages {
     fn drop(&mut self) {
         // SAFETY: The windows were preserved by `new`, by the type invariants, and this object
         // goes. The references to the folios are dropped after this, with `run`.
-        unsafe { unpreserve_windows(windows(self.run.span(), self.window_order)) };
+        unsafe {
+            unpreserve_windows(windows(
+                self.run.span().pfn,
+                self.run.span().nr_pages,
+                self.window_order,
+            ))
+        };
     }
 }
 

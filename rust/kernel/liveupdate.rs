@@ -644,7 +644,8 @@ pub const FINISH_TRIES: u32 = 10;
 ///
 /// For [`FileHandler::finish`], which cannot fail: releasing what a file preserved may need
 /// memory (KHO maps a preserved vector), and a release that failed with `ENOMEM` before taking
-/// anything back can be tried again rather than leak the file's memory.
+/// anything back can be tried again rather than leak the file's memory. Also for handlers that
+/// put preserved memory back in the background, where there is no caller to give `ENOMEM` to.
 pub fn retry_on_enomem<T>(tries: u32, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let mut result = f();
     for _ in 1..tries {

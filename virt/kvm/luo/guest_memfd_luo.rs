@@ -23,11 +23,11 @@
 //! through a mapping, `fallocate()`), or when background work items (unbound, as many as CPUs, at
 //! most 16) get to it, started right after retrieve; at most 512 pages per fault, in a time that
 //! does not depend on the size of the file. A punch-hole frees the pending memory in the hole.
-//! LUO's finish is refused (`EBUSY`) until every window is settled: in, punched out, or lost
-//! (KHO or the page cache refused it, which is logged and makes faults there fail with `EIO`);
-//! a session closed without finish finishes at once, and the file keeps putting its memory in,
-//! or frees it when it goes. The module parameter `background_restore=0` leaves it all to first
-//! use.
+//! LUO's finish is refused (`EBUSY`) until every window is settled: in, punched out, or lost (KHO
+//! or the page cache refused it, which is logged, and said again at finish). Faults on lost memory
+//! fail with `EIO`, until a punch-hole takes it out: the hole then reads zeros like any other. A
+//! session closed without finish finishes at once, and the file keeps putting its memory in, or frees it when it goes. The module
+//! parameter `background_restore=0` leaves it all to first use.
 //!
 //! Private memory is supported for software-protected VMs, whose private memory is plain memory;
 //! VMs whose private memory is encrypted by hardware are refused.
@@ -46,6 +46,7 @@ use kernel::{
     },
     fs::File,
     kho::{
+        self,
         Preserved,
         PreservedPages,
         PreservedVec,
@@ -82,16 +83,14 @@ use kernel::{
     prelude::*,
     sync::{
         aref::ARef,
+        lockdep::LockdepMap,
+        static_lock_class,
         Arc,
         CondVar,
         Mutex,
         UniqueArc, //
     },
     task::cond_resched,
-    time::{
-        delay::fsleep,
-        Delta, //
-    },
     workqueue::{
         self,
         impl_has_work,
@@ -126,7 +125,8 @@ const COMPATIBLE: &CStr = c"kvm-gmem-rs-v3";
 /// the next kernel takes back, and puts in, one window at a time (ABI, since v2).
 const WINDOW_ORDER: u32 = 9;
 
-/// How many times a background worker tries a window when memory is short, 10 ms apart.
+/// How many times a background worker, or a preserve of a retrieved file, tries a window when
+/// memory is short ([`retry_on_enomem`]: 10 ms apart).
 const WORKER_TRIES: u32 = 100;
 
 /// The most background workers a file gets.
@@ -270,11 +270,6 @@ fn cut(pfn: u64, end: u64, next: impl Fn(u64) -> u64) -> impl Iterator<Item = (u
     })
 }
 
-/// The start of the window after the one of `pfn`, or the top of the pfn space.
-fn next_window(pfn: u64) -> u64 {
-    ((pfn >> WINDOW_ORDER) + 1).saturating_mul(1 << WINDOW_ORDER)
-}
-
 /// Where a record from `pfn` may end: after at most [`MAX_RECORD_PAGES`] pages, at the start of a
 /// window, since the memory was preserved in whole windows and a record takes back whole ones.
 fn next_record(pfn: u64) -> u64 {
@@ -405,12 +400,12 @@ fn window_count(pfn: u64, nr_pages: u64) -> u64 {
     (last >> WINDOW_ORDER) - (pfn >> WINDOW_ORDER) + 1
 }
 
-/// The windows of `extent`, in order.
+/// The windows of `extent`, in order: the pieces the previous kernel preserved it in.
 fn windows_of(extent: &Extent) -> impl Iterator<Item = Window> + '_ {
-    cut(extent.pfn, extent.pfn + extent.nr_pages, next_window).map(|(pfn, end)| Window {
+    kho::windows(extent.pfn, extent.nr_pages, WINDOW_ORDER).map(|(pfn, nr_pages)| Window {
         index: extent.index + (pfn - extent.pfn),
         pfn,
-        nr_pages: end - pfn,
+        nr_pages,
         uptodate: extent.flags & EXTENT_UPTODATE != 0,
     })
 }
@@ -439,6 +434,53 @@ fn windows_in(windows: &[Window], start: u64, end: u64) -> core::ops::Range<usiz
     first..last
 }
 
+/// One bit per page of a window.
+type PageBits = [u64; (1 << WINDOW_ORDER) / u64::BITS as usize];
+
+/// Whether the bit of file page `index` of `window` is set in `bits`.
+fn page_bit(bits: &PageBits, window: &Window, index: u64) -> bool {
+    let Some(n) = index
+        .checked_sub(window.index)
+        .filter(|&n| n < window.nr_pages)
+    else {
+        return false;
+    };
+    bits[(n / u64::from(u64::BITS)) as usize] & (1 << (n % u64::from(u64::BITS))) != 0
+}
+
+/// Sets the bits of the file pages of `window` in `[start, end)`.
+fn set_page_bits(bits: &mut PageBits, window: &Window, start: u64, end: u64) {
+    for n in start.max(window.index)..end.min(window.index + window.nr_pages) {
+        let n = n - window.index;
+        bits[(n / u64::from(u64::BITS)) as usize] |= 1 << (n % u64::from(u64::BITS));
+    }
+}
+
+/// How many pages of `window` are lost, with `bits` set for those that are not.
+fn lost_pages(bits: Option<&PageBits>, window: &Window) -> u64 {
+    let kept = bits.map_or(0, |bits| {
+        bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    });
+    window.nr_pages - kept
+}
+
+/// The state of `window` lost after its first `nr_in` pages were put in the file.
+fn lost_after(window: &Window, nr_in: u64) -> WindowState {
+    if nr_in == 0 {
+        return WindowState::Lost(None);
+    }
+    // Without memory for the bits, the pages put in count as lost too: faults on them find them
+    // in the file all the same, and only the log and finish's count are pessimistic.
+    WindowState::Lost(
+        KBox::new(PageBits::default(), GFP_KERNEL)
+            .ok()
+            .map(|mut bits| {
+                set_page_bits(&mut bits, window, window.index, window.index + nr_in);
+                bits
+            }),
+    )
+}
+
 /// Where a window's memory is.
 enum WindowState {
     /// Preserved by the previous kernel, not taken back yet.
@@ -451,14 +493,15 @@ enum WindowState {
     In,
     /// Discarded by a punch-hole: its pages were freed.
     Gone,
-    /// Lost: KHO refused its pages, or the page cache refused them. Faults on it fail.
-    Lost,
+    /// Lost: KHO refused its pages, or the page cache refused them. Faults on it fail, but on
+    /// the pages whose bit is set: put in before the rest failed, or punched out since.
+    Lost(Option<KBox<PageBits>>),
 }
 
 impl WindowState {
     /// Whether nothing more will happen to the window but a punch-hole.
     fn is_settled(&self) -> bool {
-        matches!(self, Self::In | Self::Gone | Self::Lost)
+        matches!(self, Self::In | Self::Gone | Self::Lost(_))
     }
 }
 
@@ -467,6 +510,8 @@ struct Progress {
     states: VVec<WindowState>,
     /// Windows not settled.
     left: usize,
+    /// Lost memory was reported.
+    reported: bool,
     /// The next window the background workers look at.
     cursor: usize,
     /// The last file was released: the workers stop.
@@ -488,6 +533,10 @@ struct LazyMemory {
     /// Signalled whenever a window leaves `Filling`.
     #[pin]
     settled: CondVar,
+    /// Lets lockdep check a `Filling` claim as the lock it is: held by the claimer until the
+    /// window settles, waited for by the others (from fault, `fallocate()` and punch-hole paths).
+    #[pin]
+    filling: LockdepMap,
 }
 
 /// At most how many windows `nr_extents` valid extents of `nr_pages` pages together make: each
@@ -551,10 +600,12 @@ impl LazyReserve {
             progress <- new_mutex!(Progress {
                 states: self.states,
                 left,
+                reported: false,
                 cursor: 0,
                 stopped: false,
             }),
             settled <- new_condvar!(),
+            filling <- LockdepMap::new(c"guest_memfd_luo_filling", static_lock_class!()),
         }))?;
         Ok(memory.into())
     }
@@ -572,26 +623,65 @@ impl LazyMemory {
         self.settled.notify_all();
     }
 
+    /// Claims window `i` if it is pending (returns its state, `Filling` now), or waits for whoever
+    /// claimed it; returns `None` when there is nothing to put in for the file page `at` (all of
+    /// the window when `None`).
+    ///
+    /// # Errors
+    ///
+    /// Returns `EIO` if the memory needed is lost.
+    fn claim(&self, i: usize, at: Option<u64>) -> Result<Option<WindowState>> {
+        self.filling.might_wait();
+        let mut progress = self.progress.lock();
+        loop {
+            match progress.states[i] {
+                WindowState::Filling => self.settled.wait(&mut progress),
+                WindowState::In | WindowState::Gone => return Ok(None),
+                WindowState::Lost(ref punched) => {
+                    let window = &self.windows[i];
+                    return match (at, punched) {
+                        (Some(index), Some(bits)) if page_bit(bits, window, index) => Ok(None),
+                        _ => Err(EIO),
+                    };
+                }
+                WindowState::Pending | WindowState::Partial(_) => {
+                    let taken = core::mem::replace(&mut progress.states[i], WindowState::Filling);
+                    return Ok(Some(taken));
+                }
+            }
+        }
+    }
+
+    /// Takes file pages `[start, end)` out of window `i` if it is lost, for a punch-hole: they
+    /// read as zeros from then on. A window with no page lost is `Gone`. `spare` holds the bits
+    /// if the window has none yet.
+    fn punch_lost(&self, i: usize, start: u64, end: u64, spare: KBox<PageBits>) {
+        let window = &self.windows[i];
+        let mut progress = self.progress.lock();
+        // Lost is final: only a punch-hole changes it, and they are serialized by the mapping's
+        // invalidate_lock.
+        let WindowState::Lost(bits) = &mut progress.states[i] else {
+            return;
+        };
+        let bits = bits.get_or_insert(spare);
+        set_page_bits(bits, window, start, end);
+        if lost_pages(Some(bits), window) == 0 {
+            progress.states[i] = WindowState::Gone;
+        }
+    }
+
     /// Puts window `i` in if it is pending, or waits for whoever does.
     ///
     /// # Errors
     ///
     /// Returns `ENOMEM` and `EBUSY` (the file is frozen): the window stays pending, for another
     /// try; `EIO` if its memory is lost.
-    fn fill_window(&self, inode: &GmemInode, i: usize) -> Result {
-        let mut progress = self.progress.lock();
-        let taken = loop {
-            match progress.states[i] {
-                WindowState::Filling => self.settled.wait(&mut progress),
-                WindowState::In | WindowState::Gone => return Ok(()),
-                WindowState::Lost => return Err(EIO),
-                WindowState::Pending | WindowState::Partial(_) => {
-                    break core::mem::replace(&mut progress.states[i], WindowState::Filling)
-                }
-            }
+    fn fill_window(&self, inode: &GmemInode, i: usize, at: Option<u64>) -> Result {
+        let Some(taken) = self.claim(i, at)? else {
+            return Ok(());
         };
-        drop(progress);
-
+        // Until the window settles, at the end of this function.
+        let _filling = self.filling.acquire();
         let window = self.windows[i];
         let mut run = match taken {
             WindowState::Partial(run) => run,
@@ -603,7 +693,7 @@ impl LazyMemory {
                         window.index,
                         err
                     );
-                    self.settle(i, WindowState::Lost);
+                    self.settle(i, WindowState::Lost(None));
                     return Err(EIO);
                 }
             },
@@ -625,13 +715,14 @@ impl LazyMemory {
                 Err(err)
             }
             Err(err) => {
+                let (next, _) = run.remaining();
                 pr_err!(
                     "could not put back guest memory at index {}: {:?}\n",
-                    window.index,
+                    window.index + (next - window.pfn),
                     err
                 );
                 // The pages not put in are freed with `run`.
-                self.settle(i, WindowState::Lost);
+                self.settle(i, lost_after(&window, next - window.pfn));
                 Err(EIO)
             }
         }
@@ -645,20 +736,10 @@ impl LazyMemory {
     fn fill_all(&self, inode: &GmemInode) -> Result {
         let mut result = Ok(());
         for i in 0..self.windows.len() {
-            let mut tries = 0;
-            loop {
-                match self.fill_window(inode, i) {
-                    Err(ENOMEM) if tries < WORKER_TRIES => {
-                        tries += 1;
-                        fsleep(Delta::from_millis(10));
-                    }
-                    Err(EIO) => {
-                        result = Err(EIO);
-                        break;
-                    }
-                    Err(err) => return Err(err),
-                    Ok(()) => break,
-                }
+            match retry_on_enomem(WORKER_TRIES, || self.fill_window(inode, i, None)) {
+                Ok(()) => (),
+                Err(EIO) => result = Err(EIO),
+                Err(err) => return Err(err),
             }
         }
         result
@@ -676,9 +757,35 @@ impl LazyMemory {
         }
     }
 
-    /// Whether every window is settled.
+    /// Whether every window is settled: nothing more will come in. Says once how much memory was
+    /// lost, if any: finish does not wait for it, since nothing would bring it back, and the VMM
+    /// learns of it from faults there (`EIO`) and from the log.
     fn is_done(&self) -> bool {
-        self.progress.lock().left == 0
+        let mut progress = self.progress.lock();
+        if progress.left != 0 {
+            return false;
+        }
+        if !progress.reported {
+            progress.reported = true;
+            let mut lost = progress
+                .states
+                .iter()
+                .zip(self.windows.iter())
+                .filter_map(|(state, window)| match state {
+                    WindowState::Lost(bits) => Some((window, lost_pages(bits.as_deref(), window))),
+                    _ => None,
+                })
+                .filter(|&(_, n)| n != 0);
+            if let Some((first, n)) = lost.next() {
+                let total = lost.fold(n, |total, (_, n)| total + n);
+                pr_err!(
+                    "{} pages of guest memory were lost, from page {} of the file on\n",
+                    total,
+                    first.index
+                );
+            }
+        }
+        true
     }
 
     /// Background work: puts in pending windows from the shared cursor on, until none is left
@@ -704,20 +811,14 @@ impl LazyMemory {
             };
             progress.cursor = i + 1;
             drop(progress);
-            let mut tries = 0;
-            loop {
-                match self.fill_window(inode, i) {
-                    Err(ENOMEM) => (),
-                    // Frozen: nothing goes in until it is not.
-                    Err(EBUSY) => return,
-                    _ => break,
-                }
-                tries += 1;
-                if tries == WORKER_TRIES {
+            match retry_on_enomem(WORKER_TRIES, || self.fill_window(inode, i, None)) {
+                // Frozen: nothing goes in until it is not.
+                Err(EBUSY) => return,
+                Err(ENOMEM) => {
                     pr_warn!("memory is short: guest memory is put back on first use only\n");
                     return;
                 }
-                fsleep(Delta::from_millis(10));
+                _ => (),
             }
         }
     }
@@ -744,7 +845,7 @@ impl GmemFiller for LazyMemory {
     fn fill(&self, inode: &GmemInode, index: u64) -> Result {
         match windows_in(&self.windows, index, index.saturating_add(1)) {
             range if range.is_empty() => Ok(()),
-            range => self.fill_window(inode, range.start),
+            range => self.fill_window(inode, range.start, Some(index)),
         }
     }
 
@@ -752,19 +853,30 @@ impl GmemFiller for LazyMemory {
         let range = windows_in(&self.windows, start, end);
         let inside = |w: &Window| w.index >= start && w.index + w.nr_pages <= end;
         // Windows partly in the hole go in first: the truncation that follows takes the part in
-        // the hole, and keeps the rest. Lost memory stays lost.
+        // the hole, and keeps the rest. Lost memory stays lost, but for the pages in the hole.
+        // At most the first and the last window are partly in the hole.
+        let mut lost = [None, None];
         for i in range.clone() {
             if !inside(&self.windows[i]) {
-                match self.fill_window(inode, i) {
-                    Ok(()) | Err(EIO) => (),
+                match self.fill_window(inode, i, None) {
+                    Ok(()) => (),
+                    Err(EIO) => {
+                        let edge = usize::from(i != range.start);
+                        lost[edge] = Some((i, KBox::new(PageBits::default(), GFP_KERNEL)?));
+                    }
                     Err(err) => return Err(err),
                 }
             }
+        }
+        // Nothing below fails: a punch-hole that fails changes nothing.
+        for (i, spare) in lost.into_iter().flatten() {
+            self.punch_lost(i, start, end, spare);
         }
         for i in range {
             if !inside(&self.windows[i]) {
                 continue;
             }
+            self.filling.might_wait();
             let mut progress = self.progress.lock();
             let taken = loop {
                 match progress.states[i] {
@@ -937,7 +1049,7 @@ fn restore_extents(serialized: &mut Restored<GmemSer>, extents: &mut VVec<Extent
         extents: nr, pages, ..
     } = counts(serialized)?;
     let size = serialized.size.get();
-    let records: RestoredVec<ExtentSer> = serialized.restore_vec(|s| &s.extents, nr)?;
+    let records: RestoredVec<ExtentSer> = RestoredVec::restore(&mut serialized.extents, nr)?;
     validate_extents(&records, size, pages, extents).inspect_err(|err| {
         decode_into(&records, extents);
         let kept = free_extents(extents, size, free_pages);
@@ -960,7 +1072,7 @@ fn release_extents(serialized: &mut Restored<GmemSer>) -> Result {
         return Err(EINVAL);
     }
     let mut extents = VVec::with_capacity(nr, GFP_KERNEL)?;
-    let records: RestoredVec<ExtentSer> = serialized.restore_vec(|s| &s.extents, nr)?;
+    let records: RestoredVec<ExtentSer> = RestoredVec::restore(&mut serialized.extents, nr)?;
     decode_into(&records, &mut extents);
     let kept = free_extents(&mut extents, serialized.size.get(), free_pages);
     if kept != 0 {
@@ -1411,6 +1523,51 @@ mod tests {
         let reserve = LazyReserve::new(2)?;
         let mut overlap = [extent(0, 100, 10, U), extent(20, 95, 6, U)];
         assert_eq!(reserve.build(&mut overlap).err(), Some(EINVAL));
+        Ok(())
+    }
+
+    /// A lost window (KHO or the page cache refused its memory) fails faults with `EIO`, but
+    /// not on the pages a punch-hole took out since, which read as zeros then, nor on those put
+    /// in before the rest failed; finish does not wait for lost memory, which does not come back.
+    #[test]
+    fn punched_pages_of_a_lost_window_read_as_zeros() -> Result {
+        let mut list = [
+            extent(0, 0x1000, 512, EXTENT_UPTODATE),
+            extent(512, 0x3000, 8, EXTENT_UPTODATE),
+        ];
+        let memory = LazyReserve::new(2)?.build(&mut list)?;
+        let spare = || KBox::new(PageBits::default(), GFP_KERNEL);
+        let lost = |memory: &LazyMemory| match &memory.progress.lock().states[0] {
+            WindowState::Lost(bits) => lost_pages(bits.as_deref(), &memory.windows[0]),
+            _ => 0,
+        };
+        memory.settle(0, WindowState::Lost(None));
+        assert!(!memory.is_done());
+        memory.settle(1, WindowState::In);
+        assert!(memory.is_done());
+        assert_eq!(lost(&memory), 512);
+        assert_eq!(memory.claim(0, Some(100)).err(), Some(EIO));
+        memory.punch_lost(0, 64, 128, spare()?);
+        assert_eq!(lost(&memory), 448);
+        assert!(memory.claim(0, Some(100))?.is_none());
+        assert!(memory.claim(0, Some(64))?.is_none());
+        assert!(memory.claim(0, Some(127))?.is_none());
+        assert_eq!(memory.claim(0, Some(63)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, Some(128)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, None).err(), Some(EIO));
+        // A hole over the window's end and the next window's start.
+        memory.punch_lost(0, 0, 64, spare()?);
+        memory.punch_lost(0, 128, 1000, spare()?);
+        assert!(memory.claim(0, None)?.is_none());
+        assert_eq!(lost(&memory), 0);
+
+        // Lost after 3 pages went in: those are not lost.
+        let state = lost_after(&memory.windows[1], 3);
+        memory.progress.lock().states[1] = state;
+        assert!(memory.claim(1, Some(512 + 2))?.is_none());
+        assert_eq!(memory.claim(1, Some(512 + 3)).err(), Some(EIO));
+        memory.punch_lost(1, 515, 520, spare()?);
+        assert!(memory.claim(1, None)?.is_none());
         Ok(())
     }
 

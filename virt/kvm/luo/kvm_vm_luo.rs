@@ -289,7 +289,7 @@ impl FileHandler for VmHandler {
         };
         let restored = match partial {
             Some(restored) => restored,
-            None => match serialized.restore_vec(|s| &s.ranges, nr) {
+            None => match RestoredVec::restore(&mut serialized.ranges, nr) {
                 Ok(restored) => restored,
                 // KHO could not map the ranges and took nothing back.
                 Err(ENOMEM) => return Err(RetrieveError::retry(ENOMEM, serialized)),
@@ -332,7 +332,7 @@ impl FileHandler for VmHandler {
             if nr
                 .and_then(|nr| {
                     retry_on_enomem(FINISH_TRIES, || {
-                        serialized.restore_vec::<AttrRange>(|s| &s.ranges, nr)
+                        RestoredVec::<AttrRange>::restore(&mut serialized.ranges, nr)
                     })
                 })
                 .is_err()

@@ -21,6 +21,8 @@
  *   stage 1 outside the hole, and puts in exactly the preserved pages
  *   outside the hole; the 8 MiB that were holes read as zeros;
  * - then finish succeeds;
+ * - with lockdep, lockdep checked the window claims as locks: it knows their
+ *   class, and a lock taken while one was held;
  * - a second session, with a 16 MiB guest_memfd retrieved and closed before
  *   any of its memory was put in, is released by closing its fd: the release
  *   finishes (it cannot refuse), and the file, gone, frees the memory still
@@ -89,6 +91,41 @@ static void expect_finish_refused(int session, const char *when)
 		ksft_exit_fail_msg("finish %s: %d (%s), expected EBUSY\n", when,
 				   r, r < 0 ? strerror(-r) : "success");
 	ksft_print_msg("finish %s: refused (EBUSY)\n", when);
+}
+
+/*
+ * Faults, the punch-hole and reads above claimed windows and waited for
+ * claims: on a kernel with lockdep, lockdep must have checked those claims
+ * as locks, so it knows their class, and what was taken while one was held.
+ */
+static void expect_lockdep_saw_claims(void)
+{
+	FILE *f = fopen("/proc/lockdep", "r");
+	int found = 0, deps = 0;
+	char line[512];
+
+	if (!f) {
+		ksft_print_msg("no /proc/lockdep (no lockdep in this kernel): claims not checked\n");
+		return;
+	}
+	/* A class's line, then a " -> " line per lock taken while it is held. */
+	while (fgets(line, sizeof(line), f)) {
+		int dep = strstr(line, " -> ") != NULL;
+
+		if (found && !dep)
+			break;
+		if (!found && !dep && strstr(line, "guest_memfd_luo_filling")) {
+			found = 1;
+			ksft_print_msg("lockdep: %s", line);
+		} else if (found && deps++ < 8) {
+			ksft_print_msg("lockdep:   %s", line);
+		}
+	}
+	fclose(f);
+	if (!found)
+		ksft_exit_fail_msg("lockdep does not know the window claims (class guest_memfd_luo_filling)\n");
+	if (!deps)
+		ksft_exit_fail_msg("lockdep recorded no lock taken while a window was claimed\n");
 }
 
 static void stage1(int luo_fd)
@@ -218,6 +255,8 @@ static void stage2(int luo_fd, int state_session)
 	if (klu_finish(session))
 		fail_exit("finish");
 	ksft_print_msg("finish succeeded once all memory was in\n");
+
+	expect_lockdep_saw_claims();
 
 	release_before_restored(luo_fd);
 	if (klu_finish(state_session))

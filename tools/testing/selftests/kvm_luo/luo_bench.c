@@ -62,6 +62,7 @@ struct bench_case {
 	size_t populated;	/* bytes populated */
 	size_t stride;		/* populate one MiB every stride bytes */
 	int written;		/* by a write to each page, not fallocate() */
+	unsigned int fragment;	/* in runs of at most this many pages */
 };
 
 static const struct bench_case cases[] = {
@@ -72,12 +73,13 @@ static const struct bench_case cases[] = {
 	{ "sparse-1G/64M", 1024 * MIB, 64 * MIB, 16 * MIB },
 	/* Written pages: preserve has no never-used folio to zero. */
 	{ "1G-written", 1024 * MIB, 1024 * MIB, MIB, 1 },
+	/* Fragmented memory: an extent per page, the metadata's worst case. */
+	{ "fragmented-1G", 1024 * MIB, 1024 * MIB, MIB, 0, 1 },
 	/*
-	 * No case in fragmented memory (an extent per page): the next kernel's
-	 * KHO reserves each preserved block on its own in memblock, in a time
-	 * quadratic in their number, and 2 x 256 MiB of single pages did not
-	 * boot within 5 minutes. The test "fragmented" checks 64 MiB.
+	 * Runs of at most 3 pages: KHO blocks of two orders, which the next
+	 * kernel's early boot reserves in memblock.
 	 */
+	{ "runs3-1G", 1024 * MIB, 1024 * MIB, MIB, 0, 3 },
 };
 
 /* Cases the ratios line uses. */
@@ -109,10 +111,20 @@ static double now_ms(void)
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-static void populate(int fd, const struct bench_case *c)
+/* The size of a file that frees @c's populated size when fragmented. */
+static size_t scratch_size(const struct bench_case *c)
+{
+	return c->populated / c->fragment * (c->fragment + 1);
+}
+
+/* Populate @fd; for a fragmented case, @scratch is a file of its kind, to fragment with. */
+static void populate(int fd, const struct bench_case *c, int scratch)
 {
 	uint8_t *p = NULL;
 	size_t off, i;
+
+	if (c->fragment)
+		klu_fragment(scratch, scratch_size(c), c->fragment);
 
 	if (c->written) {
 		p = mmap(NULL, c->size, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -129,6 +141,8 @@ static void populate(int fd, const struct bench_case *c)
 	}
 	if (p)
 		munmap(p, c->size);
+	if (c->fragment)
+		close(scratch);
 }
 
 static int make_gmem(int vm, const struct bench_case *c)
@@ -141,17 +155,21 @@ static int make_gmem(int vm, const struct bench_case *c)
 
 	if (fd < 0)
 		fail_exit("KVM_CREATE_GUEST_MEMFD");
-	populate(fd, c);
+	if (c->fragment)
+		args.size = scratch_size(c);
+	populate(fd, c, c->fragment ? ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args) : -1);
 	return fd;
 }
 
 static int make_memfd(const struct bench_case *c)
 {
 	int fd = memfd_create("bench", 0);
+	int scratch = c->fragment ? memfd_create("bench-scratch", 0) : -1;
 
-	if (fd < 0 || ftruncate(fd, c->size))
+	if (fd < 0 || ftruncate(fd, c->size) ||
+	    (c->fragment && (scratch < 0 || ftruncate(scratch, scratch_size(c)))))
 		fail_exit("memfd");
-	populate(fd, c);
+	populate(fd, c, scratch);
 	return fd;
 }
 
