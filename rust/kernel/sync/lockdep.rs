@@ -10,7 +10,7 @@
 //! claimer tell lockdep that it holds something, and the waiters that they may wait for it:
 //! lockdep then checks the claim against every lock taken around it, as it checks a lock.
 //!
-//! Without `CONFIG_LOCKDEP` all of this compiles to nothing.
+//! Without `CONFIG_LOCKDEP` all of this does nothing.
 
 use crate::{
     bindings,

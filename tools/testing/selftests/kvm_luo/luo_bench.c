@@ -114,7 +114,9 @@ static double now_ms(void)
 /* The size of a file that frees @c's populated size when fragmented. */
 static size_t scratch_size(const struct bench_case *c)
 {
-	return c->populated / c->fragment * (c->fragment + 1);
+	size_t runs = (c->populated / KLU_PAGE + c->fragment - 1) / c->fragment;
+
+	return runs * (c->fragment + 1) * KLU_PAGE;
 }
 
 /* Populate @fd; for a fragmented case, @scratch is a file of its kind, to fragment with. */
@@ -151,13 +153,18 @@ static int make_gmem(int vm, const struct bench_case *c)
 		.size = c->size,
 		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
 	};
-	int fd = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
+	int fd = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args), scratch = -1;
 
 	if (fd < 0)
 		fail_exit("KVM_CREATE_GUEST_MEMFD");
-	if (c->fragment)
+	if (c->fragment) {
 		args.size = scratch_size(c);
-	populate(fd, c, c->fragment ? ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args) : -1);
+		scratch = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
+		if (scratch < 0)
+			fail_exit("KVM_CREATE_GUEST_MEMFD of %zu bytes to fragment with",
+				  (size_t)args.size);
+	}
+	populate(fd, c, scratch);
 	return fd;
 }
 
