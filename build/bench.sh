@@ -11,9 +11,9 @@ set -uo pipefail
 sel=$KLU_TOP/tools/testing/selftests/kvm_luo
 runner=("$sel/run_vmtests.sh" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT"
 	-g "$KLU_CACHE/build-guest" -l "$sel/bench.list")
-# 18G: luo_bench holds about 13 GiB of files at once, and 2 GiB more while
+# 16G: luo_bench holds about 11 GiB of files at once, and 1 GiB more while
 # it fragments memory for fragmented-1G.
-export KLU_QEMU_MEM=${KLU_QEMU_MEM:-18G}
+export KLU_QEMU_MEM=${KLU_QEMU_MEM:-16G}
 "${runner[@]}" -t luo_bench
 status=$?
 "${runner[@]}" -c 1 -t bench_guest_256M -t bench_guest_2G || status=1

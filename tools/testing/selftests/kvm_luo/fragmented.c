@@ -77,7 +77,7 @@ static void stage1(int luo_fd)
 	t = klu_setup_shared(luo_fd, SESSION, GMEM_SIZE);
 	scratch = klu_create_gmem(t.vm, 2 * GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
 				  GUEST_MEMFD_FLAG_INIT_SHARED);
-	klu_fragment(scratch, 2 * GMEM_SIZE, 1);
+	klu_fragment(scratch, 2 * GMEM_SIZE);
 	for (i = 0; i < NR_PAGES; i++)
 		fill_page(t.p + i * KLU_PAGE, i);
 	close(scratch);

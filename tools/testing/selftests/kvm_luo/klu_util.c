@@ -157,15 +157,15 @@ void klu_gmem_reports(struct klu_gmem_report *out, size_t n)
 		out[i] = seen[(count - n + i) % ARRAY_SIZE(seen)];
 }
 
-void klu_fragment(int fd, size_t size, unsigned int run)
+void klu_fragment(int fd, size_t size)
 {
 	size_t off;
 
 	if (fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size))
 		fail_exit("fill the file to fragment memory with");
-	for (off = 0; off < size; off += (run + 1) * KLU_PAGE)
+	for (off = 0; off < size; off += 2 * KLU_PAGE)
 		if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-			      off, run * KLU_PAGE))
+			      off, KLU_PAGE))
 			fail_exit("punch a hole at %#zx", off);
 }
 

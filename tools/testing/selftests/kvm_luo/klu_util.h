@@ -109,13 +109,11 @@ void klu_gmem_reports(struct klu_gmem_report *out, size_t n);
 /*
  * Fragment free memory of the kind @fd's pages are (guest_memfd's pages are
  * unmovable and memfd's movable, and each kind has free lists of its own):
- * fill @fd, a file of @size bytes, and punch out @run pages of every
- * @run + 1, so that the next @size * @run / (@run + 1) bytes the kernel
- * allocates of that kind in single pages come in runs of at most @run
- * contiguous pages (@run 1: rarely contiguous at all). Close @fd once that
- * memory is allocated.
+ * fill @fd, a file of @size bytes, and punch out every other page, so that
+ * the next @size / 2 bytes the kernel allocates of that kind in single pages
+ * are rarely contiguous. Close @fd once that memory is allocated.
  */
-void klu_fragment(int fd, size_t size, unsigned int run);
+void klu_fragment(int fd, size_t size);
 
 /* Write @val to the file at @path; exits on failure. */
 void klu_write_str(const char *path, const char *val);

@@ -62,7 +62,7 @@ struct bench_case {
 	size_t populated;	/* bytes populated */
 	size_t stride;		/* populate one MiB every stride bytes */
 	int written;		/* by a write to each page, not fallocate() */
-	unsigned int fragment;	/* in runs of at most this many pages */
+	int fragmented;		/* in single pages, rarely contiguous */
 };
 
 static const struct bench_case cases[] = {
@@ -75,11 +75,6 @@ static const struct bench_case cases[] = {
 	{ "1G-written", 1024 * MIB, 1024 * MIB, MIB, 1 },
 	/* Fragmented memory: an extent per page, the metadata's worst case. */
 	{ "fragmented-1G", 1024 * MIB, 1024 * MIB, MIB, 0, 1 },
-	/*
-	 * Runs of at most 3 pages: KHO blocks of two orders, which the next
-	 * kernel's early boot reserves in memblock.
-	 */
-	{ "runs3-1G", 1024 * MIB, 1024 * MIB, MIB, 0, 3 },
 };
 
 /* Cases the ratios line uses. */
@@ -111,22 +106,14 @@ static double now_ms(void)
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-/* The size of a file that frees @c's populated size when fragmented. */
-static size_t scratch_size(const struct bench_case *c)
-{
-	size_t runs = (c->populated / KLU_PAGE + c->fragment - 1) / c->fragment;
-
-	return runs * (c->fragment + 1) * KLU_PAGE;
-}
-
 /* Populate @fd; for a fragmented case, @scratch is a file of its kind, to fragment with. */
 static void populate(int fd, const struct bench_case *c, int scratch)
 {
 	uint8_t *p = NULL;
 	size_t off, i;
 
-	if (c->fragment)
-		klu_fragment(scratch, scratch_size(c), c->fragment);
+	if (c->fragmented)
+		klu_fragment(scratch, 2 * c->populated);
 
 	if (c->written) {
 		p = mmap(NULL, c->size, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -143,7 +130,7 @@ static void populate(int fd, const struct bench_case *c, int scratch)
 	}
 	if (p)
 		munmap(p, c->size);
-	if (c->fragment)
+	if (c->fragmented)
 		close(scratch);
 }
 
@@ -157,8 +144,8 @@ static int make_gmem(int vm, const struct bench_case *c)
 
 	if (fd < 0)
 		fail_exit("KVM_CREATE_GUEST_MEMFD");
-	if (c->fragment) {
-		args.size = scratch_size(c);
+	if (c->fragmented) {
+		args.size = 2 * c->populated;
 		scratch = ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
 		if (scratch < 0)
 			fail_exit("KVM_CREATE_GUEST_MEMFD of %zu bytes to fragment with",
@@ -171,10 +158,10 @@ static int make_gmem(int vm, const struct bench_case *c)
 static int make_memfd(const struct bench_case *c)
 {
 	int fd = memfd_create("bench", 0);
-	int scratch = c->fragment ? memfd_create("bench-scratch", 0) : -1;
+	int scratch = c->fragmented ? memfd_create("bench-scratch", 0) : -1;
 
 	if (fd < 0 || ftruncate(fd, c->size) ||
-	    (c->fragment && (scratch < 0 || ftruncate(scratch, scratch_size(c)))))
+	    (c->fragmented && (scratch < 0 || ftruncate(scratch, 2 * c->populated))))
 		fail_exit("memfd");
 	populate(fd, c, scratch);
 	return fd;
