@@ -78,6 +78,8 @@ impl LockdepMap {
     ///
     /// Lockdep checks it as an exclusive lock: the locks the task holds now must not be taken,
     /// anywhere, by a task that holds `self`, and so on.
+    // Inlined, so that lockdep's reports name the caller, not this function.
+    #[inline(always)]
     pub fn acquire(&self) -> LockdepMapGuard<'_> {
         // SAFETY: The map was initialised by `new` and is pinned.
         unsafe { bindings::lock_map_acquire(self.map.get()) };
@@ -90,6 +92,7 @@ impl LockdepMap {
     /// Tells lockdep that the current task may wait for a holder of `self`: as taking and
     /// releasing it at once. Call it before every such wait, and also where a wait is only
     /// possible, so that lockdep sees the dependency even when nobody is waiting.
+    #[inline(always)]
     pub fn might_wait(&self) {
         drop(self.acquire());
     }
@@ -105,6 +108,7 @@ pub struct LockdepMapGuard<'a> {
 }
 
 impl Drop for LockdepMapGuard<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
         // SAFETY: The current task acquired the map when it created this guard, which cannot
         // leave it.

@@ -416,8 +416,9 @@ fn windows_of(extent: &Extent) -> impl Iterator<Item = Window> + '_ {
 /// sorts recurse, with frames of over 1.5 KiB for an [`Extent`]; a quarter of a million extents
 /// (a 1 GiB guest in scattered single pages) overflowed a 16 KiB kernel stack in retrieve.
 fn sort_by_key<T, K: Ord>(v: &mut [T], key: impl Fn(&T) -> K) {
+    // A slice of sized elements is shorter than `isize::MAX`: `2 * node + 1` cannot overflow.
+    const { assert!(core::mem::size_of::<T>() != 0) };
     let sift_down = |v: &mut [T], mut node: usize, end: usize| loop {
-        // `node < end / 2` here, so this does not overflow.
         let mut child = 2 * node + 1;
         if child >= end {
             break;
@@ -1500,6 +1501,24 @@ mod tests {
         Ok(out)
     }
 
+    #[test]
+    fn sort_by_key_sorts() {
+        let mut empty: [u32; 0] = [];
+        sort_by_key(&mut empty, |&x| x);
+        let mut one = [7u32];
+        sort_by_key(&mut one, |&x| x);
+        assert_eq!(one, [7]);
+        let mut v = [5u32, 1, 4, 1, 5, 9, 2, 6, 5, 3];
+        sort_by_key(&mut v, |&x| x);
+        assert_eq!(v, [1, 1, 2, 3, 4, 5, 5, 5, 6, 9]);
+        let mut reversed = [9u32, 8, 7, 6, 5, 4, 3, 2, 1, 0];
+        sort_by_key(&mut reversed, |&x| x);
+        assert_eq!(reversed, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        // By a key, descending.
+        sort_by_key(&mut reversed, |&x| u32::MAX - x);
+        assert_eq!(reversed, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]);
+    }
+
     /// A file in single pages scattered over physical memory: a quarter of a million extents,
     /// sorted by pfn and back by index on a kernel stack (the first sort `core` offers recurses
     /// with frames of over 1.5 KiB, 16 KiB of stack were not enough on a release kernel).
@@ -1610,8 +1629,13 @@ mod tests {
         assert!(memory.is_done());
         assert_eq!(lost(&memory), 512);
         assert_eq!(memory.claim(0, Some(100)).err(), Some(EIO));
+        assert_eq!(first_lost(None, &memory.windows[0]), Some(0));
+        memory.punch_lost(0, 0, 2, spare()?);
         memory.punch_lost(0, 64, 128, spare()?);
-        assert_eq!(lost(&memory), 448);
+        assert_eq!(lost(&memory), 446);
+        if let WindowState::Lost(bits) = &memory.progress.lock().states[0] {
+            assert_eq!(first_lost(bits.as_deref(), &memory.windows[0]), Some(2));
+        }
         assert!(memory.claim(0, Some(100))?.is_none());
         assert!(memory.claim(0, Some(64))?.is_none());
         assert!(memory.claim(0, Some(127))?.is_none());
