@@ -362,16 +362,16 @@ impl<T: FromBytes> RestoredVec<T> {
     /// safe to pass, however corrupted, and memory that was not preserved or that someone else
     /// restored is refused.
     ///
-    /// Once KHO was asked for the memory, `desc` is emptied, unless the call fails with
-    /// `ENOMEM` (nothing was taken, try again): the memory it named is then this kernel's, or
-    /// was never a vector's, and no later call may look at it again.
+    /// A failure takes nothing. On success `desc` is emptied, since the memory it named is this
+    /// kernel's now, and when KHO refuses it as not a whole vector (or as shared with another
+    /// restorer, which only corrupt data can cause), since no later call is meant to restore it;
+    /// after `ENOMEM` it is kept, to be restored again later.
     ///
     /// # Errors
     ///
     /// Returns `EINVAL` when the descriptor does not match `len` or when KHO refuses the memory
-    /// (not preserved, already restored, inconsistent descriptor), and `ENOMEM` when memory to
-    /// map the vector could not be allocated and nothing was restored: the vector can be
-    /// restored again later.
+    /// (not preserved, already restored, inconsistent descriptor), and `ENOMEM` when the vector
+    /// could not be mapped: it can be restored again later.
     pub fn restore(desc: &mut VmallocDesc, len: usize) -> Result<Self> {
         // vmalloc memory is page-aligned.
         const { assert!(core::mem::align_of::<T>() <= PAGE_SIZE) };
@@ -386,8 +386,8 @@ impl<T: FromBytes> RestoredVec<T> {
         }
         let raw = desc.to_raw();
         // SAFETY: `kho_restore_vmalloc` accepts any descriptor: it claims each chunk of the list
-        // before it reads it, checks every block against KHO's records and claims each block
-        // atomically, so it neither reads memory it does not own nor hands us such memory.
+        // before it reads it and each block atomically before it maps it, so it neither reads
+        // memory it does not own nor hands us such memory.
         let restored = from_err_ptr(unsafe { bindings::kho_restore_vmalloc(&raw) });
         if !matches!(restored, Err(ENOMEM)) {
             *desc = VmallocDesc::default();
@@ -555,7 +555,7 @@ impl RestoredPages {
     /// # Errors
     ///
     /// Returns `EINVAL` for an empty run or pfn 0, or when KHO refuses a page (not preserved,
-    /// already restored).
+    /// already restored); nothing of the run was taken then.
     pub fn restore(pfn: u64, nr_pages: u64) -> Result<Self> {
         let end = pfn.checked_add(nr_pages).ok_or(EINVAL)?;
         if nr_pages == 0 || pfn == 0 {
@@ -566,8 +566,9 @@ impl RestoredPages {
             .filter(|_| end.checked_mul(PAGE_SIZE as u64).is_some())
             .ok_or(EINVAL)?;
         let nr = usize::try_from(nr_pages).map_err(|_| EINVAL)?;
-        // SAFETY: `kho_restore_pages` checks every block of the run against the KHO records and
-        // returns NULL, with nothing restored, when one is not preserved.
+        // SAFETY: `kho_restore_pages` claims every block of the run atomically, for this caller
+        // alone, and returns NULL, with nothing taken, when one is not preserved or is held by
+        // someone else.
         if unsafe { bindings::kho_restore_pages(phys, nr) }.is_null() {
             return Err(EINVAL);
         }

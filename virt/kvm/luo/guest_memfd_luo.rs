@@ -1633,7 +1633,11 @@ mod tests {
         memory.punch_lost(0, 0, 2, spare()?);
         memory.punch_lost(0, 64, 128, spare()?);
         assert_eq!(lost(&memory), 446);
-        if let WindowState::Lost(bits) = &memory.progress.lock().states[0] {
+        {
+            let progress = memory.progress.lock();
+            let WindowState::Lost(bits) = &progress.states[0] else {
+                panic!("a window partly punched is still lost");
+            };
             assert_eq!(first_lost(bits.as_deref(), &memory.windows[0]), Some(2));
         }
         assert!(memory.claim(0, Some(100))?.is_none());
@@ -1645,6 +1649,10 @@ mod tests {
         // A hole over the window's end and the next window's start.
         memory.punch_lost(0, 0, 64, spare()?);
         memory.punch_lost(0, 128, 1000, spare()?);
+        assert!(matches!(
+            memory.progress.lock().states[0],
+            WindowState::Gone
+        ));
         assert!(memory.claim(0, None)?.is_none());
         assert_eq!(lost(&memory), 0);
 
