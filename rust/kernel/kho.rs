@@ -370,8 +370,8 @@ impl<T: FromBytes> RestoredVec<T> {
     /// # Errors
     ///
     /// Returns `EINVAL` when the descriptor does not match `len` or when KHO refuses the memory
-    /// (not preserved, already restored, inconsistent descriptor), and `ENOMEM` when the vector
-    /// could not be mapped: it can be restored again later.
+    /// (not preserved, already restored, inconsistent descriptor), and `ENOMEM` when memory to
+    /// map the vector could not be allocated: it can be restored again later.
     pub fn restore(desc: &mut VmallocDesc, len: usize) -> Result<Self> {
         // vmalloc memory is page-aligned.
         const { assert!(core::mem::align_of::<T>() <= PAGE_SIZE) };
@@ -387,7 +387,9 @@ impl<T: FromBytes> RestoredVec<T> {
         let raw = desc.to_raw();
         // SAFETY: `kho_restore_vmalloc` accepts any descriptor: it claims each chunk of the list
         // before it reads it and each block atomically before it maps it, so it neither reads
-        // memory it does not own nor hands us such memory.
+        // memory it does not own nor hands us such memory. (That relies on the previous
+        // kernel's record of preserved memory naming each page in one block only, which KHO
+        // does not check when it boots: a KHO limitation shared by every restore.)
         let restored = from_err_ptr(unsafe { bindings::kho_restore_vmalloc(&raw) });
         if !matches!(restored, Err(ENOMEM)) {
             *desc = VmallocDesc::default();

@@ -1635,8 +1635,9 @@ mod tests {
         assert_eq!(lost(&memory), 446);
         {
             let progress = memory.progress.lock();
+            // A window partly punched is still lost.
             let WindowState::Lost(bits) = &progress.states[0] else {
-                panic!("a window partly punched is still lost");
+                return Err(EINVAL);
             };
             assert_eq!(first_lost(bits.as_deref(), &memory.windows[0]), Some(2));
         }
