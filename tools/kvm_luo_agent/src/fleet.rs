@@ -103,6 +103,10 @@ pub struct Registry {
     /// VMs whose session of the previous kernel could not be taken over, or whose VMM died
     /// while resuming from it: their guests are gone.
     pub lost: BTreeSet<String>,
+    /// The user ID each VM belongs to: the one of the VMM that first asked for its session,
+    /// until an operator forgets the VM. Kept across the kexec.
+    #[serde(default)]
+    pub owners: BTreeMap<String, u32>,
 }
 
 /// The longest detail or reason the fleet keeps.
@@ -164,16 +168,25 @@ impl<S> Fleet<S> {
         let known = self.registry.known.remove(name);
         let incoming = self.registry.incoming.remove(name);
         let lost = self.registry.lost.remove(name);
-        if known || incoming || lost {
+        let owned = self.registry.owners.remove(name).is_some();
+        if known || incoming || lost || owned {
             Ok(())
         } else {
             Err(Refusal::new(libc::ENOENT, format!("no VM named {name}")))
         }
     }
 
-    /// Connection `conn` asks for the session `name`: checks that it may have it. The
-    /// caller then obtains the session and gives it with [`Fleet::attach`].
-    pub fn may_claim(&self, conn: ConnId, name: &str) -> Result<(), Refusal> {
+    /// Connection `conn`, of a process of user `uid`, asks for the session `name`: checks that
+    /// it may have it. The caller then obtains the session and gives it with [`Fleet::attach`].
+    pub fn may_claim(&self, conn: ConnId, name: &str, uid: u32) -> Result<(), Refusal> {
+        if let Some(&owner) = self.registry.owners.get(name) {
+            if owner != uid {
+                return Err(Refusal::new(
+                    libc::EPERM,
+                    format!("the VM {name} belongs to user {owner}"),
+                ));
+            }
+        }
         if self.phase != Phase::Idle {
             return Err(Refusal::new(
                 libc::EAGAIN,
@@ -205,9 +218,18 @@ impl<S> Fleet<S> {
     }
 
     /// Records that `conn` holds the session `name` (after [`Fleet::may_claim`]).
-    pub fn attach(&mut self, conn: ConnId, name: &str, pid: u32, session: S, retrieved: bool) {
+    pub fn attach(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        pid: u32,
+        uid: u32,
+        session: S,
+        retrieved: bool,
+    ) {
         self.registry.incoming.remove(name);
         self.registry.known.insert(name.into());
+        self.registry.owners.entry(name.into()).or_insert(uid);
         let (state, detail) = match self.vmms.remove(&conn) {
             Some(v) => (v.state, v.detail),
             None => (VmmState::Starting, String::new()),
@@ -509,8 +531,8 @@ mod tests {
 
     fn claim(f: &mut Fleet<u32>, conn: ConnId, session: u32, retrieved: bool) {
         let name = format!("vm{conn}");
-        f.may_claim(conn, &name).unwrap();
-        f.attach(conn, &name, 100 + conn as u32, session, retrieved);
+        f.may_claim(conn, &name, 1000).unwrap();
+        f.attach(conn, &name, 100 + conn as u32, 1000, session, retrieved);
     }
 
     /// Three VMMs running their guests, with sessions of this kernel (`conn * 10`).
@@ -532,12 +554,12 @@ mod tests {
     #[test]
     fn a_session_asked_for_twice_is_refused() {
         let f = fleet3();
-        let e = f.may_claim(4, "vm2").unwrap_err();
+        let e = f.may_claim(4, "vm2", 1000).unwrap_err();
         assert_eq!(e.errno, libc::EBUSY);
         assert!(e.message.contains("pid 102"), "{e}");
-        assert_eq!(f.may_claim(1, "vm7").unwrap_err().errno, libc::EINVAL);
-        assert_eq!(f.may_claim(1, "vm1").unwrap_err().errno, libc::EINVAL);
-        assert!(f.may_claim(4, "vm4").is_ok());
+        assert_eq!(f.may_claim(1, "vm7", 1000).unwrap_err().errno, libc::EINVAL);
+        assert_eq!(f.may_claim(1, "vm1", 1000).unwrap_err().errno, libc::EINVAL);
+        assert!(f.may_claim(4, "vm4", 1000).is_ok());
     }
 
     #[test]
@@ -591,8 +613,8 @@ mod tests {
         assert_eq!(e.errno, libc::EAGAIN);
         assert!(e.message.starts_with("vm2 not connected"), "{e}");
         assert_eq!(f.forget("vm1").unwrap_err().errno, libc::EBUSY);
-        f.may_claim(4, "vm2").unwrap();
-        f.attach(4, "vm2", 104, 21, false);
+        f.may_claim(4, "vm2", 1000).unwrap();
+        f.attach(4, "vm2", 104, 1000, 21, false);
         // Its guest still boots.
         let e = f.begin_update().unwrap_err();
         assert!(e.message.contains("not running its guest"), "{e}");
@@ -606,7 +628,7 @@ mod tests {
         assert_eq!(f.arm().unwrap_err().errno, libc::EINVAL);
         assert_eq!(f.begin_update().unwrap(), vec![1, 2, 3]);
         assert_eq!(f.begin_update().unwrap_err().errno, libc::EBUSY);
-        assert_eq!(f.may_claim(4, "vm4").unwrap_err().errno, libc::EAGAIN);
+        assert_eq!(f.may_claim(4, "vm4", 1000).unwrap_err().errno, libc::EAGAIN);
         assert_eq!(f.release(1).unwrap_err().errno, libc::EAGAIN);
         f.answer(1, Ok(())).unwrap();
         f.answer(3, Ok(())).unwrap();
@@ -731,6 +753,29 @@ mod tests {
             Readiness::Refused(r) => assert!(r.message.len() < MAX_TEXT + 100),
             r => panic!("{r:?}"),
         }
+    }
+
+    #[test]
+    fn a_vm_belongs_to_the_user_who_first_claimed_it() {
+        let mut f = Fleet::new(Registry::default());
+        f.may_claim(1, "vm1", 1000).unwrap();
+        f.attach(1, "vm1", 101, 1000, 10, false);
+        assert_eq!(f.disconnect(1), Some(10));
+        let e = f.may_claim(2, "vm1", 1001).unwrap_err();
+        assert_eq!(e.errno, libc::EPERM);
+        assert_eq!(e.message, "the VM vm1 belongs to user 1000");
+        assert_eq!(f.may_claim(2, "vm1", 0).unwrap_err().errno, libc::EPERM);
+        f.may_claim(2, "vm1", 1000).unwrap();
+        // A claim does not change the owner; forgetting the VM does.
+        f.attach(2, "vm1", 102, 1001, 20, false);
+        assert_eq!(f.registry().owners.get("vm1"), Some(&1000));
+        assert_eq!(f.disconnect(2), Some(20));
+        f.forget("vm1").unwrap();
+        f.may_claim(3, "vm1", 1001).unwrap();
+        // Registries written before owners were kept still read.
+        let old: Registry =
+            crate::protocol::decode(br#"{"known":["a"],"incoming":[],"lost":[]}"#).unwrap();
+        assert!(old.owners.is_empty());
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! [`ToAgent::Cancel`] on the same connection.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Every message is shorter than this (a status of hundreds of VMMs fits).
 pub const MAX_MESSAGE: usize = 256 << 10;
@@ -178,6 +179,9 @@ pub struct Status {
 pub struct Handover {
     /// The sessions of the VMMs that were ready.
     pub sessions: Vec<String>,
+    /// The user each of those VMs belongs to (absent from an older agent's handover).
+    #[serde(default)]
+    pub owners: BTreeMap<String, u32>,
 }
 
 /// Encodes a message.

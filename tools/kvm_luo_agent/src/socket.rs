@@ -64,6 +64,48 @@ pub fn connect(path: &Path) -> io::Result<UnixStream> {
     Ok(UnixStream::from(fd))
 }
 
+/// Who is at the other end of a connection, as the kernel saw it when it connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Its process ID, in the agent's PID namespace (0 when it has none there).
+    pub pid: u32,
+    /// Its effective user ID.
+    pub uid: u32,
+    /// Its effective group ID.
+    pub gid: u32,
+}
+
+/// The credentials of `sock`'s peer (`SO_PEERCRED`).
+///
+/// Read with `libc` rather than `rustix::net::sockopt::socket_peercred`, whose `UCred` holds a
+/// non-zero `Pid`: the kernel reports a PID of 0 for a peer outside the reader's PID namespace.
+pub fn peer(sock: &UnixStream) -> io::Result<Peer> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a `ucred` of `len` bytes, which the kernel writes at most.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Peer {
+        pid: u32::try_from(cred.pid).unwrap_or(0),
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
 /// Sends `msg`, with `fd` attached if given.
 pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<&impl AsFd>) -> io::Result<()> {
     let buf = encode(msg);
@@ -175,6 +217,18 @@ mod tests {
             recv::<ToAgent>(&s).unwrap().is_none(),
             "a closed peer reads as None"
         );
+    }
+
+    #[test]
+    fn the_peer_is_who_the_kernel_says() {
+        let (c, s) = pair();
+        let me = peer(&s).unwrap();
+        assert_eq!(me.pid, std::process::id());
+        // SAFETY: No arguments.
+        assert_eq!(me.uid, unsafe { libc::geteuid() });
+        // SAFETY: No arguments.
+        assert_eq!(me.gid, unsafe { libc::getegid() });
+        assert_eq!(peer(&c).unwrap(), me);
     }
 
     #[test]

@@ -1,18 +1,25 @@
 // SPDX-License-Identifier: GPL-2.0
-//! `kvm-luo-agent [--socket PATH]`: holds `/dev/liveupdate` for a KVM host, hands each VMM a
-//! LUO session of its own over a Unix socket, performs the live update when an operator asks
-//! and every VMM is ready, and in the new kernel hands each VMM the session kept for it.
-//! The protocol: `kvm_luo_agent::protocol`.
+//! `kvm-luo-agent [--socket PATH] [--group GID] [--operator-group GID]`: holds
+//! `/dev/liveupdate` for a KVM host, hands each VMM a LUO session of its own over a Unix socket,
+//! performs the live update when an operator asks and every VMM is ready, and in the new kernel
+//! hands each VMM the session kept for it. The protocol: `kvm_luo_agent::protocol`.
+//!
+//! Who may do what follows from the credentials the kernel gives for each connection
+//! (`SO_PEERCRED`), not from what a client says: the socket is open to root, and to the group
+//! `--group` if given (for VMMs that do not run as root); a VM belongs to the user whose VMM
+//! first asked for its session, and no other user gets its session; updates and `forget` are
+//! for root and the group `--operator-group` (the peer's effective group).
 
 use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal, Registry};
 use kvm_luo_agent::protocol::{FromAgent, Handover, ToAgent, AGENT_SESSION, DEFAULT_SOCKET};
-use kvm_luo_agent::socket;
+use kvm_luo_agent::socket::{self, Peer};
 use liveupdate::{Device, Session, SessionName};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::exit;
@@ -39,6 +46,8 @@ struct Shared {
 
 struct Agent {
     dev: Device,
+    /// Besides root, the group whose members may start updates and forget VMs.
+    operator_gid: Option<u32>,
     /// Where the registry is kept, and what was written there last.
     registry_path: PathBuf,
     saved: Mutex<Registry>,
@@ -196,14 +205,15 @@ impl Agent {
         conn: ConnId,
         sock: &UnixStream,
         name: &str,
-        pid: u32,
+        peer: Peer,
     ) -> Result<(), Refusal> {
+        let pid = peer.pid;
         let n = SessionName::new(name).map_err(|e| lu_refusal("session name", &e))?;
         if name == AGENT_SESSION {
             return Err(refusal(libc::EPERM, format!("{name} is the agent's own")));
         }
         let mut sh = self.lock();
-        sh.fleet.may_claim(conn, name)?;
+        sh.fleet.may_claim(conn, name, peer.uid)?;
         let (session, retrieved) = match self.dev.retrieve_session(&n) {
             Ok(s) => (s, true),
             Err(e) if sh.fleet.is_incoming(name) => {
@@ -245,14 +255,16 @@ impl Agent {
             return Err(io_refusal("handing over the session", &e));
         }
         say(format!(
-            "{name} (pid {pid}): {} session",
+            "{name} (pid {pid}, user {}): {} session",
+            peer.uid,
             if retrieved {
                 "the previous kernel's"
             } else {
                 "a new"
             }
         ));
-        sh.fleet.attach(conn, name, pid, session, retrieved);
+        sh.fleet
+            .attach(conn, name, pid, peer.uid, session, retrieved);
         Ok(())
     }
 
@@ -306,9 +318,12 @@ impl Agent {
                 }
             }
         }
-        let handover = Handover {
-            sessions: sh.fleet.names(),
-        };
+        let sessions = sh.fleet.names();
+        let owners = sessions
+            .iter()
+            .filter_map(|n| Some((n.clone(), *sh.fleet.registry().owners.get(n)?)))
+            .collect();
+        let handover = Handover { sessions, owners };
         let name = SessionName::new(AGENT_SESSION).map_err(|e| lu_refusal("name", &e))?;
         let own = self
             .dev
@@ -401,11 +416,39 @@ impl Agent {
         }
     }
 
-    fn handle(&self, conn: ConnId, sock: &UnixStream, msg: ToAgent) {
+    /// Refused unless `peer` may start updates and forget VMs.
+    fn operator(&self, peer: Peer, what: &str) -> Result<(), Refusal> {
+        if peer.uid == 0 || Some(peer.gid) == self.operator_gid {
+            return Ok(());
+        }
+        Err(refusal(
+            libc::EPERM,
+            format!(
+                "{what} is for root{}: user {} (group {}) may not",
+                self.operator_gid
+                    .map_or(String::new(), |g| format!(" and group {g}")),
+                peer.uid,
+                peer.gid
+            ),
+        ))
+    }
+
+    fn handle(&self, conn: ConnId, sock: &UnixStream, peer: Peer, msg: ToAgent) {
         match msg {
             ToAgent::Session { name, pid } => {
-                if let Err(r) = self.session(conn, sock, &name, pid) {
-                    say(format!("{name} (pid {pid}): refused: {r}"));
+                let result = if pid != peer.pid {
+                    Err(refusal(
+                        libc::EPERM,
+                        format!("pid {pid} is not the caller's ({})", peer.pid),
+                    ))
+                } else {
+                    self.session(conn, sock, &name, peer)
+                };
+                if let Err(r) = result {
+                    say(format!(
+                        "{name} (pid {}, user {}): refused: {r}",
+                        peer.pid, peer.uid
+                    ));
                     send_refusal(sock, r);
                 }
             }
@@ -444,13 +487,18 @@ impl Agent {
                         "a VMM's connection cannot start an update",
                     ))
                 } else {
-                    self.update(sock, req)
+                    self.operator(peer, "an update")
+                        .and_then(|()| self.update(sock, req))
                 };
                 if let Err(r) = result {
                     send_refusal(sock, r);
                 }
             }
             ToAgent::Forget { name } => {
+                if let Err(r) = self.operator(peer, "forgetting a VM") {
+                    send_refusal(sock, r);
+                    return;
+                }
                 let mut sh = self.lock();
                 match sh.fleet.forget(&name) {
                     Ok(()) => {
@@ -469,6 +517,13 @@ impl Agent {
     }
 
     fn serve(&self, conn: ConnId, sock: UnixStream) {
+        let peer = match socket::peer(&sock) {
+            Ok(peer) => peer,
+            Err(e) => {
+                say(format!("a connection: {e}"));
+                return;
+            }
+        };
         if let Err(e) = sock.set_write_timeout(Some(SEND_TIMEOUT)) {
             say(format!("a connection: {e}"));
             return;
@@ -485,7 +540,7 @@ impl Agent {
         loop {
             match socket::recv::<ToAgent>(&sock) {
                 Ok(Some((msg, _fd))) => {
-                    self.handle(conn, &sock, msg);
+                    self.handle(conn, &sock, peer, msg);
                     self.save(&self.lock());
                 }
                 Ok(None) => break,
@@ -511,15 +566,15 @@ impl Agent {
     }
 }
 
-/// What the previous kernel's agent handed over: the VMMs' session names.
-fn handover(dev: &Device) -> Vec<String> {
+/// What the previous kernel's agent handed over: the VMMs' session names and owners.
+fn handover(dev: &Device) -> Handover {
     let name = SessionName::new(AGENT_SESSION).expect("a valid name");
     let session = match dev.retrieve_session(&name) {
         Ok(s) => s,
-        Err(e) if e.is_not_found() => return Vec::new(),
+        Err(e) if e.is_not_found() => return Handover::default(),
         Err(e) => {
             say(format!("warning: the previous agent's state: {e}"));
-            return Vec::new();
+            return Handover::default();
         }
     };
     let read = || -> io::Result<Handover> {
@@ -529,28 +584,39 @@ fn handover(dev: &Device) -> Vec<String> {
         f.read_to_end(&mut buf)?;
         kvm_luo_agent::protocol::decode(&buf).map_err(io::Error::other)
     };
-    let sessions = match read() {
-        Ok(h) => h.sessions,
-        Err(e) => {
-            say(format!("warning: the previous agent's state: {e}"));
-            Vec::new()
-        }
-    };
+    let handover = read().unwrap_or_else(|e| {
+        say(format!("warning: the previous agent's state: {e}"));
+        Handover::default()
+    });
     if let Err(e) = session.finish() {
         say(format!("warning: finishing the agent's session: {e}"));
     }
-    sessions
+    handover
+}
+
+/// A group ID given on the command line.
+fn gid_arg(arg: &str) -> u32 {
+    arg.parse().unwrap_or_else(|_| {
+        eprintln!("kvm-luo-agent: {arg} is not a group ID");
+        exit(2)
+    })
 }
 
 fn main() {
     let mut path = PathBuf::from(DEFAULT_SOCKET);
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
-        [] => {}
-        [opt, p] if opt == "--socket" => path = PathBuf::from(p),
-        _ => {
-            eprintln!("usage: kvm-luo-agent [--socket PATH]");
-            exit(2)
+    let (mut group, mut operator_gid) = (None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(opt) = args.next() {
+        match (opt.as_str(), args.next()) {
+            ("--socket", Some(p)) => path = PathBuf::from(p),
+            ("--group", Some(g)) => group = Some(gid_arg(&g)),
+            ("--operator-group", Some(g)) => operator_gid = Some(gid_arg(&g)),
+            _ => {
+                eprintln!(
+                    "usage: kvm-luo-agent [--socket PATH] [--group GID] [--operator-group GID]"
+                );
+                exit(2)
+            }
         }
     }
     let dev = Device::open().unwrap_or_else(|e| {
@@ -570,17 +636,25 @@ fn main() {
         }
         let _ = std::fs::remove_file(&path);
     }
-    // Only its owner (root) may talk to the agent, a client can claim any VM's session: the
-    // socket is made without access for others.
+    // The socket is made without access for others, and opened to `--group` only once it
+    // belongs to that group.
     // SAFETY: umask() only sets the process's file mode creation mask.
     let umask = unsafe { libc::umask(0o177) };
     let listening = socket::listen(&path);
     // SAFETY: As above.
     unsafe { libc::umask(umask) };
-    let listener = listening.unwrap_or_else(|e| {
-        say(format!("listening on {}: {e}", path.display()));
-        exit(1)
-    });
+    let listener = listening
+        .and_then(|l| {
+            if let Some(gid) = group {
+                std::os::unix::fs::chown(&path, None, Some(gid))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+            }
+            Ok(l)
+        })
+        .unwrap_or_else(|e| {
+            say(format!("listening on {}: {e}", path.display()));
+            exit(1)
+        });
     // Only once nothing can stop the agent from serving: the state is read once. An agent
     // restarted in the same kernel finds its registry in its file (a kexec clears it); the
     // first agent of a kernel finds what the previous kernel's agent handed over.
@@ -590,10 +664,17 @@ fn main() {
             say(format!("{}: {e}", registry_path.display()));
             exit(1)
         }),
-        Err(_) => Registry {
-            incoming: handover(&dev).into_iter().collect(),
-            ..Default::default()
-        },
+        Err(_) => {
+            let Handover { sessions, owners } = handover(&dev);
+            Registry {
+                owners: owners
+                    .into_iter()
+                    .filter(|(name, _)| sessions.contains(name))
+                    .collect(),
+                incoming: sessions.into_iter().collect(),
+                ..Default::default()
+            }
+        }
     };
     let list = |names: &std::collections::BTreeSet<String>| {
         if names.is_empty() {
@@ -611,6 +692,7 @@ fn main() {
     ));
     let agent = Arc::new(Agent {
         dev,
+        operator_gid,
         registry_path,
         saved: Mutex::new(Registry::default()),
         shared: Mutex::new(Shared {

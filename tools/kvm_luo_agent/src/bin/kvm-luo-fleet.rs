@@ -13,10 +13,13 @@
 //! - `--refuses` (one kernel): one VMM never becomes ready; the update must be refused, the
 //!   other guests go on on the old kernel, nothing is loaded for kexec any more, a session
 //!   asked for twice and a kernel that does not exist are refused, and after the agent is
-//!   restarted every VMM gets a session again.
+//!   restarted every VMM gets a session again;
+//! - `--creds` (one kernel, no guests): who may do what is decided by the credentials the
+//!   kernel gives the agent, not by what a client says. Clients run as other users (this
+//!   binary again, `--creds-client`, dropping root itself).
 
-use kvm_luo_agent::protocol::{Status, VmmState};
-use kvm_luo_agent::Client;
+use kvm_luo_agent::protocol::{FromAgent, Status, ToAgent, VmmState};
+use kvm_luo_agent::{socket, Client};
 use liveupdate::SessionName;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Child, Command};
@@ -53,9 +56,14 @@ impl Fleet {
     }
 
     fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    fn start_agent_with(&mut self, args: &[&str]) {
         let _ = std::fs::remove_file(SOCKET);
         let child = Command::new(&self.agent_bin)
             .args(["--socket", SOCKET])
+            .args(args)
             .spawn()
             .unwrap_or_else(|e| self.fail(format!("starting the agent: {e}")));
         self.agent = Some(child);
@@ -433,7 +441,161 @@ fn refuses(f: &mut Fleet, a: &Args, cmdline: &str) {
     }
 }
 
+/// The group whose members may connect, and the operators' group, in `--creds`.
+const VMM_GID: u32 = 2000;
+const OPERATOR_GID: u32 = 3000;
+
+/// `--creds-client UID GID SUPP ACTION [NAME]`: becomes user `UID` (group `GID`, supplementary
+/// group `SUPP` unless 0), asks the agent for `ACTION` and prints `creds: ok` or `creds: errno
+/// N (what the agent said)`.
+fn creds_client(args: &[String]) -> ! {
+    let [uid, gid, supp, action, rest @ ..] = args else {
+        exit(2)
+    };
+    let id = |s: &String| s.parse::<u32>().unwrap_or_else(|_| exit(2));
+    let (uid, gid, supp) = (id(uid), id(gid), id(supp));
+    let groups: Vec<libc::gid_t> = if supp == 0 { vec![] } else { vec![supp] };
+    // SAFETY: `groups` holds `groups.len()` group IDs; the other calls take no pointers. The
+    // order (groups, group, then user) is the one in which root can drop all three.
+    let dropped = unsafe {
+        libc::setgroups(groups.len(), groups.as_ptr()) == 0
+            && libc::setgid(gid) == 0
+            && libc::setuid(uid) == 0
+    };
+    if !dropped {
+        println!(
+            "creds: cannot become {uid}:{gid}: {}",
+            std::io::Error::last_os_error()
+        );
+        exit(1)
+    }
+    let name = rest.first().map(String::as_str).unwrap_or("vm");
+    // Client::connect() says where it failed to connect, without the errno.
+    let result = socket::connect(Path::new(SOCKET))
+        .map_err(kvm_luo_agent::Error::Io)
+        .and_then(|_| Client::connect(Path::new(SOCKET)))
+        .and_then(|c| match action.as_str() {
+            "session" => c
+                .session(&SessionName::new(name).expect("a valid name"))
+                .map(drop),
+            "status" => c.status().map(drop),
+            "forget" => c.forget(name),
+            "update" => c
+                .update(Some("/nonexistent"), None, None, Duration::from_secs(5))
+                .map(drop),
+            "wrong-pid" => {
+                let msg = ToAgent::Session {
+                    name: name.into(),
+                    pid: std::process::id() + 1,
+                };
+                let sock = socket::connect(Path::new(SOCKET)).map_err(kvm_luo_agent::Error::Io)?;
+                socket::send(&sock, &msg, None::<&std::os::fd::OwnedFd>)
+                    .map_err(kvm_luo_agent::Error::Io)?;
+                match socket::recv::<FromAgent>(&sock).map_err(kvm_luo_agent::Error::Io)? {
+                    Some((FromAgent::Error { errno, message }, _)) => {
+                        Err(kvm_luo_agent::Error::Refused { errno, message })
+                    }
+                    m => Err(kvm_luo_agent::Error::Protocol(format!("{m:?}"))),
+                }
+            }
+            _ => exit(2),
+        });
+    match result {
+        Ok(()) => println!("creds: ok"),
+        Err(e) => println!("creds: errno {} ({e})", e.errno()),
+    }
+    exit(0)
+}
+
+/// `--creds`: see the module's documentation.
+fn creds(f: &mut Fleet) {
+    f.start_agent_with(&[
+        "--group",
+        &VMM_GID.to_string(),
+        "--operator-group",
+        &OPERATOR_GID.to_string(),
+    ]);
+    let me = std::env::current_exe().unwrap_or_else(|e| f.fail(format!("{e}")));
+    // What `ACTION` on `name` as `uid:gid` (+`supp`) got: 0, or the errno.
+    let ask = |f: &mut Fleet, who: (u32, u32, u32), action: &str, name: &str| -> i32 {
+        let out = Command::new(&me)
+            .arg("--creds-client")
+            .args([who.0, who.1, who.2].map(|n| n.to_string()))
+            .args([action, name])
+            .output()
+            .unwrap_or_else(|e| f.fail(format!("a client: {e}")));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or("").to_string();
+        say(format!("{action} {name} as {}:{}: {line}", who.0, who.1));
+        if line == "creds: ok" {
+            0
+        } else if let Some(rest) = line.strip_prefix("creds: errno ") {
+            rest.split(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(-1)
+        } else {
+            f.fail(format!("a client as {who:?} printed {text:?}"))
+        }
+    };
+    let expect = |f: &mut Fleet, who, action: &str, name: &str, want: i32| {
+        let got = ask(f, who, action, name);
+        if got != want {
+            f.fail(format!(
+                "{action} {name} as {who:?}: errno {got}, expected {want}"
+            ));
+        }
+    };
+    let (alice, bob) = ((1000, VMM_GID, 0), (1001, VMM_GID, 0));
+    let (stranger, operator) = ((1002, 1002, 0), (1003, OPERATOR_GID, VMM_GID));
+    // The socket is the group's: others cannot connect at all.
+    expect(f, stranger, "status", "", libc::EACCES);
+    expect(f, alice, "status", "", 0);
+    // A VM is its first claimer's, connected or not.
+    expect(f, alice, "session", "vm-a", 0);
+    expect(f, bob, "session", "vm-a", libc::EPERM);
+    expect(f, bob, "session", "vm-b", 0);
+    expect(f, alice, "session", "vm-b", libc::EPERM);
+    // The pid is the kernel's, not the client's word.
+    expect(f, alice, "wrong-pid", "vm-c", libc::EPERM);
+    // Updates and forgetting are the operators'.
+    expect(f, alice, "update", "", libc::EPERM);
+    expect(f, alice, "forget", "vm-a", libc::EPERM);
+    expect(f, bob, "forget", "vm-a", libc::EPERM);
+    // An operator (by group) may: vm-b is forgotten and anyone's to claim again.
+    expect(f, operator, "forget", "vm-b", 0);
+    expect(f, alice, "session", "vm-b", 0);
+    // Root may too; an update by an operator goes past the check (refused for what it is:
+    // VMMs not connected).
+    expect(f, (0, 0, 0), "forget", "vm-a", 0);
+    expect(f, bob, "session", "vm-a", 0);
+    expect(f, operator, "update", "", libc::EAGAIN);
+    println!("KLU: stage 1 of agent_creds: PASS");
+}
+
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    match argv.get(1).map(String::as_str) {
+        Some("--creds-client") => creds_client(&argv[2..]),
+        Some("--creds") => {
+            let here = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_default();
+            let mut f = Fleet {
+                agent_bin: here.join("kvm-luo-agent"),
+                agent: None,
+                vmms: Vec::new(),
+                test: "agent_creds".into(),
+                forbid: None,
+            };
+            creds(&mut f);
+            f.stop_all();
+            say("PASS");
+            return;
+        }
+        _ => {}
+    }
     let a = args();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let here = std::env::current_exe()
