@@ -130,8 +130,20 @@ pub fn bounded(text: String) -> String {
 }
 
 impl<S> Fleet<S> {
-    /// A fleet with no VMM connected yet, and what the agent knew.
-    pub fn new(registry: Registry) -> Self {
+    /// A fleet with no VMM connected yet, and what the agent knew. A VM the registry names
+    /// without an owner (one kept by an agent that recorded none) is root's: the socket of such
+    /// an agent was root's alone.
+    pub fn new(mut registry: Registry) -> Self {
+        let names: Vec<String> = registry
+            .known
+            .iter()
+            .chain(&registry.incoming)
+            .chain(&registry.lost)
+            .cloned()
+            .collect();
+        for name in names {
+            registry.owners.entry(name).or_insert(0);
+        }
         Self {
             vmms: BTreeMap::new(),
             registry,
@@ -143,6 +155,11 @@ impl<S> Fleet<S> {
     /// What outlives a restart of the agent.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Whether a user was recorded for the VM `name`.
+    pub fn has_owner(&self, name: &str) -> bool {
+        self.registry.owners.contains_key(name)
     }
 
     /// Whether the previous kernel kept a session named `name` that no VMM took yet.
@@ -531,8 +548,8 @@ mod tests {
 
     fn claim(f: &mut Fleet<u32>, conn: ConnId, session: u32, retrieved: bool) {
         let name = format!("vm{conn}");
-        f.may_claim(conn, &name, 1000).unwrap();
-        f.attach(conn, &name, 100 + conn as u32, 1000, session, retrieved);
+        f.may_claim(conn, &name, 0).unwrap();
+        f.attach(conn, &name, 100 + conn as u32, 0, session, retrieved);
     }
 
     /// Three VMMs running their guests, with sessions of this kernel (`conn * 10`).
@@ -554,12 +571,12 @@ mod tests {
     #[test]
     fn a_session_asked_for_twice_is_refused() {
         let f = fleet3();
-        let e = f.may_claim(4, "vm2", 1000).unwrap_err();
+        let e = f.may_claim(4, "vm2", 0).unwrap_err();
         assert_eq!(e.errno, libc::EBUSY);
         assert!(e.message.contains("pid 102"), "{e}");
-        assert_eq!(f.may_claim(1, "vm7", 1000).unwrap_err().errno, libc::EINVAL);
-        assert_eq!(f.may_claim(1, "vm1", 1000).unwrap_err().errno, libc::EINVAL);
-        assert!(f.may_claim(4, "vm4", 1000).is_ok());
+        assert_eq!(f.may_claim(1, "vm7", 0).unwrap_err().errno, libc::EINVAL);
+        assert_eq!(f.may_claim(1, "vm1", 0).unwrap_err().errno, libc::EINVAL);
+        assert!(f.may_claim(4, "vm4", 0).is_ok());
     }
 
     #[test]
@@ -613,8 +630,8 @@ mod tests {
         assert_eq!(e.errno, libc::EAGAIN);
         assert!(e.message.starts_with("vm2 not connected"), "{e}");
         assert_eq!(f.forget("vm1").unwrap_err().errno, libc::EBUSY);
-        f.may_claim(4, "vm2", 1000).unwrap();
-        f.attach(4, "vm2", 104, 1000, 21, false);
+        f.may_claim(4, "vm2", 0).unwrap();
+        f.attach(4, "vm2", 104, 0, 21, false);
         // Its guest still boots.
         let e = f.begin_update().unwrap_err();
         assert!(e.message.contains("not running its guest"), "{e}");
@@ -628,7 +645,7 @@ mod tests {
         assert_eq!(f.arm().unwrap_err().errno, libc::EINVAL);
         assert_eq!(f.begin_update().unwrap(), vec![1, 2, 3]);
         assert_eq!(f.begin_update().unwrap_err().errno, libc::EBUSY);
-        assert_eq!(f.may_claim(4, "vm4", 1000).unwrap_err().errno, libc::EAGAIN);
+        assert_eq!(f.may_claim(4, "vm4", 0).unwrap_err().errno, libc::EAGAIN);
         assert_eq!(f.release(1).unwrap_err().errno, libc::EAGAIN);
         f.answer(1, Ok(())).unwrap();
         f.answer(3, Ok(())).unwrap();
@@ -772,10 +789,19 @@ mod tests {
         assert_eq!(f.disconnect(2), Some(20));
         f.forget("vm1").unwrap();
         f.may_claim(3, "vm1", 1001).unwrap();
-        // Registries written before owners were kept still read.
+        // Registries and handovers written before owners were kept still read, and what
+        // they name is root's (their agent's socket was root's alone).
         let old: Registry =
-            crate::protocol::decode(br#"{"known":["a"],"incoming":[],"lost":[]}"#).unwrap();
+            crate::protocol::decode(br#"{"known":["a"],"incoming":["b"],"lost":[]}"#).unwrap();
         assert!(old.owners.is_empty());
+        let f: Fleet<u32> = Fleet::new(old);
+        assert_eq!(f.may_claim(1, "a", 1000).unwrap_err().errno, libc::EPERM);
+        assert_eq!(f.may_claim(1, "b", 1000).unwrap_err().errno, libc::EPERM);
+        f.may_claim(1, "b", 0).unwrap();
+        assert!(!f.has_owner("c"));
+        let h: crate::protocol::Handover =
+            crate::protocol::decode(br#"{"sessions":["b"]}"#).unwrap();
+        assert!(h.owners.is_empty());
     }
 
     #[test]

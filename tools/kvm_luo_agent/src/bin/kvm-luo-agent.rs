@@ -9,6 +9,14 @@
 //! `--group` if given (for VMMs that do not run as root); a VM belongs to the user whose VMM
 //! first asked for its session, and no other user gets its session; updates and `forget` are
 //! for root and the group `--operator-group` (the peer's effective group).
+//!
+//! No client can hold the others up for long: the agent's lock is not held while it sends
+//! events and answers, but for the answer that hands a VMM its session (sent under it, so that
+//! the session is either handed over and recorded or neither); a send that blocks for
+//! [`SEND_TIMEOUT`] cuts its client off; at most
+//! `--max-connections` are served at once, an update's `timeout_ms` is refused above
+//! `--max-timeout` seconds, and an armed update the operator neither commits nor cancels
+//! within `--commit-wait` seconds is cancelled (every VMM resumes its guest).
 
 use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal, Registry};
 use kvm_luo_agent::protocol::{FromAgent, Handover, ToAgent, AGENT_SESSION, DEFAULT_SOCKET};
@@ -19,16 +27,22 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::exit;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// How long an armed update waits for the operator's commit.
+/// How long an armed update waits for the operator's commit, unless told otherwise.
 const COMMIT_WAIT: Duration = Duration::from_secs(60);
+/// The longest an update may wait for its VMMs to prepare, unless told otherwise.
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// How many connections are served at once, unless told otherwise.
+const MAX_CONNECTIONS: usize = 256;
+/// How many of them only root may take.
+const ROOT_CONNECTIONS: usize = 4;
 /// The token of the agent's own state in its session.
 const HANDOVER_TOKEN: u64 = 1;
 
@@ -39,7 +53,7 @@ fn say(msg: impl AsRef<str>) {
 struct Shared {
     fleet: Fleet<Session>,
     /// Each connection's socket, to send it events.
-    conns: HashMap<ConnId, UnixStream>,
+    conns: HashMap<ConnId, Arc<UnixStream>>,
     /// The agent's own session while an update is armed.
     handover: Option<Session>,
 }
@@ -48,6 +62,10 @@ struct Agent {
     dev: Device,
     /// Besides root, the group whose members may start updates and forget VMs.
     operator_gid: Option<u32>,
+    /// The longest `timeout_ms` of an update.
+    max_timeout: Duration,
+    /// How long an armed update waits for the operator's commit or cancel.
+    commit_wait: Duration,
     /// Where the registry is kept, and what was written there last.
     registry_path: PathBuf,
     saved: Mutex<Registry>,
@@ -95,11 +113,25 @@ fn send_refusal(sock: &UnixStream, r: Refusal) {
     );
 }
 
+/// Opens `path`, which must be a regular file: the agent (root) does not open a FIFO or a
+/// device an operator names, which could block it or do something on open.
+fn open_regular(path: &str) -> io::Result<File> {
+    // O_PATH opens nothing: the file's type is checked before it is opened for reading.
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)?;
+    if !handle.metadata()?.is_file() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    File::open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+}
+
 /// Loads `kernel` for the kexec (`kexec_file_load`).
 fn load_kernel(kernel: &str, initrd: Option<&str>, cmdline: Option<&str>) -> Result<(), Refusal> {
-    let k = File::open(kernel).map_err(|e| io_refusal(&format!("kernel {kernel}"), &e))?;
+    let k = open_regular(kernel).map_err(|e| io_refusal(&format!("kernel {kernel}"), &e))?;
     let i = initrd
-        .map(|p| File::open(p).map_err(|e| io_refusal(&format!("initrd {p}"), &e)))
+        .map(|p| open_regular(p).map_err(|e| io_refusal(&format!("initrd {p}"), &e)))
         .transpose()?;
     let cmdline = match cmdline {
         Some(c) => c.to_string(),
@@ -175,6 +207,16 @@ fn memfd_with(data: &[u8]) -> io::Result<File> {
     Ok(f)
 }
 
+impl Shared {
+    /// The sockets of `conns`, to send to them without the lock.
+    fn socks(&self, conns: &[ConnId]) -> Vec<Arc<UnixStream>> {
+        conns
+            .iter()
+            .filter_map(|c| self.conns.get(c).cloned())
+            .collect()
+    }
+}
+
 impl Agent {
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
@@ -189,7 +231,16 @@ impl Agent {
         }
         let tmp = self.registry_path.with_extension("tmp");
         let data = kvm_luo_agent::protocol::encode(reg);
-        match std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &self.registry_path)) {
+        let _ = std::fs::remove_file(&tmp);
+        // Only the agent's, and not through a link someone put there.
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&data));
+        match written.and_then(|()| std::fs::rename(&tmp, &self.registry_path)) {
             Ok(()) => *saved = reg.clone(),
             Err(e) => say(format!(
                 "warning: keeping the registry in {}: {e}",
@@ -214,9 +265,16 @@ impl Agent {
         }
         let mut sh = self.lock();
         sh.fleet.may_claim(conn, name, peer.uid)?;
-        let (session, retrieved) = match self.dev.retrieve_session(&n) {
-            Ok(s) => (s, true),
-            Err(e) if sh.fleet.is_incoming(name) => {
+        // A session the kernel kept under a name no user owns (the handover was unreadable, or
+        // an operator forgot the VM) is root's to take over; others get a new one.
+        let retrieve = if peer.uid == 0 || sh.fleet.has_owner(name) {
+            Some(self.dev.retrieve_session(&n))
+        } else {
+            None
+        };
+        let (session, retrieved) = match retrieve {
+            Some(Ok(s)) => (s, true),
+            Some(Err(e)) if sh.fleet.is_incoming(name) => {
                 // The previous kernel's agent handed it over, and it is not there.
                 sh.fleet.mark_lost(name);
                 self.save(&sh);
@@ -228,25 +286,40 @@ impl Agent {
                     ),
                 ));
             }
-            // None (or already retrieved, by an agent that did not keep its registry).
-            Err(e) if e.is_not_found() || e.errno() == libc::EINVAL => {
-                match self.dev.create_session(&n) {
-                    Ok(s) => (s, false),
-                    Err(e) if e.is_exists() => {
-                        return Err(refusal(
-                            libc::EEXIST,
-                            format!(
-                                "a session named {name} is open already, held by a process this \
-                             agent does not know (was the agent restarted while a VMM held it?)"
-                            ),
-                        ))
-                    }
-                    Err(e) => return Err(lu_refusal("creating the session", &e)),
-                }
+            Some(Err(e)) if !e.is_not_found() && e.errno() != libc::EINVAL => {
+                return Err(lu_refusal("retrieving the session", &e))
             }
-            Err(e) => return Err(lu_refusal("retrieving the session", &e)),
+            // None (or already retrieved, by an agent that did not keep its registry), or not
+            // this caller's to look for.
+            _ => match self.dev.create_session(&n) {
+                Ok(s) => (s, false),
+                Err(e) if e.is_exists() && retrieve.is_none() => {
+                    return Err(refusal(
+                        libc::EPERM,
+                        format!(
+                            "a session named {name} is kept that no user owns: root may claim it"
+                        ),
+                    ))
+                }
+                Err(e) if e.is_exists() => {
+                    return Err(refusal(
+                        libc::EEXIST,
+                        format!(
+                            "a session named {name} is open already, held by a process this \
+                             agent does not know (was the agent restarted while a VMM held it?)"
+                        ),
+                    ))
+                }
+                Err(e) => return Err(lu_refusal("creating the session", &e)),
+            },
         };
-        if let Err(e) = socket::send(sock, &FromAgent::Session { retrieved }, Some(&session)) {
+        // Under the lock, so without waiting: a VMM that cannot take the answer at once (it left
+        // earlier answers unread) is refused.
+        let handed = sock.set_nonblocking(true).and_then(|()| {
+            let sent = socket::send(sock, &FromAgent::Session { retrieved }, Some(&session));
+            sock.set_nonblocking(false).and(sent)
+        });
+        if let Err(e) = handed {
             if retrieved {
                 // The VMM is gone, and a session cannot be retrieved twice.
                 sh.fleet.mark_lost(name);
@@ -271,19 +344,20 @@ impl Agent {
     /// Tells every VMM the update will not happen, and closes the sessions the agent holds
     /// (before telling them, so that a VMM asking again at once gets a new one).
     fn abort(&self, reason: &str) {
-        let mut sh = self.lock();
-        let (conns, sessions) = sh.fleet.abort();
-        drop(sessions);
-        sh.handover = None;
-        for c in conns {
-            if let Some(s) = sh.conns.get(&c) {
-                send(
-                    s,
-                    &FromAgent::Abort {
-                        reason: reason.into(),
-                    },
-                );
-            }
+        let socks = {
+            let mut sh = self.lock();
+            let (conns, sessions) = sh.fleet.abort();
+            drop(sessions);
+            sh.handover = None;
+            sh.socks(&conns)
+        };
+        for s in &socks {
+            send(
+                s,
+                &FromAgent::Abort {
+                    reason: reason.into(),
+                },
+            );
         }
         say(format!(
             "update refused: {reason}; every VMM told to resume"
@@ -294,13 +368,12 @@ impl Agent {
     /// all are ready; then the agent's own state goes into its session.
     fn prepare(&self, conns: &[ConnId], timeout: Duration) -> Result<Vec<String>, Refusal> {
         let deadline = Instant::now() + timeout;
-        let mut sh = self.lock();
+        let socks = self.lock().socks(conns);
         say(format!("update: {} VMMs told to prepare", conns.len()));
-        for c in conns {
-            if let Some(s) = sh.conns.get(c) {
-                send(s, &FromAgent::Prepare);
-            }
+        for s in &socks {
+            send(s, &FromAgent::Prepare);
         }
+        let mut sh = self.lock();
         loop {
             match sh.fleet.readiness() {
                 Readiness::AllReady(_) => break,
@@ -349,6 +422,16 @@ impl Agent {
         else {
             return Err(refusal(libc::EINVAL, "not an update"));
         };
+        let timeout = Duration::from_millis(timeout_ms);
+        if timeout > self.max_timeout {
+            return Err(refusal(
+                libc::EINVAL,
+                format!(
+                    "a timeout of {timeout_ms} ms is above this agent's maximum of {} ms",
+                    self.max_timeout.as_millis()
+                ),
+            ));
+        }
         // The fleet belongs to this update from here; another update is refused without
         // touching this one.
         let conns = self.lock().fleet.begin_update()?;
@@ -374,20 +457,19 @@ impl Agent {
         // and the kexec, when a VMM that went away waits for the update to be over.
         // SAFETY: No arguments.
         unsafe { libc::sync() };
+        // The kernel goes before the fleet is free for another update to load its own.
         let fail = |r: Refusal| {
-            self.abort(&r.message);
             if ours {
                 unload_kernel();
             }
+            self.abort(&r.message);
             r
         };
-        let names = self
-            .prepare(&conns, Duration::from_millis(timeout_ms))
-            .map_err(fail)?;
+        let names = self.prepare(&conns, timeout).map_err(fail)?;
         say(format!("update armed: {} ready", names.join(", ")));
         send(sock, &FromAgent::Armed { vmms: names });
         // The operator commits or cancels on the same connection.
-        let _ = sock.set_read_timeout(Some(COMMIT_WAIT));
+        let _ = sock.set_read_timeout(Some(self.commit_wait));
         let next = socket::recv::<ToAgent>(sock);
         let _ = sock.set_read_timeout(None);
         match next {
@@ -411,7 +493,10 @@ impl Agent {
             }
             _ => Err(fail(refusal(
                 libc::ECANCELED,
-                "the operator neither committed nor cancelled",
+                format!(
+                    "the operator neither committed nor cancelled within {} s",
+                    self.commit_wait.as_secs()
+                ),
             ))),
         }
     }
@@ -499,10 +584,16 @@ impl Agent {
                     send_refusal(sock, r);
                     return;
                 }
-                let mut sh = self.lock();
-                match sh.fleet.forget(&name) {
-                    Ok(()) => {
+                let forgotten = {
+                    let mut sh = self.lock();
+                    let forgotten = sh.fleet.forget(&name);
+                    if forgotten.is_ok() {
                         self.save(&sh);
+                    }
+                    forgotten
+                };
+                match forgotten {
+                    Ok(()) => {
                         say(format!("forgot {name}"));
                         send(sock, &FromAgent::Done);
                     }
@@ -516,27 +607,13 @@ impl Agent {
         }
     }
 
-    fn serve(&self, conn: ConnId, sock: UnixStream) {
-        let peer = match socket::peer(&sock) {
-            Ok(peer) => peer,
-            Err(e) => {
-                say(format!("a connection: {e}"));
-                return;
-            }
-        };
+    fn serve(&self, conn: ConnId, sock: UnixStream, peer: Peer) {
         if let Err(e) = sock.set_write_timeout(Some(SEND_TIMEOUT)) {
             say(format!("a connection: {e}"));
             return;
         }
-        match sock.try_clone() {
-            Ok(s) => {
-                self.lock().conns.insert(conn, s);
-            }
-            Err(e) => {
-                say(format!("a connection: {e}"));
-                return;
-            }
-        }
+        let sock = Arc::new(sock);
+        self.lock().conns.insert(conn, sock.clone());
         loop {
             match socket::recv::<ToAgent>(&sock) {
                 Ok(Some((msg, _fd))) => {
@@ -564,6 +641,31 @@ impl Agent {
         }
         drop(session);
     }
+}
+
+/// The registry an agent of this kernel kept at `path`, if any. It says who owns which VM, so
+/// it must be a file of the agent's user that nobody else can write, not a link.
+fn read_registry(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = f.metadata()?;
+    // SAFETY: No arguments.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.nlink() != 1 || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "not a file of user {me} that only it can write: remove it if it is not the agent's"
+        )));
+    }
+    let mut data = Vec::new();
+    f.read_to_end(&mut data)?;
+    Ok(Some(data))
 }
 
 /// What the previous kernel's agent handed over: the VMMs' session names and owners.
@@ -594,27 +696,44 @@ fn handover(dev: &Device) -> Handover {
     handover
 }
 
+const USAGE: &str = "usage: kvm-luo-agent [--socket PATH] [--group GID] [--operator-group GID]
+                     [--max-connections N] [--max-timeout SECS] [--commit-wait SECS]";
+
 /// A group ID given on the command line.
 fn gid_arg(arg: &str) -> u32 {
     arg.parse().unwrap_or_else(|_| {
-        eprintln!("kvm-luo-agent: {arg} is not a group ID");
+        eprintln!("kvm-luo-agent: {arg} is not a group ID\n{USAGE}");
         exit(2)
     })
+}
+
+/// A positive number given on the command line.
+fn number_arg<T: std::str::FromStr + PartialOrd + Default>(arg: &str) -> T {
+    match arg.parse() {
+        Ok(n) if n > T::default() => n,
+        _ => {
+            eprintln!("kvm-luo-agent: {arg} is not a positive number\n{USAGE}");
+            exit(2)
+        }
+    }
 }
 
 fn main() {
     let mut path = PathBuf::from(DEFAULT_SOCKET);
     let (mut group, mut operator_gid) = (None, None);
+    let (mut max_connections, mut max_timeout, mut commit_wait) =
+        (MAX_CONNECTIONS, MAX_TIMEOUT, COMMIT_WAIT);
     let mut args = std::env::args().skip(1);
     while let Some(opt) = args.next() {
         match (opt.as_str(), args.next()) {
             ("--socket", Some(p)) => path = PathBuf::from(p),
             ("--group", Some(g)) => group = Some(gid_arg(&g)),
             ("--operator-group", Some(g)) => operator_gid = Some(gid_arg(&g)),
+            ("--max-connections", Some(n)) => max_connections = number_arg(&n),
+            ("--max-timeout", Some(n)) => max_timeout = Duration::from_secs(number_arg(&n)),
+            ("--commit-wait", Some(n)) => commit_wait = Duration::from_secs(number_arg(&n)),
             _ => {
-                eprintln!(
-                    "usage: kvm-luo-agent [--socket PATH] [--group GID] [--operator-group GID]"
-                );
+                eprintln!("{USAGE}");
                 exit(2)
             }
         }
@@ -659,12 +778,16 @@ fn main() {
     // restarted in the same kernel finds its registry in its file (a kexec clears it); the
     // first agent of a kernel finds what the previous kernel's agent handed over.
     let registry_path = path.with_extension("registry");
-    let registry = match std::fs::read(&registry_path) {
-        Ok(data) => kvm_luo_agent::protocol::decode::<Registry>(&data).unwrap_or_else(|e| {
+    let registry = match read_registry(&registry_path) {
+        Ok(Some(data)) => kvm_luo_agent::protocol::decode::<Registry>(&data).unwrap_or_else(|e| {
             say(format!("{}: {e}", registry_path.display()));
             exit(1)
         }),
-        Err(_) => {
+        Err(e) => {
+            say(format!("{}: {e}", registry_path.display()));
+            exit(1)
+        }
+        Ok(None) => {
             let Handover { sessions, owners } = handover(&dev);
             Registry {
                 owners: owners
@@ -693,6 +816,8 @@ fn main() {
     let agent = Arc::new(Agent {
         dev,
         operator_gid,
+        max_timeout,
+        commit_wait,
         registry_path,
         saved: Mutex::new(Registry::default()),
         shared: Mutex::new(Shared {
@@ -704,15 +829,46 @@ fn main() {
     });
     agent.save(&agent.lock());
     let next = AtomicU64::new(1);
+    let live = Arc::new(AtomicUsize::new(0));
     for sock in listener.incoming() {
         match sock {
             Ok(sock) => {
+                let peer = match socket::peer(&sock) {
+                    Ok(peer) => peer,
+                    Err(e) => {
+                        say(format!("a connection: {e}"));
+                        continue;
+                    }
+                };
+                // The last few connections are root's, so that an operator can always step in.
+                let bound = if peer.uid == 0 {
+                    max_connections
+                } else {
+                    max_connections.saturating_sub(ROOT_CONNECTIONS)
+                };
+                if live.load(Ordering::Relaxed) >= bound {
+                    let _ = sock.set_write_timeout(Some(Duration::from_millis(100)));
+                    send_refusal(
+                        &sock,
+                        refusal(
+                            libc::EAGAIN,
+                            format!("{bound} connections already: try again later"),
+                        ),
+                    );
+                    continue;
+                }
                 let agent = agent.clone();
                 let conn = next.fetch_add(1, Ordering::Relaxed);
+                live.fetch_add(1, Ordering::Relaxed);
+                let served = live.clone();
                 if let Err(e) = std::thread::Builder::new()
                     .name(format!("conn{conn}"))
-                    .spawn(move || agent.serve(conn, sock))
+                    .spawn(move || {
+                        agent.serve(conn, sock, peer);
+                        served.fetch_sub(1, Ordering::Relaxed);
+                    })
                 {
+                    live.fetch_sub(1, Ordering::Relaxed);
                     say(format!("a connection: {e}"));
                 }
             }

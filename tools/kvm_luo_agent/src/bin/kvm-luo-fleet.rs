@@ -16,7 +16,11 @@
 //!   restarted every VMM gets a session again;
 //! - `--creds` (one kernel, no guests): who may do what is decided by the credentials the
 //!   kernel gives the agent, not by what a client says. Clients run as other users (this
-//!   binary again, `--creds-client`, dropping root itself).
+//!   binary again, `--creds-client`, dropping root itself);
+//! - `--stalls` (one kernel, no guests): no client holds the agent up. A client that floods
+//!   requests and never reads is cut off while others are served; connections above the
+//!   bound are refused; an update's timeout above the bound is refused; an update armed and
+//!   never committed is cancelled after the commit wait, and its (guest-less) VMM resumes.
 
 use kvm_luo_agent::protocol::{FromAgent, Status, ToAgent, VmmState};
 use kvm_luo_agent::{socket, Client};
@@ -509,12 +513,14 @@ fn creds_client(args: &[String]) -> ! {
 
 /// `--creds`: see the module's documentation.
 fn creds(f: &mut Fleet) {
-    f.start_agent_with(&[
+    let _ = std::fs::remove_file(Path::new(SOCKET).with_extension("registry"));
+    let agent_args = [
         "--group",
         &VMM_GID.to_string(),
         "--operator-group",
         &OPERATOR_GID.to_string(),
-    ]);
+    ];
+    f.start_agent_with(&agent_args);
     let me = std::env::current_exe().unwrap_or_else(|e| f.fail(format!("{e}")));
     // What `ACTION` on `name` as `uid:gid` (+`supp`) got: 0, or the errno.
     let ask = |f: &mut Fleet, who: (u32, u32, u32), action: &str, name: &str| -> i32 {
@@ -570,14 +576,203 @@ fn creds(f: &mut Fleet) {
     expect(f, (0, 0, 0), "forget", "vm-a", 0);
     expect(f, bob, "session", "vm-a", 0);
     expect(f, operator, "update", "", libc::EAGAIN);
-    println!("KLU: stage 1 of agent_creds: PASS");
+    // The operators' group counts as the effective group only.
+    expect(f, (1004, VMM_GID, OPERATOR_GID), "update", "", libc::EPERM);
+    // Who owns what outlives the agent.
+    f.stop_agent();
+    f.start_agent_with(&agent_args);
+    expect(f, alice, "session", "vm-a", libc::EPERM);
+    expect(f, bob, "session", "vm-a", 0);
+}
+
+/// A VMM without a guest for `--stalls`: claims `name`, reports running, answers every
+/// prepare with ready, and after an abort asks for a session again and reports `continued`.
+fn fake_vmm(name: &str) -> Result<(), kvm_luo_agent::Error> {
+    let c = Client::connect(Path::new(SOCKET))?;
+    let name = SessionName::new(name).expect("a valid name");
+    let mut session = Some(c.session(&name)?.0);
+    c.report(VmmState::Running, "no guest")?;
+    while let Some(event) = c.next_event()? {
+        match event {
+            FromAgent::Prepare => {
+                c.report(VmmState::Ready, "nothing to preserve")?;
+                c.ready(Ok(()))?;
+            }
+            FromAgent::Abort { .. } => {
+                drop(session.take());
+                c.release()?;
+                // Until the agent is done with the update.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                session = loop {
+                    match c.session(&name) {
+                        Err(e) if e.errno() == libc::EAGAIN && Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(100))
+                        }
+                        r => break Some(r?.0),
+                    }
+                };
+                c.report(VmmState::Continued, "no guest")?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `--stalls`: see the module's documentation.
+fn stalls(f: &mut Fleet) {
+    const MAX_CONNECTIONS: usize = 8;
+    let _ = std::fs::remove_file(Path::new(SOCKET).with_extension("registry"));
+    f.start_agent_with(&[
+        "--max-connections",
+        &MAX_CONNECTIONS.to_string(),
+        "--max-timeout",
+        "20",
+        "--commit-wait",
+        "3",
+    ]);
+    // A client that sends and never reads; meanwhile the others are answered at once.
+    let flood = socket::connect(Path::new(SOCKET)).unwrap_or_else(|e| f.fail(format!("{e}")));
+    let _ = flood.set_write_timeout(Some(Duration::from_secs(1)));
+    let flooder = std::thread::spawn(move || {
+        let mut sent = 0u32;
+        while sent < 1_000_000
+            && socket::send(&flood, &ToAgent::Status, None::<&std::os::fd::OwnedFd>).is_ok()
+        {
+            sent += 1;
+        }
+        (flood, sent)
+    });
+    // Its sends stop when the agent, blocked on an answer, no longer reads; the agent cuts
+    // it off once that answer has waited 2 s. Others are served all along.
+    let t0 = Instant::now();
+    let mut stopped: Option<Instant> = None;
+    while stopped.is_none_or(|at| at.elapsed() < Duration::from_secs(4)) {
+        if stopped.is_none() && flooder.is_finished() {
+            stopped = Some(Instant::now());
+        }
+        let t = Instant::now();
+        f.status();
+        if t.elapsed() > Duration::from_secs(1) {
+            f.fail(format!(
+                "a status took {:?} while a client did not read",
+                t.elapsed()
+            ));
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            f.fail("a client that does not read is still sending after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (flood, sent) = flooder.join().unwrap_or_else(|_| f.fail("the flood"));
+    let mut answers = 0u32;
+    // The answers it was sent, then the end; a wait means the agent still serves it.
+    let _ = flood.set_read_timeout(Some(Duration::from_secs(10)));
+    loop {
+        match socket::recv::<FromAgent>(&flood) {
+            Ok(Some(_)) => answers += 1,
+            Ok(None) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => f.fail(format!("a client that does not read is not cut off: {e}")),
+        }
+    }
+    say(format!(
+        "a client that did not read: cut off after {sent} requests, {answers} answers queued"
+    ));
+    drop(flood);
+
+    // The connections over the bound are refused, and served again once some close.
+    // The connections of the requests above go away a little after they close.
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.len() < MAX_CONNECTIONS {
+        let c = f.client();
+        // Refused, a client that asked at once sees the connection reset rather than EAGAIN.
+        match c.status() {
+            Ok(_) => held.push(c),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => f.fail(format!(
+                "connection {} of {MAX_CONNECTIONS}: {e}",
+                held.len() + 1
+            )),
+        }
+    }
+    let over = socket::connect(Path::new(SOCKET)).unwrap_or_else(|e| f.fail(format!("{e}")));
+    match socket::recv::<FromAgent>(&over) {
+        Ok(Some((FromAgent::Error { errno, message }, _))) if errno == libc::EAGAIN => {
+            say(format!("connection {}: {message}", MAX_CONNECTIONS + 1))
+        }
+        r => f.fail(format!("a connection over the bound got {r:?}")),
+    }
+    held.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(Path::new(SOCKET)).and_then(|c| c.status()) {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => f.fail(format!("no connection once one closed: {e}")),
+        }
+    }
+    drop(held);
+
+    // A VMM (without a guest), and an update the operator arms and then forgets.
+    std::thread::spawn(|| {
+        if let Err(e) = fake_vmm("vm-s") {
+            println!("fleet: the VMM: {e}");
+        }
+    });
+    f.wait_states(&[("vm-s".into(), VmmState::Running)], 30);
+    let op = f.client();
+    match op.update(
+        Some("/kernel"),
+        Some("/initrd.img"),
+        None,
+        Duration::from_secs(30),
+    ) {
+        Err(e) if e.errno() == libc::EINVAL && e.to_string().contains("maximum") => {
+            say(format!("a timeout over the bound: {e}"))
+        }
+        r => f.fail(format!(
+            "a timeout over the bound: {:?}",
+            r.map(|a| a.vmms.clone())
+        )),
+    }
+    let armed = op
+        .update(
+            Some("/kernel"),
+            Some("/initrd.img"),
+            None,
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| f.fail(format!("the update: {e}")));
+    say(format!("armed: {}", armed.vmms.join(", ")));
+    let t = Instant::now();
+    // Neither commit nor cancel (any request would be taken as neither): the next message is
+    // the agent giving up, after its commit wait of 3 s.
+    match op.next_event() {
+        Ok(Some(FromAgent::Error { errno, message })) if errno == libc::ECANCELED => say(format!(
+            "after {:.1} s: {message}",
+            t.elapsed().as_secs_f64()
+        )),
+        r => f.fail(format!("an update never committed: {r:?}")),
+    }
+    if t.elapsed() < Duration::from_millis(2500) || t.elapsed() > Duration::from_secs(10) {
+        f.fail(format!(
+            "the update was cancelled after {:?}, with a commit wait of 3 s",
+            t.elapsed()
+        ));
+    }
+    f.wait_states(&[("vm-s".into(), VmmState::Continued)], 30);
+    if std::fs::read_to_string("/sys/kernel/kexec_loaded").is_ok_and(|s| s.trim() == "1") {
+        f.fail("the kernel the cancelled update loaded is still loaded");
+    }
 }
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     match argv.get(1).map(String::as_str) {
         Some("--creds-client") => creds_client(&argv[2..]),
-        Some("--creds") => {
+        Some(mode @ ("--creds" | "--stalls")) => {
             let here = std::env::current_exe()
                 .ok()
                 .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -586,10 +781,14 @@ fn main() {
                 agent_bin: here.join("kvm-luo-agent"),
                 agent: None,
                 vmms: Vec::new(),
-                test: "agent_creds".into(),
+                test: mode.trim_start_matches("--").into(),
                 forbid: None,
             };
-            creds(&mut f);
+            if mode == "--creds" {
+                creds(&mut f);
+            } else {
+                stalls(&mut f);
+            }
             f.stop_all();
             say("PASS");
             return;
