@@ -317,7 +317,11 @@ impl Agent {
         // earlier answers unread) is refused.
         let handed = sock.set_nonblocking(true).and_then(|()| {
             let sent = socket::send(sock, &FromAgent::Session { retrieved }, Some(&session));
-            sock.set_nonblocking(false).and(sent)
+            // A socket that cannot wait again could not be served: cut it off.
+            if sock.set_nonblocking(false).is_err() {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            sent
         });
         if let Err(e) = handed {
             if retrieved {
@@ -729,7 +733,16 @@ fn main() {
             ("--socket", Some(p)) => path = PathBuf::from(p),
             ("--group", Some(g)) => group = Some(gid_arg(&g)),
             ("--operator-group", Some(g)) => operator_gid = Some(gid_arg(&g)),
-            ("--max-connections", Some(n)) => max_connections = number_arg(&n),
+            ("--max-connections", Some(n)) => {
+                max_connections = number_arg(&n);
+                if max_connections <= ROOT_CONNECTIONS {
+                    eprintln!(
+                        "kvm-luo-agent: --max-connections must be above the {ROOT_CONNECTIONS} \
+                         kept for root\n{USAGE}"
+                    );
+                    exit(2)
+                }
+            }
             ("--max-timeout", Some(n)) => max_timeout = Duration::from_secs(number_arg(&n)),
             ("--commit-wait", Some(n)) => commit_wait = Duration::from_secs(number_arg(&n)),
             _ => {

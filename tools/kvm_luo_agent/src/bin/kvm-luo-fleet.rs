@@ -45,6 +45,21 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// The fleet of test `test`, with the agent next to this binary.
+    fn new(test: String) -> Self {
+        let here = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        Fleet {
+            agent_bin: here.join("kvm-luo-agent"),
+            agent: None,
+            vmms: Vec::new(),
+            test,
+            forbid: None,
+        }
+    }
+
     fn fail(&mut self, msg: impl AsRef<str>) -> ! {
         say(format!("FAILED: {}", msg.as_ref()));
         self.stop_all();
@@ -773,17 +788,7 @@ fn main() {
     match argv.get(1).map(String::as_str) {
         Some("--creds-client") => creds_client(&argv[2..]),
         Some(mode @ ("--creds" | "--stalls")) => {
-            let here = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(Path::to_path_buf))
-                .unwrap_or_default();
-            let mut f = Fleet {
-                agent_bin: here.join("kvm-luo-agent"),
-                agent: None,
-                vmms: Vec::new(),
-                test: mode.trim_start_matches("--").into(),
-                forbid: None,
-            };
+            let mut f = Fleet::new(format!("agent_{}", mode.trim_start_matches("--")));
             if mode == "--creds" {
                 creds(&mut f);
             } else {
@@ -797,17 +802,7 @@ fn main() {
     }
     let a = args();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let here = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
-    let mut f = Fleet {
-        agent_bin: here.join("kvm-luo-agent"),
-        agent: None,
-        vmms: Vec::new(),
-        test: test_name(&cmdline),
-        forbid: None,
-    };
+    let mut f = Fleet::new(test_name(&cmdline));
     if a.refuses {
         refuses(&mut f, &a, &cmdline);
     } else if a.stage == 1 {
