@@ -88,6 +88,10 @@ pub struct Fleet<S> {
     /// VMMs that went away during an update, with their sessions: kept open (what they
     /// preserved is not dropped behind the update's back) until the update is over.
     gone: Vec<(String, Option<S>)>,
+    /// Sessions of the previous kernel the agent took over for a VMM that went away before
+    /// they could be handed to it: a session is retrieved only once, so the agent keeps them
+    /// (still `incoming`) for the next VMM that asks.
+    kept: BTreeMap<String, S>,
 }
 
 /// What the agent must not forget when it restarts (it keeps it in a file next to its
@@ -107,6 +111,63 @@ pub struct Registry {
     /// until an operator forgets the VM. Kept across the kexec.
     #[serde(default)]
     pub owners: BTreeMap<String, u32>,
+}
+
+/// The version of the registry's format this agent writes, and the latest it reads.
+pub const REGISTRY_VERSION: u32 = 1;
+
+/// The registry as it is kept in its file: with its format and the boot it belongs to.
+#[derive(Serialize, Deserialize)]
+struct StoredRegistry {
+    #[serde(default = "crate::protocol::first_version")]
+    version: u32,
+    /// `/proc/sys/kernel/random/boot_id` of the kernel whose agent wrote it (absent from an
+    /// older agent's, kept where a kexec clears it).
+    #[serde(default)]
+    boot_id: String,
+    #[serde(flatten)]
+    registry: Registry,
+}
+
+/// A registry read from its file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// Kept by an agent of this kernel.
+    ThisBoot(Registry),
+    /// Kept by an agent of another boot (the file is somewhere a kexec does not clear): what
+    /// it says is not this kernel's. Carries that boot's ID.
+    OtherBoot(String),
+}
+
+impl Registry {
+    /// The content of the registry's file, for the kernel of `boot_id`.
+    pub fn encode(&self, boot_id: &str) -> Vec<u8> {
+        crate::protocol::encode(&StoredRegistry {
+            version: REGISTRY_VERSION,
+            boot_id: boot_id.into(),
+            registry: self.clone(),
+        })
+    }
+
+    /// Reads a registry's file in the kernel of `boot_id`. What cannot be read is refused with
+    /// what an operator should do about it.
+    pub fn decode(data: &[u8], boot_id: &str) -> Result<Stored, String> {
+        let stored: StoredRegistry =
+            crate::protocol::decode_versioned(data, REGISTRY_VERSION, "the registry").map_err(
+                |e| {
+                    format!(
+                        "{e}. It says which VMs this agent knows and who owns them: if a later \
+                         agent wrote it, run that one; otherwise move the file aside and start \
+                         this one again (it then knows no VM; each VMM claims its session again, \
+                         and root claims those of the previous kernel not taken over yet)"
+                    )
+                },
+            )?;
+        if !stored.boot_id.is_empty() && stored.boot_id != boot_id {
+            return Ok(Stored::OtherBoot(stored.boot_id));
+        }
+        Ok(Stored::ThisBoot(stored.registry))
+    }
 }
 
 /// The longest detail or reason the fleet keeps.
@@ -149,6 +210,7 @@ impl<S> Fleet<S> {
             registry,
             phase: Phase::Idle,
             gone: Vec::new(),
+            kept: BTreeMap::new(),
         }
     }
 
@@ -173,9 +235,24 @@ impl<S> Fleet<S> {
         self.registry.lost.insert(name.into());
     }
 
+    /// The previous kernel's session `name`, taken over for a VMM, could not be handed to it:
+    /// it stays the previous kernel's, kept by the agent for the next VMM that asks for it
+    /// (after [`Fleet::may_claim`]: it does not change its owner).
+    pub fn keep(&mut self, name: &str, session: S) {
+        self.registry.incoming.insert(name.into());
+        self.kept.insert(name.into(), session);
+    }
+
+    /// The session of the previous kernel kept for `name` ([`Fleet::keep`]), if any: the
+    /// caller hands it over and [`Fleet::attach`]es it, or keeps it again.
+    pub fn take_kept(&mut self, name: &str) -> Option<S> {
+        self.kept.remove(name)
+    }
+
     /// An operator says the VM `name` is gone for good: updates stop waiting for it. Refused
-    /// while a VMM of that name is connected.
-    pub fn forget(&mut self, name: &str) -> Result<(), Refusal> {
+    /// while a VMM of that name is connected. Returns the session of the previous kernel the
+    /// agent kept for it, if any, to close (which frees what it preserved).
+    pub fn forget(&mut self, name: &str) -> Result<Option<S>, Refusal> {
         if self.vmms.values().any(|v| v.name == name) {
             return Err(Refusal::new(
                 libc::EBUSY,
@@ -187,7 +264,7 @@ impl<S> Fleet<S> {
         let lost = self.registry.lost.remove(name);
         let owned = self.registry.owners.remove(name).is_some();
         if known || incoming || lost || owned {
-            Ok(())
+            Ok(self.kept.remove(name))
         } else {
             Err(Refusal::new(libc::ENOENT, format!("no VM named {name}")))
         }
@@ -515,6 +592,7 @@ impl<S> Fleet<S> {
                 })
                 .collect(),
             incoming: self.registry.incoming.iter().cloned().collect(),
+            kept: self.kept.keys().cloned().collect(),
             lost: self.registry.lost.iter().cloned().collect(),
             phase: match self.phase {
                 Phase::Idle => "idle",
@@ -615,7 +693,7 @@ mod tests {
         assert_eq!(s.lost, vec!["vm1".to_string()]);
         // Updates wait for it until an operator forgets it.
         assert_eq!(f.begin_update().unwrap_err().errno, libc::EAGAIN);
-        assert_eq!(f.forget("vm1"), Ok(()));
+        assert_eq!(f.forget("vm1"), Ok(None));
         assert!(f.status().lost.is_empty());
         assert_eq!(f.forget("vm1").unwrap_err().errno, libc::ENOENT);
         assert!(f.begin_update().is_ok());
@@ -802,6 +880,65 @@ mod tests {
         let h: crate::protocol::Handover =
             crate::protocol::decode(br#"{"sessions":["b"]}"#).unwrap();
         assert!(h.owners.is_empty());
+    }
+
+    #[test]
+    fn the_registry_file_says_its_format_and_boot() {
+        let mut reg = registry(&["vm1"]);
+        reg.owners.insert("vm1".into(), 1000);
+        let data = reg.encode("boot-a");
+        let text = String::from_utf8(data.clone()).unwrap();
+        assert!(
+            text.starts_with(r#"{"version":1,"boot_id":"boot-a","#),
+            "{text}"
+        );
+        assert_eq!(
+            Registry::decode(&data, "boot-a"),
+            Ok(Stored::ThisBoot(reg.clone()))
+        );
+        // Another boot's (kept where a kexec does not clear it): not this kernel's.
+        assert_eq!(
+            Registry::decode(&data, "boot-b"),
+            Ok(Stored::OtherBoot("boot-a".into()))
+        );
+        // An older agent's, without format or boot: this boot's, of the first format.
+        let old = br#"{"known":["a"],"incoming":[],"lost":[]}"#;
+        match Registry::decode(old, "boot-a") {
+            Ok(Stored::ThisBoot(r)) => assert!(r.known.contains("a")),
+            r => panic!("{r:?}"),
+        }
+        // A later format, and a corrupt file: refused, with what to do.
+        let later = text.replacen(r#""version":1"#, r#""version":2"#, 1);
+        let e = Registry::decode(later.as_bytes(), "boot-a").unwrap_err();
+        assert!(e.starts_with("the registry is of format 2"), "{e}");
+        assert!(e.contains("move the file aside"), "{e}");
+        let e = Registry::decode(&data[..data.len() / 2], "boot-a").unwrap_err();
+        assert!(e.starts_with("the registry is not readable"), "{e}");
+        assert!(e.contains("move the file aside"), "{e}");
+    }
+
+    #[test]
+    fn a_session_not_handed_over_is_kept_for_the_next_vmm() {
+        let mut f = Fleet::new(registry(&["vm1", "vm2"]));
+        f.may_claim(1, "vm1", 0).unwrap();
+        // The agent retrieved it for connection 1, which went away before the answer.
+        f.keep("vm1", 10);
+        assert!(f.is_incoming("vm1"));
+        let s = f.status();
+        assert_eq!(s.kept, vec!["vm1".to_string()]);
+        assert!(s.lost.is_empty());
+        // An update would lose it.
+        assert_eq!(f.begin_update().unwrap_err().errno, libc::EBUSY);
+        // The next VMM that may have it gets it, as the previous kernel's.
+        f.may_claim(2, "vm1", 0).unwrap();
+        assert_eq!(f.take_kept("vm1"), Some(10));
+        assert_eq!(f.take_kept("vm1"), None);
+        f.attach(2, "vm1", 102, 0, 10, true);
+        assert!(!f.is_incoming("vm1") && f.status().kept.is_empty());
+        // Forgetting a VM gives back its kept session, to close.
+        f.keep("vm2", 20);
+        assert_eq!(f.forget("vm2"), Ok(Some(20)));
+        assert!(!f.is_incoming("vm2"));
     }
 
     #[test]

@@ -93,7 +93,8 @@ pub struct Armed<'a> {
 }
 
 impl Client {
-    /// Connects to the agent listening at `path`.
+    /// Connects to the agent listening at `path`, and says hello: an agent that does not speak
+    /// this client's [`protocol::PROTOCOL_VERSION`] refuses it (`EPROTONOSUPPORT`).
     pub fn connect(path: &Path) -> Result<Self> {
         let sock = socket::connect(path).map_err(|e| {
             Error::Io(io::Error::new(
@@ -101,7 +102,14 @@ impl Client {
                 format!("connecting to the agent at {}: {e}", path.display()),
             ))
         })?;
-        Ok(Self { sock })
+        let client = Self { sock };
+        client.send(&ToAgent::Hello {
+            version: protocol::PROTOCOL_VERSION,
+        })?;
+        match client.answer()? {
+            (FromAgent::Hello { .. }, _) => Ok(client),
+            (m, _) => Err(Error::Protocol(format!("{m:?}"))),
+        }
     }
 
     fn send(&self, msg: &ToAgent) -> Result<()> {

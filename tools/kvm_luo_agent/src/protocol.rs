@@ -14,12 +14,28 @@
 //! An operator sends [`ToAgent::Status`] or [`ToAgent::Update`]; an update answers
 //! [`FromAgent::Armed`] once every VMM is ready, and waits for [`ToAgent::Commit`] (kexec) or
 //! [`ToAgent::Cancel`] on the same connection.
+//!
+//! Every connection starts with [`ToAgent::Hello`], which carries the client's
+//! [`PROTOCOL_VERSION`]; the agent answers [`FromAgent::Hello`], or refuses a version it does
+//! not speak (`EPROTONOSUPPORT`) and closes the connection. A change that an older peer can
+//! ignore (a new message, which it skips or refuses, a new field, which it ignores) keeps the
+//! version; any other raises it.
+//!
+//! What is kept across a kexec or a restart carries a format version the same way
+//! ([`decode_versioned`]): a reader refuses a format later than it knows, cleanly, instead of
+//! reading it wrong.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Every message is shorter than this (a status of hundreds of VMMs fits).
 pub const MAX_MESSAGE: usize = 256 << 10;
+
+/// The version of the protocol this side speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The version of the format of [`Handover`] this side writes, and the latest it reads.
+pub const HANDOVER_VERSION: u32 = 1;
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/kvm-luo-agent.sock";
@@ -51,6 +67,12 @@ pub enum VmmState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ToAgent {
+    /// The first message of every connection. Answer: [`FromAgent::Hello`], or an error and
+    /// the end of the connection if the agent does not speak `version`.
+    Hello {
+        /// The [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+    },
     /// A VMM asks for its session: the one the previous kernel preserved under `name` if there
     /// is one, a new one otherwise. Answer: [`FromAgent::Session`] with the fd, or an error.
     Session {
@@ -109,6 +131,11 @@ pub enum ToAgent {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromAgent {
+    /// The answer to [`ToAgent::Hello`].
+    Hello {
+        /// The [`PROTOCOL_VERSION`] of the agent.
+        version: u32,
+    },
     /// The session's fd is attached.
     Session {
         /// It came from the previous kernel (the VMM resumes its guest from it).
@@ -167,6 +194,10 @@ pub struct Status {
     pub vmms: Vec<VmmStatus>,
     /// Sessions the previous kernel preserved that no VMM has asked for yet.
     pub incoming: Vec<String>,
+    /// Those of them the agent took over for a VMM that went away before they were handed
+    /// to it: it keeps them for the next VMM that asks (they are lost if the agent stops).
+    #[serde(default)]
+    pub kept: Vec<String>,
     /// VMs whose guests were lost: the previous kernel's session could not be taken over,
     /// or their VMM died while resuming from it.
     pub lost: Vec<String>,
@@ -175,13 +206,58 @@ pub struct Status {
 }
 
 /// What the agent preserves about itself across the kexec (in [`AGENT_SESSION`]).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Handover {
+    /// The format: [`HANDOVER_VERSION`] (absent from an older agent's, which wrote the first).
+    #[serde(default = "first_version")]
+    pub version: u32,
     /// The sessions of the VMMs that were ready.
     pub sessions: Vec<String>,
     /// The user each of those VMs belongs to (absent from an older agent's handover).
     #[serde(default)]
     pub owners: BTreeMap<String, u32>,
+}
+
+impl Default for Handover {
+    fn default() -> Self {
+        Self {
+            version: HANDOVER_VERSION,
+            sessions: Vec::new(),
+            owners: BTreeMap::new(),
+        }
+    }
+}
+
+/// The version of a format written before versions were.
+pub(crate) fn first_version() -> u32 {
+    1
+}
+
+/// The version of a format kept across a kexec or a restart; a record written before versions
+/// were is of the first.
+#[derive(Deserialize)]
+struct Versioned {
+    #[serde(default = "first_version")]
+    version: u32,
+}
+
+/// Decodes `what`, which carries a `version` field, refusing a version later than `known`
+/// before anything else of it is read (a later format may not parse as this one, or parse and
+/// mean something else).
+pub fn decode_versioned<T: for<'a> Deserialize<'a>>(
+    buf: &[u8],
+    known: u32,
+    what: &str,
+) -> Result<T, String> {
+    let v: Versioned =
+        serde_json::from_slice(buf).map_err(|e| format!("{what} is not readable: {e}"))?;
+    if v.version > known {
+        return Err(format!(
+            "{what} is of format {}, later than this program reads (up to {known})",
+            v.version
+        ));
+    }
+    serde_json::from_slice(buf).map_err(|e| format!("{what} is not readable: {e}"))
 }
 
 /// Encodes a message.
@@ -202,6 +278,7 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let msgs = [
+            ToAgent::Hello { version: 1 },
             ToAgent::Session {
                 name: "vm1".into(),
                 pid: 42,
@@ -250,6 +327,46 @@ mod tests {
                 detail: String::new()
             }
         );
+    }
+
+    #[test]
+    fn formats_later_than_known_are_refused_before_they_are_read() {
+        let h = Handover {
+            sessions: vec!["vm1".into()],
+            ..Default::default()
+        };
+        let buf = encode(&h);
+        assert_eq!(
+            decode_versioned::<Handover>(&buf, HANDOVER_VERSION, "x").unwrap(),
+            h
+        );
+        // Unversioned: the first format.
+        let old: Handover =
+            decode_versioned(br#"{"sessions":["a"]}"#, HANDOVER_VERSION, "x").unwrap();
+        assert_eq!(old.version, 1);
+        // A later format, even one that would parse as this one.
+        let e = decode_versioned::<Handover>(
+            br#"{"version":2,"sessions":["a"]}"#,
+            HANDOVER_VERSION,
+            "the handover",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "the handover is of format 2, later than this program reads (up to 1)"
+        );
+        // One that would not.
+        let e = decode_versioned::<Handover>(br#"{"version":3,"sessions":7}"#, 1, "h").unwrap_err();
+        assert!(e.contains("format 3"), "{e}");
+        for bad in [
+            &b""[..],
+            b"[]",
+            br#"{"version":"two"}"#,
+            br#"{"sessions":7}"#,
+        ] {
+            let e = decode_versioned::<Handover>(bad, 1, "h").unwrap_err();
+            assert!(e.starts_with("h is not readable"), "{e}");
+        }
     }
 
     #[test]

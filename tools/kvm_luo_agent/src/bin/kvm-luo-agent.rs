@@ -17,9 +17,16 @@
 //! `--max-connections` are served at once, an update's `timeout_ms` is refused above
 //! `--max-timeout` seconds, and an armed update the operator neither commits nor cancels
 //! within `--commit-wait` seconds is cancelled (every VMM resumes its guest).
+//!
+//! Nothing of the previous kernel is lost in the agent's own failures: the registry (what it
+//! knows, in a file next to its socket, with its format and the boot it belongs to) is written
+//! before the previous agent's handover session is finished; a session of the previous kernel
+//! that could not be handed to its VMM is kept and handed to the next VMM that asks for it.
 
-use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal, Registry};
-use kvm_luo_agent::protocol::{FromAgent, Handover, ToAgent, AGENT_SESSION, DEFAULT_SOCKET};
+use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal, Registry, Stored};
+use kvm_luo_agent::protocol::{
+    FromAgent, Handover, ToAgent, AGENT_SESSION, DEFAULT_SOCKET, HANDOVER_VERSION, PROTOCOL_VERSION,
+};
 use kvm_luo_agent::socket::{self, Peer};
 use liveupdate::{Device, Session, SessionName};
 use std::collections::HashMap;
@@ -68,7 +75,12 @@ struct Agent {
     commit_wait: Duration,
     /// Where the registry is kept, and what was written there last.
     registry_path: PathBuf,
-    saved: Mutex<Registry>,
+    saved: Mutex<Option<Registry>>,
+    /// This kernel's boot ID, which the registry carries.
+    boot_id: String,
+    /// The previous kernel's agent's session: finished once the registry that takes its
+    /// place is written.
+    previous: Mutex<Option<Session>>,
     shared: Mutex<Shared>,
     /// Signalled when a VMM answers, reports or goes away.
     changed: Condvar,
@@ -222,15 +234,16 @@ impl Agent {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps the registry in its file when it changed, for an agent restarted in this kernel.
+    /// Keeps the registry in its file when it changed, for an agent restarted in this kernel;
+    /// once it is written, the previous kernel's agent's session is finished.
     fn save(&self, sh: &Shared) {
         let reg = sh.fleet.registry();
         let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
-        if *saved == *reg {
+        if saved.as_ref() == Some(reg) {
             return;
         }
         let tmp = self.registry_path.with_extension("tmp");
-        let data = kvm_luo_agent::protocol::encode(reg);
+        let data = reg.encode(&self.boot_id);
         let _ = std::fs::remove_file(&tmp);
         // Only the agent's, and not through a link someone put there.
         let written = std::fs::OpenOptions::new()
@@ -241,7 +254,19 @@ impl Agent {
             .open(&tmp)
             .and_then(|mut f| f.write_all(&data));
         match written.and_then(|()| std::fs::rename(&tmp, &self.registry_path)) {
-            Ok(()) => *saved = reg.clone(),
+            Ok(()) => {
+                *saved = Some(reg.clone());
+                let previous = self
+                    .previous
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(Err(e)) = previous.map(|s| s.finish()) {
+                    say(format!(
+                        "warning: finishing the previous agent's session: {e}"
+                    ));
+                }
+            }
             Err(e) => say(format!(
                 "warning: keeping the registry in {}: {e}",
                 self.registry_path.display()
@@ -265,19 +290,68 @@ impl Agent {
         }
         let mut sh = self.lock();
         sh.fleet.may_claim(conn, name, peer.uid)?;
+        let (session, retrieved) = match sh.fleet.take_kept(name) {
+            Some(kept) => (kept, true),
+            None => self.obtain(&mut sh, name, &n, peer.uid)?,
+        };
+        // Under the lock, so without waiting: a VMM that cannot take the answer at once (it left
+        // earlier answers unread) is refused.
+        let handed = sock.set_nonblocking(true).and_then(|()| {
+            let sent = socket::send(sock, &FromAgent::Session { retrieved }, Some(&session));
+            // A socket that cannot wait again could not be served: cut it off.
+            if sock.set_nonblocking(false).is_err() {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            sent
+        });
+        if let Err(e) = handed {
+            if retrieved {
+                // A session is retrieved once: the agent keeps it for the next VMM that asks.
+                say(format!(
+                    "{name}: the previous kernel's session could not be handed over ({e}); \
+                     kept for the next VMM that asks for it"
+                ));
+                sh.fleet.keep(name, session);
+                self.save(&sh);
+            }
+            return Err(io_refusal("handing over the session", &e));
+        }
+        say(format!(
+            "{name} (pid {pid}, user {}): {} session",
+            peer.uid,
+            if retrieved {
+                "the previous kernel's"
+            } else {
+                "a new"
+            }
+        ));
+        sh.fleet
+            .attach(conn, name, pid, peer.uid, session, retrieved);
+        Ok(())
+    }
+
+    /// The session `name` (`n`) for a VMM of user `uid` that may have it: the previous
+    /// kernel's if there is one (`true`), a new one otherwise.
+    fn obtain(
+        &self,
+        sh: &mut Shared,
+        name: &str,
+        n: &SessionName,
+        uid: u32,
+    ) -> Result<(Session, bool), Refusal> {
         // A session the kernel kept under a name no user owns (the handover was unreadable, or
         // an operator forgot the VM) is root's to take over; others get a new one.
-        let retrieve = if peer.uid == 0 || sh.fleet.has_owner(name) {
-            Some(self.dev.retrieve_session(&n))
+        let retrieve = if uid == 0 || sh.fleet.has_owner(name) {
+            Some(self.dev.retrieve_session(n))
         } else {
             None
         };
-        let (session, retrieved) = match retrieve {
+        Ok(match retrieve {
             Some(Ok(s)) => (s, true),
             Some(Err(e)) if sh.fleet.is_incoming(name) => {
                 // The previous kernel's agent handed it over, and it is not there.
                 sh.fleet.mark_lost(name);
-                self.save(&sh);
+                self.save(sh);
                 return Err(refusal(
                     libc::EIO,
                     format!(
@@ -291,7 +365,7 @@ impl Agent {
             }
             // None (or already retrieved, by an agent that did not keep its registry), or not
             // this caller's to look for.
-            _ => match self.dev.create_session(&n) {
+            _ => match self.dev.create_session(n) {
                 Ok(s) => (s, false),
                 Err(e) if e.is_exists() && retrieve.is_none() => {
                     return Err(refusal(
@@ -312,37 +386,7 @@ impl Agent {
                 }
                 Err(e) => return Err(lu_refusal("creating the session", &e)),
             },
-        };
-        // Under the lock, so without waiting: a VMM that cannot take the answer at once (it left
-        // earlier answers unread) is refused.
-        let handed = sock.set_nonblocking(true).and_then(|()| {
-            let sent = socket::send(sock, &FromAgent::Session { retrieved }, Some(&session));
-            // A socket that cannot wait again could not be served: cut it off.
-            if sock.set_nonblocking(false).is_err() {
-                let _ = sock.shutdown(std::net::Shutdown::Both);
-            }
-            sent
-        });
-        if let Err(e) = handed {
-            if retrieved {
-                // The VMM is gone, and a session cannot be retrieved twice.
-                sh.fleet.mark_lost(name);
-                self.save(&sh);
-            }
-            return Err(io_refusal("handing over the session", &e));
-        }
-        say(format!(
-            "{name} (pid {pid}, user {}): {} session",
-            peer.uid,
-            if retrieved {
-                "the previous kernel's"
-            } else {
-                "a new"
-            }
-        ));
-        sh.fleet
-            .attach(conn, name, pid, peer.uid, session, retrieved);
-        Ok(())
+        })
     }
 
     /// Tells every VMM the update will not happen, and closes the sessions the agent holds
@@ -400,7 +444,11 @@ impl Agent {
             .iter()
             .filter_map(|n| Some((n.clone(), *sh.fleet.registry().owners.get(n)?)))
             .collect();
-        let handover = Handover { sessions, owners };
+        let handover = Handover {
+            version: HANDOVER_VERSION,
+            sessions,
+            owners,
+        };
         let name = SessionName::new(AGENT_SESSION).map_err(|e| lu_refusal("name", &e))?;
         let own = self
             .dev
@@ -597,7 +645,9 @@ impl Agent {
                     forgotten
                 };
                 match forgotten {
-                    Ok(()) => {
+                    Ok(kept) => {
+                        // What the previous kernel preserved for it is freed.
+                        drop(kept);
                         say(format!("forgot {name}"));
                         send(sock, &FromAgent::Done);
                     }
@@ -607,6 +657,10 @@ impl Agent {
             ToAgent::Commit | ToAgent::Cancel => send_refusal(
                 sock,
                 refusal(libc::EINVAL, "no update is armed on this connection"),
+            ),
+            ToAgent::Hello { .. } => send_refusal(
+                sock,
+                refusal(libc::EINVAL, "hello was said on this connection already"),
             ),
         }
     }
@@ -618,8 +672,24 @@ impl Agent {
         }
         let sock = Arc::new(sock);
         self.lock().conns.insert(conn, sock.clone());
+        let mut greeted = false;
         loop {
             match socket::recv::<ToAgent>(&sock) {
+                Ok(Some((msg, _fd))) if !greeted => match hello(&msg) {
+                    Ok(()) => {
+                        greeted = true;
+                        send(
+                            &sock,
+                            &FromAgent::Hello {
+                                version: PROTOCOL_VERSION,
+                            },
+                        );
+                    }
+                    Err(r) => {
+                        send_refusal(&sock, r);
+                        break;
+                    }
+                },
                 Ok(Some((msg, _fd))) => {
                     self.handle(conn, &sock, peer, msg);
                     self.save(&self.lock());
@@ -644,6 +714,24 @@ impl Agent {
             say("a VMM went away; its session is closed");
         }
         drop(session);
+    }
+}
+
+/// Refused unless `msg` is the hello of a client that speaks this agent's protocol.
+fn hello(msg: &ToAgent) -> Result<(), Refusal> {
+    match msg {
+        ToAgent::Hello { version } if *version == PROTOCOL_VERSION => Ok(()),
+        ToAgent::Hello { version } => Err(refusal(
+            libc::EPROTONOSUPPORT,
+            format!(
+                "this agent speaks version {PROTOCOL_VERSION} of the protocol, the client \
+                 version {version}: use a client of this agent's version"
+            ),
+        )),
+        _ => Err(refusal(
+            libc::EPROTO,
+            format!("say hello first (version {PROTOCOL_VERSION} of the protocol)"),
+        )),
     }
 }
 
@@ -672,15 +760,17 @@ fn read_registry(path: &Path) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(data))
 }
 
-/// What the previous kernel's agent handed over: the VMMs' session names and owners.
-fn handover(dev: &Device) -> Handover {
+/// What the previous kernel's agent handed over: the VMMs' session names and owners, and its
+/// session, to finish once the registry is written (`Ok`). A handover that cannot be read
+/// (`Err`) is not finished: its session is held open as long as this agent runs.
+fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
     let name = SessionName::new(AGENT_SESSION).expect("a valid name");
     let session = match dev.retrieve_session(&name) {
         Ok(s) => s,
-        Err(e) if e.is_not_found() => return Handover::default(),
+        Err(e) if e.is_not_found() => return (Handover::default(), Ok(None)),
         Err(e) => {
             say(format!("warning: the previous agent's state: {e}"));
-            return Handover::default();
+            return (Handover::default(), Ok(None));
         }
     };
     let read = || -> io::Result<Handover> {
@@ -688,16 +778,35 @@ fn handover(dev: &Device) -> Handover {
         let mut buf = Vec::new();
         f.rewind()?;
         f.read_to_end(&mut buf)?;
-        kvm_luo_agent::protocol::decode(&buf).map_err(io::Error::other)
+        kvm_luo_agent::protocol::decode_versioned(
+            &buf,
+            HANDOVER_VERSION,
+            "the previous kernel's agent's handover",
+        )
+        .map_err(io::Error::other)
     };
-    let handover = read().unwrap_or_else(|e| {
-        say(format!("warning: the previous agent's state: {e}"));
-        Handover::default()
-    });
-    if let Err(e) = session.finish() {
-        say(format!("warning: finishing the agent's session: {e}"));
+    match read() {
+        Ok(h) => (h, Ok(Some(session))),
+        Err(e) => {
+            say(format!(
+                "error: {e}. The VMs' sessions it names stay in the kernel, but this agent does \
+                 not know their names or owners: root's VMMs can claim them by name. Its session \
+                 is held unfinished until this agent stops (another agent started after it no \
+                 longer finds it)"
+            ));
+            (Handover::default(), Err(session))
+        }
     }
-    handover
+}
+
+/// This kernel's boot ID.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| {
+            say(format!("/proc/sys/kernel/random/boot_id: {e}"));
+            exit(1)
+        })
 }
 
 const USAGE: &str = "usage: kvm-luo-agent [--socket PATH] [--group GID] [--operator-group GID]
@@ -791,8 +900,9 @@ fn main() {
     // restarted in the same kernel finds its registry in its file (a kexec clears it); the
     // first agent of a kernel finds what the previous kernel's agent handed over.
     let registry_path = path.with_extension("registry");
-    let registry = match read_registry(&registry_path) {
-        Ok(Some(data)) => kvm_luo_agent::protocol::decode::<Registry>(&data).unwrap_or_else(|e| {
+    let boot_id = boot_id();
+    let kept = match read_registry(&registry_path) {
+        Ok(Some(data)) => Registry::decode(&data, &boot_id).unwrap_or_else(|e| {
             say(format!("{}: {e}", registry_path.display()));
             exit(1)
         }),
@@ -800,15 +910,34 @@ fn main() {
             say(format!("{}: {e}", registry_path.display()));
             exit(1)
         }
-        Ok(None) => {
-            let Handover { sessions, owners } = handover(&dev);
-            Registry {
+        Ok(None) => Stored::OtherBoot(String::new()),
+    };
+    let (registry, previous, unreadable) = match kept {
+        Stored::ThisBoot(r) => (r, None, None),
+        Stored::OtherBoot(other) => {
+            if !other.is_empty() {
+                say(format!(
+                    "{}: kept in boot {other}, not this one ({boot_id}): not read",
+                    registry_path.display()
+                ));
+            }
+            let (
+                Handover {
+                    sessions, owners, ..
+                },
+                previous,
+            ) = handover(&dev);
+            let registry = Registry {
                 owners: owners
                     .into_iter()
                     .filter(|(name, _)| sessions.contains(name))
                     .collect(),
                 incoming: sessions.into_iter().collect(),
                 ..Default::default()
+            };
+            match previous {
+                Ok(p) => (registry, p, None),
+                Err(held) => (registry, None, Some(held)),
             }
         }
     };
@@ -832,7 +961,9 @@ fn main() {
         max_timeout,
         commit_wait,
         registry_path,
-        saved: Mutex::new(Registry::default()),
+        saved: Mutex::new(None),
+        boot_id,
+        previous: Mutex::new(previous),
         shared: Mutex::new(Shared {
             fleet: Fleet::new(registry),
             conns: HashMap::new(),
@@ -841,6 +972,8 @@ fn main() {
         changed: Condvar::new(),
     });
     agent.save(&agent.lock());
+    // Held, unfinished, as long as the agent runs.
+    let _unreadable = unreadable;
     let next = AtomicU64::new(1);
     let live = Arc::new(AtomicUsize::new(0));
     for sock in listener.incoming() {

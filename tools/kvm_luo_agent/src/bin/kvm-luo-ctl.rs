@@ -63,6 +63,12 @@ fn main() {
                     s.incoming.join(", ")
                 }
             );
+            if !s.kept.is_empty() {
+                println!(
+                    "of them, kept by the agent after a VMM went away before it got its session: {}",
+                    s.kept.join(", ")
+                );
+            }
             if !s.lost.is_empty() {
                 println!("VMs whose guests were lost: {}", s.lost.join(", "));
             }

@@ -20,11 +20,17 @@
 //! - `--stalls` (one kernel, no guests): no client holds the agent up. A client that floods
 //!   requests and never reads is cut off while others are served; connections above the
 //!   bound are refused; an update's timeout above the bound is refused; an update armed and
-//!   never committed is cancelled after the commit wait, and its (guest-less) VMM resumes.
+//!   never committed is cancelled after the commit wait, and its (guest-less) VMM resumes;
+//! - `--handover -s 1|2` (a kexec, no guests: two VMMs that preserve a memfd each): nothing
+//!   of the previous kernel is lost in the agent's own failures. A session that could not be
+//!   handed to its VMM (it went away before the answer) is kept and handed to the next VMM
+//!   that asks, its memfd whole.
 
+use kvm_luo_agent::fleet::{Registry, Stored};
 use kvm_luo_agent::protocol::{FromAgent, Status, ToAgent, VmmState};
 use kvm_luo_agent::{socket, Client};
 use liveupdate::SessionName;
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Child, Command};
 use std::time::{Duration, Instant};
@@ -464,6 +470,33 @@ fn refuses(f: &mut Fleet, a: &Args, cmdline: &str) {
 const VMM_GID: u32 = 2000;
 const OPERATOR_GID: u32 = 3000;
 
+/// A connection to the agent that said hello, for requests [`Client`] does not make.
+fn raw_client() -> std::io::Result<std::os::unix::net::UnixStream> {
+    let sock = socket::connect(Path::new(SOCKET))?;
+    let hello = ToAgent::Hello {
+        version: kvm_luo_agent::protocol::PROTOCOL_VERSION,
+    };
+    socket::send(&sock, &hello, None::<&std::os::fd::OwnedFd>)?;
+    match socket::recv::<FromAgent>(&sock)? {
+        Some((FromAgent::Hello { .. }, _)) => Ok(sock),
+        m => Err(std::io::Error::other(format!("the agent's hello: {m:?}"))),
+    }
+}
+
+/// What the agent answers on a new connection to `first`: the refusal's errno and message,
+/// and whether it then closed the connection.
+fn first_answer(first: &ToAgent) -> std::io::Result<(i32, String, bool)> {
+    let sock = socket::connect(Path::new(SOCKET))?;
+    socket::send(&sock, first, None::<&std::os::fd::OwnedFd>)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (errno, message) = match socket::recv::<FromAgent>(&sock)? {
+        Some((FromAgent::Error { errno, message }, _)) => (errno, message),
+        m => return Err(std::io::Error::other(format!("{m:?}"))),
+    };
+    let closed = matches!(socket::recv::<FromAgent>(&sock), Ok(None));
+    Ok((errno, message, closed))
+}
+
 /// `--creds-client UID GID SUPP ACTION [NAME]`: becomes user `UID` (group `GID`, supplementary
 /// group `SUPP` unless 0), asks the agent for `ACTION` and prints `creds: ok` or `creds: errno
 /// N (what the agent said)`.
@@ -507,7 +540,7 @@ fn creds_client(args: &[String]) -> ! {
                     name: name.into(),
                     pid: std::process::id() + 1,
                 };
-                let sock = socket::connect(Path::new(SOCKET)).map_err(kvm_luo_agent::Error::Io)?;
+                let sock = raw_client().map_err(kvm_luo_agent::Error::Io)?;
                 socket::send(&sock, &msg, None::<&std::os::fd::OwnedFd>)
                     .map_err(kvm_luo_agent::Error::Io)?;
                 match socket::recv::<FromAgent>(&sock).map_err(kvm_luo_agent::Error::Io)? {
@@ -647,7 +680,7 @@ fn stalls(f: &mut Fleet) {
         "3",
     ]);
     // A client that sends and never reads; meanwhile the others are answered at once.
-    let flood = socket::connect(Path::new(SOCKET)).unwrap_or_else(|e| f.fail(format!("{e}")));
+    let flood = raw_client().unwrap_or_else(|e| f.fail(format!("{e}")));
     let _ = flood.set_write_timeout(Some(Duration::from_secs(1)));
     let flooder = std::thread::spawn(move || {
         let mut sent = 0u32;
@@ -701,10 +734,10 @@ fn stalls(f: &mut Fleet) {
     let mut held = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while held.len() < MAX_CONNECTIONS {
-        let c = f.client();
-        // Refused, a client that asked at once sees the connection reset rather than EAGAIN.
-        match c.status() {
-            Ok(_) => held.push(c),
+        // Refused, a client that said hello at once may see the connection reset rather than
+        // EAGAIN.
+        match Client::connect(Path::new(SOCKET)).and_then(|c| c.status().map(|_| c)) {
+            Ok(c) => held.push(c),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             Err(e) => f.fail(format!(
                 "connection {} of {MAX_CONNECTIONS}: {e}",
@@ -783,6 +816,272 @@ fn stalls(f: &mut Fleet) {
     }
 }
 
+/// The VMs of `--handover`, each a memfd of [`HANDOVER_BYTES`] in its session.
+const HANDOVER_VMS: [&str; 2] = ["vm-h1", "vm-h2"];
+const HANDOVER_BYTES: usize = 1 << 20;
+const HANDOVER_TOKEN: u64 = 1;
+
+/// What the memfd of `name` holds.
+fn handover_pattern(name: &str) -> Vec<u8> {
+    let seed = name
+        .bytes()
+        .fold(0u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    (0..HANDOVER_BYTES)
+        .map(|i| (i as u8).wrapping_mul(7) ^ seed ^ (i >> 12) as u8)
+        .collect()
+}
+
+/// A VMM without a guest for `--handover`'s first kernel: preserves a memfd of its pattern in
+/// its session, reports running and answers the prepare with ready; then waits for the kexec.
+fn handover_vmm(name: &str) -> Result<(), kvm_luo_agent::Error> {
+    use std::io::Write;
+    let c = Client::connect(Path::new(SOCKET))?;
+    let (session, _) = c.session(&SessionName::new(name).expect("a valid name"))?;
+    // SAFETY: A valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"vm-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: A new fd nothing else owns.
+    let mut ram = unsafe { std::fs::File::from_raw_fd(fd) };
+    ram.write_all(&handover_pattern(name))?;
+    session
+        .preserve(&ram, HANDOVER_TOKEN)
+        .map_err(kvm_luo_agent::Error::Session)?;
+    c.report(VmmState::Running, "a memfd preserved")?;
+    while let Some(event) = c.next_event()? {
+        if event == FromAgent::Prepare {
+            c.report(VmmState::Ready, "nothing more to preserve")?;
+            c.ready(Ok(()))?;
+        }
+    }
+    drop((session, ram));
+    Ok(())
+}
+
+/// Takes over the session `name` in the second kernel, as its VMM would: it must be the
+/// previous kernel's, with the memfd's content whole. Returns the connection, which holds the
+/// VM's name.
+fn handover_resume(f: &mut Fleet, name: &str) -> Client {
+    use std::io::{Read, Seek};
+    let c = f.client();
+    let (session, retrieved) = c
+        .session(&SessionName::new(name).expect("a valid name"))
+        .unwrap_or_else(|e| f.fail(format!("{name}: {e}")));
+    if !retrieved {
+        f.fail(format!("{name}: a new session, not the previous kernel's"));
+    }
+    let mut ram = std::fs::File::from(
+        session
+            .retrieve(HANDOVER_TOKEN)
+            .unwrap_or_else(|e| f.fail(format!("{name}: retrieving the memfd: {e}"))),
+    );
+    let mut got = Vec::new();
+    if let Err(e) = ram.rewind().and_then(|_| ram.read_to_end(&mut got)) {
+        f.fail(format!("{name}: reading the memfd: {e}"));
+    }
+    if got != handover_pattern(name) {
+        f.fail(format!(
+            "{name}: the memfd holds {} bytes, not what was preserved",
+            got.len()
+        ));
+    }
+    if let Err(e) = session.finish() {
+        f.fail(format!("{name}: finishing the session: {e}"));
+    }
+    drop(session);
+    if let Err(e) = c
+        .report(VmmState::Resumed, "the memfd is whole")
+        .and_then(|()| c.release())
+    {
+        f.fail(format!("{name}: {e}"));
+    }
+    say(format!(
+        "{name}: the previous kernel's session, its memfd whole"
+    ));
+    c
+}
+
+/// `--handover -s 1|2`: see the module's documentation.
+fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
+    let names: Vec<String> = HANDOVER_VMS.iter().map(|n| n.to_string()).collect();
+    if stage == 1 {
+        let _ = std::fs::remove_file(Path::new(SOCKET).with_extension("registry"));
+        f.start_agent();
+        for name in HANDOVER_VMS {
+            std::thread::spawn(move || {
+                if let Err(e) = handover_vmm(name) {
+                    println!("fleet: the VMM of {name}: {e}");
+                }
+            });
+        }
+        f.wait_states(&all(&names, VmmState::Running), 30);
+        let client = f.client();
+        let armed = client
+            .update(
+                Some("/kernel"),
+                Some("/initrd.img"),
+                Some(&next_cmdline(cmdline)),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| f.fail(format!("the update: {e}")));
+        println!(
+            "KLU: stage 1 of {}: PASS ({} ready, the agent kexecs)",
+            f.test,
+            armed.vmms.join(", ")
+        );
+        let e = armed.commit();
+        f.fail(format!("the kexec: {e}"));
+    }
+    f.start_agent();
+    let s = f.status();
+    if s.incoming != names {
+        f.fail(format!(
+            "the agent has the sessions {:?} from the previous kernel",
+            s.incoming
+        ));
+    }
+    // A VMM that asks for its session and goes away before the answer: the session the agent
+    // took over for it cannot be handed over, and must be kept for the next VMM that asks.
+    let gone = raw_client().unwrap_or_else(|e| f.fail(format!("{e}")));
+    let ask = ToAgent::Session {
+        name: names[0].clone(),
+        pid: std::process::id(),
+    };
+    if let Err(e) = socket::send(&gone, &ask, None::<&std::os::fd::OwnedFd>) {
+        f.fail(format!("asking for {}: {e}", names[0]));
+    }
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = f.status();
+        if !s.lost.is_empty() || s.incoming != names {
+            f.fail(format!(
+                "after a VMM went away before its session was handed over: incoming {:?}, \
+                 lost {:?}",
+                s.incoming, s.lost
+            ));
+        }
+        if s.kept == names[..1] {
+            break;
+        }
+        if Instant::now() > deadline {
+            f.fail(format!("the agent does not keep {}: {s:?}", names[0]));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    say(format!(
+        "{}: kept after a VMM went away before the handover",
+        names[0]
+    ));
+    let resumed: Vec<Client> = names.iter().map(|n| handover_resume(f, n)).collect();
+    let s = f.status();
+    if !s.lost.is_empty() || !s.incoming.is_empty() || !s.kept.is_empty() {
+        f.fail(format!("after the resumes: {s:?}"));
+    }
+    // The registry, kept before the previous agent's session was finished: this boot's, in
+    // this agent's format.
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_else(|e| f.fail(format!("boot_id: {e}")));
+    let boot_id = boot_id.trim();
+    let registry = Path::new(SOCKET).with_extension("registry");
+    let data = std::fs::read(&registry).unwrap_or_else(|e| f.fail(format!("the registry: {e}")));
+    match Registry::decode(&data, boot_id) {
+        Ok(Stored::ThisBoot(r))
+            if r.known.iter().eq(&names)
+                && r.incoming.is_empty()
+                && r.owners.len() == names.len()
+                && r.owners.values().all(|&uid| uid == 0) => {}
+        r => f.fail(format!("the registry reads {r:?}")),
+    }
+    if !matches!(Registry::decode(&data, "another"), Ok(Stored::OtherBoot(b)) if b == boot_id) {
+        f.fail("the registry does not say its boot");
+    }
+    say("the registry is this boot's and knows both VMs");
+
+    // Clients that do not speak the agent's protocol.
+    for (first, want, what) in [
+        (
+            ToAgent::Status,
+            libc::EPROTO,
+            "a client that does not say hello",
+        ),
+        (
+            ToAgent::Hello {
+                version: kvm_luo_agent::protocol::PROTOCOL_VERSION + 1,
+            },
+            libc::EPROTONOSUPPORT,
+            "a client of a later version",
+        ),
+    ] {
+        match first_answer(&first) {
+            Ok((errno, message, true)) if errno == want => say(format!("{what}: {message}")),
+            r => f.fail(format!("{what}: {r:?}")),
+        }
+    }
+    drop(resumed);
+
+    // A registry this agent cannot read stops it before it serves; one of another boot is
+    // not read.
+    f.stop_agent();
+    let text = String::from_utf8_lossy(&data).into_owned();
+    let later = text.replacen(r#""version":1"#, r#""version":2"#, 1);
+    for bad in [later, text[..text.len() / 2].to_string()] {
+        if let Err(e) = std::fs::write(&registry, &bad) {
+            f.fail(format!("writing the registry: {e}"));
+        }
+        let (code, out) = agent_exits(f);
+        if code != Some(1) || !out.contains("move the file aside") {
+            f.fail(format!(
+                "an agent with the registry {bad:?}: exit {code:?}, {out:?}"
+            ));
+        }
+        say(format!("a registry it cannot read: {}", out.trim()));
+    }
+    if let Err(e) = std::fs::write(&registry, text.replacen(boot_id, "another-boot", 1)) {
+        f.fail(format!("writing the registry: {e}"));
+    }
+    f.start_agent();
+    let s = f.status();
+    if !s.incoming.is_empty() || !s.lost.is_empty() {
+        f.fail(format!("with another boot's registry: {s:?}"));
+    }
+    // Its VMs are not this kernel's: the file is this boot's again, without them.
+    let now = std::fs::read_to_string(&registry).unwrap_or_default();
+    if !now.contains(boot_id) || now.contains("vm-h") {
+        f.fail(format!("the registry after another boot's: {now}"));
+    }
+    say("another boot's registry was not read");
+}
+
+/// Runs the agent, which must exit within 10 s: its exit code and what it printed.
+fn agent_exits(f: &mut Fleet) -> (Option<i32>, String) {
+    use std::io::Read;
+    let _ = std::fs::remove_file(SOCKET);
+    let mut child = Command::new(&f.agent_bin)
+        .args(["--socket", SOCKET])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| f.fail(format!("starting the agent: {e}")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                f.fail("the agent did not exit");
+            }
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    (status.code(), out)
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     match argv.get(1).map(String::as_str) {
@@ -794,6 +1093,22 @@ fn main() {
             } else {
                 stalls(&mut f);
             }
+            f.stop_all();
+            say("PASS");
+            return;
+        }
+        Some("--handover") => {
+            let stage = match argv.get(2..).unwrap_or_default() {
+                [s, n] if s == "-s" => n.parse().unwrap_or(0),
+                _ => 0,
+            };
+            if !(1..=2).contains(&stage) {
+                eprintln!("usage: kvm-luo-fleet --handover -s 1|2");
+                exit(2)
+            }
+            let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            let mut f = Fleet::new(test_name(&cmdline));
+            handover(&mut f, stage, &cmdline);
             f.stop_all();
             say("PASS");
             return;

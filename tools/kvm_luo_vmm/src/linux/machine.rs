@@ -27,10 +27,22 @@ use vmm_sys_util::eventfd::EventFd;
 const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
 const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 
+/// The version of the format of [`Snapshot`] this VMM writes, and the latest it reads. A change
+/// an older VMM can ignore (a new field) keeps it; any other raises it: the new kernel's VMM may
+/// be an older build than the one that saved the state, or a newer one.
+const STATE_VERSION: u32 = 1;
+
+fn first_version() -> u32 {
+    1
+}
+
 /// What stage 1 hands to stage 2, in a preserved memfd.
 #[derive(Serialize, Deserialize)]
 pub struct Snapshot {
     magic: String,
+    /// [`STATE_VERSION`] (absent from the first format's).
+    #[serde(default = "first_version")]
+    version: u32,
     pub mem_mib: u64,
     vm: VmState,
     vcpus: Vec<VcpuState>,
@@ -356,6 +368,7 @@ impl Guest {
         let saved = rdtsc();
         let snapshot = Snapshot {
             magic: MAGIC.into(),
+            version: STATE_VERSION,
             mem_mib,
             vm: vm_state,
             vcpus: vcpu_states,
@@ -719,9 +732,64 @@ fn read_snapshot(fd: &OwnedFd) -> io::Result<Snapshot> {
     let mut json = Vec::new();
     f.rewind()?;
     f.read_to_end(&mut json)?;
-    let s: Snapshot = serde_json::from_slice(&json).map_err(io::Error::other)?;
-    if s.magic != MAGIC {
-        return Err(io::Error::other("not a state this VMM saved"));
+    decode_snapshot(&json)
+}
+
+/// The kind and format of a saved state, read before the rest: a later format may not parse
+/// as this one, or parse and mean something else.
+#[derive(Deserialize)]
+struct SnapshotHeader {
+    magic: String,
+    #[serde(default = "first_version")]
+    version: u32,
+}
+
+fn decode_snapshot(json: &[u8]) -> io::Result<Snapshot> {
+    let not_ours = |e: String| io::Error::other(format!("not a state this VMM saved{e}"));
+    let h: SnapshotHeader = serde_json::from_slice(json).map_err(|e| not_ours(format!(": {e}")))?;
+    if h.magic != MAGIC {
+        return Err(not_ours(String::new()));
     }
-    Ok(s)
+    if h.version > STATE_VERSION {
+        return Err(io::Error::other(format!(
+            "the state is of format {}, later than this VMM reads (up to {STATE_VERSION}): \
+             resume the guest with a VMM that reads it",
+            h.version
+        )));
+    }
+    serde_json::from_slice(json).map_err(|e| io::Error::other(format!("the state: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Why `json` is refused.
+    fn refusal(json: &[u8]) -> String {
+        match decode_snapshot(json) {
+            Ok(_) => panic!("{} was read", String::from_utf8_lossy(json)),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn states_of_other_kinds_and_later_formats_are_refused_before_they_are_read() {
+        assert_eq!(
+            refusal(br#"{"magic":"something else"}"#),
+            "not a state this VMM saved"
+        );
+        assert!(refusal(b"\x00\x01").starts_with("not a state this VMM saved: "));
+        // A later format: refused by its version, even though what follows would not parse.
+        let later = format!(r#"{{"magic":"{MAGIC}","version":2,"mem_mib":"lots"}}"#);
+        let e = refusal(later.as_bytes());
+        assert!(
+            e.starts_with("the state is of format 2, later than this VMM reads (up to 1)"),
+            "{e}"
+        );
+        // This format, or the first (unversioned), with a field missing: an error of the state.
+        for v in ["", r#","version":1"#] {
+            let e = refusal(format!(r#"{{"magic":"{MAGIC}"{v},"mem_mib":256}}"#).as_bytes());
+            assert!(e.starts_with("the state: missing field"), "{e}");
+        }
+    }
 }
