@@ -111,6 +111,11 @@ pub struct Registry {
     /// until an operator forgets the VM. Kept across the kexec.
     #[serde(default)]
     pub owners: BTreeMap<String, u32>,
+    /// The previous kernel's agent handed over something this agent could not read: sessions
+    /// of the previous kernel may wait that it does not know. Updates are refused until an
+    /// operator forgets [`crate::protocol::AGENT_SESSION`].
+    #[serde(default)]
+    pub handover_unread: bool,
 }
 
 /// The version of the registry's format this agent writes, and the latest it reads.
@@ -135,7 +140,7 @@ pub enum Stored {
     /// Kept by an agent of this kernel.
     ThisBoot(Registry),
     /// Kept by an agent of another boot (the file is somewhere a kexec does not clear): what
-    /// it says is not this kernel's. Carries that boot's ID.
+    /// it says is not this kernel's. Carries that boot's ID (empty: the file does not say).
     OtherBoot(String),
 }
 
@@ -149,9 +154,20 @@ impl Registry {
         })
     }
 
-    /// Reads a registry's file in the kernel of `boot_id`. What cannot be read is refused with
+    /// Reads a registry's file in the kernel of `boot_id`: one of another boot, or that does not
+    /// say its boot (an older agent's), is not read further. What cannot be read is refused with
     /// what an operator should do about it.
     pub fn decode(data: &[u8], boot_id: &str) -> Result<Stored, String> {
+        #[derive(Deserialize)]
+        struct Boot {
+            #[serde(default)]
+            boot_id: String,
+        }
+        if let Ok(Boot { boot_id: kept }) = serde_json::from_slice(data) {
+            if kept != boot_id {
+                return Ok(Stored::OtherBoot(kept));
+            }
+        }
         let stored: StoredRegistry =
             crate::protocol::decode_versioned(data, REGISTRY_VERSION, "the registry").map_err(
                 |e| {
@@ -163,9 +179,6 @@ impl Registry {
                     )
                 },
             )?;
-        if !stored.boot_id.is_empty() && stored.boot_id != boot_id {
-            return Ok(Stored::OtherBoot(stored.boot_id));
-        }
         Ok(Stored::ThisBoot(stored.registry))
     }
 }
@@ -235,11 +248,13 @@ impl<S> Fleet<S> {
         self.registry.lost.insert(name.into());
     }
 
-    /// The previous kernel's session `name`, taken over for a VMM, could not be handed to it:
-    /// it stays the previous kernel's, kept by the agent for the next VMM that asks for it
-    /// (after [`Fleet::may_claim`]: it does not change its owner).
-    pub fn keep(&mut self, name: &str, session: S) {
+    /// The previous kernel's session `name`, retrieved by the agent, is not taken over: it stays
+    /// the previous kernel's, kept by the agent for the next VMM that may have it. Its owner is
+    /// the one recorded, or `uid` if none is (the VMM it was retrieved for, or root for a
+    /// session no user owns).
+    pub fn keep(&mut self, name: &str, uid: u32, session: S) {
         self.registry.incoming.insert(name.into());
+        self.registry.owners.entry(name.into()).or_insert(uid);
         self.kept.insert(name.into(), session);
     }
 
@@ -253,6 +268,10 @@ impl<S> Fleet<S> {
     /// while a VMM of that name is connected. Returns the session of the previous kernel the
     /// agent kept for it, if any, to close (which frees what it preserved).
     pub fn forget(&mut self, name: &str) -> Result<Option<S>, Refusal> {
+        if name == crate::protocol::AGENT_SESSION && self.registry.handover_unread {
+            self.registry.handover_unread = false;
+            return Ok(None);
+        }
         if self.vmms.values().any(|v| v.name == name) {
             return Err(Refusal::new(
                 libc::EBUSY,
@@ -343,19 +362,25 @@ impl<S> Fleet<S> {
     }
 
     /// `conn` went away: forgets it and gives back its session to close. During an update
-    /// the session stays open until the update is over, and the update is refused. A VMM
-    /// that dies while it resumes from the previous kernel's session takes its guest with it
-    /// (what it retrieved belonged to it): the VM is marked lost.
+    /// the session stays open until the update is over, and the update is refused. The
+    /// previous kernel's session of a VMM that goes away before it released it (it died while
+    /// resuming, or before it even read the answer) is kept for the next VMM that asks: closing
+    /// it would finish it, and free whatever of the guest is still in it. Files retrieved from
+    /// a session stay in it until it is finished, so the next VMM retrieves them again.
     pub fn disconnect(&mut self, conn: ConnId) -> Option<S> {
         let vmm = self.vmms.remove(&conn)?;
         if self.phase != Phase::Idle {
             self.gone.push((vmm.name, vmm.session));
             return None;
         }
-        if vmm.retrieved && vmm.session.is_some() {
-            self.registry.lost.insert(vmm.name);
+        match vmm.session {
+            Some(session) if vmm.retrieved => {
+                let owner = self.registry.owners.get(&vmm.name).copied().unwrap_or(0);
+                self.keep(&vmm.name, owner, session);
+                None
+            }
+            session => session,
         }
-        vmm.session
     }
 
     /// Whether `conn` is a VMM's connection.
@@ -399,6 +424,18 @@ impl<S> Fleet<S> {
             return Err(Refusal::new(
                 libc::EBUSY,
                 "an update is in progress already",
+            ));
+        }
+        if self.registry.handover_unread {
+            return Err(Refusal::new(
+                libc::EBUSY,
+                format!(
+                    "the previous kernel's agent handed over what this agent cannot read: \
+                     sessions of the previous kernel may wait that it does not know, and an \
+                     update now would lose them. Have root's VMMs claim them by name, then \
+                     forget {} to let updates go on",
+                    crate::protocol::AGENT_SESSION
+                ),
             ));
         }
         if !self.registry.incoming.is_empty() {
@@ -593,6 +630,7 @@ impl<S> Fleet<S> {
                 .collect(),
             incoming: self.registry.incoming.iter().cloned().collect(),
             kept: self.kept.keys().cloned().collect(),
+            handover_unread: self.registry.handover_unread,
             lost: self.registry.lost.iter().cloned().collect(),
             phase: match self.phase {
                 Phase::Idle => "idle",
@@ -683,20 +721,31 @@ mod tests {
     }
 
     #[test]
-    fn a_vmm_that_dies_while_resuming_loses_its_guest() {
-        let mut f = Fleet::new(registry(&["vm1"]));
-        claim(&mut f, 1, 10, true);
-        // What it retrieved belonged to it: the session is closed, the VM lost.
-        assert_eq!(f.disconnect(1), Some(10));
+    fn a_vmm_that_dies_while_resuming_leaves_its_session_kept() {
+        let mut reg = registry(&["vm1"]);
+        reg.owners.insert("vm1".into(), 1000);
+        let mut f = Fleet::new(reg);
+        f.may_claim(1, "vm1", 1000).unwrap();
+        f.attach(1, "vm1", 101, 1000, 10, true);
+        // Closing it would finish it: it is kept, still its owner's, for the next VMM.
+        assert_eq!(f.disconnect(1), None);
         let s = f.status();
-        assert!(s.incoming.is_empty());
-        assert_eq!(s.lost, vec!["vm1".to_string()]);
-        // Updates wait for it until an operator forgets it.
-        assert_eq!(f.begin_update().unwrap_err().errno, libc::EAGAIN);
-        assert_eq!(f.forget("vm1"), Ok(None));
-        assert!(f.status().lost.is_empty());
+        assert_eq!(s.incoming, vec!["vm1".to_string()]);
+        assert_eq!(s.kept, vec!["vm1".to_string()]);
+        assert!(s.lost.is_empty());
+        assert_eq!(f.may_claim(2, "vm1", 1001).unwrap_err().errno, libc::EPERM);
+        // Updates wait for it until a VMM takes it or an operator forgets it.
+        assert_eq!(f.begin_update().unwrap_err().errno, libc::EBUSY);
+        assert_eq!(f.forget("vm1"), Ok(Some(10)));
+        assert!(f.status().kept.is_empty());
         assert_eq!(f.forget("vm1").unwrap_err().errno, libc::ENOENT);
         assert!(f.begin_update().is_ok());
+        // One that released it (finished, its guest runs) goes away as any other VMM.
+        let mut f = Fleet::new(registry(&["vm1"]));
+        claim(&mut f, 1, 10, true);
+        assert_eq!(f.release(1), Ok(Some(10)));
+        assert_eq!(f.disconnect(1), None);
+        assert!(f.status().kept.is_empty());
     }
 
     #[test]
@@ -901,12 +950,26 @@ mod tests {
             Registry::decode(&data, "boot-b"),
             Ok(Stored::OtherBoot("boot-a".into()))
         );
-        // An older agent's, without format or boot: this boot's, of the first format.
+        // An older agent's, without boot: not known to be this boot's.
         let old = br#"{"known":["a"],"incoming":[],"lost":[]}"#;
-        match Registry::decode(old, "boot-a") {
-            Ok(Stored::ThisBoot(r)) => assert!(r.known.contains("a")),
+        assert_eq!(
+            Registry::decode(old, "boot-a"),
+            Ok(Stored::OtherBoot("".into()))
+        );
+        // Without a format: the first.
+        let v1 = br#"{"boot_id":"boot-a","known":["a"],"incoming":[],"lost":[]}"#;
+        match Registry::decode(v1, "boot-a") {
+            Ok(Stored::ThisBoot(r)) => assert!(r.known.contains("a") && !r.handover_unread),
             r => panic!("{r:?}"),
         }
+        // Another boot's is not read further, whatever its format.
+        let other = text
+            .replacen(r#""version":1"#, r#""version":9"#, 1)
+            .replacen("boot-a", "boot-c", 1);
+        assert_eq!(
+            Registry::decode(other.as_bytes(), "boot-a"),
+            Ok(Stored::OtherBoot("boot-c".into()))
+        );
         // A later format, and a corrupt file: refused, with what to do.
         let later = text.replacen(r#""version":1"#, r#""version":2"#, 1);
         let e = Registry::decode(later.as_bytes(), "boot-a").unwrap_err();
@@ -922,7 +985,7 @@ mod tests {
         let mut f = Fleet::new(registry(&["vm1", "vm2"]));
         f.may_claim(1, "vm1", 0).unwrap();
         // The agent retrieved it for connection 1, which went away before the answer.
-        f.keep("vm1", 10);
+        f.keep("vm1", 0, 10);
         assert!(f.is_incoming("vm1"));
         let s = f.status();
         assert_eq!(s.kept, vec!["vm1".to_string()]);
@@ -936,9 +999,31 @@ mod tests {
         f.attach(2, "vm1", 102, 0, 10, true);
         assert!(!f.is_incoming("vm1") && f.status().kept.is_empty());
         // Forgetting a VM gives back its kept session, to close.
-        f.keep("vm2", 20);
+        f.keep("vm2", 0, 20);
         assert_eq!(f.forget("vm2"), Ok(Some(20)));
         assert!(!f.is_incoming("vm2"));
+        // A session no user owned, kept when a user asked for it: root's, not the next user's.
+        f.keep("vm3", 0, 30);
+        assert_eq!(f.may_claim(3, "vm3", 1000).unwrap_err().errno, libc::EPERM);
+        f.may_claim(3, "vm3", 0).unwrap();
+        // One kept for its owner stays its owner's.
+        let mut f = Fleet::new(Registry::default());
+        f.keep("vm4", 1000, 40);
+        assert_eq!(f.may_claim(1, "vm4", 1001).unwrap_err().errno, libc::EPERM);
+        f.may_claim(1, "vm4", 1000).unwrap();
+    }
+
+    #[test]
+    fn a_handover_not_read_holds_updates_until_an_operator_says_so() {
+        let mut f = fleet3();
+        f.registry.handover_unread = true;
+        let e = f.begin_update().unwrap_err();
+        assert_eq!(e.errno, libc::EBUSY);
+        assert!(e.message.contains("forget kvm-luo-agent"), "{e}");
+        assert!(f.status().handover_unread);
+        assert_eq!(f.forget(crate::protocol::AGENT_SESSION), Ok(None));
+        assert!(!f.registry().handover_unread);
+        assert!(f.begin_update().is_ok());
     }
 
     #[test]

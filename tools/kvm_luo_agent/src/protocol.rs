@@ -40,8 +40,16 @@ pub const HANDOVER_VERSION: u32 = 1;
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/kvm-luo-agent.sock";
 
-/// The session in which the agent keeps its own state across the kexec.
+/// The agent's own sessions start with this; the first agent kept its state across the kexec
+/// in a session of exactly this name.
 pub const AGENT_SESSION: &str = "kvm-luo-agent";
+
+/// The session in which an agent that writes the handover's format `version` keeps it across
+/// the kexec: an agent never retrieves (and so never finishes) a handover of a format it does
+/// not read.
+pub fn handover_session(version: u32) -> String {
+    format!("{AGENT_SESSION}-v{version}")
+}
 
 /// What a VMM tells the agent about itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,10 +202,15 @@ pub struct Status {
     pub vmms: Vec<VmmStatus>,
     /// Sessions the previous kernel preserved that no VMM has asked for yet.
     pub incoming: Vec<String>,
-    /// Those of them the agent took over for a VMM that went away before they were handed
-    /// to it: it keeps them for the next VMM that asks (they are lost if the agent stops).
+    /// Those of them the agent retrieved and holds for the next VMM that asks: the VMM they
+    /// were retrieved for went away before it got them or before it released them, or they
+    /// belong to no user and a user asked (they are lost if the agent stops).
     #[serde(default)]
     pub kept: Vec<String>,
+    /// The previous kernel's agent handed over what this agent cannot read: updates wait
+    /// until an operator forgets [`AGENT_SESSION`].
+    #[serde(default)]
+    pub handover_unread: bool,
     /// VMs whose guests were lost: the previous kernel's session could not be taken over,
     /// or their VMM died while resuming from it.
     pub lost: Vec<String>,

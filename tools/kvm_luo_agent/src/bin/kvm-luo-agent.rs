@@ -53,8 +53,10 @@ const ROOT_CONNECTIONS: usize = 4;
 /// The token of the agent's own state in its session.
 const HANDOVER_TOKEN: u64 = 1;
 
+/// Prints a line on standard output. A write that fails is dropped: the agent does not
+/// depend on anyone reading (a panic would close every session it holds).
 fn say(msg: impl AsRef<str>) {
-    println!("agent: {}", msg.as_ref());
+    let _ = writeln!(io::stdout().lock(), "agent: {}", msg.as_ref());
 }
 
 struct Shared {
@@ -285,8 +287,11 @@ impl Agent {
     ) -> Result<(), Refusal> {
         let pid = peer.pid;
         let n = SessionName::new(name).map_err(|e| lu_refusal("session name", &e))?;
-        if name == AGENT_SESSION {
-            return Err(refusal(libc::EPERM, format!("{name} is the agent's own")));
+        if name.starts_with(AGENT_SESSION) {
+            return Err(refusal(
+                libc::EPERM,
+                format!("names that start with {AGENT_SESSION} are the agent's own"),
+            ));
         }
         let mut sh = self.lock();
         sh.fleet.may_claim(conn, name, peer.uid)?;
@@ -307,12 +312,12 @@ impl Agent {
         if let Err(e) = handed {
             if retrieved {
                 // A session is retrieved once: the agent keeps it for the next VMM that asks.
+                sh.fleet.keep(name, peer.uid, session);
+                self.save(&sh);
                 say(format!(
                     "{name}: the previous kernel's session could not be handed over ({e}); \
                      kept for the next VMM that asks for it"
                 ));
-                sh.fleet.keep(name, session);
-                self.save(&sh);
             }
             return Err(io_refusal("handing over the session", &e));
         }
@@ -339,16 +344,26 @@ impl Agent {
         n: &SessionName,
         uid: u32,
     ) -> Result<(Session, bool), Refusal> {
-        // A session the kernel kept under a name no user owns (the handover was unreadable, or
-        // an operator forgot the VM) is root's to take over; others get a new one.
-        let retrieve = if uid == 0 || sh.fleet.has_owner(name) {
-            Some(self.dev.retrieve_session(n))
-        } else {
-            None
-        };
-        Ok(match retrieve {
-            Some(Ok(s)) => (s, true),
-            Some(Err(e)) if sh.fleet.is_incoming(name) => {
+        // Looked for whoever asks: a session the kernel kept under a name no user owns (the
+        // handover was unreadable, or an operator forgot the VM) is root's to take over. Another
+        // user must not get a new session of that name (the kernel would allow it), nor may the
+        // kept one stay where nobody knows it: the agent keeps it, root's.
+        let may_retrieve = uid == 0 || sh.fleet.has_owner(name);
+        Ok(match self.dev.retrieve_session(n) {
+            Ok(s) if may_retrieve => (s, true),
+            Ok(s) => {
+                sh.fleet.keep(name, 0, s);
+                self.save(sh);
+                say(format!(
+                    "{name}: a session of the previous kernel that no user owns, asked for by \
+                     user {uid}: kept for root"
+                ));
+                return Err(refusal(
+                    libc::EPERM,
+                    format!("a session named {name} is kept that no user owns: root may claim it"),
+                ));
+            }
+            Err(e) if sh.fleet.is_incoming(name) => {
                 // The previous kernel's agent handed it over, and it is not there.
                 sh.fleet.mark_lost(name);
                 self.save(sh);
@@ -360,21 +375,12 @@ impl Agent {
                     ),
                 ));
             }
-            Some(Err(e)) if !e.is_not_found() && e.errno() != libc::EINVAL => {
+            Err(e) if !e.is_not_found() && e.errno() != libc::EINVAL => {
                 return Err(lu_refusal("retrieving the session", &e))
             }
-            // None (or already retrieved, by an agent that did not keep its registry), or not
-            // this caller's to look for.
-            _ => match self.dev.create_session(n) {
+            // None (or already retrieved, by an agent that did not keep its registry).
+            Err(_) => match self.dev.create_session(n) {
                 Ok(s) => (s, false),
-                Err(e) if e.is_exists() && retrieve.is_none() => {
-                    return Err(refusal(
-                        libc::EPERM,
-                        format!(
-                            "a session named {name} is kept that no user owns: root may claim it"
-                        ),
-                    ))
-                }
                 Err(e) if e.is_exists() => {
                     return Err(refusal(
                         libc::EEXIST,
@@ -449,7 +455,8 @@ impl Agent {
             sessions,
             owners,
         };
-        let name = SessionName::new(AGENT_SESSION).map_err(|e| lu_refusal("name", &e))?;
+        let name = SessionName::new(&kvm_luo_agent::protocol::handover_session(HANDOVER_VERSION))
+            .map_err(|e| lu_refusal("name", &e))?;
         let own = self
             .dev
             .create_session(&name)
@@ -697,6 +704,9 @@ impl Agent {
                 Ok(None) => break,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     send_refusal(&sock, refusal(libc::EPROTO, format!("bad request: {e}")));
+                    if !greeted {
+                        break;
+                    }
                 }
                 Err(e) => {
                     say(format!("a connection: {e}"));
@@ -762,16 +772,36 @@ fn read_registry(path: &Path) -> io::Result<Option<Vec<u8>>> {
 
 /// What the previous kernel's agent handed over: the VMMs' session names and owners, and its
 /// session, to finish once the registry is written (`Ok`). A handover that cannot be read
-/// (`Err`) is not finished: its session is held open as long as this agent runs.
+/// (`Err`) is not finished: its session is held open as long as this agent runs, and updates
+/// wait for an operator. An agent looks for the handover of each format it reads, latest first,
+/// and never retrieves one of a format it does not read (the first agent named its session
+/// without a version).
 fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
-    let name = SessionName::new(AGENT_SESSION).expect("a valid name");
-    let session = match dev.retrieve_session(&name) {
-        Ok(s) => s,
-        Err(e) if e.is_not_found() => return (Handover::default(), Ok(None)),
-        Err(e) => {
-            say(format!("warning: the previous agent's state: {e}"));
-            return (Handover::default(), Ok(None));
+    let names = (1..=HANDOVER_VERSION)
+        .rev()
+        .map(kvm_luo_agent::protocol::handover_session)
+        .chain([AGENT_SESSION.to_string()]);
+    let mut found = None;
+    for name in names {
+        let n = SessionName::new(&name).expect("a valid name");
+        match dev.retrieve_session(&n) {
+            Ok(s) => {
+                found = Some((name, s));
+                break;
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                // Nothing is taken yet: refusing to start loses nothing, going on without it
+                // would (an agent restarted later no longer looks for it).
+                say(format!(
+                    "retrieving the previous agent's session {name}: {e}; start the agent again"
+                ));
+                exit(1)
+            }
         }
+    }
+    let Some((name, session)) = found else {
+        return (Handover::default(), Ok(None));
     };
     let read = || -> io::Result<Handover> {
         let mut f = File::from(session.retrieve(HANDOVER_TOKEN)?);
@@ -789,12 +819,17 @@ fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
         Ok(h) => (h, Ok(Some(session))),
         Err(e) => {
             say(format!(
-                "error: {e}. The VMs' sessions it names stay in the kernel, but this agent does \
-                 not know their names or owners: root's VMMs can claim them by name. Its session \
-                 is held unfinished until this agent stops (another agent started after it no \
-                 longer finds it)"
+                "error: {name}: {e}. The VMs' sessions it names stay in the kernel, but this agent \
+                 does not know their names or owners: root's VMMs can claim them by name, and \
+                 updates wait until an operator forgets {AGENT_SESSION}. Its session is held \
+                 unfinished until this agent stops"
             ));
-            (Handover::default(), Err(session))
+            let unread = Handover {
+                version: HANDOVER_VERSION,
+                sessions: Vec::new(),
+                owners: Default::default(),
+            };
+            (unread, Err(session))
         }
     }
 }
@@ -937,7 +972,14 @@ fn main() {
             };
             match previous {
                 Ok(p) => (registry, p, None),
-                Err(held) => (registry, None, Some(held)),
+                Err(held) => (
+                    Registry {
+                        handover_unread: true,
+                        ..registry
+                    },
+                    None,
+                    Some(held),
+                ),
             }
         }
     };

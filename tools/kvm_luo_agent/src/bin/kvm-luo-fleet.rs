@@ -559,6 +559,30 @@ fn creds_client(args: &[String]) -> ! {
     exit(0)
 }
 
+/// What `action` on `name` as `uid:gid` (+`supp`) got from the agent: 0, or the errno (this
+/// binary again, as `--creds-client`).
+fn ask_as(f: &mut Fleet, me: &Path, who: (u32, u32, u32), action: &str, name: &str) -> i32 {
+    let out = Command::new(me)
+        .arg("--creds-client")
+        .args([who.0, who.1, who.2].map(|n| n.to_string()))
+        .args([action, name])
+        .output()
+        .unwrap_or_else(|e| f.fail(format!("a client: {e}")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("").to_string();
+    say(format!("{action} {name} as {}:{}: {line}", who.0, who.1));
+    if line == "creds: ok" {
+        0
+    } else if let Some(rest) = line.strip_prefix("creds: errno ") {
+        rest.split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1)
+    } else {
+        f.fail(format!("a client as {who:?} printed {text:?}"))
+    }
+}
+
 /// `--creds`: see the module's documentation.
 fn creds(f: &mut Fleet) {
     let _ = std::fs::remove_file(Path::new(SOCKET).with_extension("registry"));
@@ -571,27 +595,7 @@ fn creds(f: &mut Fleet) {
     f.start_agent_with(&agent_args);
     let me = std::env::current_exe().unwrap_or_else(|e| f.fail(format!("{e}")));
     // What `ACTION` on `name` as `uid:gid` (+`supp`) got: 0, or the errno.
-    let ask = |f: &mut Fleet, who: (u32, u32, u32), action: &str, name: &str| -> i32 {
-        let out = Command::new(&me)
-            .arg("--creds-client")
-            .args([who.0, who.1, who.2].map(|n| n.to_string()))
-            .args([action, name])
-            .output()
-            .unwrap_or_else(|e| f.fail(format!("a client: {e}")));
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().unwrap_or("").to_string();
-        say(format!("{action} {name} as {}:{}: {line}", who.0, who.1));
-        if line == "creds: ok" {
-            0
-        } else if let Some(rest) = line.strip_prefix("creds: errno ") {
-            rest.split(' ')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(-1)
-        } else {
-            f.fail(format!("a client as {who:?} printed {text:?}"))
-        }
-    };
+    let ask = |f: &mut Fleet, who, action: &str, name: &str| ask_as(f, &me, who, action, name);
     let expect = |f: &mut Fleet, who, action: &str, name: &str, want: i32| {
         let got = ask(f, who, action, name);
         if got != want {
@@ -817,7 +821,7 @@ fn stalls(f: &mut Fleet) {
 }
 
 /// The VMs of `--handover`, each a memfd of [`HANDOVER_BYTES`] in its session.
-const HANDOVER_VMS: [&str; 2] = ["vm-h1", "vm-h2"];
+const HANDOVER_VMS: [&str; 3] = ["vm-h1", "vm-h2", "vm-h3"];
 const HANDOVER_BYTES: usize = 1 << 20;
 const HANDOVER_TOKEN: u64 = 1;
 
@@ -933,7 +937,7 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
         let e = armed.commit();
         f.fail(format!("the kexec: {e}"));
     }
-    f.start_agent();
+    f.start_agent_with(&["--group", &VMM_GID.to_string()]);
     let s = f.status();
     if s.incoming != names {
         f.fail(format!(
@@ -941,39 +945,81 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
             s.incoming
         ));
     }
-    // A VMM that asks for its session and goes away before the answer: the session the agent
-    // took over for it cannot be handed over, and must be kept for the next VMM that asks.
+    // Each session the agent retrieves and cannot hand over for good must stay with the agent,
+    // whole, for the next VMM.
+    let kept = |f: &mut Fleet, n: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = f.status();
+            if !s.lost.is_empty() || s.incoming != names {
+                f.fail(format!(
+                    "{what}: incoming {:?}, lost {:?}",
+                    s.incoming, s.lost
+                ));
+            }
+            if s.kept == names[..n] {
+                break;
+            }
+            if Instant::now() > deadline {
+                f.fail(format!("{what}: the agent keeps {:?}", s.kept));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        say(format!("{}: kept ({what})", names[n - 1]));
+    };
+    // vm-h1: its VMM asks and goes away before the answer can be sent (the agent is stopped
+    // meanwhile, so that the answer does not go out first).
     let gone = raw_client().unwrap_or_else(|e| f.fail(format!("{e}")));
     let ask = ToAgent::Session {
         name: names[0].clone(),
         pid: std::process::id(),
     };
-    if let Err(e) = socket::send(&gone, &ask, None::<&std::os::fd::OwnedFd>) {
+    let agent = f.agent.as_ref().map_or(0, |a| a.id() as libc::pid_t);
+    // SAFETY: Signals to the agent, a child of this process.
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    let sent = socket::send(&gone, &ask, None::<&std::os::fd::OwnedFd>);
+    drop(gone);
+    // SAFETY: As above.
+    unsafe { libc::kill(agent, libc::SIGCONT) };
+    if let Err(e) = sent {
         f.fail(format!("asking for {}: {e}", names[0]));
     }
-    drop(gone);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = f.status();
-        if !s.lost.is_empty() || s.incoming != names {
-            f.fail(format!(
-                "after a VMM went away before its session was handed over: incoming {:?}, \
-                 lost {:?}",
-                s.incoming, s.lost
-            ));
+    kept(f, 1, "its VMM went away before the answer");
+    // vm-h2: its VMM gets the session, retrieves the memfd, and dies before it releases it.
+    {
+        use std::io::{Read, Seek};
+        let c = f.client();
+        let (session, retrieved) = c
+            .session(&SessionName::new(&names[1]).expect("a valid name"))
+            .unwrap_or_else(|e| f.fail(format!("{}: {e}", names[1])));
+        let mut ram = std::fs::File::from(
+            session
+                .retrieve(HANDOVER_TOKEN)
+                .unwrap_or_else(|e| f.fail(format!("{}: retrieving: {e}", names[1]))),
+        );
+        let mut page = [0u8; 4096];
+        // The memfd comes back where its previous kernel's writer left it: at its end.
+        if !retrieved
+            || ram
+                .rewind()
+                .and_then(|()| ram.read_exact(&mut page))
+                .is_err()
+        {
+            f.fail(format!("{}: not the previous kernel's memfd", names[1]));
         }
-        if s.kept == names[..1] {
-            break;
-        }
-        if Instant::now() > deadline {
-            f.fail(format!("the agent does not keep {}: {s:?}", names[0]));
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
-    say(format!(
-        "{}: kept after a VMM went away before the handover",
-        names[0]
-    ));
+    kept(f, 2, "its VMM died after retrieving its memfd");
+    // vm-h3: forgotten before anyone took it over, so no user owns it; a user of the VMMs'
+    // group asks for it: refused, and the agent keeps it for root.
+    if let Err(e) = f.client().forget(&names[2]) {
+        f.fail(format!("forgetting {}: {e}", names[2]));
+    }
+    let me = std::env::current_exe().unwrap_or_else(|e| f.fail(format!("{e}")));
+    let got = ask_as(f, &me, (1000, VMM_GID, 0), "session", &names[2]);
+    if got != libc::EPERM {
+        f.fail(format!("user 1000 asking for {}: errno {got}", names[2]));
+    }
+    kept(f, 3, "no user owns it, and a user asked");
     let resumed: Vec<Client> = names.iter().map(|n| handover_resume(f, n)).collect();
     let s = f.status();
     if !s.lost.is_empty() || !s.incoming.is_empty() || !s.kept.is_empty() {
@@ -997,7 +1043,7 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
     if !matches!(Registry::decode(&data, "another"), Ok(Stored::OtherBoot(b)) if b == boot_id) {
         f.fail("the registry does not say its boot");
     }
-    say("the registry is this boot's and knows both VMs");
+    say("the registry is this boot's and knows its VMs");
 
     // Clients that do not speak the agent's protocol.
     for (first, want, what) in [

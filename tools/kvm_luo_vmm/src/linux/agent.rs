@@ -163,6 +163,19 @@ fn resume(
     );
     let (mut g, snap, _) = match machine::restore(&session, opts.clock, "") {
         Ok(r) => r,
+        Err(held) if held.untouched => {
+            // The agent keeps a session whose VMM goes away unreleased, for the next VMM.
+            let why = format!(
+                "cannot restore the guest ({}); its session goes back to the agent as it is, \
+                 for a VMM that can",
+                held.why
+            );
+            say(format!("FAILED: {why}"));
+            tell(&client, VmmState::Failed, why);
+            drop((held, session));
+            client.disconnect();
+            std::process::exit(1)
+        }
         Err(held) => {
             tell(
                 &client,

@@ -534,6 +534,9 @@ pub struct Held {
     pub why: String,
     /// What was retrieved, kept open.
     pub files: Vec<Box<dyn std::any::Any + Send>>,
+    /// Nothing of the guest was touched: another VMM (one that reads its state) can take the
+    /// session over as it is.
+    pub untouched: bool,
 }
 
 /// Retrieves a guest from `session` and runs it again.
@@ -552,6 +555,7 @@ pub fn restore(
                     return Err(Held {
                         why: format!("{}: {e}", $what),
                         files,
+                        untouched: false,
                     })
                 }
             }
@@ -560,7 +564,17 @@ pub fn restore(
     let state_fd = or_hold!("retrieve the state", session.retrieve(TOKEN_STATE));
     let s = read_snapshot(&state_fd);
     files.push(Box::new(state_fd));
-    let s = or_hold!("read the state", s);
+    let s = match s {
+        // Of a later format: only the state was retrieved, and it stays in the session.
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+            return Err(Held {
+                why: format!("read the state: {e}"),
+                files,
+                untouched: true,
+            })
+        }
+        s => or_hold!("read the state", s),
+    };
     let regions = s.mem_mib.div_ceil(REGION >> 20);
     // The first guest_memfd before its VM, the others after it: any order works.
     let first = or_hold!("retrieve guest_memfd 0", session.retrieve(TOKEN_RAM));
@@ -572,6 +586,7 @@ pub fn restore(
             return Err(Held {
                 why: format!("retrieve the VM: {e}"),
                 files,
+                untouched: false,
             });
         }
     };
@@ -584,6 +599,7 @@ pub fn restore(
                 return Err(Held {
                     why: format!("retrieve guest_memfd {i}: {e}"),
                     files,
+                    untouched: false,
                 });
             }
         }
@@ -598,6 +614,7 @@ pub fn restore(
             return Err(Held {
                 why: format!("open /dev/kvm: {e}"),
                 files,
+                untouched: false,
             });
         }
     };
@@ -611,6 +628,7 @@ pub fn restore(
             return Err(Held {
                 why: format!("adopt the VM: {e}"),
                 files,
+                untouched: false,
             });
         }
     };
@@ -627,7 +645,11 @@ pub fn restore(
         Err((why, vm, ram)) => {
             files.push(Box::new(vm));
             files.push(Box::new(ram));
-            Err(Held { why, files })
+            Err(Held {
+                why,
+                files,
+                untouched: false,
+            })
         }
     }
 }
@@ -751,11 +773,14 @@ fn decode_snapshot(json: &[u8]) -> io::Result<Snapshot> {
         return Err(not_ours(String::new()));
     }
     if h.version > STATE_VERSION {
-        return Err(io::Error::other(format!(
-            "the state is of format {}, later than this VMM reads (up to {STATE_VERSION}): \
-             resume the guest with a VMM that reads it",
-            h.version
-        )));
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "the state is of format {}, later than this VMM reads (up to {STATE_VERSION}): \
+                 resume the guest with a VMM that reads it",
+                h.version
+            ),
+        ));
     }
     serde_json::from_slice(json).map_err(|e| io::Error::other(format!("the state: {e}")))
 }
