@@ -40,9 +40,10 @@ export PATH=$HOME/.cargo/bin:$PATH
 KLU_MAKE=(make -C "$KLU_SRC" O="$KLU_OBJ" LLVM=-19 ARCH=x86_64 -j"$(nproc)")
 
 # The userspace Rust crates (cargo packages), at their paths in the tree.
-KLU_CRATES=(tools/liveupdate tools/kvm_luo_agent tools/kvm_luo_vmm)
+KLU_CRATES=(tools/liveupdate tools/kvm_luo_protocol tools/kvm_luo_agent tools/kvm_luo_vmm
+	tools/testing/selftests/kvm_luo/fleet)
 # Those of them with tests of their own (cargo test, counted in make check).
-KLU_TESTED_CRATES=(tools/liveupdate tools/kvm_luo_agent tools/kvm_luo_vmm)
+KLU_TESTED_CRATES=("${KLU_CRATES[@]}")
 
 # The project directories that hold new files at their kernel paths.
 KLU_KERNEL_DIRS=(Documentation include kernel mm rust virt tools arch)

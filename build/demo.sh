@@ -44,7 +44,8 @@ status=$?
 log=$KLU_OUT/logs/$DEMO.log
 
 echo
-sed -E 's/^\[ *[0-9]+\.[0-9]+\] //' "$log" 2>/dev/null | tr -d '\r' | awk '
+sed -E -e 's/^\[ *[0-9]+\.[0-9]+\] //' \
+	-e 's/^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z (ERROR|WARN|INFO|DEBUG|TRACE) +//' "$log" 2>/dev/null | tr -d '\r' | awk '
 	/^vmm: / { sub(/^vmm: /, "  "); print; next }
 	/^vmm vm[0-9]+: / { sub(/^vmm /, "  ["); sub(/: /, "] "); print; next }
 	/^(agent|fleet): / { print "  " $0; next }

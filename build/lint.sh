@@ -9,10 +9,16 @@
 #                    in the kernel tree, rustfmt --check on the userspace crates
 #   lint:clippy      the project's Rust objects built with CLIPPY=1, in a
 #                    separate build directory; any warning in project code fails
-#   lint:vmm-clippy  cargo clippy -D warnings on the userspace crates: the Rust VMM
-#                    (tools/kvm_luo_vmm), the /dev/liveupdate crate (tools/liveupdate)
-#                    and the agent (tools/kvm_luo_agent), their tests included
+#   lint:vmm-clippy  cargo clippy -D warnings on the userspace crates, the workspace
+#                    tools/Cargo.toml: the Rust VMM (tools/kvm_luo_vmm), the
+#                    /dev/liveupdate crate (tools/liveupdate), the agent's protocol
+#                    (tools/kvm_luo_protocol), the agent (tools/kvm_luo_agent) and its
+#                    tests (tools/testing/selftests/kvm_luo/fleet), their tests included
 #   lint:checkpatch  scripts/checkpatch.pl on patches/*.patch and new C files
+#   lint:systemd     systemd-analyze verify on the agent's units
+#                    (tools/kvm_luo_agent/systemd), in a root that has the
+#                    system's units and stand-ins for the binaries they run;
+#                    any message fails
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
 
@@ -84,14 +90,36 @@ lint_clippy() {
 
 lint_vmm_clippy() {
 	local t0=$SECONDS crate bad=0
-	for crate in "${KLU_CRATES[@]}"; do
-		CARGO_TARGET_DIR="$KLU_CACHE/vmm-clippy" cargo clippy -q --locked --all-targets \
-			--manifest-path "$KLU_TOP/$crate/Cargo.toml" -- -D warnings || bad=1
-	done
+	# One workspace (tools/Cargo.toml), one lockfile.
+	CARGO_TARGET_DIR="$KLU_CACHE/vmm-clippy" cargo clippy -q --locked --workspace --all-targets \
+		--manifest-path "$KLU_TOP/tools/Cargo.toml" -- -D warnings || bad=1
 	if [ "$bad" = 0 ]; then
-		klu_record PASS lint:vmm-clippy $((SECONDS - t0)) "${KLU_CRATES[*]}"
+		klu_record PASS lint:vmm-clippy $((SECONDS - t0)) "the workspace tools/Cargo.toml"
 	else
 		klu_record FAIL lint:vmm-clippy $((SECONDS - t0)) "see the warnings above"
+	fi
+}
+
+lint_systemd() {
+	local t0=$SECONDS root units out bin
+	units=$(cd "$KLU_TOP/tools/kvm_luo_agent/systemd" && echo *.service)
+	root=$(mktemp -d)
+	mkdir -p "$root/usr/lib/systemd" "$root/etc/systemd/system" "$root/usr/sbin" "$root/usr/bin"
+	cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/"
+	(cd "$KLU_TOP/tools/kvm_luo_agent/systemd" && cp $units "$root/etc/systemd/system/")
+	# What the units run, as verify wants it: executables at their paths.
+	for bin in $(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$root"/etc/systemd/system/*.service) \
+		/usr/bin/sleep; do
+		[ -e "$root$bin" ] || cp /bin/true "$root$bin"
+	done
+	out=$(systemd-analyze verify --root="$root" $units 2>&1)
+	local rc=$?
+	rm -rf "$root"
+	if [ "$rc" = 0 ] && [ -z "$out" ]; then
+		klu_record PASS lint:systemd $((SECONDS - t0)) "$units"
+	else
+		echo "$out"
+		klu_record FAIL lint:systemd $((SECONDS - t0)) "systemd-analyze verify: see above"
 	fi
 }
 
@@ -121,4 +149,5 @@ lint_rustfmt
 lint_clippy
 lint_vmm_clippy
 lint_checkpatch
+lint_systemd
 exit "$failed"

@@ -3,7 +3,9 @@
 //! agent binary holds it under a lock and does the I/O around it. Generic over the session
 //! type so that it can be tested without the device.
 
-use crate::protocol::{Status, VmmState, VmmStatus};
+#[cfg(test)]
+use kvm_luo_protocol::protocol::MAX_TEXT;
+use kvm_luo_protocol::protocol::{bounded, Status, VmmState, VmmStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -113,7 +115,7 @@ pub struct Registry {
     pub owners: BTreeMap<String, u32>,
     /// The previous kernel's agent handed over something this agent could not read: sessions
     /// of the previous kernel may wait that it does not know. Updates are refused until an
-    /// operator forgets [`crate::protocol::AGENT_SESSION`].
+    /// operator forgets [`kvm_luo_protocol::protocol::AGENT_SESSION`].
     #[serde(default)]
     pub handover_unread: bool,
 }
@@ -124,7 +126,7 @@ pub const REGISTRY_VERSION: u32 = 1;
 /// The registry as it is kept in its file: with its format and the boot it belongs to.
 #[derive(Serialize, Deserialize)]
 struct StoredRegistry {
-    #[serde(default = "crate::protocol::first_version")]
+    #[serde(default = "kvm_luo_protocol::protocol::first_version")]
     version: u32,
     /// `/proc/sys/kernel/random/boot_id` of the kernel whose agent wrote it (absent from an
     /// older agent's, kept where a kexec clears it).
@@ -147,7 +149,7 @@ pub enum Stored {
 impl Registry {
     /// The content of the registry's file, for the kernel of `boot_id`.
     pub fn encode(&self, boot_id: &str) -> Vec<u8> {
-        crate::protocol::encode(&StoredRegistry {
+        kvm_luo_protocol::protocol::encode(&StoredRegistry {
             version: REGISTRY_VERSION,
             boot_id: boot_id.into(),
             registry: self.clone(),
@@ -169,38 +171,17 @@ impl Registry {
             }
         }
         let stored: StoredRegistry =
-            crate::protocol::decode_versioned(data, REGISTRY_VERSION, "the registry").map_err(
-                |e| {
+            kvm_luo_protocol::protocol::decode_versioned(data, REGISTRY_VERSION, "the registry")
+                .map_err(|e| {
                     format!(
                         "{e}. It says which VMs this agent knows and who owns them: if a later \
                          agent wrote it, run that one; otherwise move the file aside and start \
                          this one again (it then knows no VM; each VMM claims its session again, \
                          and root claims those of the previous kernel not taken over yet)"
                     )
-                },
-            )?;
+                })?;
         Ok(Stored::ThisBoot(stored.registry))
     }
-}
-
-/// The longest detail or reason the fleet keeps.
-pub const MAX_TEXT: usize = 512;
-
-/// `text` without control characters, cut to [`MAX_TEXT`] bytes at a character boundary
-/// (so that it takes at most twice that once escaped in JSON).
-pub fn bounded(text: String) -> String {
-    let mut text: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if text.len() > MAX_TEXT {
-        let mut end = MAX_TEXT;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 impl<S> Fleet<S> {
@@ -268,7 +249,7 @@ impl<S> Fleet<S> {
     /// while a VMM of that name is connected. Returns the session of the previous kernel the
     /// agent kept for it, if any, to close (which frees what it preserved).
     pub fn forget(&mut self, name: &str) -> Result<Option<S>, Refusal> {
-        if name == crate::protocol::AGENT_SESSION && self.registry.handover_unread {
+        if name == kvm_luo_protocol::protocol::AGENT_SESSION && self.registry.handover_unread {
             self.registry.handover_unread = false;
             return Ok(None);
         }
@@ -420,6 +401,16 @@ impl<S> Fleet<S> {
     /// previous kernel is not taken over yet, or a VMM has no session of this kernel: an
     /// update then would lose it.
     pub fn begin_update(&mut self) -> Result<Vec<ConnId>, Refusal> {
+        self.check_update()?;
+        for v in self.vmms.values_mut() {
+            v.answer = Answer::Waiting;
+        }
+        self.phase = Phase::Preparing;
+        Ok(self.vmms.keys().copied().collect())
+    }
+
+    /// Whether [`Fleet::begin_update`] would start an update now; changes nothing.
+    pub fn check_update(&self) -> Result<(), Refusal> {
         if self.phase != Phase::Idle {
             return Err(Refusal::new(
                 libc::EBUSY,
@@ -434,7 +425,7 @@ impl<S> Fleet<S> {
                      sessions of the previous kernel may wait that it does not know, and an \
                      update now would lose them. Have root's VMMs claim them by name, then \
                      forget {} to let updates go on",
-                    crate::protocol::AGENT_SESSION
+                    kvm_luo_protocol::protocol::AGENT_SESSION
                 ),
             ));
         }
@@ -490,11 +481,7 @@ impl<S> Fleet<S> {
                 ));
             }
         }
-        for v in self.vmms.values_mut() {
-            v.answer = Answer::Waiting;
-        }
-        self.phase = Phase::Preparing;
-        Ok(self.vmms.keys().copied().collect())
+        Ok(())
     }
 
     /// Gives the fleet back after [`Fleet::begin_update`] when no VMM was told anything yet;
@@ -919,15 +906,16 @@ mod tests {
         // Registries and handovers written before owners were kept still read, and what
         // they name is root's (their agent's socket was root's alone).
         let old: Registry =
-            crate::protocol::decode(br#"{"known":["a"],"incoming":["b"],"lost":[]}"#).unwrap();
+            kvm_luo_protocol::protocol::decode(br#"{"known":["a"],"incoming":["b"],"lost":[]}"#)
+                .unwrap();
         assert!(old.owners.is_empty());
         let f: Fleet<u32> = Fleet::new(old);
         assert_eq!(f.may_claim(1, "a", 1000).unwrap_err().errno, libc::EPERM);
         assert_eq!(f.may_claim(1, "b", 1000).unwrap_err().errno, libc::EPERM);
         f.may_claim(1, "b", 0).unwrap();
         assert!(!f.has_owner("c"));
-        let h: crate::protocol::Handover =
-            crate::protocol::decode(br#"{"sessions":["b"]}"#).unwrap();
+        let h: kvm_luo_protocol::protocol::Handover =
+            kvm_luo_protocol::protocol::decode(br#"{"sessions":["b"]}"#).unwrap();
         assert!(h.owners.is_empty());
     }
 
@@ -1021,7 +1009,10 @@ mod tests {
         assert_eq!(e.errno, libc::EBUSY);
         assert!(e.message.contains("forget kvm-luo-agent"), "{e}");
         assert!(f.status().handover_unread);
-        assert_eq!(f.forget(crate::protocol::AGENT_SESSION), Ok(None));
+        assert_eq!(
+            f.forget(kvm_luo_protocol::protocol::AGENT_SESSION),
+            Ok(None)
+        );
         assert!(!f.registry().handover_unread);
         assert!(f.begin_update().is_ok());
     }
@@ -1033,7 +1024,10 @@ mod tests {
             claim(&mut f, conn, 0, false);
             f.report(conn, VmmState::Running, "\"\\".repeat(MAX_TEXT));
         }
-        let len = crate::protocol::encode(&crate::protocol::FromAgent::Status(f.status())).len();
-        assert!(len < crate::protocol::MAX_MESSAGE, "{len}");
+        let len = kvm_luo_protocol::protocol::encode(
+            &kvm_luo_protocol::protocol::FromAgent::Status(f.status()),
+        )
+        .len();
+        assert!(len < kvm_luo_protocol::protocol::MAX_MESSAGE, "{len}");
     }
 }

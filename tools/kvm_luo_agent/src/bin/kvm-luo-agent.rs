@@ -2,7 +2,7 @@
 //! `kvm-luo-agent [--socket PATH] [--group GID] [--operator-group GID]`: holds
 //! `/dev/liveupdate` for a KVM host, hands each VMM a LUO session of its own over a Unix socket,
 //! performs the live update when an operator asks and every VMM is ready, and in the new kernel
-//! hands each VMM the session kept for it. The protocol: `kvm_luo_agent::protocol`.
+//! hands each VMM the session kept for it. The protocol: `kvm_luo_protocol::protocol`.
 //!
 //! Who may do what follows from the credentials the kernel gives for each connection
 //! (`SO_PEERCRED`), not from what a client says: the socket is open to root, and to the group
@@ -24,10 +24,10 @@
 //! that could not be handed to its VMM is kept and handed to the next VMM that asks for it.
 
 use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal, Registry, Stored};
-use kvm_luo_agent::protocol::{
+use kvm_luo_protocol::protocol::{
     FromAgent, Handover, ToAgent, AGENT_SESSION, DEFAULT_SOCKET, HANDOVER_VERSION, PROTOCOL_VERSION,
 };
-use kvm_luo_agent::socket::{self, Peer};
+use kvm_luo_protocol::socket::{self, Peer};
 use liveupdate::{Device, Session, SessionName};
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -53,10 +53,50 @@ const ROOT_CONNECTIONS: usize = 4;
 /// The token of the agent's own state in its session.
 const HANDOVER_TOKEN: u64 = 1;
 
-/// Prints a line on standard output. A write that fails is dropped: the agent does not
-/// depend on anyone reading (a panic would close every session it holds).
+/// Logs what the agent does (`log`'s info level). A write that fails is dropped: the agent
+/// does not depend on anyone reading (a panic would close every session it holds).
 fn say(msg: impl AsRef<str>) {
-    let _ = writeln!(io::stdout().lock(), "agent: {}", msg.as_ref());
+    log::info!("{}", msg.as_ref());
+}
+
+/// Logs something that went wrong and that the agent got over.
+fn warn(msg: impl AsRef<str>) {
+    log::warn!("{}", msg.as_ref());
+}
+
+/// Logs why the agent stops, and stops it.
+fn die(msg: impl AsRef<str>) -> ! {
+    log::error!("{}", msg.as_ref());
+    exit(1)
+}
+
+/// Logs on standard error with levels and timestamps (`RUST_LOG` chooses the level, `info`
+/// unless told otherwise). Under systemd, whose journal keeps the time, each line carries its
+/// priority instead (`<N>`, sd-daemon(3)).
+fn init_log() {
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .format(move |buf, record| {
+            if journal {
+                let priority = match record.level() {
+                    log::Level::Error => 3,
+                    log::Level::Warn => 4,
+                    log::Level::Info => 6,
+                    log::Level::Debug | log::Level::Trace => 7,
+                };
+                writeln!(buf, "<{priority}>{}", record.args())
+            } else {
+                writeln!(
+                    buf,
+                    "{} {:<5} agent: {}",
+                    buf.timestamp_millis(),
+                    record.level(),
+                    record.args()
+                )
+            }
+        })
+        .init();
 }
 
 struct Shared {
@@ -106,6 +146,14 @@ fn lu_refusal(what: &str, e: &liveupdate::Error) -> Refusal {
     refusal(e.errno(), format!("{what}: {e}"))
 }
 
+/// How often an update says which VMMs it still waits for.
+const PROGRESS: Duration = Duration::from_secs(5);
+
+/// Tells systemd (if it started the agent) what the agent is doing.
+fn notify_status(line: &str) {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(line)]);
+}
+
 /// How long a send may block on a client that does not read.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -141,8 +189,12 @@ fn open_regular(path: &str) -> io::Result<File> {
     File::open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
 }
 
-/// Loads `kernel` for the kexec (`kexec_file_load`).
-fn load_kernel(kernel: &str, initrd: Option<&str>, cmdline: Option<&str>) -> Result<(), Refusal> {
+/// What loading `kernel` takes: the kernel and the initramfs, open, and the command line.
+fn kernel_files(
+    kernel: &str,
+    initrd: Option<&str>,
+    cmdline: Option<&str>,
+) -> Result<(File, Option<File>, CString), Refusal> {
     let k = open_regular(kernel).map_err(|e| io_refusal(&format!("kernel {kernel}"), &e))?;
     let i = initrd
         .map(|p| open_regular(p).map_err(|e| io_refusal(&format!("initrd {p}"), &e)))
@@ -156,6 +208,12 @@ fn load_kernel(kernel: &str, initrd: Option<&str>, cmdline: Option<&str>) -> Res
     };
     let cmd =
         CString::new(cmdline).map_err(|_| refusal(libc::EINVAL, "NUL in the command line"))?;
+    Ok((k, i, cmd))
+}
+
+/// Loads `kernel` for the kexec (`kexec_file_load`).
+fn load_kernel(kernel: &str, initrd: Option<&str>, cmdline: Option<&str>) -> Result<(), Refusal> {
+    let (k, i, cmd) = kernel_files(kernel, initrd, cmdline)?;
     const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 4;
     let flags = if i.is_none() {
         KEXEC_FILE_NO_INITRAMFS
@@ -197,8 +255,8 @@ fn unload_kernel() {
         )
     };
     if ret < 0 {
-        say(format!(
-            "warning: unloading the kernel: {}",
+        warn(format!(
+            "unloading the kernel: {}",
             io::Error::last_os_error()
         ));
     }
@@ -244,18 +302,24 @@ impl Agent {
         if saved.as_ref() == Some(reg) {
             return;
         }
-        let tmp = self.registry_path.with_extension("tmp");
         let data = reg.encode(&self.boot_id);
-        let _ = std::fs::remove_file(&tmp);
-        // Only the agent's, and not through a link someone put there.
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&data));
-        match written.and_then(|()| std::fs::rename(&tmp, &self.registry_path)) {
+        // Written whole in a new file of the agent's alone (mode 0600, a name nobody can have
+        // put a link at), then renamed over the registry.
+        let dir = self
+            .registry_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let written = tempfile::Builder::new()
+            .prefix(".kvm-luo-agent.registry")
+            .tempfile_in(dir)
+            .and_then(|mut f| {
+                f.write_all(&data)?;
+                f.as_file().sync_all()?;
+                f.persist(&self.registry_path).map_err(|e| e.error)?;
+                Ok(())
+            });
+        match written {
             Ok(()) => {
                 *saved = Some(reg.clone());
                 let previous = self
@@ -264,13 +328,11 @@ impl Agent {
                     .unwrap_or_else(|p| p.into_inner())
                     .take();
                 if let Some(Err(e)) = previous.map(|s| s.finish()) {
-                    say(format!(
-                        "warning: finishing the previous agent's session: {e}"
-                    ));
+                    warn(format!("finishing the previous agent's session: {e}"));
                 }
             }
-            Err(e) => say(format!(
-                "warning: keeping the registry in {}: {e}",
+            Err(e) => warn(format!(
+                "keeping the registry in {}: {e}",
                 self.registry_path.display()
             )),
         }
@@ -413,9 +475,9 @@ impl Agent {
                 },
             );
         }
-        say(format!(
-            "update refused: {reason}; every VMM told to resume"
-        ));
+        let line = format!("update refused: {reason}; every VMM told to resume");
+        notify_status(&line);
+        say(line);
     }
 
     /// Tells the VMMs `conns` of the update this thread owns to prepare, and waits until
@@ -427,19 +489,44 @@ impl Agent {
         for s in &socks {
             send(s, &FromAgent::Prepare);
         }
+        let start = Instant::now();
+        let mut progress = start + PROGRESS;
         let mut sh = self.lock();
         loop {
             match sh.fleet.readiness() {
                 Readiness::AllReady(_) => break,
                 Readiness::Refused(r) => return Err(r),
-                Readiness::Waiting(_) => {
+                Readiness::Waiting(names) => {
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(sh.fleet.timed_out(timeout.as_secs_f64()));
                     }
+                    if now >= progress {
+                        // Which VMM the update waits for, and what it last said.
+                        let status = sh.fleet.status();
+                        let waiting: Vec<String> = names
+                            .iter()
+                            .map(|n| match status.vmms.iter().find(|v| &v.name == n) {
+                                Some(v) if !v.detail.is_empty() => {
+                                    format!("{n} ({:?}: {})", v.state, v.detail)
+                                }
+                                Some(v) => format!("{n} ({:?})", v.state),
+                                None => n.clone(),
+                            })
+                            .collect();
+                        let line = format!(
+                            "update: waiting {:.0} s for {}",
+                            start.elapsed().as_secs_f64(),
+                            waiting.join(", ")
+                        );
+                        notify_status(&line);
+                        say(line);
+                        progress = now + PROGRESS;
+                    }
+                    let wait = (deadline - now).min(progress - now);
                     sh = self
                         .changed
-                        .wait_timeout(sh, deadline - now)
+                        .wait_timeout(sh, wait)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                 }
@@ -455,13 +542,15 @@ impl Agent {
             sessions,
             owners,
         };
-        let name = SessionName::new(&kvm_luo_agent::protocol::handover_session(HANDOVER_VERSION))
-            .map_err(|e| lu_refusal("name", &e))?;
+        let name = SessionName::new(&kvm_luo_protocol::protocol::handover_session(
+            HANDOVER_VERSION,
+        ))
+        .map_err(|e| lu_refusal("name", &e))?;
         let own = self
             .dev
             .create_session(&name)
             .map_err(|e| lu_refusal("the agent's session", &e))?;
-        let data = memfd_with(&kvm_luo_agent::protocol::encode(&handover))
+        let data = memfd_with(&kvm_luo_protocol::protocol::encode(&handover))
             .map_err(|e| io_refusal("the agent's state", &e))?;
         own.preserve(&data, HANDOVER_TOKEN)
             .map_err(|e| lu_refusal("preserving the agent's state", &e))?;
@@ -477,6 +566,7 @@ impl Agent {
             initrd,
             cmdline,
             timeout_ms,
+            dry_run,
         } = req
         else {
             return Err(refusal(libc::EINVAL, "not an update"));
@@ -490,6 +580,25 @@ impl Agent {
                     self.max_timeout.as_millis()
                 ),
             ));
+        }
+        if dry_run {
+            let vmms = {
+                let sh = self.lock();
+                sh.fleet.check_update()?;
+                sh.fleet.names()
+            };
+            let kernel_loaded = match &kernel {
+                Some(k) => kernel_files(k, initrd.as_deref(), cmdline.as_deref()).map(|_| true)?,
+                None => kernel_loaded(),
+            };
+            send(
+                sock,
+                &FromAgent::WouldUpdate {
+                    vmms,
+                    kernel_loaded,
+                },
+            );
+            return Ok(());
         }
         // The fleet belongs to this update from here; another update is refused without
         // touching this one.
@@ -525,7 +634,9 @@ impl Agent {
             r
         };
         let names = self.prepare(&conns, timeout).map_err(fail)?;
-        say(format!("update armed: {} ready", names.join(", ")));
+        let line = format!("update armed: {} ready", names.join(", "));
+        notify_status(&line);
+        say(line);
         send(sock, &FromAgent::Armed { vmms: names });
         // The operator commits or cancels on the same connection.
         let _ = sock.set_read_timeout(Some(self.commit_wait));
@@ -779,7 +890,7 @@ fn read_registry(path: &Path) -> io::Result<Option<Vec<u8>>> {
 fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
     let names = (1..=HANDOVER_VERSION)
         .rev()
-        .map(kvm_luo_agent::protocol::handover_session)
+        .map(kvm_luo_protocol::protocol::handover_session)
         .chain([AGENT_SESSION.to_string()]);
     let mut found = None;
     for name in names {
@@ -793,10 +904,9 @@ fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
             Err(e) => {
                 // Nothing is taken yet: refusing to start loses nothing, going on without it
                 // would (an agent restarted later no longer looks for it).
-                say(format!(
+                die(format!(
                     "retrieving the previous agent's session {name}: {e}; start the agent again"
-                ));
-                exit(1)
+                ))
             }
         }
     }
@@ -808,7 +918,7 @@ fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
         let mut buf = Vec::new();
         f.rewind()?;
         f.read_to_end(&mut buf)?;
-        kvm_luo_agent::protocol::decode_versioned(
+        kvm_luo_protocol::protocol::decode_versioned(
             &buf,
             HANDOVER_VERSION,
             "the previous kernel's agent's handover",
@@ -818,12 +928,12 @@ fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
     match read() {
         Ok(h) => (h, Ok(Some(session))),
         Err(e) => {
-            say(format!(
-                "error: {name}: {e}. The VMs' sessions it names stay in the kernel, but this agent \
+            log::error!(
+                "{name}: {e}. The VMs' sessions it names stay in the kernel, but this agent \
                  does not know their names or owners: root's VMMs can claim them by name, and \
                  updates wait until an operator forgets {AGENT_SESSION}. Its session is held \
                  unfinished until this agent stops"
-            ));
+            );
             let unread = Handover {
                 version: HANDOVER_VERSION,
                 sessions: Vec::new(),
@@ -838,10 +948,7 @@ fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
 fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
-        .unwrap_or_else(|e| {
-            say(format!("/proc/sys/kernel/random/boot_id: {e}"));
-            exit(1)
-        })
+        .unwrap_or_else(|e| die(format!("/proc/sys/kernel/random/boot_id: {e}")))
 }
 
 const USAGE: &str = "usage: kvm-luo-agent [--socket PATH] [--group GID] [--operator-group GID]
@@ -867,6 +974,7 @@ fn number_arg<T: std::str::FromStr + PartialOrd + Default>(arg: &str) -> T {
 }
 
 fn main() {
+    init_log();
     let mut path = PathBuf::from(DEFAULT_SOCKET);
     let (mut group, mut operator_gid) = (None, None);
     let (mut max_connections, mut max_timeout, mut commit_wait) =
@@ -897,18 +1005,15 @@ fn main() {
     }
     let dev = Device::open().unwrap_or_else(|e| {
         if e.is_busy() {
-            say(
+            die(
                 "another process holds /dev/liveupdate (another agent, or a VMM using it directly)",
             );
-        } else {
-            say(format!("{e}"));
         }
-        exit(1)
+        die(format!("{e}"))
     });
     if Path::new(&path).exists() {
         if socket::connect(&path).is_ok() {
-            say(format!("an agent listens on {} already", path.display()));
-            exit(1);
+            die(format!("an agent listens on {} already", path.display()))
         }
         let _ = std::fs::remove_file(&path);
     }
@@ -927,24 +1032,16 @@ fn main() {
             }
             Ok(l)
         })
-        .unwrap_or_else(|e| {
-            say(format!("listening on {}: {e}", path.display()));
-            exit(1)
-        });
+        .unwrap_or_else(|e| die(format!("listening on {}: {e}", path.display())));
     // Only once nothing can stop the agent from serving: the state is read once. An agent
     // restarted in the same kernel finds its registry in its file (a kexec clears it); the
     // first agent of a kernel finds what the previous kernel's agent handed over.
     let registry_path = path.with_extension("registry");
     let boot_id = boot_id();
     let kept = match read_registry(&registry_path) {
-        Ok(Some(data)) => Registry::decode(&data, &boot_id).unwrap_or_else(|e| {
-            say(format!("{}: {e}", registry_path.display()));
-            exit(1)
-        }),
-        Err(e) => {
-            say(format!("{}: {e}", registry_path.display()));
-            exit(1)
-        }
+        Ok(Some(data)) => Registry::decode(&data, &boot_id)
+            .unwrap_or_else(|e| die(format!("{}: {e}", registry_path.display()))),
+        Err(e) => die(format!("{}: {e}", registry_path.display())),
         Ok(None) => Stored::OtherBoot(String::new()),
     };
     let (registry, previous, unreadable) = match kept {
@@ -1016,6 +1113,14 @@ fn main() {
     agent.save(&agent.lock());
     // Held, unfinished, as long as the agent runs.
     let _unreadable = unreadable;
+    // Serving from here: systemd (Type=notify) may start what needs the agent.
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("serving"),
+        ],
+    );
     let next = AtomicU64::new(1);
     let live = Arc::new(AtomicUsize::new(0));
     for sock in listener.incoming() {

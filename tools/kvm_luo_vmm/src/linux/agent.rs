@@ -9,8 +9,8 @@ use super::machine::{self, Guest};
 use super::stages::{finish, hold};
 use super::Opts;
 use crate::{fail, say, tsc_hz};
-use kvm_luo_agent::protocol::{FromAgent, VmmState};
-use kvm_luo_agent::Client;
+use kvm_luo_protocol::protocol::{FromAgent, VmmState};
+use kvm_luo_protocol::Client;
 use liveupdate::{Session, SessionName};
 use std::io;
 use std::time::Duration;
@@ -82,10 +82,10 @@ fn next_event(client: &Client) -> Heard {
             Ok(Some(FromAgent::Unknown)) => {}
             Ok(Some(m)) => return Heard::Event(m),
             Ok(None) => return Heard::Gone,
-            Err(kvm_luo_agent::Error::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
+            Err(kvm_luo_protocol::Error::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
                 say(format!("skipping a message from the agent: {e}"));
             }
-            Err(kvm_luo_agent::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(kvm_luo_protocol::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 say(format!("from the agent: {e}; disconnecting"));
                 client.disconnect();

@@ -122,15 +122,14 @@ build_kvm_luo() {
 	done
 }
 
-# The Rust VMM of the demo (tools/kvm_luo_vmm) and the live-update agent with
-# its clients (tools/kvm_luo_agent), static.
+# The Rust VMM of the demo (tools/kvm_luo_vmm), the live-update agent with its
+# client (tools/kvm_luo_agent) and its tests (fleet/), static: the workspace
+# tools/Cargo.toml.
 build_vmm() {
-	local crate bin rel=$out/cargo/x86_64-unknown-linux-gnu/release
-	for crate in kvm_luo_vmm kvm_luo_agent; do
-		RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$out/cargo" \
-			cargo build -q --locked --release --target x86_64-unknown-linux-gnu \
-			--manifest-path "$src/tools/$crate/Cargo.toml" || return 1
-	done
+	local bin rel=$out/cargo/x86_64-unknown-linux-gnu/release
+	RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$out/cargo" \
+		cargo build -q --locked --release --workspace --target x86_64-unknown-linux-gnu \
+		--manifest-path "$src/tools/Cargo.toml" || return 1
 	for bin in kvm-luo-vmm kvm-luo-agent kvm-luo-ctl kvm-luo-fleet; do
 		cp "$rel/$bin" "$root/kvm_luo/" || return 1
 	done

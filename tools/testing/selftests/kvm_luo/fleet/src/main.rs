@@ -27,8 +27,8 @@
 //!   that asks, its memfd whole.
 
 use kvm_luo_agent::fleet::{Registry, Stored};
-use kvm_luo_agent::protocol::{FromAgent, Status, ToAgent, VmmState};
-use kvm_luo_agent::{socket, Client};
+use kvm_luo_protocol::protocol::{FromAgent, Status, ToAgent, VmmState};
+use kvm_luo_protocol::{socket, Client};
 use liveupdate::SessionName;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
@@ -426,7 +426,7 @@ fn refuses(f: &mut Fleet, a: &Args, cmdline: &str) {
     }
     match first {
         // Exactly the one that never answers: the second update did not disturb the first.
-        Err(kvm_luo_agent::Error::Refused { errno, message })
+        Err(kvm_luo_protocol::Error::Refused { errno, message })
             if errno == libc::ETIMEDOUT
                 && message == format!("{last} did not become ready within 15 s") =>
         {
@@ -474,7 +474,7 @@ const OPERATOR_GID: u32 = 3000;
 fn raw_client() -> std::io::Result<std::os::unix::net::UnixStream> {
     let sock = socket::connect(Path::new(SOCKET))?;
     let hello = ToAgent::Hello {
-        version: kvm_luo_agent::protocol::PROTOCOL_VERSION,
+        version: kvm_luo_protocol::protocol::PROTOCOL_VERSION,
     };
     socket::send(&sock, &hello, None::<&std::os::fd::OwnedFd>)?;
     match socket::recv::<FromAgent>(&sock)? {
@@ -524,7 +524,7 @@ fn creds_client(args: &[String]) -> ! {
     let name = rest.first().map(String::as_str).unwrap_or("vm");
     // Client::connect() says where it failed to connect, without the errno.
     let result = socket::connect(Path::new(SOCKET))
-        .map_err(kvm_luo_agent::Error::Io)
+        .map_err(kvm_luo_protocol::Error::Io)
         .and_then(|_| Client::connect(Path::new(SOCKET)))
         .and_then(|c| match action.as_str() {
             "session" => c
@@ -540,14 +540,14 @@ fn creds_client(args: &[String]) -> ! {
                     name: name.into(),
                     pid: std::process::id() + 1,
                 };
-                let sock = raw_client().map_err(kvm_luo_agent::Error::Io)?;
+                let sock = raw_client().map_err(kvm_luo_protocol::Error::Io)?;
                 socket::send(&sock, &msg, None::<&std::os::fd::OwnedFd>)
-                    .map_err(kvm_luo_agent::Error::Io)?;
-                match socket::recv::<FromAgent>(&sock).map_err(kvm_luo_agent::Error::Io)? {
+                    .map_err(kvm_luo_protocol::Error::Io)?;
+                match socket::recv::<FromAgent>(&sock).map_err(kvm_luo_protocol::Error::Io)? {
                     Some((FromAgent::Error { errno, message }, _)) => {
-                        Err(kvm_luo_agent::Error::Refused { errno, message })
+                        Err(kvm_luo_protocol::Error::Refused { errno, message })
                     }
-                    m => Err(kvm_luo_agent::Error::Protocol(format!("{m:?}"))),
+                    m => Err(kvm_luo_protocol::Error::Protocol(format!("{m:?}"))),
                 }
             }
             _ => exit(2),
@@ -639,7 +639,7 @@ fn creds(f: &mut Fleet) {
 
 /// A VMM without a guest for `--stalls`: claims `name`, reports running, answers every
 /// prepare with ready, and after an abort asks for a session again and reports `continued`.
-fn fake_vmm(name: &str) -> Result<(), kvm_luo_agent::Error> {
+fn fake_vmm(name: &str) -> Result<(), kvm_luo_protocol::Error> {
     let c = Client::connect(Path::new(SOCKET))?;
     let name = SessionName::new(name).expect("a valid name");
     let mut session = Some(c.session(&name)?.0);
@@ -669,6 +669,98 @@ fn fake_vmm(name: &str) -> Result<(), kvm_luo_agent::Error> {
         }
     }
     Ok(())
+}
+
+/// Runs `kvm-luo-ctl` (next to the agent) with `args` (and the test's socket unless they name
+/// one): its exit code and standard output.
+fn ctl(f: &mut Fleet, args: &[&str]) -> (Option<i32>, String) {
+    let socket: &[&str] = if args.contains(&"--socket") {
+        &[]
+    } else {
+        &["--socket", SOCKET]
+    };
+    let out = Command::new(f.agent_bin.with_file_name("kvm-luo-ctl"))
+        .args(socket)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| f.fail(format!("running kvm-luo-ctl: {e}")));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(format!(
+        "kvm-luo-ctl {}: exit {:?}: {}{}",
+        args.join(" "),
+        out.status.code(),
+        text.trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    ));
+    (out.status.code(), text)
+}
+
+/// `kvm-luo-ctl` as an operator's script uses it, with one VMM (`vm-s`) running: status as
+/// JSON, an update's dry run that stops nothing, `wait`, and distinct exit codes.
+fn operator_cli(f: &mut Fleet) {
+    let (code, json) = ctl(f, &["status", "--json"]);
+    let s: Status = kvm_luo_protocol::protocol::decode(json.trim().as_bytes())
+        .unwrap_or_else(|e| f.fail(format!("status --json: {e}: {json}")));
+    if code != Some(0) || s.phase != "idle" || s.vmms.len() != 1 || s.vmms[0].name != "vm-s" {
+        f.fail(format!("status --json: exit {code:?}, {s:?}"));
+    }
+    let cases: [(&[&str], i32, &str); 8] = [
+        (
+            &[
+                "update",
+                "--dry-run",
+                "--timeout",
+                "10",
+                "--kernel",
+                "/kernel",
+                "--initrd",
+                "/initrd.img",
+            ],
+            0,
+            "an update would prepare vm-s",
+        ),
+        (
+            &[
+                "update",
+                "--dry-run",
+                "--timeout",
+                "10",
+                "--kernel",
+                "/nonexistent",
+            ],
+            1,
+            "",
+        ),
+        // Nothing is loaded for kexec: a real update without --kernel would be refused.
+        (&["update", "--dry-run", "--timeout", "10"], 1, ""),
+        // Above the agent's --max-timeout, as a real update would be.
+        (&["update", "--dry-run", "--kernel", "/kernel"], 1, ""),
+        (
+            &["wait", "--timeout", "5"],
+            0,
+            "ready for an update of 1 VMMs",
+        ),
+        (&["--help"], 0, "Exit codes"),
+        (&["reboot"], 2, ""),
+        (&["--socket", "/nonexistent", "status"], 3, ""),
+    ];
+    for (args, want, says) in cases {
+        let (code, out) = ctl(f, args);
+        if code != Some(want) || !out.contains(says) {
+            f.fail(format!(
+                "kvm-luo-ctl {}: exit {code:?}, expected {want}: {out}",
+                args.join(" ")
+            ));
+        }
+    }
+    // The dry run stopped nothing: the VMM was never told to prepare.
+    let s = f.status();
+    if s.phase != "idle" || s.vmms.iter().any(|v| v.state != VmmState::Running) {
+        f.fail(format!("after the dry runs: {s:?}"));
+    }
+    if std::fs::read_to_string("/sys/kernel/kexec_loaded").is_ok_and(|s| s.trim() == "1") {
+        f.fail("a dry run loaded a kernel");
+    }
 }
 
 /// `--stalls`: see the module's documentation.
@@ -774,6 +866,7 @@ fn stalls(f: &mut Fleet) {
         }
     });
     f.wait_states(&[("vm-s".into(), VmmState::Running)], 30);
+    operator_cli(f);
     let op = f.client();
     match op.update(
         Some("/kernel"),
@@ -837,7 +930,7 @@ fn handover_pattern(name: &str) -> Vec<u8> {
 
 /// A VMM without a guest for `--handover`'s first kernel: preserves a memfd of its pattern in
 /// its session, reports running and answers the prepare with ready; then waits for the kexec.
-fn handover_vmm(name: &str) -> Result<(), kvm_luo_agent::Error> {
+fn handover_vmm(name: &str) -> Result<(), kvm_luo_protocol::Error> {
     use std::io::Write;
     let c = Client::connect(Path::new(SOCKET))?;
     let (session, _) = c.session(&SessionName::new(name).expect("a valid name"))?;
@@ -851,7 +944,7 @@ fn handover_vmm(name: &str) -> Result<(), kvm_luo_agent::Error> {
     ram.write_all(&handover_pattern(name))?;
     session
         .preserve(&ram, HANDOVER_TOKEN)
-        .map_err(kvm_luo_agent::Error::Session)?;
+        .map_err(kvm_luo_protocol::Error::Session)?;
     c.report(VmmState::Running, "a memfd preserved")?;
     while let Some(event) = c.next_event()? {
         if event == FromAgent::Prepare {
@@ -944,6 +1037,11 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
             "the agent has the sessions {:?} from the previous kernel",
             s.incoming
         ));
+    }
+    // Not ready for an update while they wait to be taken over: `wait` says so, and times out.
+    let (code, out) = ctl(f, &["wait", "--timeout", "1"]);
+    if code != Some(4) || !out.contains("no VMM has taken over") {
+        f.fail(format!("kvm-luo-ctl wait: exit {code:?}: {out}"));
     }
     // Each session the agent retrieves and cannot hand over for good must stay with the agent,
     // whole, for the next VMM.
@@ -1054,7 +1152,7 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
         ),
         (
             ToAgent::Hello {
-                version: kvm_luo_agent::protocol::PROTOCOL_VERSION + 1,
+                version: kvm_luo_protocol::protocol::PROTOCOL_VERSION + 1,
             },
             libc::EPROTONOSUPPORT,
             "a client of a later version",
@@ -1100,13 +1198,13 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
     say("another boot's registry was not read");
 }
 
-/// Runs the agent, which must exit within 10 s: its exit code and what it printed.
+/// Runs the agent, which must exit within 10 s: its exit code and what it logged.
 fn agent_exits(f: &mut Fleet) -> (Option<i32>, String) {
     use std::io::Read;
     let _ = std::fs::remove_file(SOCKET);
     let mut child = Command::new(&f.agent_bin)
         .args(["--socket", SOCKET])
-        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| f.fail(format!("starting the agent: {e}")));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1122,7 +1220,7 @@ fn agent_exits(f: &mut Fleet) -> (Option<i32>, String) {
         }
     };
     let mut out = String::new();
-    if let Some(mut o) = child.stdout.take() {
+    if let Some(mut o) = child.stderr.take() {
         let _ = o.read_to_string(&mut out);
     }
     (status.code(), out)

@@ -31,6 +31,26 @@ use std::collections::BTreeMap;
 /// Every message is shorter than this (a status of hundreds of VMMs fits).
 pub const MAX_MESSAGE: usize = 256 << 10;
 
+/// The longest detail or reason the agent keeps.
+pub const MAX_TEXT: usize = 512;
+
+/// `text` without control characters, cut to [`MAX_TEXT`] bytes at a character boundary
+/// (so that it takes at most twice that once escaped in JSON).
+pub fn bounded(text: String) -> String {
+    let mut text: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// The version of the protocol this side speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -121,6 +141,11 @@ pub enum ToAgent {
         cmdline: Option<String>,
         /// How long the VMMs have to become ready.
         timeout_ms: u64,
+        /// Only check: every check of an update is made (the fleet, the kernel's files), and
+        /// nothing is loaded or stopped. Answer: [`FromAgent::WouldUpdate`], or the error the
+        /// update would get.
+        #[serde(default)]
+        dry_run: bool,
     },
     /// After [`FromAgent::Armed`]: kexec. Answer: none if it works, an error otherwise.
     Commit,
@@ -156,6 +181,13 @@ pub enum FromAgent {
     Armed {
         /// The VMMs that are ready.
         vmms: Vec<String>,
+    },
+    /// The answer to a [`ToAgent::Update`] with `dry_run`: the update would prepare these VMMs.
+    WouldUpdate {
+        /// The VMMs it would tell to prepare.
+        vmms: Vec<String>,
+        /// Whether a kernel is loaded for kexec (an update without a kernel needs one).
+        kernel_loaded: bool,
     },
     /// A request that needed no other answer succeeded.
     Done,
@@ -242,7 +274,7 @@ impl Default for Handover {
 }
 
 /// The version of a format written before versions were.
-pub(crate) fn first_version() -> u32 {
+pub fn first_version() -> u32 {
     1
 }
 
@@ -307,6 +339,7 @@ mod tests {
                 initrd: None,
                 cmdline: None,
                 timeout_ms: 10,
+                dry_run: true,
             },
             ToAgent::Commit,
         ];
