@@ -16,9 +16,9 @@
 #                    tests (tools/testing/selftests/kvm_luo/fleet), their tests included
 #   lint:checkpatch  scripts/checkpatch.pl on patches/*.patch and new C files
 #   lint:systemd     systemd-analyze verify on the agent's units
-#                    (tools/kvm_luo_agent/systemd), in a root that has the
-#                    system's units and stand-ins for the binaries they run;
-#                    any message fails
+#                    (tools/kvm_luo_agent/systemd), enabled in a root that has
+#                    the system's units and stand-ins for the binaries they
+#                    run, with the boot's default.target; any message fails
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
 
@@ -101,7 +101,7 @@ lint_vmm_clippy() {
 }
 
 lint_systemd() {
-	local t0=$SECONDS root units out bin
+	local t0=$SECONDS root units out bin unit target
 	units=$(cd "$KLU_TOP/tools/kvm_luo_agent/systemd" && echo *.service)
 	root=$(mktemp -d)
 	mkdir -p "$root/usr/lib/systemd" "$root/etc/systemd/system" "$root/usr/sbin" "$root/usr/bin"
@@ -112,7 +112,15 @@ lint_systemd() {
 		/usr/bin/sleep; do
 		[ -e "$root$bin" ] || cp /bin/true "$root$bin"
 	done
-	out=$(systemd-analyze verify --root="$root" $units 2>&1)
+	# Enabled as an operator would, so that the boot transaction (ordering
+	# cycles with the system's units) is checked too.
+	for unit in $units; do
+		for target in $(sed -n 's/^WantedBy=//p' "$root/etc/systemd/system/$unit"); do
+			mkdir -p "$root/etc/systemd/system/$target.wants"
+			ln -s "../$unit" "$root/etc/systemd/system/$target.wants/$unit"
+		done
+	done
+	out=$(systemd-analyze verify --root="$root" $units default.target 2>&1)
 	local rc=$?
 	rm -rf "$root"
 	if [ "$rc" = 0 ] && [ -z "$out" ]; then

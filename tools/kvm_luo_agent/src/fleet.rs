@@ -80,6 +80,17 @@ pub enum Readiness {
     Refused(Refusal),
 }
 
+/// What a VMM's connection leaves behind when it goes ([`Fleet::disconnect`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Gone<S> {
+    /// Its session, to close.
+    Close(S),
+    /// The previous kernel's session it had not released, kept for the next VMM: the VM.
+    Kept(String),
+    /// Nothing to do now.
+    Nothing,
+}
+
 /// The VMMs, by connection, and the update.
 #[derive(Debug)]
 pub struct Fleet<S> {
@@ -236,7 +247,9 @@ impl<S> Fleet<S> {
     pub fn keep(&mut self, name: &str, uid: u32, session: S) {
         self.registry.incoming.insert(name.into());
         self.registry.owners.entry(name.into()).or_insert(uid);
-        self.kept.insert(name.into(), session);
+        let earlier = self.kept.insert(name.into(), session);
+        // A name has one session of the previous kernel, retrieved once.
+        debug_assert!(earlier.is_none(), "{name} kept twice");
     }
 
     /// The session of the previous kernel kept for `name` ([`Fleet::keep`]), if any: the
@@ -348,20 +361,46 @@ impl<S> Fleet<S> {
     /// resuming, or before it even read the answer) is kept for the next VMM that asks: closing
     /// it would finish it, and free whatever of the guest is still in it. Files retrieved from
     /// a session stay in it until it is finished, so the next VMM retrieves them again.
-    pub fn disconnect(&mut self, conn: ConnId) -> Option<S> {
-        let vmm = self.vmms.remove(&conn)?;
+    pub fn disconnect(&mut self, conn: ConnId) -> Gone<S> {
+        let Some(vmm) = self.vmms.remove(&conn) else {
+            return Gone::Nothing;
+        };
         if self.phase != Phase::Idle {
             self.gone.push((vmm.name, vmm.session));
-            return None;
+            return Gone::Nothing;
         }
         match vmm.session {
             Some(session) if vmm.retrieved => {
                 let owner = self.registry.owners.get(&vmm.name).copied().unwrap_or(0);
                 self.keep(&vmm.name, owner, session);
-                None
+                Gone::Kept(vmm.name)
             }
-            session => session,
+            Some(session) => Gone::Close(session),
+            None => Gone::Nothing,
         }
+    }
+
+    /// `conn` gives the previous kernel's session back ([`Fleet::disconnect`] would keep it
+    /// too, but an agent that did not was a loss: the VMM asks first). Returns its name.
+    pub fn give_back(&mut self, conn: ConnId) -> Result<String, Refusal> {
+        let v = self
+            .vmms
+            .get_mut(&conn)
+            .filter(|v| v.retrieved && v.session.is_some())
+            .ok_or_else(|| {
+                Refusal::new(
+                    libc::EINVAL,
+                    "this connection holds no session of the previous kernel",
+                )
+            })?;
+        let (name, session) = (v.name.clone(), v.session.take());
+        v.retrieved = false;
+        self.vmms.remove(&conn);
+        let owner = self.registry.owners.get(&name).copied().unwrap_or(0);
+        if let Some(session) = session {
+            self.keep(&name, owner, session);
+        }
+        Ok(name)
     }
 
     /// Whether `conn` is a VMM's connection.
@@ -630,6 +669,51 @@ impl<S> Fleet<S> {
     }
 }
 
+/// `kstrtobool()`, as the kernel reads `liveupdate=` and `kho=`: `None` if it reads neither.
+fn kernel_bool(value: &str) -> Option<bool> {
+    let b = value.as_bytes();
+    match b.first()? {
+        b'y' | b'Y' | b't' | b'T' | b'1' => Some(true),
+        b'n' | b'N' | b'f' | b'F' | b'0' => Some(false),
+        b'o' | b'O' => match b.get(1)? {
+            b'n' | b'N' => Some(true),
+            b'f' | b'F' => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Refused unless a kernel booted with `cmdline` keeps the sessions: LUO is off unless
+/// `liveupdate=` turns it on (the last one counts, a value the kernel cannot read changes
+/// nothing), and needs KHO, which `kho=` can turn off. Without this, every guest is lost in
+/// the new kernel.
+pub fn check_next_cmdline(cmdline: &str) -> Result<(), Refusal> {
+    let last = |key: &str| {
+        // What follows "--" is init's.
+        cmdline
+            .split_whitespace()
+            .take_while(|w| *w != "--")
+            .filter_map(|w| w.strip_prefix(key).and_then(kernel_bool))
+            .last()
+    };
+    if last("liveupdate=") != Some(true) {
+        return Err(Refusal::new(
+            libc::EINVAL,
+            "the next kernel's command line does not turn the Live Update Orchestrator on \
+             (liveupdate=on): no session would reach it",
+        ));
+    }
+    if last("kho=") == Some(false) {
+        return Err(Refusal::new(
+            libc::EINVAL,
+            "the next kernel's command line turns Kexec HandOver off (kho=off): no session \
+             would reach it",
+        ));
+    }
+    Ok(())
+}
+
 fn join(names: &BTreeSet<String>) -> String {
     names
         .iter()
@@ -715,7 +799,7 @@ mod tests {
         f.may_claim(1, "vm1", 1000).unwrap();
         f.attach(1, "vm1", 101, 1000, 10, true);
         // Closing it would finish it: it is kept, still its owner's, for the next VMM.
-        assert_eq!(f.disconnect(1), None);
+        assert_eq!(f.disconnect(1), Gone::Kept("vm1".into()));
         let s = f.status();
         assert_eq!(s.incoming, vec!["vm1".to_string()]);
         assert_eq!(s.kept, vec!["vm1".to_string()]);
@@ -731,15 +815,25 @@ mod tests {
         let mut f = Fleet::new(registry(&["vm1"]));
         claim(&mut f, 1, 10, true);
         assert_eq!(f.release(1), Ok(Some(10)));
-        assert_eq!(f.disconnect(1), None);
+        assert_eq!(f.disconnect(1), Gone::Nothing);
         assert!(f.status().kept.is_empty());
+        // One that gives it back on purpose, and cannot give back what it does not hold.
+        let mut f = Fleet::new(registry(&["vm1", "vm2"]));
+        claim(&mut f, 1, 10, true);
+        claim(&mut f, 2, 20, false);
+        assert_eq!(f.give_back(2).unwrap_err().errno, libc::EINVAL);
+        assert_eq!(f.give_back(1), Ok("vm1".into()));
+        assert_eq!(f.status().kept, vec!["vm1".to_string()]);
+        assert_eq!(f.give_back(1).unwrap_err().errno, libc::EINVAL);
+        assert_eq!(f.disconnect(1), Gone::Nothing);
+        assert_eq!(f.take_kept("vm1"), Some(10));
     }
 
     #[test]
     fn an_update_waits_for_every_known_vmm_running_its_guest() {
         let mut f = fleet3();
         // vm2's VMM went away (the agent restarted, or the VMM reconnects).
-        assert_eq!(f.disconnect(2), Some(20));
+        assert_eq!(f.disconnect(2), Gone::Close(20));
         let e = f.begin_update().unwrap_err();
         assert_eq!(e.errno, libc::EAGAIN);
         assert!(e.message.starts_with("vm2 not connected"), "{e}");
@@ -781,7 +875,7 @@ mod tests {
         let mut f = fleet3();
         f.begin_update().unwrap();
         // A VMM that went away meanwhile: its session is closed with the update.
-        assert_eq!(f.disconnect(3), None);
+        assert_eq!(f.disconnect(3), Gone::Nothing);
         assert_eq!(f.unreserve(), vec![30]);
         assert_eq!(f.status().phase, "idle");
         assert!(f.status().vmms.iter().all(|v| v.has_session));
@@ -818,7 +912,7 @@ mod tests {
         let mut f = fleet3();
         f.begin_update().unwrap();
         f.answer(1, Ok(())).unwrap();
-        assert_eq!(f.disconnect(3), None);
+        assert_eq!(f.disconnect(3), Gone::Nothing);
         f.answer(2, Ok(())).unwrap();
         assert_eq!(f.arm().unwrap_err().errno, libc::ECONNRESET);
         let (conns, mut sessions) = f.abort();
@@ -828,7 +922,7 @@ mod tests {
         // Outside an update, its session is closed at once.
         f.release(1).unwrap();
         claim(&mut f, 1, 11, false);
-        assert_eq!(f.disconnect(1), Some(11));
+        assert_eq!(f.disconnect(1), Gone::Close(11));
     }
 
     #[test]
@@ -837,7 +931,7 @@ mod tests {
         f.begin_update().unwrap();
         all_ready(&mut f);
         f.arm().unwrap();
-        assert_eq!(f.disconnect(2), None);
+        assert_eq!(f.disconnect(2), Gone::Nothing);
         assert_eq!(f.commit().unwrap_err().errno, libc::ECONNRESET);
         let (_, sessions) = f.abort();
         assert_eq!(sessions.len(), 3);
@@ -848,7 +942,7 @@ mod tests {
         all_ready(&mut f);
         f.arm().unwrap();
         f.commit().unwrap();
-        assert_eq!(f.disconnect(1), None);
+        assert_eq!(f.disconnect(1), Gone::Nothing);
     }
 
     #[test]
@@ -891,7 +985,7 @@ mod tests {
         let mut f = Fleet::new(Registry::default());
         f.may_claim(1, "vm1", 1000).unwrap();
         f.attach(1, "vm1", 101, 1000, 10, false);
-        assert_eq!(f.disconnect(1), Some(10));
+        assert_eq!(f.disconnect(1), Gone::Close(10));
         let e = f.may_claim(2, "vm1", 1001).unwrap_err();
         assert_eq!(e.errno, libc::EPERM);
         assert_eq!(e.message, "the VM vm1 belongs to user 1000");
@@ -900,7 +994,7 @@ mod tests {
         // A claim does not change the owner; forgetting the VM does.
         f.attach(2, "vm1", 102, 1001, 20, false);
         assert_eq!(f.registry().owners.get("vm1"), Some(&1000));
-        assert_eq!(f.disconnect(2), Some(20));
+        assert_eq!(f.disconnect(2), Gone::Close(20));
         f.forget("vm1").unwrap();
         f.may_claim(3, "vm1", 1001).unwrap();
         // Registries and handovers written before owners were kept still read, and what
@@ -1015,6 +1109,38 @@ mod tests {
         );
         assert!(!f.registry().handover_unread);
         assert!(f.begin_update().is_ok());
+    }
+
+    #[test]
+    fn the_next_kernel_must_keep_the_sessions() {
+        for ok in [
+            "console=ttyS0 liveupdate=on",
+            "liveupdate=1 kho=on",
+            "liveupdate=off liveupdate=Y",
+            "liveupdate=on liveupdate=bogus",
+            "liveupdate=true kho=x",
+        ] {
+            assert_eq!(check_next_cmdline(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "console=ttyS0",
+            "liveupdate",
+            "liveupdate=",
+            "liveupdate=off",
+            "liveupdate=on liveupdate=0",
+            "liveupdate=bogus",
+            "xliveupdate=on",
+            "console=ttyS0 -- liveupdate=on",
+            "liveupdate=on kho=off",
+            "liveupdate=on kho=on kho=N",
+        ] {
+            assert_eq!(
+                check_next_cmdline(bad).unwrap_err().errno,
+                libc::EINVAL,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod protocol;
 pub mod socket;
 
 use liveupdate::{Session, SessionName};
-use protocol::{FromAgent, Status, ToAgent, VmmState};
+use protocol::{FromAgent, Status, ToAgent, UpdateRequest, VmmState};
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -174,6 +174,17 @@ impl Client {
         }
     }
 
+    /// Gives the previous kernel's session back to the agent, which keeps it for another VMM
+    /// (this one could not use it, and touched nothing but what it retrieved). Refused by an
+    /// agent that cannot keep it: then the VMM must hold the session itself.
+    pub fn give_back(&self) -> Result<()> {
+        self.send(&ToAgent::GiveBack)?;
+        match self.answer()? {
+            (FromAgent::Done, _) => Ok(()),
+            (m, _) => Err(Error::Protocol(format!("{m:?}"))),
+        }
+    }
+
     /// Says this VMM closed its session fd (after a [`FromAgent::Abort`], or after finishing
     /// a retrieved session); ask for a session again next.
     pub fn release(&self) -> Result<()> {
@@ -219,7 +230,7 @@ impl Client {
         cmdline: Option<&str>,
         timeout: Duration,
     ) -> Result<Armed<'_>> {
-        self.send(&update_request(kernel, initrd, cmdline, timeout, false))?;
+        self.send(&ToAgent::Update(request(kernel, initrd, cmdline, timeout)))?;
         match self.answer()? {
             (FromAgent::Armed { vmms }, _) => Ok(Armed { client: self, vmms }),
             (m, _) => Err(Error::Protocol(format!("{m:?}"))),
@@ -238,7 +249,9 @@ impl Client {
         cmdline: Option<&str>,
         timeout: Duration,
     ) -> Result<DryRun> {
-        self.send(&update_request(kernel, initrd, cmdline, timeout, true))?;
+        self.send(&ToAgent::CheckUpdate(request(
+            kernel, initrd, cmdline, timeout,
+        )))?;
         match self.answer()? {
             (
                 FromAgent::WouldUpdate {
@@ -255,19 +268,17 @@ impl Client {
     }
 }
 
-fn update_request(
+fn request(
     kernel: Option<&str>,
     initrd: Option<&str>,
     cmdline: Option<&str>,
     timeout: Duration,
-    dry_run: bool,
-) -> ToAgent {
-    ToAgent::Update {
+) -> UpdateRequest {
+    UpdateRequest {
         kernel: kernel.map(Into::into),
         initrd: initrd.map(Into::into),
         cmdline: cmdline.map(Into::into),
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-        dry_run,
     }
 }
 

@@ -9,17 +9,21 @@
 //! [`FromAgent::Abort`] (the update will not happen: close the session fd, answer
 //! [`ToAgent::Release`], resume the guest, ask for a new session). If the update happens the
 //! host kexecs with the VMM still waiting. The connection is the registration: a VMM that
-//! disconnects is forgotten and its session closed.
+//! disconnects is forgotten and its session closed, unless it is the previous kernel's and
+//! was not released: the agent keeps that one for the next VMM.
 //!
 //! An operator sends [`ToAgent::Status`] or [`ToAgent::Update`]; an update answers
 //! [`FromAgent::Armed`] once every VMM is ready, and waits for [`ToAgent::Commit`] (kexec) or
 //! [`ToAgent::Cancel`] on the same connection.
 //!
 //! Every connection starts with [`ToAgent::Hello`], which carries the client's
-//! [`PROTOCOL_VERSION`]; the agent answers [`FromAgent::Hello`], or refuses a version it does
-//! not speak (`EPROTONOSUPPORT`) and closes the connection. A change that an older peer can
-//! ignore (a new message, which it skips or refuses, a new field, which it ignores) keeps the
-//! version; any other raises it.
+//! [`PROTOCOL_VERSION`]; the agent answers [`FromAgent::Hello`] with the version both speak
+//! (the agent speaks every version from [`PROTOCOL_MIN_VERSION`] to its own), or refuses a
+//! version it does not speak (`EPROTONOSUPPORT`) and closes the connection. A change that an
+//! older peer handles safely keeps the version: a new request, which an older agent refuses
+//! (`EPROTO`), a new event, which an older client skips, a new field whose absence means what
+//! the older peer does. A field an older peer would ignore to harm (one that restricts what a
+//! request does) is a new request instead; any other change raises the version.
 //!
 //! What is kept across a kexec or a restart carries a format version the same way
 //! ([`decode_versioned`]): a reader refuses a format later than it knows, cleanly, instead of
@@ -54,22 +58,22 @@ pub fn bounded(text: String) -> String {
 /// The version of the protocol this side speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// The version of the format of [`Handover`] this side writes, and the latest it reads.
+/// The oldest version of the protocol the agent still speaks.
+pub const PROTOCOL_MIN_VERSION: u32 = 1;
+
+/// The version of the format of [`Handover`] this side writes, and the latest it reads. The
+/// handover is kept in the session [`AGENT_SESSION`], at token 1, in the latest format the
+/// oldest agent still in use reads (format 1 so far: an agent may kexec back into an older
+/// one); an agent that writes a later format adds it at the token of its version, in the same
+/// session, beside it.
 pub const HANDOVER_VERSION: u32 = 1;
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/kvm-luo-agent.sock";
 
-/// The agent's own sessions start with this; the first agent kept its state across the kexec
-/// in a session of exactly this name.
+/// The session in which the agent keeps its [`Handover`] across the kexec. VMMs may not have
+/// a session whose name starts with it.
 pub const AGENT_SESSION: &str = "kvm-luo-agent";
-
-/// The session in which an agent that writes the handover's format `version` keeps it across
-/// the kexec: an agent never retrieves (and so never finishes) a handover of a format it does
-/// not read.
-pub fn handover_session(version: u32) -> String {
-    format!("{AGENT_SESSION}-v{version}")
-}
 
 /// What a VMM tells the agent about itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,21 +136,16 @@ pub enum ToAgent {
     /// Perform a live update: load the kernel (or use the one already loaded), prepare every
     /// VMM and wait at most `timeout_ms` for all to be ready. Answer: [`FromAgent::Armed`],
     /// or an error after every VMM was told to abort.
-    Update {
-        /// The kernel to kexec into; `None`: the one already loaded (`kexec -l`).
-        kernel: Option<String>,
-        /// Its initramfs.
-        initrd: Option<String>,
-        /// Its command line; `None`: this kernel's.
-        cmdline: Option<String>,
-        /// How long the VMMs have to become ready.
-        timeout_ms: u64,
-        /// Only check: every check of an update is made (the fleet, the kernel's files), and
-        /// nothing is loaded or stopped. Answer: [`FromAgent::WouldUpdate`], or the error the
-        /// update would get.
-        #[serde(default)]
-        dry_run: bool,
-    },
+    Update(UpdateRequest),
+    /// Every check of the [`ToAgent::Update`] with the same fields (the fleet, the timeout,
+    /// the kernel's files and command line); nothing is loaded or stopped. Answer:
+    /// [`FromAgent::WouldUpdate`], or the error the update would get. (A request of its own,
+    /// not a field of `update`: an agent that does not know it refuses it rather than update.)
+    CheckUpdate(UpdateRequest),
+    /// A VMM gives the previous kernel's session back, untouched but for what it retrieved
+    /// (a state of a format it cannot read): the agent keeps it for another VMM. Answer:
+    /// [`FromAgent::Done`]; then the VMM closes its copy (it may exit).
+    GiveBack,
     /// After [`FromAgent::Armed`]: kexec. Answer: none if it works, an error otherwise.
     Commit,
     /// An operator says the VM `name` is gone for good: updates stop waiting for its VMM.
@@ -158,6 +157,19 @@ pub enum ToAgent {
     /// After [`FromAgent::Armed`]: do not update; every VMM is told to abort. Answer:
     /// [`FromAgent::Done`].
     Cancel,
+}
+
+/// What an update is to do ([`ToAgent::Update`], [`ToAgent::CheckUpdate`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRequest {
+    /// The kernel to kexec into; `None`: the one already loaded (`kexec -l`).
+    pub kernel: Option<String>,
+    /// Its initramfs.
+    pub initrd: Option<String>,
+    /// Its command line; `None`: this kernel's.
+    pub cmdline: Option<String>,
+    /// How long the VMMs have to become ready.
+    pub timeout_ms: u64,
 }
 
 /// A message from the agent.
@@ -182,7 +194,7 @@ pub enum FromAgent {
         /// The VMMs that are ready.
         vmms: Vec<String>,
     },
-    /// The answer to a [`ToAgent::Update`] with `dry_run`: the update would prepare these VMMs.
+    /// The answer to [`ToAgent::CheckUpdate`]: the update would prepare these VMMs.
     WouldUpdate {
         /// The VMMs it would tell to prepare.
         vmms: Vec<String>,
@@ -334,13 +346,17 @@ mod tests {
             },
             ToAgent::Ready,
             ToAgent::NotReady { reason: "x".into() },
-            ToAgent::Update {
+            ToAgent::Update(UpdateRequest {
                 kernel: Some("/kernel".into()),
-                initrd: None,
-                cmdline: None,
                 timeout_ms: 10,
-                dry_run: true,
-            },
+                ..Default::default()
+            }),
+            ToAgent::CheckUpdate(UpdateRequest {
+                cmdline: Some("liveupdate=on".into()),
+                timeout_ms: 10,
+                ..Default::default()
+            }),
+            ToAgent::GiveBack,
             ToAgent::Commit,
         ];
         for m in msgs {
@@ -365,6 +381,13 @@ mod tests {
             br#"{"op":"session","name":"vm1","pid":7}"#
         );
         assert_eq!(encode(&FromAgent::Prepare), br#"{"type":"prepare"}"#);
+        assert_eq!(
+            encode(&ToAgent::CheckUpdate(UpdateRequest {
+                timeout_ms: 5,
+                ..Default::default()
+            })),
+            br#"{"op":"check_update","kernel":null,"initrd":null,"cmdline":null,"timeout_ms":5}"#
+        );
         let s: ToAgent = decode(br#"{"op":"state","state":"ready","detail":""}"#).unwrap();
         assert_eq!(
             s,

@@ -23,9 +23,10 @@
 //! before the previous agent's handover session is finished; a session of the previous kernel
 //! that could not be handed to its VMM is kept and handed to the next VMM that asks for it.
 
-use kvm_luo_agent::fleet::{ConnId, Fleet, Readiness, Refusal, Registry, Stored};
+use kvm_luo_agent::fleet::{ConnId, Fleet, Gone, Readiness, Refusal, Registry, Stored};
 use kvm_luo_protocol::protocol::{
-    FromAgent, Handover, ToAgent, AGENT_SESSION, DEFAULT_SOCKET, HANDOVER_VERSION, PROTOCOL_VERSION,
+    FromAgent, Handover, ToAgent, UpdateRequest, AGENT_SESSION, DEFAULT_SOCKET, HANDOVER_VERSION,
+    PROTOCOL_MIN_VERSION, PROTOCOL_VERSION,
 };
 use kvm_luo_protocol::socket::{self, Peer};
 use liveupdate::{Device, Session, SessionName};
@@ -47,7 +48,7 @@ const COMMIT_WAIT: Duration = Duration::from_secs(60);
 /// The longest an update may wait for its VMMs to prepare, unless told otherwise.
 const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 /// How many connections are served at once, unless told otherwise.
-const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS: u64 = 256;
 /// How many of them only root may take.
 const ROOT_CONNECTIONS: usize = 4;
 /// The token of the agent's own state in its session.
@@ -206,6 +207,7 @@ fn kernel_files(
             .trim_end()
             .to_string(),
     };
+    kvm_luo_agent::fleet::check_next_cmdline(&cmdline)?;
     let cmd =
         CString::new(cmdline).map_err(|_| refusal(libc::EINVAL, "NUL in the command line"))?;
     Ok((k, i, cmd))
@@ -314,8 +316,8 @@ impl Agent {
             .prefix(".kvm-luo-agent.registry")
             .tempfile_in(dir)
             .and_then(|mut f| {
+                // No fsync: the file outlives a restart of the agent, not of the kernel.
                 f.write_all(&data)?;
-                f.as_file().sync_all()?;
                 f.persist(&self.registry_path).map_err(|e| e.error)?;
                 Ok(())
             });
@@ -519,9 +521,13 @@ impl Agent {
                             start.elapsed().as_secs_f64(),
                             waiting.join(", ")
                         );
+                        progress = now + PROGRESS;
+                        // Said without the lock: a log or systemd that blocks holds up no VMM.
+                        drop(sh);
                         notify_status(&line);
                         say(line);
-                        progress = now + PROGRESS;
+                        sh = self.lock();
+                        continue;
                     }
                     let wait = (deadline - now).min(progress - now);
                     sh = self
@@ -542,10 +548,7 @@ impl Agent {
             sessions,
             owners,
         };
-        let name = SessionName::new(&kvm_luo_protocol::protocol::handover_session(
-            HANDOVER_VERSION,
-        ))
-        .map_err(|e| lu_refusal("name", &e))?;
+        let name = SessionName::new(AGENT_SESSION).map_err(|e| lu_refusal("name", &e))?;
         let own = self
             .dev
             .create_session(&name)
@@ -559,18 +562,8 @@ impl Agent {
         Ok(names)
     }
 
-    /// An operator's update, on its connection.
-    fn update(&self, sock: &UnixStream, req: ToAgent) -> Result<(), Refusal> {
-        let ToAgent::Update {
-            kernel,
-            initrd,
-            cmdline,
-            timeout_ms,
-            dry_run,
-        } = req
-        else {
-            return Err(refusal(libc::EINVAL, "not an update"));
-        };
+    /// Refused if an update may not wait `timeout_ms` for its VMMs.
+    fn check_timeout(&self, timeout_ms: u64) -> Result<Duration, Refusal> {
         let timeout = Duration::from_millis(timeout_ms);
         if timeout > self.max_timeout {
             return Err(refusal(
@@ -581,25 +574,42 @@ impl Agent {
                 ),
             ));
         }
-        if dry_run {
-            let vmms = {
-                let sh = self.lock();
-                sh.fleet.check_update()?;
-                sh.fleet.names()
-            };
-            let kernel_loaded = match &kernel {
-                Some(k) => kernel_files(k, initrd.as_deref(), cmdline.as_deref()).map(|_| true)?,
-                None => kernel_loaded(),
-            };
-            send(
-                sock,
-                &FromAgent::WouldUpdate {
-                    vmms,
-                    kernel_loaded,
-                },
-            );
-            return Ok(());
-        }
+        Ok(timeout)
+    }
+
+    /// Every check of an update, with nothing loaded or stopped: answers what it would do.
+    fn check_update(&self, sock: &UnixStream, req: UpdateRequest) -> Result<(), Refusal> {
+        self.check_timeout(req.timeout_ms)?;
+        let vmms = {
+            let sh = self.lock();
+            sh.fleet.check_update()?;
+            sh.fleet.names()
+        };
+        let kernel_loaded = match &req.kernel {
+            Some(k) => {
+                kernel_files(k, req.initrd.as_deref(), req.cmdline.as_deref()).map(|_| true)?
+            }
+            None => kernel_loaded(),
+        };
+        send(
+            sock,
+            &FromAgent::WouldUpdate {
+                vmms,
+                kernel_loaded,
+            },
+        );
+        Ok(())
+    }
+
+    /// An operator's update, on its connection.
+    fn update(&self, sock: &UnixStream, req: UpdateRequest) -> Result<(), Refusal> {
+        let UpdateRequest {
+            kernel,
+            initrd,
+            cmdline,
+            timeout_ms,
+        } = req;
+        let timeout = self.check_timeout(timeout_ms)?;
         // The fleet belongs to this update from here; another update is refused without
         // touching this one.
         let conns = self.lock().fleet.begin_update()?;
@@ -734,7 +744,7 @@ impl Agent {
                 let status = self.lock().fleet.status();
                 send(sock, &FromAgent::Status(status));
             }
-            req @ ToAgent::Update { .. } => {
+            ToAgent::Update(req) => {
                 let is_vmm = self.lock().fleet.has_vmm(conn);
                 let result = if is_vmm {
                     Err(refusal(
@@ -745,8 +755,44 @@ impl Agent {
                     self.operator(peer, "an update")
                         .and_then(|()| self.update(sock, req))
                 };
+                notify_status(&match &result {
+                    Ok(()) => "serving; the last update was cancelled".to_string(),
+                    Err(r) => format!("serving; the last update was refused: {r}"),
+                });
                 if let Err(r) = result {
                     send_refusal(sock, r);
+                }
+            }
+            ToAgent::CheckUpdate(req) => {
+                // Anyone who may see the status may ask whether an update could start; the
+                // kernel's files are looked at for operators only.
+                let result = if req.kernel.is_some() {
+                    self.operator(peer, "checking a kernel")
+                } else {
+                    Ok(())
+                };
+                if let Err(r) = result.and_then(|()| self.check_update(sock, req)) {
+                    send_refusal(sock, r);
+                }
+            }
+            ToAgent::GiveBack => {
+                let given = {
+                    let mut sh = self.lock();
+                    let given = sh.fleet.give_back(conn);
+                    if given.is_ok() {
+                        self.save(&sh);
+                    }
+                    given
+                };
+                match given {
+                    Ok(name) => {
+                        say(format!(
+                            "{name}: its VMM gave the previous kernel's session back: kept for \
+                             the next VMM that asks for it"
+                        ));
+                        send(sock, &FromAgent::Done);
+                    }
+                    Err(r) => send_refusal(sock, r),
                 }
             }
             ToAgent::Forget { name } => {
@@ -794,14 +840,9 @@ impl Agent {
         loop {
             match socket::recv::<ToAgent>(&sock) {
                 Ok(Some((msg, _fd))) if !greeted => match hello(&msg) {
-                    Ok(()) => {
+                    Ok(version) => {
                         greeted = true;
-                        send(
-                            &sock,
-                            &FromAgent::Hello {
-                                version: PROTOCOL_VERSION,
-                            },
-                        );
+                        send(&sock, &FromAgent::Hello { version });
                     }
                     Err(r) => {
                         send_refusal(&sock, r);
@@ -825,28 +866,44 @@ impl Agent {
                 }
             }
         }
-        let session = {
+        let gone = {
             let mut sh = self.lock();
             sh.conns.remove(&conn);
-            sh.fleet.disconnect(conn)
+            let gone = sh.fleet.disconnect(conn);
+            if matches!(gone, Gone::Kept(_)) {
+                self.save(&sh);
+            }
+            gone
         };
         self.changed.notify_all();
-        if session.is_some() {
-            say("a VMM went away; its session is closed");
+        match gone {
+            Gone::Close(session) => {
+                say("a VMM went away; its session is closed");
+                drop(session);
+            }
+            Gone::Kept(name) => say(format!(
+                "{name}: its VMM went away before it released the previous kernel's session: \
+                 kept for the next VMM that asks for it"
+            )),
+            Gone::Nothing => {}
         }
-        drop(session);
     }
 }
 
 /// Refused unless `msg` is the hello of a client that speaks this agent's protocol.
-fn hello(msg: &ToAgent) -> Result<(), Refusal> {
+/// Returns the version both speak.
+fn hello(msg: &ToAgent) -> Result<u32, Refusal> {
     match msg {
-        ToAgent::Hello { version } if *version == PROTOCOL_VERSION => Ok(()),
+        ToAgent::Hello { version }
+            if (PROTOCOL_MIN_VERSION..=PROTOCOL_VERSION).contains(version) =>
+        {
+            Ok(*version)
+        }
         ToAgent::Hello { version } => Err(refusal(
             libc::EPROTONOSUPPORT,
             format!(
-                "this agent speaks version {PROTOCOL_VERSION} of the protocol, the client \
-                 version {version}: use a client of this agent's version"
+                "this agent speaks versions {PROTOCOL_MIN_VERSION} to {PROTOCOL_VERSION} of the \
+                 protocol, the client version {version}: use a client of one of those"
             ),
         )),
         _ => Err(refusal(
@@ -884,34 +941,17 @@ fn read_registry(path: &Path) -> io::Result<Option<Vec<u8>>> {
 /// What the previous kernel's agent handed over: the VMMs' session names and owners, and its
 /// session, to finish once the registry is written (`Ok`). A handover that cannot be read
 /// (`Err`) is not finished: its session is held open as long as this agent runs, and updates
-/// wait for an operator. An agent looks for the handover of each format it reads, latest first,
-/// and never retrieves one of a format it does not read (the first agent named its session
-/// without a version).
+/// wait for an operator.
 fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
-    let names = (1..=HANDOVER_VERSION)
-        .rev()
-        .map(kvm_luo_protocol::protocol::handover_session)
-        .chain([AGENT_SESSION.to_string()]);
-    let mut found = None;
-    for name in names {
-        let n = SessionName::new(&name).expect("a valid name");
-        match dev.retrieve_session(&n) {
-            Ok(s) => {
-                found = Some((name, s));
-                break;
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                // Nothing is taken yet: refusing to start loses nothing, going on without it
-                // would (an agent restarted later no longer looks for it).
-                die(format!(
-                    "retrieving the previous agent's session {name}: {e}; start the agent again"
-                ))
-            }
-        }
-    }
-    let Some((name, session)) = found else {
-        return (Handover::default(), Ok(None));
+    let name = AGENT_SESSION;
+    let session = match dev.retrieve_session(&SessionName::new(name).expect("a valid name")) {
+        Ok(s) => s,
+        Err(e) if e.is_not_found() => return (Handover::default(), Ok(None)),
+        // Nothing is taken yet: refusing to start loses nothing, going on without it would (an
+        // agent restarted later no longer looks for it).
+        Err(e) => die(format!(
+            "retrieving the previous agent's session {name}: {e}; start the agent again"
+        )),
     };
     let read = || -> io::Result<Handover> {
         let mut f = File::from(session.retrieve(HANDOVER_TOKEN)?);
@@ -951,58 +991,48 @@ fn boot_id() -> String {
         .unwrap_or_else(|e| die(format!("/proc/sys/kernel/random/boot_id: {e}")))
 }
 
-const USAGE: &str = "usage: kvm-luo-agent [--socket PATH] [--group GID] [--operator-group GID]
-                     [--max-connections N] [--max-timeout SECS] [--commit-wait SECS]";
-
-/// A group ID given on the command line.
-fn gid_arg(arg: &str) -> u32 {
-    arg.parse().unwrap_or_else(|_| {
-        eprintln!("kvm-luo-agent: {arg} is not a group ID\n{USAGE}");
-        exit(2)
-    })
-}
-
-/// A positive number given on the command line.
-fn number_arg<T: std::str::FromStr + PartialOrd + Default>(arg: &str) -> T {
-    match arg.parse() {
-        Ok(n) if n > T::default() => n,
-        _ => {
-            eprintln!("kvm-luo-agent: {arg} is not a positive number\n{USAGE}");
-            exit(2)
-        }
-    }
+/// The agent's command line.
+#[derive(clap::Parser)]
+#[command(
+    name = "kvm-luo-agent",
+    version,
+    about = "Holds /dev/liveupdate for a KVM host: hands each VMM a LUO session of its own, \
+             performs the live update when an operator asks and every VMM is ready, and hands \
+             each VMM its session back in the new kernel (Documentation/virt/kvm/luo.rst)"
+)]
+struct Args {
+    /// The Unix socket to listen on; the registry is kept next to it.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// The group whose members may connect (the socket is then mode 0660); root only
+    /// otherwise.
+    #[arg(long, value_name = "GID")]
+    group: Option<u32>,
+    /// The group whose members may start updates and forget VMs, besides root.
+    #[arg(long, value_name = "GID")]
+    operator_group: Option<u32>,
+    /// How many connections are served at once (the last 4 for root only).
+    #[arg(long, value_name = "N", default_value_t = MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u64).range(ROOT_CONNECTIONS as u64 + 1..))]
+    max_connections: u64,
+    /// The longest an update may wait for its VMMs, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = MAX_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_timeout: u64,
+    /// How long an armed update waits for the operator's commit, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = COMMIT_WAIT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    commit_wait: u64,
 }
 
 fn main() {
     init_log();
-    let mut path = PathBuf::from(DEFAULT_SOCKET);
-    let (mut group, mut operator_gid) = (None, None);
-    let (mut max_connections, mut max_timeout, mut commit_wait) =
-        (MAX_CONNECTIONS, MAX_TIMEOUT, COMMIT_WAIT);
-    let mut args = std::env::args().skip(1);
-    while let Some(opt) = args.next() {
-        match (opt.as_str(), args.next()) {
-            ("--socket", Some(p)) => path = PathBuf::from(p),
-            ("--group", Some(g)) => group = Some(gid_arg(&g)),
-            ("--operator-group", Some(g)) => operator_gid = Some(gid_arg(&g)),
-            ("--max-connections", Some(n)) => {
-                max_connections = number_arg(&n);
-                if max_connections <= ROOT_CONNECTIONS {
-                    eprintln!(
-                        "kvm-luo-agent: --max-connections must be above the {ROOT_CONNECTIONS} \
-                         kept for root\n{USAGE}"
-                    );
-                    exit(2)
-                }
-            }
-            ("--max-timeout", Some(n)) => max_timeout = Duration::from_secs(number_arg(&n)),
-            ("--commit-wait", Some(n)) => commit_wait = Duration::from_secs(number_arg(&n)),
-            _ => {
-                eprintln!("{USAGE}");
-                exit(2)
-            }
-        }
-    }
+    let args = <Args as clap::Parser>::parse();
+    let path = args.socket;
+    let (group, operator_gid) = (args.group, args.operator_group);
+    let max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+    let max_timeout = Duration::from_secs(args.max_timeout);
+    let commit_wait = Duration::from_secs(args.commit_wait);
     let dev = Device::open().unwrap_or_else(|e| {
         if e.is_busy() {
             die(

@@ -214,21 +214,32 @@ fn main() {
             die(Exit::Refused, format!("the kexec failed: {e}"))
         }
         Command::Wait { timeout } => {
-            let deadline = Instant::now() + seconds(timeout);
+            let deadline = Instant::now()
+                .checked_add(seconds(timeout))
+                .unwrap_or_else(|| die(Exit::Usage, format!("{timeout} s is too long")));
             let mut last = String::new();
             loop {
-                match connect().update_dry_run(None, None, None, Duration::ZERO) {
+                // The agent may not be up yet (after a kexec), or restarting: that is waited for.
+                let check = Client::connect(&args.socket)
+                    .and_then(|c| c.update_dry_run(None, None, None, Duration::ZERO));
+                let waiting = match check {
                     Ok(run) => {
                         println!("ready for an update of {} VMMs", run.vmms.len());
                         return;
                     }
-                    Err(Error::Refused { message, .. }) => {
-                        if message != last {
-                            println!("waiting: {message}");
-                            last = message;
-                        }
+                    // What goes away by itself: VMMs not connected or not running yet, sessions
+                    // of the previous kernel not taken over yet, an update in progress.
+                    Err(Error::Refused { errno, message })
+                        if errno == libc::EAGAIN || errno == libc::EBUSY =>
+                    {
+                        message
                     }
-                    Err(e) => die(code(&e), e),
+                    Err(e @ Error::Refused { .. }) => die(code(&e), e),
+                    Err(e) => format!("{e}"),
+                };
+                if waiting != last {
+                    println!("waiting: {waiting}");
+                    last = waiting;
                 }
                 if Instant::now() >= deadline {
                     die(

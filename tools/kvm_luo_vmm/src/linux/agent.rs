@@ -163,15 +163,15 @@ fn resume(
     );
     let (mut g, snap, _) = match machine::restore(&session, opts.clock, "") {
         Ok(r) => r,
-        Err(held) if held.untouched => {
-            // The agent keeps a session whose VMM goes away unreleased, for the next VMM.
+        // Given back only if the agent says it keeps it (an agent that did not would finish
+        // the session when this VMM goes); held otherwise.
+        Err(held) if held.untouched && client.give_back().is_ok() => {
             let why = format!(
-                "cannot restore the guest ({}); its session goes back to the agent as it is, \
+                "cannot restore the guest ({}); its session went back to the agent as it is, \
                  for a VMM that can",
                 held.why
             );
             say(format!("FAILED: {why}"));
-            tell(&client, VmmState::Failed, why);
             drop((held, session));
             client.disconnect();
             std::process::exit(1)
@@ -198,9 +198,11 @@ fn resume(
         ));
         tell(&client, VmmState::Failed, e);
     }
-    // The next update needs a session of this kernel.
+    // The next update needs a session of this kernel. The agent hears of the release before
+    // this copy is closed: were this VMM to die in between, it keeps no finished session.
+    let (client, new_session) = renew(client, a);
     drop(session);
-    let (client, session) = renew(client, a);
+    let session = new_session;
     say("finished the previous kernel's session; a new one for the next update");
     let r = g.check_went_on(&snap.progress, &snap.stamps, opts.clock, 0, "");
     report_checks(

@@ -29,7 +29,9 @@ pub fn hold(session: &Session, held: Held, hold: Option<Duration>) -> ! {
          everything retrieved stays open, so nothing of it is freed; waiting {}",
         held.why,
         hold.map_or(
-            "for an operator (kill this VMM to give the guest up)".into(),
+            "for an operator (kill this VMM to give the guest up: under kvm-luo-agent, \
+             the agent then keeps the session until the operator forgets the VM)"
+                .into(),
             |d| format!(
                 "{} s (a test: then it exits, and the session is finished)",
                 d.as_secs()

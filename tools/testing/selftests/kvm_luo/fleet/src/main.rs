@@ -704,48 +704,42 @@ fn operator_cli(f: &mut Fleet) {
     if code != Some(0) || s.phase != "idle" || s.vmms.len() != 1 || s.vmms[0].name != "vm-s" {
         f.fail(format!("status --json: exit {code:?}, {s:?}"));
     }
-    let cases: [(&[&str], i32, &str); 8] = [
+    // A dry run with the test's timeout (below the agent's maximum), and what follows.
+    let dry =
+        |rest: &[&'static str]| [&["update", "--dry-run", "--timeout", "10"][..], rest].concat();
+    let cases: [(Vec<&str>, i32, &str); 9] = [
         (
-            &[
-                "update",
-                "--dry-run",
-                "--timeout",
-                "10",
-                "--kernel",
-                "/kernel",
-                "--initrd",
-                "/initrd.img",
-            ],
+            dry(&["--kernel", "/kernel", "--initrd", "/initrd.img"]),
             0,
             "an update would prepare vm-s",
         ),
+        (dry(&["--kernel", "/nonexistent"]), 1, ""),
+        // A next kernel that would not find the sessions.
         (
-            &[
-                "update",
-                "--dry-run",
-                "--timeout",
-                "10",
+            dry(&[
                 "--kernel",
-                "/nonexistent",
-            ],
+                "/kernel",
+                "--cmdline",
+                "console=ttyS0 liveupdate=off",
+            ]),
             1,
             "",
         ),
         // Nothing is loaded for kexec: a real update without --kernel would be refused.
-        (&["update", "--dry-run", "--timeout", "10"], 1, ""),
+        (dry(&[]), 1, ""),
         // Above the agent's --max-timeout, as a real update would be.
-        (&["update", "--dry-run", "--kernel", "/kernel"], 1, ""),
+        (vec!["update", "--dry-run", "--kernel", "/kernel"], 1, ""),
         (
-            &["wait", "--timeout", "5"],
+            vec!["wait", "--timeout", "5"],
             0,
             "ready for an update of 1 VMMs",
         ),
-        (&["--help"], 0, "Exit codes"),
-        (&["reboot"], 2, ""),
-        (&["--socket", "/nonexistent", "status"], 3, ""),
+        (vec!["--help"], 0, "Exit codes"),
+        (vec!["reboot"], 2, ""),
+        (vec!["--socket", "/nonexistent", "status"], 3, ""),
     ];
     for (args, want, says) in cases {
-        let (code, out) = ctl(f, args);
+        let (code, out) = ctl(f, &args);
         if code != Some(want) || !out.contains(says) {
             f.fail(format!(
                 "kvm-luo-ctl {}: exit {code:?}, expected {want}: {out}",
@@ -1118,6 +1112,26 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
         f.fail(format!("user 1000 asking for {}: errno {got}", names[2]));
     }
     kept(f, 3, "no user owns it, and a user asked");
+    // vm-h1 again: its VMM gets it and gives it back on purpose (as a VMM that cannot read its
+    // guest's state does); the agent says it keeps it.
+    {
+        let c = f.client();
+        let got = c
+            .session(&SessionName::new(&names[0]).expect("a valid name"))
+            .and_then(|(session, retrieved)| {
+                c.give_back()?;
+                Ok((session, retrieved))
+            });
+        match got {
+            Ok((_, true)) => {}
+            r => f.fail(format!("{}: taken and given back: {r:?}", names[0])),
+        }
+        // Its second give-back is refused: it holds nothing of the previous kernel any more.
+        if c.give_back().is_ok() {
+            f.fail("a second give-back was taken");
+        }
+    }
+    kept(f, 3, "its VMM gave it back");
     let resumed: Vec<Client> = names.iter().map(|n| handover_resume(f, n)).collect();
     let s = f.status();
     if !s.lost.is_empty() || !s.incoming.is_empty() || !s.kept.is_empty() {
