@@ -1039,7 +1039,8 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
     }
     // Each session the agent retrieves and cannot hand over for good must stay with the agent,
     // whole, for the next VMM.
-    let kept = |f: &mut Fleet, n: usize, what: &str| {
+    // Waits until the agent keeps the first `n` sessions; `what` happened to `names[vm]`.
+    let kept = |f: &mut Fleet, n: usize, vm: usize, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let s = f.status();
@@ -1057,7 +1058,7 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        say(format!("{}: kept ({what})", names[n - 1]));
+        say(format!("{}: kept ({what})", names[vm]));
     };
     // vm-h1: its VMM asks and goes away before the answer can be sent (the agent is stopped
     // meanwhile, so that the answer does not go out first).
@@ -1076,7 +1077,7 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
     if let Err(e) = sent {
         f.fail(format!("asking for {}: {e}", names[0]));
     }
-    kept(f, 1, "its VMM went away before the answer");
+    kept(f, 1, 0, "its VMM went away before the answer");
     // vm-h2: its VMM gets the session, retrieves the memfd, and dies before it releases it.
     {
         use std::io::{Read, Seek};
@@ -1100,7 +1101,7 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
             f.fail(format!("{}: not the previous kernel's memfd", names[1]));
         }
     }
-    kept(f, 2, "its VMM died after retrieving its memfd");
+    kept(f, 2, 1, "its VMM died after retrieving its memfd");
     // vm-h3: forgotten before anyone took it over, so no user owns it; a user of the VMMs'
     // group asks for it: refused, and the agent keeps it for root.
     if let Err(e) = f.client().forget(&names[2]) {
@@ -1111,7 +1112,7 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
     if got != libc::EPERM {
         f.fail(format!("user 1000 asking for {}: errno {got}", names[2]));
     }
-    kept(f, 3, "no user owns it, and a user asked");
+    kept(f, 3, 2, "no user owns it, and a user asked");
     // vm-h1 again: its VMM gets it and gives it back on purpose (as a VMM that cannot read its
     // guest's state does); the agent says it keeps it.
     {
@@ -1131,7 +1132,7 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
             f.fail("a second give-back was taken");
         }
     }
-    kept(f, 3, "its VMM gave it back");
+    kept(f, 3, 0, "its VMM gave it back");
     let resumed: Vec<Client> = names.iter().map(|n| handover_resume(f, n)).collect();
     let s = f.status();
     if !s.lost.is_empty() || !s.incoming.is_empty() || !s.kept.is_empty() {
