@@ -247,9 +247,11 @@ impl<S> Fleet<S> {
     pub fn keep(&mut self, name: &str, uid: u32, session: S) {
         self.registry.incoming.insert(name.into());
         self.registry.owners.entry(name.into()).or_insert(uid);
-        let earlier = self.kept.insert(name.into(), session);
-        // A name has one session of the previous kernel, retrieved once.
-        debug_assert!(earlier.is_none(), "{name} kept twice");
+        // A name has one session of the previous kernel, retrieved once. Were one kept already,
+        // dropping it would finish it: it stays open, for good, instead.
+        if let Some(earlier) = self.kept.insert(name.into(), session) {
+            std::mem::forget(earlier);
+        }
     }
 
     /// The session of the previous kernel kept for `name` ([`Fleet::keep`]), if any: the
@@ -457,8 +459,9 @@ impl<S> Fleet<S> {
             ));
         }
         if self.registry.handover_unread {
+            // Not EBUSY: it does not go away by itself, an operator must act.
             return Err(Refusal::new(
-                libc::EBUSY,
+                libc::ENOTRECOVERABLE,
                 format!(
                     "the previous kernel's agent handed over what this agent cannot read: \
                      sessions of the previous kernel may wait that it does not know, and an \
@@ -670,12 +673,11 @@ impl<S> Fleet<S> {
 }
 
 /// `kstrtobool()`, as the kernel reads `liveupdate=` and `kho=`: `None` if it reads neither.
-fn kernel_bool(value: &str) -> Option<bool> {
-    let b = value.as_bytes();
-    match b.first()? {
-        b'y' | b'Y' | b't' | b'T' | b'1' => Some(true),
-        b'n' | b'N' | b'f' | b'F' | b'0' => Some(false),
-        b'o' | b'O' => match b.get(1)? {
+fn kernel_bool(value: &[u8]) -> Option<bool> {
+    match value.first()? {
+        b'e' | b'E' | b'y' | b'Y' | b't' | b'T' | b'1' => Some(true),
+        b'd' | b'D' | b'n' | b'N' | b'f' | b'F' | b'0' => Some(false),
+        b'o' | b'O' => match value.get(1)? {
             b'n' | b'N' => Some(true),
             b'f' | b'F' => Some(false),
             _ => None,
@@ -684,34 +686,103 @@ fn kernel_bool(value: &str) -> Option<bool> {
     }
 }
 
-/// Refused unless a kernel booted with `cmdline` keeps the sessions: LUO is off unless
-/// `liveupdate=` turns it on (the last one counts, a value the kernel cannot read changes
-/// nothing), and needs KHO, which `kho=` can turn off. Without this, every guest is lost in
-/// the new kernel.
-pub fn check_next_cmdline(cmdline: &str) -> Result<(), Refusal> {
-    let last = |key: &str| {
-        // What follows "--" is init's.
-        cmdline
-            .split_whitespace()
-            .take_while(|w| *w != "--")
-            .filter_map(|w| w.strip_prefix(key).and_then(kernel_bool))
-            .last()
+/// The kernel's `isspace()`.
+fn kernel_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// The kernel's parameters in `cmdline`, as `next_arg()` (lib/cmdline.c) splits them: names
+/// and values, quotes as it treats them, up to a bare `--` (what follows is init's).
+fn kernel_params(cmdline: &str) -> Vec<(&[u8], Option<&[u8]>)> {
+    let b = cmdline.as_bytes();
+    let skip = |mut p: usize| {
+        while p < b.len() && kernel_space(b[p]) {
+            p += 1;
+        }
+        p
     };
-    if last("liveupdate=") != Some(true) {
+    let mut params = Vec::new();
+    let mut pos = skip(0);
+    while pos < b.len() {
+        let mut args = pos;
+        let mut in_quote = false;
+        let quoted = b[args] == b'"';
+        if quoted {
+            args += 1;
+            in_quote = true;
+        }
+        let (mut i, mut equals) = (0, 0);
+        while args + i < b.len() {
+            let c = b[args + i];
+            if kernel_space(c) && !in_quote {
+                break;
+            }
+            if equals == 0 && c == b'=' {
+                equals = i;
+            }
+            if c == b'"' {
+                in_quote = !in_quote;
+            }
+            i += 1;
+        }
+        let last_is_quote = i > 0 && b[args + i - 1] == b'"';
+        let value_quoted = equals != 0 && b.get(args + equals + 1) == Some(&b'"');
+        // next_arg() cuts a closing quote off the value (or off a quoted name).
+        let end = args
+            + if last_is_quote && (value_quoted || quoted) {
+                i - 1
+            } else {
+                i
+            };
+        let (name, value) = if equals == 0 {
+            (&b[args..end], None)
+        } else {
+            let start = (args + equals + 1 + usize::from(value_quoted)).min(end);
+            (&b[args..args + equals], Some(&b[start..end]))
+        };
+        if name == b"--" && value.is_none() {
+            break;
+        }
+        params.push((name, value));
+        pos = skip((args + i + 1).min(b.len()));
+    }
+    params
+}
+
+/// Refused unless a kernel booted with `next` keeps the sessions: LUO is off unless
+/// `liveupdate=` turns it on (the last one counts, a value the kernel cannot read changes
+/// nothing), and needs KHO. KHO is on by the kernel's configuration or by `kho=`: a next
+/// command line without `kho=` is taken if this kernel's (`current`, which runs LUO) has none
+/// either, the next kernel being configured as this one. Without this, every guest is lost
+/// in the new kernel.
+pub fn check_next_cmdline(next: &str, current: &str) -> Result<(), Refusal> {
+    let last = |cmdline: &str, key: &[u8]| {
+        kernel_params(cmdline)
+            .into_iter()
+            .filter(|(name, _)| *name == key)
+            .filter_map(|(_, value)| kernel_bool(value?))
+            .next_back()
+    };
+    if last(next, b"liveupdate") != Some(true) {
         return Err(Refusal::new(
             libc::EINVAL,
             "the next kernel's command line does not turn the Live Update Orchestrator on \
              (liveupdate=on): no session would reach it",
         ));
     }
-    if last("kho=") == Some(false) {
-        return Err(Refusal::new(
+    match (last(next, b"kho"), last(current, b"kho")) {
+        (Some(true), _) | (None, None) => Ok(()),
+        (Some(false), _) => Err(Refusal::new(
             libc::EINVAL,
             "the next kernel's command line turns Kexec HandOver off (kho=off): no session \
              would reach it",
-        ));
+        )),
+        (None, Some(_)) => Err(Refusal::new(
+            libc::EINVAL,
+            "this kernel has Kexec HandOver on by its command line (kho=), the next kernel's \
+             command line does not: add kho=on, or no session may reach it",
+        )),
     }
-    Ok(())
 }
 
 fn join(names: &BTreeSet<String>) -> String {
@@ -1100,7 +1171,7 @@ mod tests {
         let mut f = fleet3();
         f.registry.handover_unread = true;
         let e = f.begin_update().unwrap_err();
-        assert_eq!(e.errno, libc::EBUSY);
+        assert_eq!(e.errno, libc::ENOTRECOVERABLE);
         assert!(e.message.contains("forget kvm-luo-agent"), "{e}");
         assert!(f.status().handover_unread);
         assert_eq!(
@@ -1118,9 +1189,14 @@ mod tests {
             "liveupdate=1 kho=on",
             "liveupdate=off liveupdate=Y",
             "liveupdate=on liveupdate=bogus",
-            "liveupdate=true kho=x",
+            "liveupdate=enable",
+            "\"liveupdate=on\"",
+            "liveupdate=\"on\"",
+            "liveupdate=on \"--\" kho=off",
+            "liveupdate=on kho=x",
+            "a=\"b c\" liveupdate=on",
         ] {
-            assert_eq!(check_next_cmdline(ok), Ok(()), "{ok}");
+            assert_eq!(check_next_cmdline(ok, ""), Ok(()), "{ok}");
         }
         for bad in [
             "",
@@ -1129,18 +1205,39 @@ mod tests {
             "liveupdate=",
             "liveupdate=off",
             "liveupdate=on liveupdate=0",
+            "liveupdate=on liveupdate=disable",
+            "liveupdate=on liveupdate=\"off\"",
             "liveupdate=bogus",
             "xliveupdate=on",
+            "foo=\"a liveupdate=on\"",
             "console=ttyS0 -- liveupdate=on",
             "liveupdate=on kho=off",
+            "liveupdate=on kho=d",
+            "liveupdate=on kho=\"off\"",
+            "liveupdate=on \"kho=off\"",
             "liveupdate=on kho=on kho=N",
+            "liveupdate=on foo=\"a -- b\" kho=off",
         ] {
             assert_eq!(
-                check_next_cmdline(bad).unwrap_err().errno,
+                check_next_cmdline(bad, "").unwrap_err().errno,
                 libc::EINVAL,
                 "{bad}"
             );
         }
+        // KHO by this kernel's command line: the next one must say so too.
+        assert!(check_next_cmdline("liveupdate=on", "kho=on liveupdate=on").is_err());
+        assert_eq!(
+            check_next_cmdline("liveupdate=on kho=on", "kho=on liveupdate=on"),
+            Ok(())
+        );
+        assert_eq!(
+            kernel_params(" a=\"x y\"  \"b\" c=\" -- d"),
+            vec![
+                (&b"a"[..], Some(&b"x y"[..])),
+                (&b"b"[..], None),
+                (&b"c"[..], Some(&b" -- d"[..]))
+            ]
+        );
     }
 
     #[test]

@@ -279,6 +279,7 @@ fn request(
         initrd: initrd.map(Into::into),
         cmdline: cmdline.map(Into::into),
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        dry_run: false,
     }
 }
 

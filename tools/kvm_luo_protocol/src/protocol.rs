@@ -133,7 +133,7 @@ pub enum ToAgent {
     Release,
     /// Answer: [`FromAgent::Status`].
     Status,
-    /// Perform a live update: load the kernel (or use the one already loaded), prepare every
+    /// Perform a live update: load the kernel (required), prepare every
     /// VMM and wait at most `timeout_ms` for all to be ready. Answer: [`FromAgent::Armed`],
     /// or an error after every VMM was told to abort.
     Update(UpdateRequest),
@@ -162,7 +162,8 @@ pub enum ToAgent {
 /// What an update is to do ([`ToAgent::Update`], [`ToAgent::CheckUpdate`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRequest {
-    /// The kernel to kexec into; `None`: the one already loaded (`kexec -l`).
+    /// The kernel to kexec into, which the agent loads (`kexec_file_load()`). An update
+    /// without it is refused; a check without it checks the rest.
     pub kernel: Option<String>,
     /// Its initramfs.
     pub initrd: Option<String>,
@@ -170,6 +171,10 @@ pub struct UpdateRequest {
     pub cmdline: Option<String>,
     /// How long the VMMs have to become ready.
     pub timeout_ms: u64,
+    /// Set only by clients of before [`ToAgent::CheckUpdate`], whose dry run was this field of
+    /// `update`: an agent refuses an update that has it rather than run it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// A message from the agent.
@@ -381,6 +386,12 @@ mod tests {
             br#"{"op":"session","name":"vm1","pid":7}"#
         );
         assert_eq!(encode(&FromAgent::Prepare), br#"{"type":"prepare"}"#);
+        // An older client's dry run is not read as an update.
+        let old: ToAgent = decode(br#"{"op":"update","kernel":"/k","initrd":null,"cmdline":null,"timeout_ms":1,"dry_run":true}"#).unwrap();
+        assert!(matches!(
+            old,
+            ToAgent::Update(UpdateRequest { dry_run: true, .. })
+        ));
         assert_eq!(
             encode(&ToAgent::CheckUpdate(UpdateRequest {
                 timeout_ms: 5,

@@ -200,17 +200,26 @@ fn kernel_files(
     let i = initrd
         .map(|p| open_regular(p).map_err(|e| io_refusal(&format!("initrd {p}"), &e)))
         .transpose()?;
-    let cmdline = match cmdline {
-        Some(c) => c.to_string(),
-        None => std::fs::read_to_string("/proc/cmdline")
-            .map_err(|e| io_refusal("/proc/cmdline", &e))?
-            .trim_end()
-            .to_string(),
-    };
-    kvm_luo_agent::fleet::check_next_cmdline(&cmdline)?;
+    let current = std::fs::read_to_string("/proc/cmdline")
+        .map_err(|e| io_refusal("/proc/cmdline", &e))?
+        .trim_end()
+        .to_string();
+    let cmdline = cmdline.map_or_else(|| current.clone(), str::to_string);
+    kvm_luo_agent::fleet::check_next_cmdline(&cmdline, &current)?;
     let cmd =
         CString::new(cmdline).map_err(|_| refusal(libc::EINVAL, "NUL in the command line"))?;
     Ok((k, i, cmd))
+}
+
+/// The refusal of an update without a kernel. The agent loads it itself: only an image loaded
+/// with `kexec_file_load()` carries KHO, and so the sessions (`kexec -l` may use
+/// `kexec_load()`), and only then is its command line checked.
+fn no_kernel() -> Refusal {
+    refusal(
+        libc::EINVAL,
+        "give the kernel to update into: the agent loads it itself (with kexec_file_load(), \
+         which hands the sessions over, and with a command line it checks)",
+    )
 }
 
 /// Loads `kernel` for the kexec (`kexec_file_load`).
@@ -603,25 +612,48 @@ impl Agent {
 
     /// An operator's update, on its connection.
     fn update(&self, sock: &UnixStream, req: UpdateRequest) -> Result<(), Refusal> {
+        if req.dry_run {
+            // A client of before check_update: it wants nothing done.
+            return Err(refusal(
+                libc::EINVAL,
+                "a dry run is asked with check_update: use a client of this agent's version",
+            ));
+        }
         let UpdateRequest {
             kernel,
             initrd,
             cmdline,
             timeout_ms,
+            ..
         } = req;
         let timeout = self.check_timeout(timeout_ms)?;
         // The fleet belongs to this update from here; another update is refused without
         // touching this one.
         let conns = self.lock().fleet.begin_update()?;
+        let result = self.run_update(sock, &conns, kernel, initrd, cmdline, timeout);
+        notify_status(&match &result {
+            Ok(()) => "serving; the last update was cancelled".to_string(),
+            Err(r) => format!("serving; the last update was refused: {r}"),
+        });
+        result
+    }
+
+    /// The update `conns` were reserved for ([`Fleet::begin_update`]), from loading the kernel
+    /// on: returns only if it does not happen.
+    fn run_update(
+        &self,
+        sock: &UnixStream,
+        conns: &[ConnId],
+        kernel: Option<String>,
+        initrd: Option<String>,
+        cmdline: Option<String>,
+        timeout: Duration,
+    ) -> Result<(), Refusal> {
         // The kernel before any guest stops: a wrong path refuses the update with nothing
         // done.
         let loaded = match &kernel {
             Some(k) => load_kernel(k, initrd.as_deref(), cmdline.as_deref()).map(|()| true),
-            None if kernel_loaded() => Ok(false),
-            None => Err(refusal(
-                libc::ENOEXEC,
-                "no kernel is loaded for kexec: give one",
-            )),
+            None => Err(no_kernel()),
         };
         let ours = match loaded {
             Ok(ours) => ours,
@@ -643,7 +675,7 @@ impl Agent {
             self.abort(&r.message);
             r
         };
-        let names = self.prepare(&conns, timeout).map_err(fail)?;
+        let names = self.prepare(conns, timeout).map_err(fail)?;
         let line = format!("update armed: {} ready", names.join(", "));
         notify_status(&line);
         say(line);
@@ -755,10 +787,6 @@ impl Agent {
                     self.operator(peer, "an update")
                         .and_then(|()| self.update(sock, req))
                 };
-                notify_status(&match &result {
-                    Ok(()) => "serving; the last update was cancelled".to_string(),
-                    Err(r) => format!("serving; the last update was refused: {r}"),
-                });
                 if let Err(r) = result {
                     send_refusal(sock, r);
                 }
@@ -943,15 +971,24 @@ fn read_registry(path: &Path) -> io::Result<Option<Vec<u8>>> {
 /// (`Err`) is not finished: its session is held open as long as this agent runs, and updates
 /// wait for an operator.
 fn handover(dev: &Device) -> (Handover, Result<Option<Session>, Session>) {
-    let name = AGENT_SESSION;
-    let session = match dev.retrieve_session(&SessionName::new(name).expect("a valid name")) {
-        Ok(s) => s,
-        Err(e) if e.is_not_found() => return (Handover::default(), Ok(None)),
-        // Nothing is taken yet: refusing to start loses nothing, going on without it would (an
-        // agent restarted later no longer looks for it).
-        Err(e) => die(format!(
-            "retrieving the previous agent's session {name}: {e}; start the agent again"
-        )),
+    // Two builds of the agent kept format 1 in a session named after it; it is read the same.
+    let mut found = None;
+    for name in [AGENT_SESSION, "kvm-luo-agent-v1"] {
+        match dev.retrieve_session(&SessionName::new(name).expect("a valid name")) {
+            Ok(s) => {
+                found = Some((name, s));
+                break;
+            }
+            Err(e) if e.is_not_found() => {}
+            // Nothing is taken yet: refusing to start loses nothing, going on without it would
+            // (an agent restarted later no longer looks for it).
+            Err(e) => die(format!(
+                "retrieving the previous agent's session {name}: {e}; start the agent again"
+            )),
+        }
+    }
+    let Some((name, session)) = found else {
+        return (Handover::default(), Ok(None));
     };
     let read = || -> io::Result<Handover> {
         let mut f = File::from(session.retrieve(HANDOVER_TOKEN)?);

@@ -49,11 +49,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Kexecs into a new kernel once every VMM has preserved its guest. Without --kernel, into
-    /// the kernel already loaded (kexec -l).
+    /// Kexecs into a new kernel once every VMM has preserved its guest.
     Update {
-        /// The kernel to kexec into.
-        #[arg(long)]
+        /// The kernel to kexec into (the agent loads it with kexec_file_load, which hands the
+        /// sessions over).
+        #[arg(long, required = true)]
         kernel: Option<String>,
         /// Its initramfs.
         #[arg(long, requires = "kernel")]
@@ -189,12 +189,6 @@ fn main() {
                 let run = client
                     .update_dry_run(kernel, initrd, cmdline, seconds(timeout))
                     .unwrap_or_else(|e| die(code(&e), format!("an update would be refused: {e}")));
-                if !run.kernel_loaded {
-                    die(
-                        Exit::Refused,
-                        "an update would be refused: no kernel is loaded for kexec: give one",
-                    );
-                }
                 let vmms = run.vmms;
                 println!(
                     "an update would prepare {}",
@@ -218,6 +212,7 @@ fn main() {
                 .checked_add(seconds(timeout))
                 .unwrap_or_else(|| die(Exit::Usage, format!("{timeout} s is too long")));
             let mut last = String::new();
+            let mut unreachable = false;
             loop {
                 // The agent may not be up yet (after a kexec), or restarting: that is waited for.
                 let check = Client::connect(&args.socket)
@@ -235,18 +230,32 @@ fn main() {
                         message
                     }
                     Err(e @ Error::Refused { .. }) => die(code(&e), e),
-                    Err(e) => format!("{e}"),
+                    // Not an agent there, or not for this user: that does not go away.
+                    Err(Error::Io(e))
+                        if e.kind() == std::io::ErrorKind::PermissionDenied
+                            || e.raw_os_error() == Some(libc::ENOTSOCK) =>
+                    {
+                        die(Exit::NoAgent, e)
+                    }
+                    Err(e @ (Error::Protocol(_) | Error::Session(_))) => die(Exit::NoAgent, e),
+                    Err(e) => {
+                        unreachable = true;
+                        format!("{e}")
+                    }
                 };
                 if waiting != last {
                     println!("waiting: {waiting}");
                     last = waiting;
                 }
                 if Instant::now() >= deadline {
-                    die(
-                        Exit::TimedOut,
-                        format!("not ready after {timeout} s: {last}"),
-                    );
+                    let code = if unreachable {
+                        Exit::NoAgent
+                    } else {
+                        Exit::TimedOut
+                    };
+                    die(code, format!("not ready after {timeout} s: {last}"));
                 }
+                unreachable = false;
                 std::thread::sleep(Duration::from_millis(500));
             }
         }

@@ -141,8 +141,21 @@ fn renew(client: Client, a: &AgentOpts) -> (Client, Session) {
             // The agent must see this connection go, or it keeps the name for it.
             client.disconnect();
             drop(client);
-            let (c, s, _) = agent_session(a);
-            (c, s)
+            loop {
+                match agent_session(a) {
+                    (c, s, false) => break (c, s),
+                    // The previous kernel's, which this VMM has finished already (the agent
+                    // kept it when this connection went before its release): given back as
+                    // released, and a new one asked for.
+                    (c, s, true) => {
+                        drop(s);
+                        if let Err(e) = c.release() {
+                            say(format!("releasing the finished session: {e}"));
+                        }
+                        c.disconnect();
+                    }
+                }
+            }
         }
     }
 }
@@ -165,13 +178,24 @@ fn resume(
         Ok(r) => r,
         // Given back only if the agent says it keeps it (an agent that did not would finish
         // the session when this VMM goes); held otherwise.
-        Err(held) if held.untouched && client.give_back().is_ok() => {
-            let why = format!(
-                "cannot restore the guest ({}); its session went back to the agent as it is, \
-                 for a VMM that can",
+        Err(held)
+            if held.untouched && {
+                tell(
+                    &client,
+                    VmmState::Failed,
+                    format!(
+                        "cannot restore the guest ({}); giving its session back",
+                        held.why
+                    ),
+                );
+                client.give_back().is_ok()
+            } =>
+        {
+            say(format!(
+                "FAILED: cannot restore the guest ({}); its session went back to the agent as \
+                 it is, for a VMM that can",
                 held.why
-            );
-            say(format!("FAILED: {why}"));
+            ));
             drop((held, session));
             client.disconnect();
             std::process::exit(1)

@@ -725,8 +725,8 @@ fn operator_cli(f: &mut Fleet) {
             1,
             "",
         ),
-        // Nothing is loaded for kexec: a real update without --kernel would be refused.
-        (dry(&[]), 1, ""),
+        // The kernel is the agent's to load (kexec_file_load carries the sessions): required.
+        (dry(&[]), 2, ""),
         // Above the agent's --max-timeout, as a real update would be.
         (vec!["update", "--dry-run", "--kernel", "/kernel"], 1, ""),
         (
