@@ -20,6 +20,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +67,16 @@ static void check_page(const uint8_t *page, size_t i)
 					   (unsigned long long)w[j]);
 }
 
+static void pin_to_cpu0(void)
+{
+	cpu_set_t cpus;
+
+	CPU_ZERO(&cpus);
+	CPU_SET(0, &cpus);
+	if (sched_setaffinity(0, sizeof(cpus), &cpus))
+		fail_exit("sched_setaffinity");
+}
+
 static void stage1(int luo_fd)
 {
 	struct klu_gmem_report report;
@@ -77,6 +88,13 @@ static void stage1(int luo_fd)
 	t = klu_setup_shared(luo_fd, SESSION, GMEM_SIZE);
 	scratch = klu_create_gmem(t.vm, 2 * GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP |
 				  GUEST_MEMFD_FLAG_INIT_SHARED);
+	/*
+	 * The pages punched out go to this CPU's free page list, where the
+	 * fill must find them: filled from another CPU, its list is refilled
+	 * from higher orders, contiguous (measured: 7601 extents for 16384
+	 * pages with the punching on CPU 0 and the fill on CPU 1).
+	 */
+	pin_to_cpu0();
 	klu_fragment(scratch, 2 * GMEM_SIZE);
 	for (i = 0; i < NR_PAGES; i++)
 		fill_page(t.p + i * KLU_PAGE, i);
