@@ -652,26 +652,21 @@ impl Agent {
         // The kernel before any guest stops: a wrong path refuses the update with nothing
         // done.
         let loaded = match &kernel {
-            Some(k) => load_kernel(k, initrd.as_deref(), cmdline.as_deref()).map(|()| true),
+            Some(k) => load_kernel(k, initrd.as_deref(), cmdline.as_deref()),
             None => Err(no_kernel()),
         };
-        let ours = match loaded {
-            Ok(ours) => ours,
-            Err(r) => {
-                let gone = self.lock().fleet.unreserve();
-                drop(gone);
-                return Err(r);
-            }
-        };
+        if let Err(r) = loaded {
+            let gone = self.lock().fleet.unreserve();
+            drop(gone);
+            return Err(r);
+        }
         // Whatever writes back slowly does so before any guest stops, not between the commit
         // and the kexec, when a VMM that went away waits for the update to be over.
         // SAFETY: No arguments.
         unsafe { libc::sync() };
         // The kernel goes before the fleet is free for another update to load its own.
         let fail = |r: Refusal| {
-            if ours {
-                unload_kernel();
-            }
+            unload_kernel();
             self.abort(&r.message);
             r
         };
