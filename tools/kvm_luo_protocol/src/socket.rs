@@ -3,64 +3,51 @@
 //! one encoded message each, with at most one file descriptor attached.
 
 use crate::protocol::{decode, encode, MAX_MESSAGE};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
 use serde::{Deserialize, Serialize};
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: No pointers; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: A new fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
-fn address(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: All-zero is a valid `sockaddr_un`.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+fn address(path: &Path) -> io::Result<SocketAddrUnix> {
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    // A path that fills `sun_path` without a NUL is a valid address, but not one the other
+    // side can print or `connect()` with a C string: refused along with the others.
+    if bytes.is_empty() || bytes.len() >= 108 || bytes.contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} cannot name a Unix socket", path.display()),
         ));
     }
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
-    Ok((addr, len as libc::socklen_t))
+    Ok(SocketAddrUnix::new(path)?)
 }
 
 /// Listens on `path` (which must not exist).
 pub fn listen(path: &Path) -> io::Result<UnixListener> {
     let fd = socket()?;
-    let (addr, len) = address(path)?;
-    // SAFETY: `addr` is a valid `sockaddr_un` of `len` bytes.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: No pointers.
-    if unsafe { libc::listen(fd.as_raw_fd(), 16) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::net::bind(&fd, &address(path)?)?;
+    rustix::net::listen(&fd, 16)?;
     Ok(UnixListener::from(fd))
 }
 
 /// Connects to the socket at `path`.
 pub fn connect(path: &Path) -> io::Result<UnixStream> {
     let fd = socket()?;
-    let (addr, len) = address(path)?;
-    // SAFETY: `addr` is a valid `sockaddr_un` of `len` bytes.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::net::connect(&fd, &address(path)?)?;
     Ok(UnixStream::from(fd))
 }
 
@@ -80,6 +67,7 @@ pub struct Peer {
 /// Read with `libc` rather than `rustix::net::sockopt::socket_peercred`, whose `UCred` holds a
 /// non-zero `Pid`: the kernel reports a PID of 0 for a peer outside the reader's PID namespace.
 pub fn peer(sock: &UnixStream) -> io::Result<Peer> {
+    use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -115,10 +103,18 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<&impl AsFd>) ->
             "a message too long for the protocol",
         ));
     }
-    let fds: Vec<_> = fd.iter().map(|f| f.as_fd().as_raw_fd()).collect();
-    let n = sock
-        .send_with_fds(&[&buf[..]], &fds)
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("no room for the fd to send"));
+    }
+    let n = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(&buf)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
     if n != buf.len() {
         return Err(io::Error::other("a message went out cut short"));
     }
@@ -126,33 +122,48 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<&impl AsFd>) ->
 }
 
 /// Receives a message and the fd attached to it, if any; `None` when the peer has gone.
+///
+/// The fd arrives close-on-exec (`MSG_CMSG_CLOEXEC`): a child the receiver starts must not
+/// inherit a session, whose copy would keep what the session preserves alive.
 pub fn recv<T: for<'a> Deserialize<'a>>(
     sock: &UnixStream,
 ) -> io::Result<Option<(T, Option<OwnedFd>)>> {
     let mut buf = vec![0; MAX_MESSAGE];
-    let (n, file) = sock
-        .recv_with_fd(&mut buf)
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    let fd = file.map(OwnedFd::from);
-    if let Some(fd) = &fd {
-        // recvmsg() here does not ask for MSG_CMSG_CLOEXEC: a child the receiver starts must
-        // not inherit a session (its copy would keep what the session preserves alive).
-        // SAFETY: F_SETFD on an fd we own, no pointers.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
         }
     }
-    if n == 0 {
-        return Ok(None);
+    if got.flags.contains(ReturnFlags::CTRUNC) || fds.len() > 1 {
+        // The kernel closed what did not fit; what did is closed when `fds` drops.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a message with more than one fd attached",
+        ));
     }
-    if n >= MAX_MESSAGE {
+    if got.flags.contains(ReturnFlags::TRUNC) || got.bytes >= MAX_MESSAGE {
         // Cut short by the buffer (the rest of a datagram is dropped).
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a message too long for the protocol",
         ));
     }
-    let msg = decode(&buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let fd = fds.pop();
+    if got.bytes == 0 {
+        // A SOCK_SEQPACKET peer that closed; the protocol never sends an empty message.
+        return Ok(None);
+    }
+    let msg =
+        decode(&buf[..got.bytes]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(Some((msg, fd)))
 }
 
@@ -200,11 +211,10 @@ mod tests {
         let (m, fd) = recv::<ToAgent>(&s).unwrap().unwrap();
         assert_eq!(m, ToAgent::Release);
         let fd = fd.unwrap();
-        // SAFETY: F_GETFD on an fd we own.
-        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
-        assert_eq!(
-            flags & libc::FD_CLOEXEC,
-            libc::FD_CLOEXEC,
+        assert!(
+            rustix::io::fcntl_getfd(&fd)
+                .unwrap()
+                .contains(rustix::io::FdFlags::CLOEXEC),
             "received fds are CLOEXEC"
         );
         let mut g = std::fs::File::from(fd);
@@ -224,11 +234,40 @@ mod tests {
         let (c, s) = pair();
         let me = peer(&s).unwrap();
         assert_eq!(me.pid, std::process::id());
-        // SAFETY: No arguments.
-        assert_eq!(me.uid, unsafe { libc::geteuid() });
-        // SAFETY: No arguments.
-        assert_eq!(me.gid, unsafe { libc::getegid() });
+        assert_eq!(me.uid, rustix::process::geteuid().as_raw());
+        assert_eq!(me.gid, rustix::process::getegid().as_raw());
         assert_eq!(peer(&c).unwrap(), me);
+    }
+
+    #[test]
+    fn a_message_with_two_fds_is_refused_and_both_are_closed() {
+        let (c, s) = pair();
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let buf = encode(&ToAgent::Release);
+        let fds = [r.as_fd(), w.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(&c, &[IoSlice::new(&buf)], &mut control, SendFlags::empty()).unwrap();
+        drop(r);
+        let e = recv::<ToAgent>(&s).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // Neither copy of the read end is left open: writing to the pipe now fails.
+        assert_eq!(
+            rustix::io::write(&w, b"x").unwrap_err(),
+            rustix::io::Errno::PIPE
+        );
+    }
+
+    #[test]
+    fn a_message_too_long_is_refused() {
+        let (c, s) = pair();
+        // The default send buffer (net.core.wmem_default) takes less than MAX_MESSAGE.
+        rustix::net::sockopt::set_socket_send_buffer_size(&c, 2 * MAX_MESSAGE).unwrap();
+        let long = vec![b' '; MAX_MESSAGE + 10];
+        rustix::net::send(&c, &long, SendFlags::empty()).unwrap();
+        let e = recv::<ToAgent>(&s).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]

@@ -54,8 +54,7 @@ const GUEST: &[u8] = &[
 ];
 
 /// What stage 1 hands to stage 2, in a preserved memfd.
-#[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct SavedState {
     magic: u64,
     regs: kvm_regs,
@@ -292,45 +291,22 @@ fn stage1() {
 }
 
 fn save_state(state: &SavedState) -> io::Result<OwnedFd> {
-    // SAFETY: memfd_create with a valid name.
-    let fd = unsafe { libc::memfd_create(c"vcpu-state".as_ptr(), 0) };
-    if fd < 0 {
-        return Err(Error::last_os_error());
-    }
-    // SAFETY: `fd` is new and ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: `SavedState` is plain old data.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            (state as *const SavedState).cast::<u8>(),
-            size_of::<SavedState>(),
-        )
-    };
-    // SAFETY: Writing a valid buffer to our fd.
-    if unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) }
-        != bytes.len() as isize
-    {
-        return Err(Error::last_os_error());
-    }
-    Ok(fd)
+    let json = serde_json::to_vec(state).map_err(Error::other)?;
+    let mut f = std::fs::File::from(rustix::fs::memfd_create(
+        "vcpu-state",
+        rustix::fs::MemfdFlags::empty(),
+    )?);
+    io::Write::write_all(&mut f, &json)?;
+    Ok(f.into())
 }
 
 fn load_state(fd: &OwnedFd) -> io::Result<SavedState> {
-    let mut state = std::mem::MaybeUninit::<SavedState>::zeroed();
-    // SAFETY: Reading at most size_of::<SavedState>() bytes into it.
-    let n = unsafe {
-        libc::pread(
-            fd.as_raw_fd(),
-            state.as_mut_ptr().cast(),
-            size_of::<SavedState>(),
-            0,
-        )
-    };
-    if n != size_of::<SavedState>() as isize {
-        return Err(Error::from_raw_os_error(libc::EIO));
-    }
-    // SAFETY: Fully written above; every bit pattern is a valid `SavedState`.
-    let state = unsafe { state.assume_init() };
+    let mut json = Vec::new();
+    let mut f = std::fs::File::from(fd.try_clone()?);
+    io::Seek::rewind(&mut f)?;
+    io::Read::read_to_end(&mut f, &mut json)?;
+    let state: SavedState =
+        serde_json::from_slice(&json).map_err(|e| Error::new(io::ErrorKind::InvalidData, e))?;
     if state.magic != MAGIC {
         return Err(Error::from_raw_os_error(libc::EINVAL));
     }
@@ -345,8 +321,7 @@ fn hold_and_exit(luo: Device, session: Session, files: Vec<Box<dyn std::any::Any
         -1 => fail(format!("fork: {}", Error::last_os_error())),
         0 => {
             drop(luo);
-            // SAFETY: Detaching from the parent's session.
-            unsafe { libc::setsid() };
+            let _ = rustix::process::setsid();
             let _keep = (session, files);
             loop {
                 std::thread::sleep(Duration::from_secs(60));

@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -223,6 +223,8 @@ fn no_kernel() -> Refusal {
 }
 
 /// Loads `kernel` for the kexec (`kexec_file_load`).
+///
+/// Through `libc::syscall`: neither rustix nor nix wraps `kexec_file_load`.
 fn load_kernel(kernel: &str, initrd: Option<&str>, cmdline: Option<&str>) -> Result<(), Refusal> {
     let (k, i, cmd) = kernel_files(kernel, initrd, cmdline)?;
     const KEXEC_FILE_NO_INITRAMFS: libc::c_ulong = 4;
@@ -279,13 +281,10 @@ fn kernel_loaded() -> bool {
 
 /// A memfd holding `data`.
 fn memfd_with(data: &[u8]) -> io::Result<File> {
-    // SAFETY: A valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"kvm-luo-agent".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: A new fd nothing else owns.
-    let mut f = unsafe { File::from_raw_fd(fd) };
+    let mut f = File::from(rustix::fs::memfd_create(
+        "kvm-luo-agent",
+        rustix::fs::MemfdFlags::CLOEXEC,
+    )?);
     f.write_all(data)?;
     Ok(f)
 }
@@ -662,8 +661,7 @@ impl Agent {
         }
         // Whatever writes back slowly does so before any guest stops, not between the commit
         // and the kexec, when a VMM that went away waits for the update to be over.
-        // SAFETY: No arguments.
-        unsafe { libc::sync() };
+        rustix::fs::sync();
         // The kernel goes before the fleet is free for another update to load its own.
         let fail = |r: Refusal| {
             unload_kernel();
@@ -686,12 +684,10 @@ impl Agent {
                     return Err(fail(r));
                 }
                 say("kexec");
-                // SAFETY: No pointers.
-                unsafe {
-                    libc::sync();
-                    libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
-                }
-                Err(fail(io_refusal("kexec", &io::Error::last_os_error())))
+                rustix::fs::sync();
+                let e = rustix::system::reboot(rustix::system::RebootCommand::Kexec)
+                    .map_or_else(io::Error::from, |()| io::Error::other("reboot returned"));
+                Err(fail(io_refusal("kexec", &e)))
             }
             Ok(Some((ToAgent::Cancel, _))) => {
                 fail(refusal(libc::ECANCELED, "the operator cancelled it"));
@@ -949,8 +945,7 @@ fn read_registry(path: &Path) -> io::Result<Option<Vec<u8>>> {
         Err(e) => return Err(e),
     };
     let meta = f.metadata()?;
-    // SAFETY: No arguments.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     if !meta.is_file() || meta.nlink() != 1 || meta.uid() != me || meta.mode() & 0o022 != 0 {
         return Err(io::Error::other(format!(
             "not a file of user {me} that only it can write: remove it if it is not the agent's"
@@ -1081,11 +1076,9 @@ fn main() {
     }
     // The socket is made without access for others, and opened to `--group` only once it
     // belongs to that group.
-    // SAFETY: umask() only sets the process's file mode creation mask.
-    let umask = unsafe { libc::umask(0o177) };
+    let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let listening = socket::listen(&path);
-    // SAFETY: As above.
-    unsafe { libc::umask(umask) };
+    rustix::process::umask(umask);
     let listener = listening
         .and_then(|l| {
             if let Some(gid) = group {

@@ -738,13 +738,10 @@ fn rebuild(
 
 fn write_snapshot(s: &Snapshot) -> io::Result<File> {
     let json = serde_json::to_vec(s).map_err(io::Error::other)?;
-    // SAFETY: memfd_create with a valid name.
-    let fd = unsafe { libc::memfd_create(c"vm-state".as_ptr(), 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is new and ours.
-    let mut f = unsafe { File::from_raw_fd(fd) };
+    let mut f = File::from(rustix::fs::memfd_create(
+        "vm-state",
+        rustix::fs::MemfdFlags::empty(),
+    )?);
     f.write_all(&json)?;
     Ok(f)
 }

@@ -30,7 +30,6 @@ use kvm_luo_agent::fleet::{Registry, Stored};
 use kvm_luo_protocol::protocol::{FromAgent, Status, ToAgent, VmmState};
 use kvm_luo_protocol::{socket, Client};
 use liveupdate::SessionName;
-use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Child, Command};
 use std::time::{Duration, Instant};
@@ -928,13 +927,10 @@ fn handover_vmm(name: &str) -> Result<(), kvm_luo_protocol::Error> {
     use std::io::Write;
     let c = Client::connect(Path::new(SOCKET))?;
     let (session, _) = c.session(&SessionName::new(name).expect("a valid name"))?;
-    // SAFETY: A valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vm-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: A new fd nothing else owns.
-    let mut ram = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut ram = std::fs::File::from(
+        rustix::fs::memfd_create("vm-ram", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(std::io::Error::from)?,
+    );
     ram.write_all(&handover_pattern(name))?;
     session
         .preserve(&ram, HANDOVER_TOKEN)
@@ -1067,13 +1063,19 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
         name: names[0].clone(),
         pid: std::process::id(),
     };
-    let agent = f.agent.as_ref().map_or(0, |a| a.id() as libc::pid_t);
-    // SAFETY: Signals to the agent, a child of this process.
-    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    let agent = f
+        .agent
+        .as_ref()
+        .and_then(|a| rustix::process::Pid::from_raw(a.id() as i32))
+        .unwrap_or_else(|| f.fail("no agent to stop"));
+    let mut stop = |sig| {
+        rustix::process::kill_process(agent, sig)
+            .unwrap_or_else(|e| f.fail(format!("signalling the agent: {e}")))
+    };
+    stop(rustix::process::Signal::STOP);
     let sent = socket::send(&gone, &ask, None::<&std::os::fd::OwnedFd>);
     drop(gone);
-    // SAFETY: As above.
-    unsafe { libc::kill(agent, libc::SIGCONT) };
+    stop(rustix::process::Signal::CONT);
     if let Err(e) = sent {
         f.fail(format!("asking for {}: {e}", names[0]));
     }
