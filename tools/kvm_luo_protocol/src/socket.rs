@@ -23,11 +23,15 @@ fn socket() -> io::Result<OwnedFd> {
     )?)
 }
 
+/// The room for a path in a Unix socket address, its NUL included.
+const SUN_PATH_LEN: usize =
+    size_of::<libc::sockaddr_un>() - std::mem::offset_of!(libc::sockaddr_un, sun_path);
+
 fn address(path: &Path) -> io::Result<SocketAddrUnix> {
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
     // A path that fills `sun_path` without a NUL is a valid address, but not one the other
     // side can print or `connect()` with a C string: refused along with the others.
-    if bytes.is_empty() || bytes.len() >= 108 || bytes.contains(&0) {
+    if bytes.is_empty() || bytes.len() >= SUN_PATH_LEN || bytes.contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} cannot name a Unix socket", path.display()),
@@ -48,7 +52,21 @@ pub fn listen(path: &Path) -> io::Result<UnixListener> {
 pub fn connect(path: &Path) -> io::Result<UnixStream> {
     let fd = socket()?;
     rustix::net::connect(&fd, &address(path)?)?;
-    Ok(UnixStream::from(fd))
+    let sock = UnixStream::from(fd);
+    make_room(&sock)?;
+    Ok(sock)
+}
+
+/// Lets `sock` send messages of up to [`MAX_MESSAGE`] bytes: the kernel refuses (`EMSGSIZE`) a
+/// message longer than the send buffer, whose default (`net.core.wmem_default`) is smaller.
+/// For every connection, on both sides ([`connect`] does it).
+pub fn make_room(sock: &UnixStream) -> io::Result<()> {
+    // The kernel doubles what it is given, up to net.core.wmem_max (208 KiB by default): the
+    // room a message needs beside its bytes is far below the slack.
+    Ok(rustix::net::sockopt::set_socket_send_buffer_size(
+        sock,
+        MAX_MESSAGE + 4096,
+    )?)
 }
 
 /// Who is at the other end of a connection, as the kernel saw it when it connected.
@@ -103,11 +121,13 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<&impl AsFd>) ->
             "a message too long for the protocol",
         ));
     }
-    let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+    let fd: Option<BorrowedFd<'_>> = fd.map(AsFd::as_fd);
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(io::Error::other("no room for the fd to send"));
+    if let Some(fd) = &fd {
+        // The space is for exactly one fd.
+        let pushed = control.push(SendAncillaryMessage::ScmRights(std::slice::from_ref(fd)));
+        debug_assert!(pushed);
     }
     let n = rustix::net::sendmsg(
         sock,
@@ -121,7 +141,8 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<&impl AsFd>) ->
     Ok(())
 }
 
-/// Receives a message and the fd attached to it, if any; `None` when the peer has gone.
+/// Receives a message and the fd attached to it, if any; `None` when the peer has gone (with or
+/// without messages of ours it did not read).
 ///
 /// The fd arrives close-on-exec (`MSG_CMSG_CLOEXEC`): a child the receiver starts must not
 /// inherit a session, whose copy would keep what the session preserves alive.
@@ -131,23 +152,34 @@ pub fn recv<T: for<'a> Deserialize<'a>>(
     let mut buf = vec![0; MAX_MESSAGE];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    let got = rustix::net::recvmsg(
+    let got = match rustix::net::recvmsg(
         sock,
         &mut [IoSliceMut::new(&mut buf)],
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
-    )?;
+    ) {
+        Ok(got) => got,
+        // The peer closed the connection before it read all we sent.
+        Err(rustix::io::Errno::CONNRESET) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     let mut fds = Vec::new();
     for m in control.drain() {
         if let RecvAncillaryMessage::ScmRights(rights) = m {
             fds.extend(rights);
         }
     }
-    if got.flags.contains(ReturnFlags::CTRUNC) || fds.len() > 1 {
-        // The kernel closed what did not fit; what did is closed when `fds` drops.
+    // What did not fit was closed by the kernel; what did is closed when `fds` drops.
+    if fds.len() > 1 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a message with more than one fd attached",
+        ));
+    }
+    if got.flags.contains(ReturnFlags::CTRUNC) {
+        // No room for even one (three fit), or no fd left in our table, or an LSM refused it.
+        return Err(io::Error::other(
+            "the fd attached to a message could not be received (out of fds?)",
         ));
     }
     if got.flags.contains(ReturnFlags::TRUNC) || got.bytes >= MAX_MESSAGE {
@@ -180,6 +212,7 @@ mod tests {
         let l = listen(&path).unwrap();
         let c = connect(&path).unwrap();
         let (s, _) = l.accept().unwrap();
+        make_room(&s).unwrap();
         std::fs::remove_file(&path).unwrap();
         (c, s)
     }
@@ -242,7 +275,7 @@ mod tests {
     #[test]
     fn a_message_with_two_fds_is_refused_and_both_are_closed() {
         let (c, s) = pair();
-        let (r, w) = rustix::pipe::pipe().unwrap();
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
         let buf = encode(&ToAgent::Release);
         let fds = [r.as_fd(), w.as_fd()];
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
@@ -259,15 +292,55 @@ mod tests {
         );
     }
 
+    /// A valid message padded to `len` bytes (JSON allows trailing blanks).
+    fn padded(len: usize) -> Vec<u8> {
+        let mut msg = encode(&ToAgent::Release);
+        msg.resize(len, b' ');
+        msg
+    }
+
+    #[test]
+    fn a_message_just_under_the_limit_goes_through() {
+        let (c, s) = pair();
+        let (m, _) = socket_recv_raw(&c, &s, &padded(MAX_MESSAGE - 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(m, ToAgent::Release);
+        // Both ways: the accepting side makes room too.
+        let (m, _) = socket_recv_raw(&s, &c, &padded(MAX_MESSAGE - 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(m, ToAgent::Release);
+    }
+
     #[test]
     fn a_message_too_long_is_refused() {
         let (c, s) = pair();
-        // The default send buffer (net.core.wmem_default) takes less than MAX_MESSAGE.
-        rustix::net::sockopt::set_socket_send_buffer_size(&c, 2 * MAX_MESSAGE).unwrap();
-        let long = vec![b' '; MAX_MESSAGE + 10];
-        rustix::net::send(&c, &long, SendFlags::empty()).unwrap();
-        let e = recv::<ToAgent>(&s).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        for len in [MAX_MESSAGE, MAX_MESSAGE + 10] {
+            let e = socket_recv_raw(&c, &s, &padded(len)).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{len} bytes");
+        }
+        // And the connection goes on.
+        send(&c, &ToAgent::Ready, None::<&OwnedFd>).unwrap();
+        assert_eq!(recv::<ToAgent>(&s).unwrap().unwrap().0, ToAgent::Ready);
+    }
+
+    /// Sends `bytes` as they are from `from`, and receives them as a message at `to`.
+    fn socket_recv_raw(
+        from: &UnixStream,
+        to: &UnixStream,
+        bytes: &[u8],
+    ) -> io::Result<Option<(ToAgent, Option<OwnedFd>)>> {
+        rustix::net::send(from, bytes, SendFlags::empty()).unwrap();
+        recv::<ToAgent>(to)
+    }
+
+    #[test]
+    fn a_peer_that_goes_away_unread_is_gone() {
+        let (c, s) = pair();
+        send(&c, &ToAgent::Ready, None::<&OwnedFd>).unwrap();
+        drop(s);
+        assert!(recv::<ToAgent>(&c).unwrap().is_none());
     }
 
     #[test]

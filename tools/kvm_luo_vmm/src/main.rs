@@ -294,17 +294,19 @@ fn save_state(state: &SavedState) -> io::Result<OwnedFd> {
     let json = serde_json::to_vec(state).map_err(Error::other)?;
     let mut f = std::fs::File::from(rustix::fs::memfd_create(
         "vcpu-state",
-        rustix::fs::MemfdFlags::empty(),
+        rustix::fs::MemfdFlags::CLOEXEC,
     )?);
     io::Write::write_all(&mut f, &json)?;
     Ok(f.into())
 }
 
 fn load_state(fd: &OwnedFd) -> io::Result<SavedState> {
-    let mut json = Vec::new();
-    let mut f = std::fs::File::from(fd.try_clone()?);
-    io::Seek::rewind(&mut f)?;
-    io::Read::read_to_end(&mut f, &mut json)?;
+    use std::os::unix::fs::FileExt;
+    // At offset 0, whatever the fd's own offset.
+    let f = std::fs::File::from(fd.try_clone()?);
+    let len = usize::try_from(f.metadata()?.len()).map_err(Error::other)?;
+    let mut json = vec![0; len];
+    f.read_exact_at(&mut json, 0)?;
     let state: SavedState =
         serde_json::from_slice(&json).map_err(|e| Error::new(io::ErrorKind::InvalidData, e))?;
     if state.magic != MAGIC {

@@ -1181,7 +1181,10 @@ fn main() {
     for sock in listener.incoming() {
         match sock {
             Ok(sock) => {
-                let peer = match socket::peer(&sock) {
+                let peer = match socket::peer(&sock).and_then(|p| {
+                    socket::make_room(&sock)?;
+                    Ok(p)
+                }) {
                     Ok(peer) => peer,
                     Err(e) => {
                         say(format!("a connection: {e}"));

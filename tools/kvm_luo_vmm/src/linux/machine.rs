@@ -740,7 +740,7 @@ fn write_snapshot(s: &Snapshot) -> io::Result<File> {
     let json = serde_json::to_vec(s).map_err(io::Error::other)?;
     let mut f = File::from(rustix::fs::memfd_create(
         "vm-state",
-        rustix::fs::MemfdFlags::empty(),
+        rustix::fs::MemfdFlags::CLOEXEC,
     )?);
     f.write_all(&json)?;
     Ok(f)

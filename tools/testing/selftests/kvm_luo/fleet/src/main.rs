@@ -1068,14 +1068,14 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
         .as_ref()
         .and_then(|a| rustix::process::Pid::from_raw(a.id() as i32))
         .unwrap_or_else(|| f.fail("no agent to stop"));
-    let mut stop = |sig| {
+    let mut signal = |sig| {
         rustix::process::kill_process(agent, sig)
             .unwrap_or_else(|e| f.fail(format!("signalling the agent: {e}")))
     };
-    stop(rustix::process::Signal::STOP);
+    signal(rustix::process::Signal::STOP);
     let sent = socket::send(&gone, &ask, None::<&std::os::fd::OwnedFd>);
     drop(gone);
-    stop(rustix::process::Signal::CONT);
+    signal(rustix::process::Signal::CONT);
     if let Err(e) = sent {
         f.fail(format!("asking for {}: {e}", names[0]));
     }
