@@ -63,7 +63,7 @@ check() {
 	local targets=(rust/)
 	grep -q '^CONFIG_LIVEUPDATE_GUEST_MEMFD=y' "$dir/.config" && targets+=(virt/kvm/luo/)
 	# Rebuild the project's objects so that their warnings are printed again.
-	rm -f "$dir/rust/kernel.o" "$dir"/virt/kvm/luo/*.o
+	rm -f "$dir/rust/kernel.o" "$dir"/virt/kvm/luo/*.o "$dir"/virt/kvm/luo/*/*.o
 	if ! "${make[@]}" -s "${targets[@]}" > "$log" 2>&1; then
 		grep -m20 -E '^(error|warning)' "$log"
 		klu_record FAIL "build:$name" $((SECONDS - t0)) "build failed, log $log"

@@ -75,6 +75,23 @@ pub struct Span {
 impl Span {
     /// Whether `next` starts where this span ends, both in the file and in physical memory, on
     /// the same NUMA node.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kernel::folio::Span;
+    ///
+    /// let span = |index, pfn, nr_pages, nid| Span { index, pfn, nr_pages, nid };
+    /// let first = span(0, 100, 4, 0);
+    /// assert!(first.continues_with(&span(4, 104, 1, 0)));
+    /// // A hole in the file, a jump in physical memory, another node.
+    /// assert!(!first.continues_with(&span(5, 104, 1, 0)));
+    /// assert!(!first.continues_with(&span(4, 105, 1, 0)));
+    /// assert!(!first.continues_with(&span(4, 104, 1, 1)));
+    /// // Nothing follows the last page of a file or of the pfn space.
+    /// assert!(!span(u64::MAX, 5, 1, 0).continues_with(&span(0, 6, 1, 0)));
+    /// assert!(!span(0, u64::MAX, 1, 0).continues_with(&span(1, 0, 1, 0)));
+    /// ```
     pub fn continues_with(&self, next: &Span) -> bool {
         self.nid == next.nid
             && self.index.checked_add(self.nr_pages) == Some(next.index)

@@ -455,6 +455,23 @@ pub struct PreservedPages {
 ///
 /// [`PreservedPages`] preserves a run one such part at a time, so this is also how the next
 /// kernel finds the pieces it can take back with [`RestoredPages::restore`].
+///
+/// # Examples
+///
+/// ```
+/// use kernel::kho::windows;
+///
+/// // 600 pages from page frame 500, in windows of 512 pages: cut at 512 and 1024.
+/// let mut pieces = windows(500, 600, 9);
+/// assert_eq!(pieces.next(), Some((500, 12)));
+/// assert_eq!(pieces.next(), Some((512, 512)));
+/// assert_eq!(pieces.next(), Some((1024, 76)));
+/// assert_eq!(pieces.next(), None);
+///
+/// // An aligned window is one piece; the top of the pfn space ends the last one.
+/// assert_eq!(windows(1024, 512, 9).count(), 1);
+/// assert_eq!(windows(u64::MAX - 4, 4, 9).count(), 1);
+/// ```
 pub fn windows(pfn: u64, nr_pages: u64, order: u32) -> impl Iterator<Item = (u64, u64)> {
     let end = pfn.saturating_add(nr_pages);
     let mut pfn = pfn;
@@ -558,6 +575,19 @@ impl RestoredPages {
     ///
     /// Returns `EINVAL` for an empty run or pfn 0, or when KHO refuses a page (not preserved,
     /// already restored); nothing of the run was taken then.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kernel::kho::RestoredPages;
+    ///
+    /// // Page frame 0 is never preserved, nor is an empty run, one whose end wraps around or one
+    /// // whose address does not fit in 64 bits: refused before KHO is asked.
+    /// assert_eq!(RestoredPages::restore(0, 1).err(), Some(EINVAL));
+    /// assert_eq!(RestoredPages::restore(1, 0).err(), Some(EINVAL));
+    /// assert_eq!(RestoredPages::restore(u64::MAX, 2).err(), Some(EINVAL));
+    /// assert_eq!(RestoredPages::restore(1 << 52, 1).err(), Some(EINVAL));
+    /// ```
     pub fn restore(pfn: u64, nr_pages: u64) -> Result<Self> {
         let end = pfn.checked_add(nr_pages).ok_or(EINVAL)?;
         if nr_pages == 0 || pfn == 0 {

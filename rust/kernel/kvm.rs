@@ -226,6 +226,16 @@ unsafe extern "C" fn trampoline(
 ///
 /// Returns `EINVAL` for a type this host does not support or a caller without an address space
 /// (a kernel thread), and the errors of VM creation.
+///
+/// # Examples
+///
+/// ```
+/// use kernel::kvm::{create_vm_file, VM_TYPE_X86_DEFAULT};
+///
+/// // KUnit runs this in a kernel thread: it has no address space (`mm`) for a VM to belong to.
+/// let vm = create_vm_file(VM_TYPE_X86_DEFAULT, c"doctest");
+/// assert_eq!(vm.err(), Some(EINVAL));
+/// ```
 pub fn create_vm_file(vm_type: u64, name: &CStr) -> Result<ARef<File>> {
     let vm_type = usize::try_from(vm_type).map_err(|_| EINVAL)?;
     // SAFETY: `name` is a valid C string for the duration of the call.

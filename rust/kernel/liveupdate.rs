@@ -646,6 +646,27 @@ pub const FINISH_TRIES: u32 = 10;
 /// memory (KHO maps a preserved vector), and a release that failed with `ENOMEM` before taking
 /// anything back can be tried again rather than leak the file's memory. Also for handlers that
 /// put preserved memory back in the background, where there is no caller to give `ENOMEM` to.
+///
+/// # Examples
+///
+/// ```
+/// use kernel::liveupdate::retry_on_enomem;
+///
+/// // Memory short twice, then enough.
+/// let mut calls = 0;
+/// let got = retry_on_enomem(5, || {
+///     calls += 1;
+///     if calls < 3 { Err(ENOMEM) } else { Ok(calls) }
+/// });
+/// assert_eq!(got, Ok(3));
+/// // Other errors are not tried again, and ENOMEM only so many times.
+/// calls = 0;
+/// assert_eq!(retry_on_enomem(5, || { calls += 1; Err::<(), _>(EIO) }), Err(EIO));
+/// assert_eq!(calls, 1);
+/// calls = 0;
+/// assert_eq!(retry_on_enomem(2, || { calls += 1; Err::<(), _>(ENOMEM) }), Err(ENOMEM));
+/// assert_eq!(calls, 2);
+/// ```
 pub fn retry_on_enomem<T>(tries: u32, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let mut result = f();
     for _ in 1..tries {

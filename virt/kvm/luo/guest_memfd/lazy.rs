@@ -1,0 +1,987 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The memory of a retrieved guest_memfd that is not in its page cache yet, and how it gets
+//! there: a state per window, claimed by whoever needs it first.
+//!
+//! ```text
+//!   Pending, Partial ──claim──> Filling ──all of it put in──────────────> In
+//!                               Filling ──memory short, or frozen───────> Partial
+//!                               Filling ──KHO or the page cache refused─> Lost
+//!   any but Filling ──a punch-hole over the whole window───────────────> Gone
+//!   Lost ──a punch-hole over the last of its lost pages────────────────> Gone
+//! ```
+//!
+//! `In`, `Gone` and `Lost` are settled: [`Progress::left`] counts the windows that are not, and
+//! LUO's finish is refused (`EBUSY`) until it is zero (unless the session is being released).
+//! Only a punch-hole changes a settled window (`In` or `Lost` to `Gone`); one over part of a lost
+//! window leaves it `Lost`, with fewer pages lost. What is `Pending` or `Partial` when the file
+//! goes is freed with it.
+//!
+//! Memory is reserved before it is needed: [`LazyReserve`] takes all a [`LazyMemory`] needs before
+//! the retrieve consumes the preserved records, since after that a failed allocation would lose
+//! the guest's memory.
+
+use super::{
+    abi::{
+        Extent,
+        WINDOW_ORDER, //
+    },
+    pace,
+    windows::{
+        check_disjoint,
+        windows_in,
+        windows_of,
+        Window, //
+    },
+};
+use core::mem::MaybeUninit;
+use kernel::{
+    kho::RestoredPages,
+    kvm::{
+        GmemFiller,
+        GmemInode, //
+    },
+    liveupdate::retry_on_enomem,
+    new_condvar, new_mutex,
+    prelude::*,
+    sync::{
+        lockdep::LockdepMap,
+        static_lock_class,
+        Arc,
+        CondVar,
+        Mutex,
+        UniqueArc, //
+    },
+    task::cond_resched,
+};
+
+/// Where the memory of a window comes from, and where it goes: KHO and the file's page cache for
+/// a file ([`GmemInode`]), a recorder in the tests.
+pub(super) trait PageSink {
+    /// Pages taken back from the previous kernel: those not put in are freed with them.
+    type Pages;
+
+    /// Takes back pages `[pfn, pfn + nr_pages)`, preserved as one window: all of them or none.
+    fn take_back(pfn: u64, nr_pages: u64) -> Result<Self::Pages>;
+
+    /// The first of `pages` not put in yet.
+    fn next_pfn(pages: &Self::Pages) -> u64;
+
+    /// Puts `pages` in, the first at file page `index`: on success, all of them. On failure,
+    /// those put in are no longer in `pages`, and the others are: with `ENOMEM` (memory short)
+    /// or `EBUSY` (the file is frozen) they are for a later try; any other error loses them.
+    fn put_in(&self, pages: &mut Self::Pages, index: u64, uptodate: bool) -> Result;
+}
+
+impl PageSink for GmemInode {
+    type Pages = RestoredPages;
+
+    fn take_back(pfn: u64, nr_pages: u64) -> Result<RestoredPages> {
+        RestoredPages::restore(pfn, nr_pages)
+    }
+
+    fn next_pfn(pages: &RestoredPages) -> u64 {
+        pages.remaining().0
+    }
+
+    fn put_in(&self, pages: &mut RestoredPages, index: u64, uptodate: bool) -> Result {
+        self.fill_pages(pages, index, uptodate)
+    }
+}
+
+/// The filler of a retrieved guest_memfd.
+pub(super) type FileMemory = LazyMemory<GmemInode>;
+
+/// How many times a background worker, or a preserve of a retrieved file, tries a window when
+/// memory is short ([`retry_on_enomem`]: 10 ms apart).
+const WORKER_TRIES: u32 = 100;
+
+/// One bit per page of a window.
+type PageBits = [u64; (1 << WINDOW_ORDER) / u64::BITS as usize];
+
+/// Whether the bit of file page `index` of `window` is set in `bits`.
+fn page_bit(bits: &PageBits, window: &Window, index: u64) -> bool {
+    let Some(n) = index
+        .checked_sub(window.index)
+        .filter(|&n| n < window.nr_pages)
+    else {
+        return false;
+    };
+    bits[(n / u64::from(u64::BITS)) as usize] & (1 << (n % u64::from(u64::BITS))) != 0
+}
+
+/// Sets the bits of the file pages of `window` in `[start, end)`.
+fn set_page_bits(bits: &mut PageBits, window: &Window, start: u64, end: u64) {
+    for n in start.max(window.index)..end.min(window.index + window.nr_pages) {
+        let n = n - window.index;
+        bits[(n / u64::from(u64::BITS)) as usize] |= 1 << (n % u64::from(u64::BITS));
+    }
+}
+
+/// The first lost page of `window`, with `bits` set for those that are not, if any.
+fn first_lost(bits: Option<&PageBits>, window: &Window) -> Option<u64> {
+    (window.index..window.index + window.nr_pages)
+        .find(|&n| !bits.is_some_and(|b| page_bit(b, window, n)))
+}
+
+/// How many pages of `window` are lost, with `bits` set for those that are not.
+fn lost_pages(bits: Option<&PageBits>, window: &Window) -> u64 {
+    let kept = bits.map_or(0, |bits| {
+        bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    });
+    window.nr_pages - kept
+}
+
+/// The state of `window` lost after its first `nr_in` pages were put in the file.
+fn lost_after<S: PageSink>(window: &Window, nr_in: u64) -> WindowState<S> {
+    if nr_in == 0 {
+        return WindowState::Lost(None);
+    }
+    // Without memory for the bits, the pages put in count as lost too: faults on them find them
+    // in the file all the same, and only the log and finish's count are pessimistic.
+    WindowState::Lost(
+        KBox::new(PageBits::default(), GFP_KERNEL)
+            .ok()
+            .map(|mut bits| {
+                set_page_bits(&mut bits, window, window.index, window.index + nr_in);
+                bits
+            }),
+    )
+}
+
+/// Where a window's memory is.
+enum WindowState<S: PageSink> {
+    /// Preserved by the previous kernel, not taken back yet.
+    Pending,
+    /// Being put in by one thread; the others wait for it.
+    Filling,
+    /// Taken back, partly put in: the rest, for the next try (memory was short).
+    Partial(S::Pages),
+    /// In the file.
+    In,
+    /// Discarded by a punch-hole: its pages were freed.
+    Gone,
+    /// Lost: KHO refused its pages, or the page cache refused them. Faults on it fail, but on
+    /// the pages whose bit is set: put in before the rest failed, or punched out since.
+    Lost(Option<KBox<PageBits>>),
+}
+
+// What luo.rst says a window costs until it is in.
+const _: () = assert!(size_of::<Window>() + size_of::<WindowState<GmemInode>>() <= 56);
+
+impl<S: PageSink> WindowState<S> {
+    /// Whether nothing more will happen to the window but a punch-hole.
+    fn is_settled(&self) -> bool {
+        matches!(self, Self::In | Self::Gone | Self::Lost(_))
+    }
+}
+
+/// How far the memory of a retrieved file is put in.
+struct Progress<S: PageSink> {
+    states: VVec<WindowState<S>>,
+    /// Windows not settled.
+    left: usize,
+    /// Lost memory was reported.
+    reported: bool,
+    /// The next window the background workers look at.
+    cursor: usize,
+    /// The last file was released: the workers stop.
+    stopped: bool,
+}
+
+/// The memory of a retrieved guest_memfd not put in yet: the file's filler.
+///
+/// A window goes from `Pending` to `In` once, through `Filling`, claimed under the lock by
+/// whoever needs it first (a fault, `fallocate()`, a background worker) and put in outside it;
+/// everyone else waits for the claimer. A punch-hole claims the pending windows in the hole and
+/// frees them, and puts in the windows partly in it, before the truncation. Whatever is pending
+/// when the inode goes is freed with it.
+#[pin_data(PinnedDrop)]
+pub(super) struct LazyMemory<S: PageSink> {
+    windows: VVec<Window>,
+    #[pin]
+    progress: Mutex<Progress<S>>,
+    /// Signalled whenever a window leaves `Filling`.
+    #[pin]
+    settled: CondVar,
+    /// Lets lockdep check a `Filling` claim as the lock it is: held by the claimer until the
+    /// window settles, waited for by the others (from fault, `fallocate()` and punch-hole paths).
+    #[pin]
+    filling: LockdepMap,
+}
+
+/// The memory a [`LazyMemory`] needs, taken before the retrieve consumes the preserved records:
+/// after that, a failed allocation would lose the guest's memory.
+pub(super) struct LazyReserve<S: PageSink> {
+    windows: VVec<Window>,
+    states: VVec<WindowState<S>>,
+    memory: UniqueArc<MaybeUninit<LazyMemory<S>>>,
+}
+
+impl<S: PageSink> LazyReserve<S> {
+    /// Room for `nr_windows` windows.
+    pub(super) fn new(nr_windows: usize) -> Result<Self> {
+        Ok(Self {
+            windows: VVec::with_capacity(nr_windows, GFP_KERNEL)?,
+            states: VVec::with_capacity(nr_windows, GFP_KERNEL)?,
+            memory: UniqueArc::new_uninit(GFP_KERNEL)?,
+        })
+    }
+
+    /// The pending memory of `extents`, valid and ordered (see
+    /// [`validate_extents`](super::abi::validate_extents)), in the reserved memory: allocates
+    /// nothing.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EINVAL` if the extents do not make exactly as many windows as there is room for,
+    /// or overlap in physical memory: records from the previous kernel may be hostile.
+    pub(super) fn build(mut self, extents: &mut [Extent]) -> Result<Arc<LazyMemory<S>>> {
+        check_disjoint(extents)?;
+        let room = self.windows.capacity();
+        for (step, window) in extents.iter().flat_map(windows_of).enumerate() {
+            pace(step);
+            self.windows
+                .push_within_capacity(window)
+                .map_err(|_| EINVAL)?;
+        }
+        if self.windows.len() != room {
+            pr_err!("preserved guest_memfd extents do not make the windows the head says\n");
+            return Err(EINVAL);
+        }
+        for _ in 0..self.windows.len() {
+            self.states
+                .push_within_capacity(WindowState::Pending)
+                .map_err(|_| EINVAL)?;
+        }
+        let left = self.windows.len();
+        let memory = self.memory.pin_init_with(pin_init!(LazyMemory {
+            windows: self.windows,
+            progress <- new_mutex!(
+                Progress {
+                    states: self.states,
+                    left,
+                    reported: false,
+                    cursor: 0,
+                    stopped: false,
+                },
+                "guest_memfd_luo::progress"
+            ),
+            settled <- new_condvar!("guest_memfd_luo::settled"),
+            filling <- LockdepMap::new(c"guest_memfd_luo_filling", static_lock_class!()),
+        }))?;
+        Ok(memory.into())
+    }
+}
+
+impl<S: PageSink> LazyMemory<S> {
+    /// How many windows the memory is in.
+    pub(super) fn nr_windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Marks window `i`, which the caller claimed, as `state`, and wakes those waiting for it.
+    fn settle(&self, i: usize, state: WindowState<S>) {
+        let mut progress = self.progress.lock();
+        if state.is_settled() {
+            progress.left -= 1;
+        }
+        progress.states[i] = state;
+        drop(progress);
+        self.settled.notify_all();
+    }
+
+    /// Claims window `i` if it is pending (returns its state, `Filling` now), or waits for whoever
+    /// claimed it; returns `None` when there is nothing to put in for the file page `at` (all of
+    /// the window when `None`).
+    ///
+    /// # Errors
+    ///
+    /// Returns `EIO` if the memory needed is lost.
+    fn claim(&self, i: usize, at: Option<u64>) -> Result<Option<WindowState<S>>> {
+        self.filling.might_wait();
+        let mut progress = self.progress.lock();
+        loop {
+            match progress.states[i] {
+                WindowState::Filling => self.settled.wait(&mut progress),
+                WindowState::In | WindowState::Gone => return Ok(None),
+                WindowState::Lost(ref punched) => {
+                    let window = &self.windows[i];
+                    return match (at, punched) {
+                        (Some(index), Some(bits)) if page_bit(bits, window, index) => Ok(None),
+                        _ => Err(EIO),
+                    };
+                }
+                WindowState::Pending | WindowState::Partial(_) => {
+                    let taken = core::mem::replace(&mut progress.states[i], WindowState::Filling);
+                    return Ok(Some(taken));
+                }
+            }
+        }
+    }
+
+    /// Takes file pages `[start, end)` out of window `i` if it is lost, for a punch-hole: they
+    /// read as zeros from then on. A window with no page lost is `Gone`. `spare` holds the bits
+    /// if the window has none yet.
+    fn punch_lost(&self, i: usize, start: u64, end: u64, spare: KBox<PageBits>) {
+        let window = &self.windows[i];
+        let mut progress = self.progress.lock();
+        // Lost is final: only a punch-hole changes it, and they are serialized by the mapping's
+        // invalidate_lock.
+        let WindowState::Lost(bits) = &mut progress.states[i] else {
+            return;
+        };
+        let bits = bits.get_or_insert(spare);
+        set_page_bits(bits, window, start, end);
+        if lost_pages(Some(bits), window) == 0 {
+            progress.states[i] = WindowState::Gone;
+        }
+    }
+
+    /// Puts window `i` in if it is pending, or waits for whoever does.
+    ///
+    /// # Errors
+    ///
+    /// Returns `ENOMEM` and `EBUSY` (the file is frozen): the window stays pending, for another
+    /// try; `EIO` if its memory is lost.
+    fn fill_window(&self, sink: &S, i: usize, at: Option<u64>) -> Result {
+        let Some(taken) = self.claim(i, at)? else {
+            return Ok(());
+        };
+        // Until the window settles, at the end of this function.
+        let _filling = self.filling.acquire();
+        let window = self.windows[i];
+        let mut run = match taken {
+            WindowState::Partial(run) => run,
+            _ => match S::take_back(window.pfn, window.nr_pages) {
+                Ok(run) => run,
+                Err(err) => {
+                    pr_err!(
+                        "guest memory at index {} was not preserved: {:?}\n",
+                        window.index,
+                        err
+                    );
+                    self.settle(i, WindowState::Lost(None));
+                    return Err(EIO);
+                }
+            },
+        };
+        let next = S::next_pfn(&run);
+        match sink.put_in(
+            &mut run,
+            window.index + (next - window.pfn),
+            window.uptodate,
+        ) {
+            Ok(()) => {
+                self.settle(i, WindowState::In);
+                Ok(())
+            }
+            // Memory is short, or the file is frozen (which preserve does only once every
+            // window is in): the rest stays for the next try.
+            Err(err) if err == ENOMEM || err == EBUSY => {
+                self.settle(i, WindowState::Partial(run));
+                Err(err)
+            }
+            Err(err) => {
+                let next = S::next_pfn(&run);
+                pr_err!(
+                    "could not put back guest memory at index {}: {:?}\n",
+                    window.index + (next - window.pfn),
+                    err
+                );
+                // The pages not put in are freed with `run`.
+                self.settle(i, lost_after(&window, next - window.pfn));
+                Err(EIO)
+            }
+        }
+    }
+
+    /// Puts in every window still pending, trying each a few times when memory is short.
+    ///
+    /// # Errors
+    ///
+    /// Returns `EIO` if memory was lost (the other windows are put in all the same), `ENOMEM`.
+    pub(super) fn fill_all(&self, sink: &S) -> Result {
+        let mut result = Ok(());
+        for i in 0..self.windows.len() {
+            match retry_on_enomem(WORKER_TRIES, || self.fill_window(sink, i, None)) {
+                Ok(()) => (),
+                Err(EIO) => result = Err(EIO),
+                Err(err) => return Err(err),
+            }
+        }
+        result
+    }
+
+    /// Frees the memory of window `i`, which the caller claimed and took out of `Pending`.
+    fn free_window(&self, i: usize) {
+        let window = self.windows[i];
+        if let Err(err) = S::take_back(window.pfn, window.nr_pages) {
+            pr_warn!(
+                "could not free guest memory at index {}: {:?}\n",
+                window.index,
+                err
+            );
+        }
+    }
+
+    /// Whether every window is settled: nothing more will come in. Says once how much memory was
+    /// lost, if any: finish does not wait for it, since nothing would bring it back, and the VMM
+    /// learns of it from faults there (`EIO`) and from the log.
+    pub(super) fn is_done(&self) -> bool {
+        let mut progress = self.progress.lock();
+        if progress.left != 0 {
+            return false;
+        }
+        if !progress.reported {
+            progress.reported = true;
+            let mut lost = progress
+                .states
+                .iter()
+                .zip(self.windows.iter())
+                .filter_map(|(state, window)| match state {
+                    WindowState::Lost(bits) => Some((bits.as_deref(), window)),
+                    _ => None,
+                })
+                .filter(|&(bits, window)| lost_pages(bits, window) != 0);
+            if let Some((bits, window)) = lost.next() {
+                let first = first_lost(bits, window).unwrap_or(window.index);
+                let total = lost.fold(lost_pages(bits, window), |total, (bits, window)| {
+                    total + lost_pages(bits, window)
+                });
+                pr_err!(
+                    "{} pages of guest memory were lost, the first at page {} of the file\n",
+                    total,
+                    first
+                );
+            }
+        }
+        true
+    }
+
+    /// Background work: puts in pending windows from the shared cursor on, until none is left
+    /// or the file is gone.
+    pub(super) fn restore_in_background(&self, sink: &S) {
+        loop {
+            let mut progress = self.progress.lock();
+            if progress.stopped {
+                return;
+            }
+            // From the shared cursor; at the end, once more from the start, for windows a fault
+            // left partly in when memory was short.
+            let unclaimed =
+                |s: &WindowState<S>| matches!(s, WindowState::Pending | WindowState::Partial(_));
+            let start = progress.cursor;
+            let Some(i) = progress.states[start..]
+                .iter()
+                .position(unclaimed)
+                .map(|i| start + i)
+                .or_else(|| progress.states.iter().position(unclaimed))
+            else {
+                return;
+            };
+            progress.cursor = i + 1;
+            drop(progress);
+            match retry_on_enomem(WORKER_TRIES, || self.fill_window(sink, i, None)) {
+                // Frozen: nothing goes in until it is not.
+                Err(EBUSY) => return,
+                Err(ENOMEM) => {
+                    pr_warn!("memory is short: guest memory is put back on first use only\n");
+                    return;
+                }
+                _ => (),
+            }
+        }
+    }
+}
+
+#[pinned_drop]
+impl<S: PageSink> PinnedDrop for LazyMemory<S> {
+    fn drop(self: Pin<&mut Self>) {
+        // Nothing else is left to claim a window: free what is still preserved. Partly put in
+        // windows free their pages with their state.
+        let states = core::mem::take(&mut self.progress.lock().states);
+        for (i, state) in states.iter().enumerate() {
+            if matches!(state, WindowState::Pending) {
+                self.free_window(i);
+                cond_resched();
+            } else {
+                pace(i);
+            }
+        }
+    }
+}
+
+impl<S: PageSink> LazyMemory<S> {
+    /// Puts in the memory of file page `index`, if it is not in yet ([`GmemFiller::fill`]).
+    pub(super) fn fill_at(&self, sink: &S, index: u64) -> Result {
+        match windows_in(&self.windows, index, index.saturating_add(1)) {
+            range if range.is_empty() => Ok(()),
+            range => self.fill_window(sink, range.start, Some(index)),
+        }
+    }
+
+    /// Frees the memory of file pages `[start, end)` not put in yet, and puts in the rest of the
+    /// windows partly in that range, for a punch-hole ([`GmemFiller::discard`]).
+    pub(super) fn discard_range(&self, sink: &S, start: u64, end: u64) -> Result {
+        let range = windows_in(&self.windows, start, end);
+        let inside = |w: &Window| w.index >= start && w.index + w.nr_pages <= end;
+        // Windows partly in the hole go in first: the truncation that follows takes the part in
+        // the hole, and keeps the rest. Lost memory stays lost, but for the pages in the hole.
+        // At most the first and the last window are partly in the hole.
+        let mut lost = [None, None];
+        for i in range.clone() {
+            if !inside(&self.windows[i]) {
+                match self.fill_window(sink, i, None) {
+                    Ok(()) => (),
+                    Err(EIO) => {
+                        let edge = usize::from(i != range.start);
+                        lost[edge] = Some((i, KBox::new(PageBits::default(), GFP_KERNEL)?));
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        // Nothing below fails: a punch-hole that fails changes nothing.
+        for (i, spare) in lost.into_iter().flatten() {
+            self.punch_lost(i, start, end, spare);
+        }
+        for i in range {
+            if !inside(&self.windows[i]) {
+                continue;
+            }
+            self.filling.might_wait();
+            let mut progress = self.progress.lock();
+            let taken = loop {
+                match progress.states[i] {
+                    WindowState::Filling => self.settled.wait(&mut progress),
+                    _ => break core::mem::replace(&mut progress.states[i], WindowState::Gone),
+                }
+            };
+            if !taken.is_settled() {
+                progress.left -= 1;
+            }
+            drop(progress);
+            // In: the truncation frees the pages. Partial: dropping `taken` frees the rest.
+            if matches!(taken, WindowState::Pending) {
+                self.free_window(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the background workers ([`GmemFiller::stop`]).
+    pub(super) fn stop_workers(&self) {
+        self.progress.lock().stopped = true;
+    }
+}
+
+impl GmemFiller for FileMemory {
+    fn fill(&self, inode: &GmemInode, index: u64) -> Result {
+        self.fill_at(inode, index)
+    }
+
+    fn discard(&self, inode: &GmemInode, start: u64, end: u64) -> Result {
+        self.discard_range(inode, start, end)
+    }
+
+    fn stop(&self) {
+        self.stop_workers();
+    }
+}
+
+#[kunit_tests(guest_memfd_luo_lazy)]
+mod tests {
+    use super::*;
+    use crate::test_helpers::*;
+    use crate::windows::sort_by_key;
+    use core::cell::RefCell;
+    use kernel::sync::atomic::{
+        Atomic,
+        Relaxed, //
+    };
+
+    #[test]
+    fn reserve_refuses_more_windows_or_overlaps() -> Result {
+        // These make 4 windows: room for 3 or 5 is refused, room for 4 is filled.
+        let mut four = [extent(0, 1000, 1100, U)];
+        assert_eq!(
+            LazyReserve::<Fake>::new(3)?.build(&mut four).err(),
+            Some(EINVAL)
+        );
+        assert_eq!(
+            LazyReserve::<Fake>::new(5)?.build(&mut four).err(),
+            Some(EINVAL)
+        );
+        assert_eq!(
+            LazyReserve::<Fake>::new(4)?.build(&mut four)?.windows.len(),
+            4
+        );
+        let reserve = LazyReserve::<Fake>::new(2)?;
+        let mut overlap = [extent(0, 100, 10, U), extent(20, 95, 6, U)];
+        assert_eq!(reserve.build(&mut overlap).err(), Some(EINVAL));
+        Ok(())
+    }
+
+    /// A lost window (KHO or the page cache refused its memory) fails faults with `EIO`, but
+    /// not on the pages a punch-hole took out since, which read as zeros then, nor on those put
+    /// in before the rest failed; finish does not wait for lost memory, which does not come back.
+    #[test]
+    fn punched_pages_of_a_lost_window_read_as_zeros() -> Result {
+        let mut list = [extent(0, 0x1000, 512, U), extent(512, 0x3000, 8, U)];
+        let memory = LazyReserve::<Fake>::new(2)?.build(&mut list)?;
+        let spare = || KBox::new(PageBits::default(), GFP_KERNEL);
+        let lost = |memory: &LazyMemory<Fake>| match &memory.progress.lock().states[0] {
+            WindowState::Lost(bits) => lost_pages(bits.as_deref(), &memory.windows[0]),
+            _ => 0,
+        };
+        memory.settle(0, WindowState::Lost(None));
+        assert!(!memory.is_done());
+        memory.settle(1, WindowState::In);
+        assert!(memory.is_done());
+        assert_eq!(lost(&memory), 512);
+        assert_eq!(memory.claim(0, Some(100)).err(), Some(EIO));
+        assert_eq!(first_lost(None, &memory.windows[0]), Some(0));
+        memory.punch_lost(0, 0, 2, spare()?);
+        memory.punch_lost(0, 64, 128, spare()?);
+        assert_eq!(lost(&memory), 446);
+        {
+            let progress = memory.progress.lock();
+            // A window partly punched is still lost.
+            let WindowState::Lost(bits) = &progress.states[0] else {
+                return Err(EINVAL);
+            };
+            assert_eq!(first_lost(bits.as_deref(), &memory.windows[0]), Some(2));
+        }
+        assert!(memory.claim(0, Some(100))?.is_none());
+        assert!(memory.claim(0, Some(64))?.is_none());
+        assert!(memory.claim(0, Some(127))?.is_none());
+        assert_eq!(memory.claim(0, Some(63)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, Some(128)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, None).err(), Some(EIO));
+        // A hole over the window's end and the next window's start.
+        memory.punch_lost(0, 0, 64, spare()?);
+        memory.punch_lost(0, 128, 1000, spare()?);
+        assert!(matches!(
+            memory.progress.lock().states[0],
+            WindowState::Gone
+        ));
+        assert!(memory.claim(0, None)?.is_none());
+        assert_eq!(lost(&memory), 0);
+
+        // Lost after 3 pages went in: those are not lost.
+        let state = lost_after(&memory.windows[1], 3);
+        memory.progress.lock().states[1] = state;
+        assert!(memory.claim(1, Some(512 + 2))?.is_none());
+        assert_eq!(memory.claim(1, Some(512 + 3)).err(), Some(EIO));
+        memory.punch_lost(1, 515, 520, spare()?);
+        assert!(memory.claim(1, None)?.is_none());
+        Ok(())
+    }
+
+    /// Pages the fake sink freed, in every test (KUnit runs one at a time).
+    static FREED: Atomic<u64> = Atomic::new(0);
+
+    /// The windows below pfn `64 << WINDOW_ORDER` the fake KHO handed out since the last
+    /// [`lazy_memory`], a bit each: like KHO, it hands out a window once.
+    static TAKEN: Atomic<u64> = Atomic::new(0);
+
+    /// Pfns from here on were not preserved: the fake KHO refuses them.
+    const NOT_PRESERVED: u64 = 1 << 30;
+
+    /// Pages taken back, as far as the fake knows: what is left of them is freed when they go.
+    struct FakePages {
+        next: u64,
+        end: u64,
+    }
+
+    impl Drop for FakePages {
+        fn drop(&mut self) {
+            FREED.add(self.end - self.next, Relaxed);
+        }
+    }
+
+    /// A file that records the pages put in it, and fails when told to.
+    #[derive(Default)]
+    struct Fake {
+        /// (file page, pfn, uptodate) of each page put in, in order.
+        put: RefCell<KVVec<(u64, u64, bool)>>,
+        /// What the next calls of `put_in` do, the next last: put so many pages in, then fail.
+        /// Without one, a call puts every page in.
+        script: RefCell<KVVec<(u64, Error)>>,
+    }
+
+    impl Fake {
+        fn failing(steps: &[(u64, Error)]) -> Result<Self> {
+            let fake = Self::default();
+            for step in steps.iter().rev() {
+                fake.script.borrow_mut().push(*step, GFP_KERNEL)?;
+            }
+            Ok(fake)
+        }
+
+        fn count(&self) -> usize {
+            self.put.borrow().len()
+        }
+
+        /// Whether the pages put in are `[index, index + nr)` of the file, from `pfn` on, each
+        /// once, uptodate.
+        fn holds(&self, index: u64, pfn: u64, nr: u64) -> bool {
+            self.holds_as(index, pfn, nr, true)
+        }
+
+        fn holds_as(&self, index: u64, pfn: u64, nr: u64, uptodate: bool) -> bool {
+            let mut put = self.put.borrow_mut();
+            sort_by_key(&mut put, |page| page.0);
+            let first = put.partition_point(|page| page.0 < index);
+            let Ok(len) = usize::try_from(nr) else {
+                return false;
+            };
+            put.len() >= first + len
+                && put[first..first + len]
+                    .iter()
+                    .zip(0..)
+                    .all(|(&page, i)| page == (index + i, pfn + i, uptodate))
+                && put
+                    .get(first + len)
+                    .is_none_or(|page| page.0 != index + nr - 1)
+        }
+    }
+
+    impl PageSink for Fake {
+        type Pages = FakePages;
+
+        fn take_back(pfn: u64, nr_pages: u64) -> Result<FakePages> {
+            if pfn + nr_pages > NOT_PRESERVED {
+                return Err(EINVAL);
+            }
+            let window = pfn >> WINDOW_ORDER;
+            if window < 64 {
+                let taken = TAKEN.load(Relaxed);
+                if taken & (1 << window) != 0 {
+                    return Err(EINVAL);
+                }
+                TAKEN.store(taken | 1 << window, Relaxed);
+            }
+            Ok(FakePages {
+                next: pfn,
+                end: pfn + nr_pages,
+            })
+        }
+
+        fn next_pfn(pages: &FakePages) -> u64 {
+            pages.next
+        }
+
+        fn put_in(&self, pages: &mut FakePages, index: u64, uptodate: bool) -> Result {
+            let (limit, err) = match self.script.borrow_mut().pop() {
+                Some((limit, err)) => (limit, Err(err)),
+                None => (u64::MAX, Ok(())),
+            };
+            let mut n = 0;
+            while pages.next < pages.end && n < limit {
+                self.put
+                    .borrow_mut()
+                    .push((index + n, pages.next, uptodate), GFP_KERNEL)?;
+                pages.next += 1;
+                n += 1;
+            }
+            err
+        }
+    }
+
+    /// The memory of `list`, which the fake KHO has handed out nothing of yet.
+    fn lazy_memory(list: &[Extent]) -> Result<Arc<LazyMemory<Fake>>> {
+        TAKEN.store(0, Relaxed);
+        let mut extents = KVVec::with_capacity(list.len(), GFP_KERNEL)?;
+        for extent in list {
+            extents.push(*extent, GFP_KERNEL)?;
+        }
+        LazyReserve::<Fake>::new(windows(list)?.len())?.build(&mut extents)
+    }
+
+    /// 1536 pages at pfn 0x1000: three windows of 512.
+    fn three_windows() -> Result<Arc<LazyMemory<Fake>>> {
+        lazy_memory(&[extent(0, 0x1000, 1536, U)])
+    }
+
+    #[test]
+    fn a_fault_puts_in_its_window_once() -> Result {
+        let fake = Fake::default();
+        let freed = FREED.load(Relaxed);
+        let memory = three_windows()?;
+        memory.fill_at(&fake, 700)?;
+        assert_eq!(fake.count(), 512);
+        assert!(fake.holds(512, 0x1200, 512));
+        memory.fill_at(&fake, 600)?;
+        assert_eq!(fake.count(), 512);
+        // A page of no window: a hole in the file, nothing to put in.
+        memory.fill_at(&fake, 5000)?;
+        assert!(!memory.is_done());
+        memory.fill_at(&fake, 0)?;
+        memory.fill_at(&fake, 1535)?;
+        assert_eq!(fake.count(), 1536);
+        assert!(fake.holds(0, 0x1000, 1536));
+        assert!(memory.is_done());
+        drop(memory);
+        assert_eq!(FREED.load(Relaxed), freed);
+        Ok(())
+    }
+
+    #[test]
+    fn memory_short_or_a_freeze_leaves_the_rest_for_the_next_try() -> Result {
+        let fake = Fake::failing(&[(100, ENOMEM), (0, EBUSY)])?;
+        let freed = FREED.load(Relaxed);
+        let memory = three_windows()?;
+        assert_eq!(memory.fill_at(&fake, 0).err(), Some(ENOMEM));
+        assert_eq!(fake.count(), 100);
+        assert_eq!(memory.fill_at(&fake, 1).err(), Some(EBUSY));
+        assert!(!memory.is_done());
+        // The rest goes in where it belongs, after the first 100 pages.
+        memory.fill_at(&fake, 300)?;
+        assert_eq!(fake.count(), 512);
+        assert!(fake.holds(0, 0x1000, 512));
+        // A worker stops at a frozen file; memory short is tried again, 10 ms later.
+        let worker = Fake::failing(&[(0, EBUSY)])?;
+        memory.restore_in_background(&worker);
+        assert_eq!(worker.count(), 0);
+        let worker = Fake::failing(&[(7, ENOMEM)])?;
+        memory.restore_in_background(&worker);
+        assert_eq!(worker.count(), 1024);
+        assert!(worker.holds(512, 0x1200, 1024));
+        assert!(memory.is_done());
+        drop(memory);
+        assert_eq!(FREED.load(Relaxed), freed);
+        Ok(())
+    }
+
+    #[test]
+    fn a_refused_fill_loses_only_what_did_not_go_in() -> Result {
+        let fake = Fake::failing(&[(3, EFAULT)])?;
+        let freed = FREED.load(Relaxed);
+        let memory = three_windows()?;
+        assert_eq!(memory.fill_at(&fake, 10).err(), Some(EIO));
+        assert_eq!(fake.count(), 3);
+        // The pages that went in are there; the others fail, now and later.
+        memory.fill_at(&fake, 2)?;
+        assert_eq!(memory.fill_at(&fake, 3).err(), Some(EIO));
+        assert_eq!(memory.fill_at(&fake, 511).err(), Some(EIO));
+        assert_eq!(fake.count(), 3);
+        // Freed with the run: nothing would put them in.
+        assert_eq!(FREED.load(Relaxed), freed + 509);
+        // Memory KHO refuses is lost whole.
+        let lost = lazy_memory(&[extent(0, NOT_PRESERVED, 1024, U)])?;
+        assert_eq!(lost.fill_at(&fake, 0).err(), Some(EIO));
+        assert_eq!(lost.fill_at(&fake, 700).err(), Some(EIO));
+        assert_eq!(fake.count(), 3);
+        // Lost memory is settled: finish does not wait for it.
+        assert_eq!(memory.fill_all(&fake).err(), Some(EIO));
+        assert_eq!(fake.count(), 3 + 1024);
+        assert!(memory.is_done());
+        Ok(())
+    }
+
+    #[test]
+    fn a_punch_hole_frees_what_is_pending_and_fills_its_edges() -> Result {
+        let fake = Fake::default();
+        let freed = FREED.load(Relaxed);
+        let memory = three_windows()?;
+        memory.discard_range(&fake, 100, 1100)?;
+        // The edges went in, for the truncation to take their part in the hole; the middle
+        // window was freed, and settles.
+        assert_eq!(fake.count(), 1024);
+        assert!(fake.holds(0, 0x1000, 512));
+        assert!(fake.holds(1024, 0x1400, 512));
+        assert_eq!(FREED.load(Relaxed), freed + 512);
+        assert!(memory.is_done());
+        // Nothing comes back into the hole.
+        memory.fill_at(&fake, 600)?;
+        assert_eq!(fake.count(), 1024);
+        drop(memory);
+        assert_eq!(FREED.load(Relaxed), freed + 512);
+        Ok(())
+    }
+
+    #[test]
+    fn what_is_not_in_when_the_file_goes_is_freed() -> Result {
+        let fake = Fake::failing(&[(10, ENOMEM)])?;
+        let freed = FREED.load(Relaxed);
+        let memory = three_windows()?;
+        assert_eq!(memory.fill_at(&fake, 600).err(), Some(ENOMEM));
+        memory.fill_at(&fake, 0)?;
+        assert_eq!(fake.count(), 522);
+        drop(memory);
+        // The window never touched, and the rest of the one partly in.
+        assert_eq!(FREED.load(Relaxed), freed + 512 + 502);
+        Ok(())
+    }
+
+    #[test]
+    fn a_punch_hole_frees_the_rest_of_a_window_partly_in() -> Result {
+        let fake = Fake::failing(&[(10, ENOMEM)])?;
+        let freed = FREED.load(Relaxed);
+        let memory = three_windows()?;
+        assert_eq!(memory.fill_at(&fake, 600).err(), Some(ENOMEM));
+        memory.discard_range(&fake, 512, 1024)?;
+        assert_eq!(FREED.load(Relaxed), freed + 502);
+        memory.fill_at(&fake, 600)?;
+        assert_eq!(fake.count(), 10);
+        memory.fill_all(&fake)?;
+        assert!(memory.is_done());
+        Ok(())
+    }
+
+    #[test]
+    fn a_lost_edge_of_a_punch_hole_stays_lost_outside_it() -> Result {
+        let fake = Fake::failing(&[(3, EFAULT)])?;
+        let memory = three_windows()?;
+        memory.discard_range(&fake, 100, 1100)?;
+        // Pages 0-2 went in before the failure, 100-511 are in the hole: 3-99 are lost.
+        assert!(fake.holds(0, 0x1000, 3));
+        memory.fill_at(&fake, 2)?;
+        memory.fill_at(&fake, 100)?;
+        assert_eq!(memory.fill_at(&fake, 3).err(), Some(EIO));
+        assert_eq!(memory.fill_at(&fake, 99).err(), Some(EIO));
+        // The other edge went in whole, the middle was freed.
+        assert!(fake.holds(1024, 0x1400, 512));
+        memory.fill_at(&fake, 600)?;
+        assert_eq!(fake.count(), 3 + 512);
+        assert!(memory.is_done());
+        Ok(())
+    }
+
+    #[test]
+    fn memory_that_is_not_guest_memory_goes_in_not_uptodate() -> Result {
+        let fake = Fake::default();
+        let memory = lazy_memory(&[extent(0, 0x1000, 512, 0), extent(512, 0x1200, 8, U)])?;
+        memory.fill_all(&fake)?;
+        assert!(fake.holds_as(0, 0x1000, 512, false));
+        assert!(fake.holds(512, 0x1200, 8));
+        Ok(())
+    }
+
+    #[test]
+    fn a_window_is_taken_back_once() -> Result {
+        let fake = Fake::default();
+        let memory = three_windows()?;
+        memory.fill_at(&fake, 0)?;
+        // What the fake KHO has handed out, it refuses: as a second fill or free would find.
+        assert_eq!(Fake::take_back(0x1000, 512).err(), Some(EINVAL));
+        assert!(Fake::take_back(0x2000, 512).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn stopped_workers_put_nothing_in() -> Result {
+        let fake = Fake::default();
+        let memory = three_windows()?;
+        memory.stop_workers();
+        memory.restore_in_background(&fake);
+        assert_eq!(fake.count(), 0);
+        // First use still works.
+        memory.fill_all(&fake)?;
+        assert_eq!(fake.count(), 1536);
+        assert!(memory.is_done());
+        Ok(())
+    }
+}
