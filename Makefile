@@ -9,7 +9,8 @@
 #   make kernel  assemble the tree and build the debug kernel the tests run on
 #   make kernel-release  the same tree without debug options, for demo and bench
 #   make kernel-guest  a small kernel of the same tree for the demo's Linux guest
-#   make test    run the QEMU tests of tests.list (T=name runs one)
+#   make test    run the QEMU tests of tests.list (T=name runs one; J=2 runs
+#                two QEMU machines at once, as make check does)
 #   make test-nested  the tests with nested Linux guests, on one CPU (T=name runs one)
 #   make lint    rustfmt, clippy and checkpatch over the project's code
 #   make bench   guest_memfd against memfd preservation (not part of check)
@@ -22,7 +23,7 @@ SHELL := /bin/bash
 export KLU_CACHE ?= $(HOME)/.cache/kvm-luo
 SELFTESTS := tools/testing/selftests/kvm_luo
 RUNNER_ARGS = -s $(KLU_CACHE)/src -b $(KLU_CACHE)/build -o $(KLU_CACHE)/out \
-	-g $(KLU_CACHE)/build-guest $(foreach t,$(T),-t $(t))
+	-g $(KLU_CACHE)/build-guest $(foreach t,$(T),-t $(t)) $(if $(J),-j $(J))
 
 .PHONY: check demo setup kernel kernel-release kernel-guest kernel-base test test-nested lint \
 	bench soak clean

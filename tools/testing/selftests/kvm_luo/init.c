@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CMDLINE_MAX	4096
@@ -221,6 +222,7 @@ static void kmemleak_clear(void)
  */
 static void kmemleak_check(const char *name, int stage)
 {
+	struct timespec t0, t1;
 	char line[512];
 	int fd, leaks = 0;
 	FILE *f;
@@ -229,12 +231,14 @@ static void kmemleak_check(const char *name, int stage)
 	if (fd < 0)
 		return;
 	sleep(KMEMLEAK_AGE_S + 1);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	if (write(fd, "scan", 4) != 4) {
 		say("kmemleak: scan failed: %s", strerror(errno));
 		close(fd);
 		return;
 	}
 	close(fd);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
 	f = fopen(KMEMLEAK, "r");
 	if (!f) {
 		say("kmemleak: cannot read the report: %s", strerror(errno));
@@ -247,8 +251,9 @@ static void kmemleak_check(const char *name, int stage)
 		say("kmemleak: %s", line);
 	}
 	fclose(f);
-	say("kmemleak: stage %d of %s: %d unreferenced objects", stage, name,
-	    leaks);
+	say("kmemleak: stage %d of %s: %d unreferenced objects (scan %.1f s)",
+	    stage, name, leaks,
+	    t1.tv_sec - t0.tv_sec + (t1.tv_nsec - t0.tv_nsec) / 1e9);
 }
 
 /*

@@ -8,7 +8,7 @@
 # Ends with "N passed, N failed" and exits non-zero if anything failed.
 #
 # Usage: run_vmtests.sh -s SRC -b BUILD -o OUT [-g GUEST] [-t TEST]... [-r RESULTS]
-#                       [-l LIST] [-c CPUS] [-k BZIMAGE] [-q]
+#                       [-l LIST[:CPUS]]... [-c CPUS] [-j JOBS] [-k BZIMAGE] [-q]
 #   -s  the assembled kernel source tree
 #   -b  its O= build directory (with bzImage, usr/include, usr/gen_init_cpio)
 #   -g  the O= build directory of the Linux guest's kernel (the tests that
@@ -16,8 +16,12 @@
 #   -o  where binaries, the initramfs and the serial logs go
 #   -t  run only this test (repeatable); default: every test in tests.list
 #   -r  also append "PASS|FAIL name seconds" lines to this file
-#   -l  the test list (default: tests.list next to this script)
+#   -l  a test list (default: tests.list next to this script); repeatable,
+#       and LIST:CPUS gives that list's machines CPUS CPUs instead of -c's
 #   -c  CPUs of the QEMU machine (default 2); nested.list runs with 1 (see there)
+#   -j  run up to JOBS QEMU machines at once (default 1). The tests start
+#       longest timeout first, and every timeout is multiplied by JOBS: the
+#       machines share this host's CPUs, so each may run JOBS times slower
 #   -k  boot this kernel instead of the one in -b (which still gives the
 #       headers and gen_init_cpio): the soak's unpatched base
 #   -q  also pack this machine's QEMU, with its libraries and firmware, in
@@ -30,10 +34,10 @@
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
-src="" obj="" out="" results="" list="" guest="" cpus=2 kernel="" qemu=0
-only=()
+src="" obj="" out="" results="" guest="" cpus=2 kernel="" qemu=0 jobs=1
+only=() lists=()
 
-while getopts 's:b:o:g:t:r:l:c:k:qh' opt; do
+while getopts 's:b:o:g:t:r:l:c:j:k:qh' opt; do
 	case $opt in
 	s) src=$(realpath "$OPTARG") ;;
 	b) obj=$(realpath "$OPTARG") ;;
@@ -41,8 +45,9 @@ while getopts 's:b:o:g:t:r:l:c:k:qh' opt; do
 	g) guest=$(realpath -m "$OPTARG") ;;
 	t) only+=("$OPTARG") ;;
 	r) results=$(realpath -m "$OPTARG") ;;
-	l) list=$(realpath "$OPTARG") ;;
+	l) lists+=("$OPTARG") ;;
 	c) cpus=$OPTARG ;;
+	j) jobs=$OPTARG ;;
 	k) kernel=$(realpath "$OPTARG") ;;
 	q) qemu=1 ;;
 	*) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 2 ;;
@@ -50,8 +55,21 @@ while getopts 's:b:o:g:t:r:l:c:k:qh' opt; do
 done
 [ -n "$src" ] && [ -n "$obj" ] && [ -n "$out" ] || { echo "need -s, -b and -o" >&2; exit 2; }
 [[ "$cpus" =~ ^[1-8]$ ]] || { echo "-c takes 1 to 8 CPUs" >&2; exit 2; }
+[[ "$jobs" =~ ^[1-8]$ ]] || { echo "-j takes 1 to 8 jobs" >&2; exit 2; }
 
-list=${list:-$here/tests.list}
+# Each list as "FILE CPUS", its CPUs from -l LIST:CPUS or -c; the first
+# list's name (without .list) names the run's build and selection failures.
+[ ${#lists[@]} -gt 0 ] || lists=("$here/tests.list")
+list_cpus=()
+for l in "${lists[@]}"; do
+	c=$cpus
+	if [[ "$l" =~ ^(.*):([1-8])$ ]]; then
+		l=${BASH_REMATCH[1]} c=${BASH_REMATCH[2]}
+	fi
+	[ -f "$l" ] || { echo "no test list $l" >&2; exit 2; }
+	list_cpus+=("$(realpath "$l") $c")
+done
+run_name=$(basename "${list_cpus[0]% *}" .list)
 kernel=${kernel:-$obj/arch/x86/boot/bzImage}
 hdrs=$obj/usr/include
 gen_cpio=$obj/usr/gen_init_cpio
@@ -62,8 +80,9 @@ for f in "$kernel" "$gen_cpio" "$hdrs/linux/liveupdate.h"; do
 	[ -e "$f" ] || { echo "missing $f: build the kernel first" >&2; exit 2; }
 done
 
-passed=0 failed=0
-failed_names=()
+# Every result of this run, "PASS|FAIL name", written by the tests running
+# in parallel and counted at the end.
+tally=""
 
 # A debug kernel (KASAN, kmemleak): KASAN's shadow makes KHO's default scratch
 # sizing fail at boot, so size it, and give QEMU room for it. Every stage of
@@ -85,13 +104,11 @@ fi
 record() {	# record PASS|FAIL name seconds [reason]
 	local verdict=$1 name=$2 secs=$3 reason=${4:-}
 	if [ "$verdict" = PASS ]; then
-		passed=$((passed + 1))
 		printf 'ok     %-34s %6ss\n' "$name" "$secs"
 	else
-		failed=$((failed + 1))
-		failed_names+=("$name")
 		printf 'FAIL   %-34s %6ss  %s\n' "$name" "$secs" "$reason"
 	fi
+	echo "$verdict $name" >> "$tally"
 	[ -z "$results" ] || echo "$verdict $name $secs" >> "$results"
 }
 
@@ -188,7 +205,10 @@ build_kvm() {
 build_initramfs() {
 	gcc -static -Os -Wall -o "$root/init" "$here/init.c" || return 1
 	mkdir -p "$root/etc"
-	cp "$list" "$root/etc/klu-tests"
+	local l
+	for l in "${list_cpus[@]}"; do
+		cat "${l% *}"
+	done > "$root/etc/klu-tests"
 
 	# The inner image is what stage 2 boots; the outer one adds the kernel
 	# and the inner image for init to kexec into.
@@ -227,21 +247,25 @@ with_next_kernel() {
 
 # --- run -------------------------------------------------------------------
 
-# Names of the lines of tests.list to run.
+# The tests to run, one "NAME CPUS KIND TIMEOUT" line each, longest timeout
+# first (with -j, the long ones then do not end the run alone).
 test_lines() {
-	grep -v -e '^#' -e '^[[:space:]]*$' "$list" | while read -r name rest; do
-		if [ ${#only[@]} -eq 0 ] || [[ " ${only[*]} " == *" $name "* ]]; then
-			echo "$name $rest"
-		fi
-	done
+	local l name kind tmo
+	for l in "${list_cpus[@]}"; do
+		grep -v -e '^#' -e '^[[:space:]]*$' "${l% *}" | while read -r name kind tmo _; do
+			if [ ${#only[@]} -eq 0 ] || [[ " ${only[*]} " == *" $name "* ]]; then
+				echo "$name ${l##* } $kind $tmo"
+			fi
+		done
+	done | sort -s -k4,4nr
 }
 
 # Every boot is a machine with two NUMA nodes (numa=fake=2), as hosts are.
 # QEMU logs a triple fault of the machine (and every CPU reset) in LOG.qemu.
-boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE [INITRAMFS]
+boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE INITRAMFS CPUS
 	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline $4"
-	local initrd=${5:-$out/initramfs.cpio}
-	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" \
+	local initrd=$5
+	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" \
 		-m "$qemu_mem" -nographic -nodefaults -no-reboot -d cpu_reset \
 		-serial file:"$3" -kernel "$kernel" -initrd "$initrd" \
 		-append "$cmdline" </dev/null >"$3.qemu" 2>&1
@@ -305,8 +329,8 @@ kunit_results() {	# kunit_results LOG SECONDS
 	[ "$got" -eq "$plan" ] || record FAIL kunit "$secs" "$got of $plan suites reported"
 }
 
-run_test() {	# run_test NAME KIND TIMEOUT
-	local name=$1 kind=$2 tmo=$3 log=$logs/$1.log extra="kunit.enable=0"
+run_test() {	# run_test NAME CPUS KIND TIMEOUT
+	local name=$1 cpus=$2 kind=$3 tmo=$(($4 * jobs)) log=$logs/$1.log extra="kunit.enable=0"
 	local start secs status trouble
 	[ "$kind" = boot ] && extra=""
 	[ "${KLU_INJECT_FAIL:-}" = "$name" ] && extra="$extra klu.expect=1"
@@ -319,7 +343,7 @@ run_test() {	# run_test NAME KIND TIMEOUT
 	boot) stages="" ;;
 	esac
 	start=$(date +%s.%N)
-	boot "$name" "$tmo" "$log" "$extra" "$initrd"
+	boot "$name" "$tmo" "$log" "$extra" "$initrd" "$cpus"
 	status=$?
 	secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
 
@@ -383,7 +407,9 @@ main() {
 	fi
 	rm -rf "$root"
 	mkdir -p "$logs" "$root"
-	local lines name kind tmo
+	tally=$out/tally
+	: > "$tally"
+	local lines name ncpus kind tmo
 	lines=$(test_lines)
 	# Nothing left of an earlier run of these tests is taken for this one's.
 	while read -r name _; do
@@ -392,15 +418,23 @@ main() {
 	echo "# building test binaries and the initramfs in $out"
 	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm &&
 	       build_qemu && build_initramfs; }; then
-		record FAIL "runner-build:$(basename "$list" .list)" 0 "building the tests failed"
+		record FAIL "runner-build:$run_name" 0 "building the tests failed"
 	else
-		[ -n "$lines" ] || record FAIL "runner-select:$(basename "$list" .list)" 0 "no test matches: ${only[*]}"
-		while read -r name kind tmo _; do
-			[ -n "$name" ] && run_test "$name" "$kind" "$tmo"
+		[ -n "$lines" ] || record FAIL "runner-select:$run_name" 0 "no test matches: ${only[*]}"
+		while read -r name ncpus kind tmo; do
+			[ -n "$name" ] || continue
+			while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
+				wait -n
+			done
+			run_test "$name" "$ncpus" "$kind" "$tmo" &
 		done <<< "$lines"
+		wait
 	fi
+	local passed failed
+	passed=$(grep -c '^PASS ' "$tally")
+	failed=$(grep -c '^FAIL ' "$tally")
 	echo "# logs: $logs"
-	[ ${#failed_names[@]} -eq 0 ] || echo "# failed: ${failed_names[*]}"
+	[ "$failed" -eq 0 ] || echo "# failed: $(awk '$1 == "FAIL" { printf "%s ", $2 }' "$tally")"
 	echo "$passed passed, $failed failed"
 	[ "$failed" -eq 0 ]
 }
