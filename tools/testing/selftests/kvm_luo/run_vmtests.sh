@@ -20,8 +20,9 @@
 #       and LIST:CPUS gives that list's machines CPUS CPUs instead of -c's
 #   -c  CPUs of the QEMU machine (default 2); nested.list runs with 1 (see there)
 #   -j  run up to JOBS QEMU machines at once (default 1). The tests start
-#       longest timeout first, and every timeout is multiplied by JOBS: the
-#       machines share this host's CPUs, so each may run JOBS times slower
+#       longest timeout first, and every timeout is multiplied by
+#       (JOBS + 1) / 2: the machines share this host's CPUs (see check.sh
+#       for what two at once cost each test)
 #   -k  boot this kernel instead of the one in -b (which still gives the
 #       headers and gen_init_cpio): the soak's unpatched base
 #   -q  also pack this machine's QEMU, with its libraries and firmware, in
@@ -103,13 +104,13 @@ fi
 
 record() {	# record PASS|FAIL name seconds [reason]
 	local verdict=$1 name=$2 secs=$3 reason=${4:-}
+	echo "$verdict $name" >> "$tally"
+	[ -z "$results" ] || echo "$verdict $name $secs" >> "$results"
 	if [ "$verdict" = PASS ]; then
 		printf 'ok     %-34s %6ss\n' "$name" "$secs"
 	else
 		printf 'FAIL   %-34s %6ss  %s\n' "$name" "$secs" "$reason"
 	fi
-	echo "$verdict $name" >> "$tally"
-	[ -z "$results" ] || echo "$verdict $name $secs" >> "$results"
 }
 
 # --- build -----------------------------------------------------------------
@@ -265,7 +266,7 @@ test_lines() {
 boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE INITRAMFS CPUS
 	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline $4"
 	local initrd=$5
-	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" \
+	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" 9>&- \
 		-m "$qemu_mem" -nographic -nodefaults -no-reboot -d cpu_reset \
 		-serial file:"$3" -kernel "$kernel" -initrd "$initrd" \
 		-append "$cmdline" </dev/null >"$3.qemu" 2>&1
@@ -330,7 +331,7 @@ kunit_results() {	# kunit_results LOG SECONDS
 }
 
 run_test() {	# run_test NAME CPUS KIND TIMEOUT
-	local name=$1 cpus=$2 kind=$3 tmo=$(($4 * jobs)) log=$logs/$1.log extra="kunit.enable=0"
+	local name=$1 cpus=$2 kind=$3 tmo=$(($4 * (jobs + 1) / 2)) log=$logs/$1.log extra="kunit.enable=0"
 	local start secs status trouble
 	[ "$kind" = boot ] && extra=""
 	[ "${KLU_INJECT_FAIL:-}" = "$name" ] && extra="$extra klu.expect=1"
@@ -398,7 +399,7 @@ run_test() {	# run_test NAME CPUS KIND TIMEOUT
 main() {
 	# One run at a time per output directory: another run would remove
 	# this one's binaries. Logs of tests this run does not run stay (make
-	# check runs tests.list, then nested.list, with the same directory).
+	# test and make test-nested use the same directory).
 	mkdir -p "$out"
 	exec 9>"$out/.lock"
 	if ! flock -n 9; then
@@ -421,14 +422,28 @@ main() {
 		record FAIL "runner-build:$run_name" 0 "building the tests failed"
 	else
 		[ -n "$lines" ] || record FAIL "runner-select:$run_name" 0 "no test matches: ${only[*]}"
+		# Stopped, the runner stops its machines (timeout runs each in
+		# a process group of its own, out of reach of the terminal's ^C).
+		trap 'for p in $(jobs -p); do pkill -TERM -P "$p"; kill "$p"; done 2>/dev/null; exit 130' INT TERM
 		while read -r name ncpus kind tmo; do
 			[ -n "$name" ] || continue
 			while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
 				wait -n
 			done
-			run_test "$name" "$ncpus" "$kind" "$tmo" &
+			run_test "$name" "$ncpus" "$kind" "$tmo" </dev/null &
 		done <<< "$lines"
 		wait
+		trap - INT TERM
+		# A test whose job died before it said anything failed.
+		while read -r name ncpus kind tmo; do
+			[ -n "$name" ] || continue
+			if [ "$kind" = boot ]; then
+				grep -q -E '^(PASS|FAIL) kunit(:|$)' "$tally" && continue
+			else
+				grep -q -E "^(PASS|FAIL) $name\$" "$tally" && continue
+			fi
+			record FAIL "$name" 0 "no result: the job running it died"
+		done <<< "$lines"
 	fi
 	local passed failed
 	passed=$(grep -c '^PASS ' "$tally")
