@@ -30,6 +30,7 @@ use kvm_luo_agent::fleet::{Registry, Stored};
 use kvm_luo_protocol::protocol::{FromAgent, Status, ToAgent, VmmState};
 use kvm_luo_protocol::{socket, Client};
 use liveupdate::SessionName;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Child, Command};
 use std::time::{Duration, Instant};
@@ -257,6 +258,19 @@ fn test_name(cmdline: &str) -> String {
         .to_string()
 }
 
+/// A line for the test runner, as the test machine's init writes its own: a record of the kernel
+/// log, which a kernel message cannot cut in two on the console as it can a line written there.
+fn klu_line(line: &str) {
+    let record = format!("<5>KLU: {line}\n");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .and_then(|mut kmsg| kmsg.write_all(record.as_bytes()));
+    if written.is_err() {
+        println!("KLU: {line}");
+    }
+}
+
 /// This kernel's command line for the next one: `klu.stage=2` instead of this stage's.
 fn next_cmdline(cmdline: &str) -> String {
     let mut words: Vec<&str> = cmdline
@@ -338,10 +352,10 @@ fn stage1(f: &mut Fleet, a: &Args, cmdline: &str) {
         armed.vmms.join(", "),
         t1.elapsed().as_secs_f64()
     ));
-    println!(
-        "KLU: stage 1 of {}: PASS (every VMM ready, the agent kexecs)",
+    klu_line(&format!(
+        "stage 1 of {}: PASS (every VMM ready, the agent kexecs)",
         f.test
-    );
+    ));
     let e = armed.commit();
     f.fail(format!("the kexec: {e}"));
 }
@@ -1012,11 +1026,11 @@ fn handover(f: &mut Fleet, stage: u8, cmdline: &str) {
                 Duration::from_secs(30),
             )
             .unwrap_or_else(|e| f.fail(format!("the update: {e}")));
-        println!(
-            "KLU: stage 1 of {}: PASS ({} ready, the agent kexecs)",
+        klu_line(&format!(
+            "stage 1 of {}: PASS ({} ready, the agent kexecs)",
             f.test,
             armed.vmms.join(", ")
-        );
+        ));
         let e = armed.commit();
         f.fail(format!("the kexec: {e}"));
     }
