@@ -78,7 +78,7 @@ static void say_to_kmsg(void)
 {
 	int fd = open("/proc/sys/kernel/printk_devkmsg", O_WRONLY);
 
-	if (fd < 0 || write(fd, "on", 2) != 2) {
+	if (fd < 0 || write(fd, "on\n", 3) != 3) {
 		say("cannot lift /dev/kmsg's rate limit: %s", strerror(errno));
 		if (fd >= 0)
 			close(fd);
