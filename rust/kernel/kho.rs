@@ -210,6 +210,49 @@ unsafe impl<T: FromBytes + Send> Send for Restored<T> {}
 // SAFETY: `&Restored<T>` only gives out `&T`.
 unsafe impl<T: FromBytes + Sync> Sync for Restored<T> {}
 
+/// Checks at build time that `$rust`, the Rust form of a structure `$c` of a C ABI header
+/// (`include/linux/kho/abi/`), has its size and each of the named fields at the same offset, in
+/// the order of the C structure, so that the two cannot drift apart.
+///
+/// Serialized state is read through `zerocopy` (any bytes the previous kernel left are a valid
+/// value), which the generated bindings do not derive: the handlers keep a Rust form of each
+/// structure, with its fields in little-endian types, and check it against the C header with this.
+///
+/// # Examples
+///
+/// ```
+/// /// As bindgen gives a C structure.
+/// #[repr(C)]
+/// struct Header {
+///     size: u64,
+///     flags: u32,
+///     reserved: u32,
+/// }
+///
+/// /// Its Rust form, here in bytes (a handler's uses `zerocopy`'s little-endian types).
+/// #[repr(C)]
+/// struct HeaderSer {
+///     size: [u8; 8],
+///     flags: [u8; 4],
+///     reserved: [u8; 4],
+/// }
+///
+/// kernel::assert_abi_layout!(HeaderSer, Header, [size, flags, reserved]);
+/// ```
+#[macro_export]
+macro_rules! assert_abi_layout {
+    ($rust:ty, $c:ty, [$($field:ident),+ $(,)?]) => {
+        const _: () = {
+            ::core::assert!(::core::mem::size_of::<$rust>() == ::core::mem::size_of::<$c>());
+            $(
+                ::core::assert!(
+                    ::core::mem::offset_of!($rust, $field) == ::core::mem::offset_of!($c, $field)
+                );
+            )+
+        };
+    };
+}
+
 /// How the previous kernel describes a preserved vmalloc area, in the layout of
 /// `struct kho_vmalloc`, to embed in a handler's serialized state.
 #[repr(C)]
@@ -220,6 +263,12 @@ pub struct VmallocDesc {
     flags: U16,
     order: U16,
 }
+
+crate::assert_abi_layout!(
+    VmallocDesc,
+    bindings::kho_vmalloc,
+    [first, total_pages, flags, order]
+);
 
 impl VmallocDesc {
     fn from_raw(raw: &bindings::kho_vmalloc) -> Self {

@@ -58,6 +58,26 @@ use core::{
 /// Length of the compatible string, including its terminating NUL.
 pub const COMPATIBLE_LEN: usize = bindings::LIVEUPDATE_HNDL_COMPAT_LENGTH as usize;
 
+/// A compatible string from the bytes of a C string macro of an ABI header, as bindgen gives it
+/// (NUL-terminated). Meant for constants: the build fails if `name` is not one NUL-terminated
+/// string of at most [`COMPATIBLE_LEN`] bytes.
+///
+/// # Examples
+///
+/// ```
+/// use kernel::liveupdate::compatible;
+///
+/// const NAME: &kernel::str::CStr = compatible(b"example-v1\0");
+/// assert_eq!(NAME, c"example-v1");
+/// ```
+#[inline(always)]
+pub const fn compatible(name: &'static [u8]) -> &'static CStr {
+    match CStr::from_bytes_with_nul(name) {
+        Ok(c) if name.len() <= COMPATIBLE_LEN => c,
+        _ => build_error!("a compatible string must be NUL-terminated and fit LUO's field"),
+    }
+}
+
 /// What a handler keeps for a preserved file until the kexec (or until it is unpreserved): the
 /// serialized head object, preserved with KHO, and runtime state that is not carried across.
 ///
@@ -679,10 +699,12 @@ pub fn retry_on_enomem<T>(tries: u32, mut f: impl FnMut() -> Result<T>) -> Resul
     result
 }
 
-/// Declares a kernel module that registers a single LUO file handler.
+/// Declares a kernel module that registers a LUO file handler.
 ///
 /// The module registers the handler when it is initialised and unregisters it when it is
-/// removed. The fields after `type` are those of [`module!`](crate::prelude::module).
+/// removed. With `legacy`, it registers a second handler too, for files that kernels before this
+/// one preserved under another compatible string. The fields after `type` (and `legacy`) are
+/// those of [`module!`](crate::prelude::module).
 ///
 /// # Examples
 ///
@@ -697,6 +719,31 @@ pub fn retry_on_enomem<T>(tries: u32, mut f: impl FnMut() -> Result<T>) -> Resul
 /// ```
 #[macro_export]
 macro_rules! module_liveupdate_handler {
+    (type: $type:ty, legacy: $legacy:ty, $($f:tt)*) => {
+        #[$crate::prelude::pin_data]
+        struct LiveUpdateHandlerModule {
+            #[pin]
+            _registration: $crate::liveupdate::Registration<$type>,
+            #[pin]
+            _legacy: $crate::liveupdate::Registration<$legacy>,
+        }
+
+        impl $crate::InPlaceModule for LiveUpdateHandlerModule {
+            fn init(
+                _module: &'static $crate::ThisModule,
+            ) -> impl ::pin_init::PinInit<Self, $crate::error::Error> {
+                $crate::try_pin_init!(Self {
+                    _registration <- $crate::liveupdate::Registration::register(),
+                    _legacy <- $crate::liveupdate::Registration::register(),
+                })
+            }
+        }
+
+        $crate::prelude::module! {
+            type: LiveUpdateHandlerModule,
+            $($f)*
+        }
+    };
     (type: $type:ty, $($f:tt)*) => {
         #[$crate::prelude::pin_data]
         struct LiveUpdateHandlerModule {

@@ -23,6 +23,7 @@
 //! The ABI is documented in `Documentation/virt/kvm/luo.rst`.
 
 use kernel::{
+    bindings,
     fs::File,
     kho::{
         Preserved,
@@ -36,6 +37,7 @@ use kernel::{
         Kvm, //
     },
     liveupdate::{
+        compatible,
         retry_on_enomem,
         FileHandler,
         IncomingSession,
@@ -59,23 +61,34 @@ use kernel::{
 use zerocopy::byteorder::little_endian::U64;
 
 kernel::module_liveupdate_handler! {
-    type: VmHandler,
+    type: VmHandler<false>,
+    legacy: VmHandler<true>,
     name: "kvm_vm_luo",
     authors: ["KVM live update in Rust developers"],
     description: "Live update of KVM VM files",
     license: "GPL",
+    params: {
+        preserve_legacy: bool {
+            default: false,
+            description: "Testing only: preserve VMs under their earlier name, kvm-vm-rs-v2",
+        },
+    },
 }
 
 /// The handler's compatible string. The number is the version of the ABI below.
-const COMPATIBLE: &CStr = c"kvm-vm-rs-v2";
+const COMPATIBLE: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE);
+
+/// The name kernels before this one gave the same layout: files preserved under it are read as
+/// this version's.
+const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE_RS);
 
 /// Flag of [`VmSer::flags`]: KVM had marked the VM dead or bugged when it was frozen.
-const VM_SER_DEAD: u64 = 1 << 0;
+const VM_SER_DEAD: u64 = bindings::KVM_VM_LUO_DEAD as u64;
 
 /// Guest frame numbers must stay below this (52-bit guest physical addresses).
 const GFN_LIMIT: u64 = 1 << (52 - kernel::page::PAGE_SHIFT);
 
-/// The preserved head of a VM (ABI, little-endian).
+/// The preserved head of a VM: `struct kvm_vm_luo_ser` of `include/linux/kho/abi/kvm.h`.
 #[repr(C)]
 #[derive(FromBytes, IntoBytes)]
 pub struct VmSer {
@@ -89,7 +102,8 @@ pub struct VmSer {
     ranges: VmallocDesc,
 }
 
-/// Frames `[start, start + nr_pages)` all have the memory attributes `attrs` (ABI).
+/// Frames `[start, start + nr_pages)` all have the memory attributes `attrs`:
+/// `struct kvm_vm_luo_attr_range` of the ABI header.
 #[repr(C)]
 #[derive(Clone, Copy, FromBytes, IntoBytes)]
 pub struct AttrRange {
@@ -97,6 +111,17 @@ pub struct AttrRange {
     nr_pages: U64,
     attrs: U64,
 }
+
+kernel::assert_abi_layout!(
+    VmSer,
+    bindings::kvm_vm_luo_ser,
+    [vm_type, flags, nr_ranges, ranges]
+);
+kernel::assert_abi_layout!(
+    AttrRange,
+    bindings::kvm_vm_luo_attr_range,
+    [start, nr_pages, attrs]
+);
 
 impl AttrRange {
     fn new(start: u64, nr_pages: u64, attrs: u64) -> Self {
@@ -203,7 +228,9 @@ struct VmState {
 /// Counter for the names of retrieved VMs.
 static RETRIEVED: Atomic<u64> = Atomic::new(0);
 
-struct VmHandler;
+/// The VM handler: under [`COMPATIBLE`], or when `LEGACY`, under [`LEGACY_COMPATIBLE`], which
+/// it reads but writes only with the `preserve_legacy` parameter (the tests' older kernel).
+struct VmHandler<const LEGACY: bool>;
 
 fn vm_of(file: &File) -> Result<&Kvm> {
     let kvm = Kvm::from_file(file).ok_or(EBADF)?;
@@ -215,15 +242,19 @@ fn vm_of(file: &File) -> Result<&Kvm> {
 }
 
 #[vtable]
-impl FileHandler for VmHandler {
-    const COMPATIBLE: &'static CStr = COMPATIBLE;
+impl<const LEGACY: bool> FileHandler for VmHandler<LEGACY> {
+    const COMPATIBLE: &'static CStr = if LEGACY {
+        LEGACY_COMPATIBLE
+    } else {
+        COMPATIBLE
+    };
     type Serialized = VmSer;
     type State = VmState;
     /// The ranges, once taken back.
     type Partial = RestoredVec<AttrRange>;
 
     fn can_preserve(file: &File) -> bool {
-        Kvm::from_file(file).is_some()
+        LEGACY == module_parameters::preserve_legacy.value() && Kvm::from_file(file).is_some()
     }
 
     fn preserve(file: &File, _session: &OutgoingSession<'_>) -> Result<Outgoing<Self>> {
@@ -311,7 +342,14 @@ impl FileHandler for VmHandler {
         // KVM allocates as it sets them. When it runs out, the new VM goes, and the next try sets
         // every range again on a VM of its own.
         match set_ranges(kvm, ranges) {
-            Ok(()) => Ok(file),
+            Ok(()) => {
+                if LEGACY {
+                    pr_info!(
+                        "retrieved a VM an earlier kernel preserved as {LEGACY_COMPATIBLE:?}\n"
+                    );
+                }
+                Ok(file)
+            }
             Err(ENOMEM) => Err(RetrieveError::retry_with(
                 ENOMEM,
                 serialized,

@@ -18,6 +18,13 @@
  * half, the untouched half, the private bytes, which the vCPU can only reach
  * if the memory attributes crossed both kexecs. It finishes, closes
  * everything, and checks that the memory comes back.
+ *
+ * The second kernel plays a kernel older than the third: stage 1 boots it
+ * with the handlers' preserve_legacy parameters, so that it preserves under
+ * the names kernels before the ABI header gave the same layouts
+ * (kvm-vm-rs-v2, kvm-gmem-rs-v3), and the third kernel must read them. Each
+ * stage checks in the kernel log that its retrieves went through the names it
+ * expects: none of the earlier names in kernel 2, all four files in kernel 3.
  */
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -40,6 +47,20 @@
 #define TOKEN_GMEM	2
 #define TOKEN_PVM	3
 #define TOKEN_PGMEM	4
+#define NEXT_ARGS	"/tmp/klu-next-args"
+#define LEGACY_VM	"an earlier kernel preserved as \"kvm-vm-rs-v2\""
+#define LEGACY_GMEM	"an earlier kernel preserved as \"kvm-gmem-rs-v3\""
+
+/* The kernel log says @want retrieves of each kind went through the earlier names. */
+static void check_legacy_retrieves(int want, const char *when)
+{
+	int vms = klu_kmsg_count(LEGACY_VM), gmems = klu_kmsg_count(LEGACY_GMEM);
+
+	ksft_print_msg("%s: %d VMs and %d guest_memfds retrieved under earlier names\n",
+		       when, vms, gmems);
+	if (vms != want || gmems != want)
+		ksft_exit_fail_msg("%s: expected %d of each\n", when, want);
+}
 
 static const size_t private_offsets[] = { 0, 7, 4096 + 3, 3 * MIB + 5, GMEM_SIZE - 1 };
 
@@ -136,6 +157,7 @@ static void stage1(int luo_fd)
 	};
 	int vm, gmem, pvm, pgmem;
 	struct klu_vcpu v;
+	FILE *args;
 	uint8_t *p;
 	size_t i;
 
@@ -155,7 +177,13 @@ static void stage1(int luo_fd)
 	private_io(&v, 1, 0, "kernel 1");
 
 	preserve_all(luo_fd, "chain-1", vm, gmem, pvm, pgmem);
-	ksft_print_msg("kernel 1: preserved two VMs and their guest_memfds; kexec\n");
+	args = fopen(NEXT_ARGS, "w");
+	if (!args ||
+	    fprintf(args, "kvm_vm_luo.preserve_legacy=1 guest_memfd_luo.preserve_legacy=1\n") < 0 ||
+	    fclose(args))
+		fail_exit(NEXT_ARGS);
+	ksft_print_msg("kernel 1: preserved two VMs and their guest_memfds; kexec into a kernel\n");
+	ksft_print_msg("that preserves them under their earlier names\n");
 	close(luo_fd);
 	daemonize_and_wait();
 }
@@ -175,6 +203,7 @@ static void stage2(int luo_fd)
 	pvm = retrieve_token(session, TOKEN_PVM);
 	pgmem = retrieve_token(session, TOKEN_PGMEM);
 
+	check_legacy_retrieves(0, "kernel 2");
 	p = klu_map(gmem, GMEM_SIZE);
 	check_shared(p, 0, "kernel 2");
 	v = private_vcpu(pvm, pgmem);
@@ -208,6 +237,7 @@ static void stage3(int luo_fd)
 	pgmem = retrieve_token(session, TOKEN_PGMEM);
 	vm = retrieve_token(session, TOKEN_VM);
 
+	check_legacy_retrieves(2, "kernel 3");
 	p = klu_map(gmem, GMEM_SIZE);
 	check_shared(p, 2, "kernel 3");
 	v = private_vcpu(pvm, pgmem);

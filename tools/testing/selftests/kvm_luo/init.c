@@ -288,13 +288,14 @@ static void kmemleak_check(const char *name, int stage)
 
 /*
  * Words a stage may leave for the next kernel's command line, and only for
- * it: klu.arg.NAME=VALUE for the next stage, and parameters of the guest_memfd
- * handler (guest_memfd_luo.NAME=VALUE).
+ * it: klu.arg.NAME=VALUE for the next stage, and parameters of the handlers
+ * (guest_memfd_luo.NAME=VALUE, kvm_vm_luo.NAME=VALUE).
  */
 static bool next_only(const char *word)
 {
 	return !strncmp(word, "klu.arg.", 8) ||
-	       !strncmp(word, "guest_memfd_luo.", 16);
+	       !strncmp(word, "guest_memfd_luo.", 16) ||
+	       !strncmp(word, "kvm_vm_luo.", 11);
 }
 
 /* Load the next kernel, with this command line but klu.stage=@stage. */

@@ -157,6 +157,22 @@ void klu_gmem_reports(struct klu_gmem_report *out, size_t n)
 		out[i] = seen[(count - n + i) % ARRAY_SIZE(seen)];
 }
 
+int klu_kmsg_count(const char *needle)
+{
+	FILE *f = fopen("/dev/kmsg", "r");
+	char line[1024];
+	int n = 0;
+
+	if (!f)
+		fail_exit("open /dev/kmsg");
+	fcntl(fileno(f), F_SETFL, fcntl(fileno(f), F_GETFL) | O_NONBLOCK);
+	while (fgets(line, sizeof(line), f))
+		if (strstr(line, needle))
+			n++;
+	fclose(f);
+	return n;
+}
+
 void klu_fragment(int fd, size_t size)
 {
 	size_t off;

@@ -118,6 +118,9 @@ void klu_fragment(int fd, size_t size);
 /* Write @val to the file at @path; exits on failure. */
 void klu_write_str(const char *path, const char *val);
 
+/* How many lines of the kernel log so far contain @needle. */
+int klu_kmsg_count(const char *needle);
+
 /*
  * Memory cgroups: klu_memcg_enter() moves this process into the cgroup
  * /sys/fs/cgroup/@name (made, with cgroup2 mounted and the memory controller

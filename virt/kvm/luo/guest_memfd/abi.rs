@@ -6,9 +6,11 @@
 
 use super::pace;
 use kernel::{
+    bindings,
     folio::Span,
     kho::VmallocDesc,
     kvm,
+    liveupdate::compatible,
     page::PAGE_SIZE,
     prelude::*, //
 };
@@ -17,16 +19,23 @@ use zerocopy::byteorder::little_endian::{
     U64, //
 };
 
+// The ABI is `include/linux/kho/abi/kvm.h`: its constants come from there, and the structures
+// below are checked against it at build time.
+
 /// The handler's compatible string. The number is the version of the ABI below.
-pub(super) const COMPATIBLE: &CStr = c"kvm-gmem-rs-v3";
+pub(super) const COMPATIBLE: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBLE);
+
+/// The name kernels before this one gave the same layout: files preserved under it are read as
+/// this version's.
+pub(super) const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBLE_RS);
 
 /// Extents are preserved in naturally aligned windows of `2^WINDOW_ORDER` physical pages (2 MiB):
 /// the next kernel takes back, and puts in, one window at a time (ABI, since v2).
-pub(super) const WINDOW_ORDER: u32 = 9;
+pub(super) const WINDOW_ORDER: u32 = bindings::KVM_GMEM_LUO_WINDOW_ORDER;
 
 /// File flags in the ABI, owned by it and mapped to and from the kernel's `GUEST_MEMFD_FLAG_*`.
-const SER_FLAG_MMAP: u32 = 1 << 0;
-const SER_FLAG_INIT_SHARED: u32 = 1 << 1;
+const SER_FLAG_MMAP: u32 = bindings::KVM_GMEM_LUO_FLAG_MMAP;
+const SER_FLAG_INIT_SHARED: u32 = bindings::KVM_GMEM_LUO_FLAG_INIT_SHARED;
 const SER_FLAGS: [(u32, u64); 2] = [
     (SER_FLAG_MMAP, kvm::GUEST_MEMFD_FLAG_MMAP),
     (SER_FLAG_INIT_SHARED, kvm::GUEST_MEMFD_FLAG_INIT_SHARED),
@@ -68,15 +77,15 @@ pub(super) fn flags_from_ser(ser: u32) -> Result<u64> {
 
 /// Extent flag: the folios are uptodate (their contents are valid guest memory). Every extent
 /// this version preserves has it.
-pub(super) const EXTENT_UPTODATE: u64 = 1 << 0;
+pub(super) const EXTENT_UPTODATE: u64 = bindings::KVM_GMEM_LUO_EXTENT_UPTODATE as u64;
 const KNOWN_EXTENT_FLAGS: u64 = EXTENT_UPTODATE;
 
 /// Bits of [`ExtentSer::pfn_flags`] that hold the flags.
-const FLAG_BITS: u32 = 12;
+const FLAG_BITS: u32 = bindings::KVM_GMEM_LUO_FLAG_BITS;
 
 /// Bits of [`ExtentSer::index_len`] that hold the length: a record describes at most
 /// `2^LEN_BITS` pages (4 GiB), and a longer extent takes several, cut where a window starts.
-const LEN_BITS: u32 = 20;
+const LEN_BITS: u32 = bindings::KVM_GMEM_LUO_LEN_BITS;
 
 /// The most pages a record describes.
 const MAX_RECORD_PAGES: u64 = 1 << LEN_BITS;
@@ -84,7 +93,7 @@ const MAX_RECORD_PAGES: u64 = 1 << LEN_BITS;
 /// The largest file carried over, in pages (64 PiB): its page indexes fit in a record.
 pub(super) const MAX_FILE_PAGES: u64 = 1 << (u64::BITS - LEN_BITS);
 
-/// The preserved head of a guest_memfd (ABI, little-endian, 64 bytes).
+/// The preserved head of a guest_memfd: `struct kvm_gmem_luo_ser`.
 #[repr(C)]
 #[derive(FromBytes, IntoBytes)]
 pub(super) struct GmemSer {
@@ -106,7 +115,8 @@ pub(super) struct GmemSer {
     pub(super) extents: VmallocDesc,
 }
 
-/// One to `2^LEN_BITS` pages at file index `index`, at physical frames `pfn..` (ABI, 16 bytes).
+/// One to `2^LEN_BITS` pages at file index `index`, at physical frames `pfn..`:
+/// `struct kvm_gmem_luo_extent`.
 #[repr(C)]
 #[derive(Clone, Copy, FromBytes, IntoBytes)]
 pub(super) struct ExtentSer {
@@ -115,6 +125,17 @@ pub(super) struct ExtentSer {
     /// `pfn << FLAG_BITS | flags`.
     pfn_flags: U64,
 }
+
+kernel::assert_abi_layout!(
+    GmemSer,
+    bindings::kvm_gmem_luo_ser,
+    [size, flags, reserved, nr_extents, nr_pages, nr_windows, vm_token, extents]
+);
+kernel::assert_abi_layout!(
+    ExtentSer,
+    bindings::kvm_gmem_luo_extent,
+    [index_len, pfn_flags]
+);
 
 /// An extent, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

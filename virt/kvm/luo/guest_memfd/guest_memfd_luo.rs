@@ -80,6 +80,7 @@ use abi::{
     ExtentSer,
     GmemSer,
     COMPATIBLE,
+    LEGACY_COMPATIBLE,
     MAX_FILE_PAGES,
     WINDOW_ORDER, //
 };
@@ -141,7 +142,8 @@ mod windows;
 mod workers;
 
 kernel::module_liveupdate_handler! {
-    type: GmemHandler,
+    type: GmemHandler<false>,
+    legacy: GmemHandler<true>,
     name: "guest_memfd_luo",
     authors: ["KVM live update in Rust developers"],
     description: "Live update of KVM guest_memfd files",
@@ -150,6 +152,10 @@ kernel::module_liveupdate_handler! {
         background_restore: bool {
             default: true,
             description: "Put retrieved guest memory back in the background, not only on first use",
+        },
+        preserve_legacy: bool {
+            default: false,
+            description: "Testing only: preserve under the earlier name, kvm-gmem-rs-v3",
         },
     },
 }
@@ -172,7 +178,10 @@ struct GmemState {
     _extents: PreservedVec<ExtentSer>,
 }
 
-struct GmemHandler;
+/// The guest_memfd handler: under [`COMPATIBLE`], or when `LEGACY`, under
+/// [`LEGACY_COMPATIBLE`], which it reads but writes only with the `preserve_legacy` parameter (the
+/// tests' older kernel).
+struct GmemHandler<const LEGACY: bool>;
 
 fn check_vm(gmem: &GuestMemfd<'_>) -> Result {
     if gmem.kvm.is_dead() {
@@ -395,15 +404,19 @@ fn prepare_retrieve(serialized: &GmemSer, session: &IncomingSession<'_>) -> Resu
 }
 
 #[vtable]
-impl FileHandler for GmemHandler {
-    const COMPATIBLE: &'static CStr = COMPATIBLE;
+impl<const LEGACY: bool> FileHandler for GmemHandler<LEGACY> {
+    const COMPATIBLE: &'static CStr = if LEGACY {
+        LEGACY_COMPATIBLE
+    } else {
+        COMPATIBLE
+    };
     type Serialized = GmemSer;
     type State = GmemState;
     /// Everything that can fail for an ordinary reason comes before the records are taken back.
     type Partial = Infallible;
 
     fn can_preserve(file: &File) -> bool {
-        GuestMemfd::of(file).is_some()
+        LEGACY == module_parameters::preserve_legacy.value() && GuestMemfd::of(file).is_some()
     }
 
     fn preserve(file: &File, _session: &OutgoingSession<'_>) -> Result<Outgoing<Self>> {
@@ -498,6 +511,11 @@ impl FileHandler for GmemHandler {
         })?;
         gmem.set_filler(slot, memory.clone())?;
         workers.start(&memory, &gmem.inode());
+        if LEGACY {
+            pr_info!(
+                "retrieved a guest_memfd an earlier kernel preserved as {LEGACY_COMPATIBLE:?}\n"
+            );
+        }
         Ok(gmem.into_file())
     }
 
