@@ -211,8 +211,8 @@ unsafe impl<T: FromBytes + Send> Send for Restored<T> {}
 unsafe impl<T: FromBytes + Sync> Sync for Restored<T> {}
 
 /// Checks at build time that `$rust`, the Rust form of a structure `$c` of a C ABI header
-/// (`include/linux/kho/abi/`), has its size and each of the named fields at the same offset, in
-/// the order of the C structure, so that the two cannot drift apart.
+/// (`include/linux/kho/abi/`), has its size and each of the named fields at the same offset, so
+/// that the two cannot drift apart. Name every field: a field left out is not checked.
 ///
 /// Serialized state is read through `zerocopy` (any bytes the previous kernel left are a valid
 /// value), which the generated bindings do not derive: the handlers keep a Rust form of each

@@ -70,7 +70,7 @@ kernel::module_liveupdate_handler! {
     params: {
         preserve_legacy: bool {
             default: false,
-            description: "Testing only: preserve VMs under their earlier name, kvm-vm-rs-v2",
+            description: "Preserve VMs under their earlier name, kvm-vm-rs-v2 (an update back, tests)",
         },
     },
 }
@@ -80,7 +80,7 @@ const COMPATIBLE: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE);
 
 /// The name kernels before this one gave the same layout: files preserved under it are read as
 /// this version's.
-const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE_RS);
+const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE_LEGACY);
 
 /// Flag of [`VmSer::flags`]: KVM had marked the VM dead or bugged when it was frozen.
 const VM_SER_DEAD: u64 = bindings::KVM_VM_LUO_DEAD as u64;

@@ -28,10 +28,11 @@
  * The VM handler's compatible string: the number is the layout's version.
  * Kernels before this header named the same layout "kvm-vm-rs-v2": files
  * preserved under that name are read as this version, and written only by
- * a kernel told to (kvm_vm_luo.preserve_legacy, for tests).
+ * a kernel told to (kvm_vm_luo.preserve_legacy: for an update back to such
+ * a kernel, and for tests).
  */
 #define KVM_VM_LUO_COMPATIBLE		"kvm-vm-v2"
-#define KVM_VM_LUO_COMPATIBLE_RS	"kvm-vm-rs-v2"
+#define KVM_VM_LUO_COMPATIBLE_LEGACY	"kvm-vm-rs-v2"
 
 /* Flags of struct kvm_vm_luo_ser: KVM had marked the VM dead or bugged. */
 #define KVM_VM_LUO_DEAD			(1ULL << 0)
@@ -67,10 +68,10 @@ struct kvm_vm_luo_ser {
 /*
  * The guest_memfd handler's compatible string, and the name kernels before
  * this header gave the same layout (read; written only by a kernel told to,
- * with guest_memfd_luo.preserve_legacy, for tests).
+ * with guest_memfd_luo.preserve_legacy).
  */
 #define KVM_GMEM_LUO_COMPATIBLE		"kvm-gmem-v3"
-#define KVM_GMEM_LUO_COMPATIBLE_RS	"kvm-gmem-rs-v3"
+#define KVM_GMEM_LUO_COMPATIBLE_LEGACY	"kvm-gmem-rs-v3"
 
 /*
  * File flags of struct kvm_gmem_luo_ser, the ABI's own, mapped to and from

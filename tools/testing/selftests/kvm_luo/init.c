@@ -58,7 +58,7 @@ static int kmsg_fd = -1;
 
 static void say(const char *fmt, ...)
 {
-	char line[900];
+	char line[900], record[920];
 	va_list ap;
 	int n;
 
@@ -67,8 +67,16 @@ static void say(const char *fmt, ...)
 	va_end(ap);
 	if (n < 0)
 		return;
-	if (kmsg_fd >= 0 && dprintf(kmsg_fd, "<5>KLU: %s\n", line) > 0)
-		return;
+	/* One write(), which is one record (dprintf() seeks, which kmsg refuses). */
+	n = snprintf(record, sizeof(record), "<5>KLU: %s\n", line);
+	if (kmsg_fd >= 0) {
+		if (write(kmsg_fd, record, n) == n)
+			return;
+		printf("KLU: cannot write to /dev/kmsg (%s): lines go to the console\n",
+		       strerror(errno));
+		close(kmsg_fd);
+		kmsg_fd = -1;
+	}
 	printf("KLU: %s\n", line);
 	fflush(stdout);
 }

@@ -14,7 +14,7 @@
 #   -g  the O= build directory of the Linux guest's kernel (the tests that
 #       run a Linux guest fail without it)
 #   -o  where binaries, the initramfs and the serial logs go
-#   -t  run only this test (repeatable); default: every test in tests.list
+#   -t  run only this test (repeatable); default: every test of the lists
 #   -r  also append "PASS|FAIL name seconds" lines to this file
 #   -l  a test list (default: tests.list next to this script); repeatable,
 #       and LIST:CPUS gives that list's machines CPUS CPUs instead of -c's
@@ -96,7 +96,7 @@ debug_kernel=0
 grep -q '^CONFIG_DEBUG_KMEMLEAK=y' "$(dirname "$kernel")/../../../.config" 2>/dev/null && debug_kernel=1
 if [ "$debug_kernel" = 1 ]; then
 	qemu_mem=${KLU_QEMU_MEM:-4G}
-	debug_cmdline="kho_scratch=128M,768M,256M no5lvl"
+	debug_cmdline="kho_scratch=128M,768M,256M no5lvl log_buf_len=4M"
 else
 	qemu_mem=${KLU_QEMU_MEM:-3G}
 	debug_cmdline=""
@@ -266,7 +266,7 @@ test_lines() {
 boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE INITRAMFS CPUS
 	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline $4"
 	local initrd=$5
-	timeout -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" 9>&- \
+	timeout --foreground -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" 9>&- \
 		-m "$qemu_mem" -nographic -nodefaults -no-reboot -d cpu_reset \
 		-serial file:"$3" -kernel "$kernel" -initrd "$initrd" \
 		-append "$cmdline" </dev/null >"$3.qemu" 2>&1
@@ -330,7 +330,12 @@ kunit_results() {	# kunit_results LOG SECONDS
 	[ "$got" -eq "$plan" ] || record FAIL kunit "$secs" "$got of $plan suites reported"
 }
 
-run_test() {	# run_test NAME CPUS KIND TIMEOUT
+run_test() {	# run_test NAME CPUS KIND TIMEOUT; then "DONE NAME" in the tally
+	run_one "$@"
+	echo "DONE $1" >> "$tally"
+}
+
+run_one() {
 	local name=$1 cpus=$2 kind=$3 tmo=$(($4 * (jobs + 1) / 2)) log=$logs/$1.log extra="kunit.enable=0"
 	local start secs status trouble
 	[ "$kind" = boot ] && extra=""
@@ -422,9 +427,14 @@ main() {
 		record FAIL "runner-build:$run_name" 0 "building the tests failed"
 	else
 		[ -n "$lines" ] || record FAIL "runner-select:$run_name" 0 "no test matches: ${only[*]}"
-		# Stopped, the runner stops its machines (timeout runs each in
-		# a process group of its own, out of reach of the terminal's ^C).
-		trap 'for p in $(jobs -p); do pkill -TERM -P "$p"; kill "$p"; done 2>/dev/null; exit 130' INT TERM
+		# Stopped, the runner stops its machines (they are in its
+		# process group, timeout --foreground, so a signal to the whole
+		# group reaches them too) and dies of the same signal.
+		local sig
+		for sig in INT TERM; do
+			# shellcheck disable=SC2064
+			trap "for p in \$(jobs -p); do pkill -TERM -P \$p; kill \$p; done 2>/dev/null; trap - $sig; kill -$sig \$\$" $sig
+		done
 		while read -r name ncpus kind tmo; do
 			[ -n "$name" ] || continue
 			while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
@@ -434,15 +444,11 @@ main() {
 		done <<< "$lines"
 		wait
 		trap - INT TERM
-		# A test whose job died before it said anything failed.
-		while read -r name ncpus kind tmo; do
+		# A test whose job died before it finished failed.
+		while read -r name _; do
 			[ -n "$name" ] || continue
-			if [ "$kind" = boot ]; then
-				grep -q -E '^(PASS|FAIL) kunit(:|$)' "$tally" && continue
-			else
-				grep -q -E "^(PASS|FAIL) $name\$" "$tally" && continue
-			fi
-			record FAIL "$name" 0 "no result: the job running it died"
+			grep -qxF "DONE $name" "$tally" ||
+				record FAIL "$name" 0 "the job running it died before it finished"
 		done <<< "$lines"
 	fi
 	local passed failed

@@ -27,7 +27,7 @@ pub(super) const COMPATIBLE: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBL
 
 /// The name kernels before this one gave the same layout: files preserved under it are read as
 /// this version's.
-pub(super) const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBLE_RS);
+pub(super) const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBLE_LEGACY);
 
 /// Extents are preserved in naturally aligned windows of `2^WINDOW_ORDER` physical pages (2 MiB):
 /// the next kernel takes back, and puts in, one window at a time (ABI, since v2).

@@ -155,7 +155,7 @@ kernel::module_liveupdate_handler! {
         },
         preserve_legacy: bool {
             default: false,
-            description: "Testing only: preserve under the earlier name, kvm-gmem-rs-v3",
+            description: "Preserve under the earlier name, kvm-gmem-rs-v3 (an update back, tests)",
         },
     },
 }
