@@ -6,6 +6,9 @@
 # initramfs, boots the kernel under TCG with -cpu max (so KVM works inside
 # the guest), and reports every test as passed or failed with its duration.
 # Ends with "N passed, N failed" and exits non-zero if anything failed.
+# A machine still running at its test's timeout is asked what it does first
+# (an NMI: its kernel panics with every CPU's backtrace; then QEMU's view of
+# its CPUs, in LOG.hang), and the test fails.
 #
 # Usage: run_vmtests.sh -s SRC -b BUILD -o OUT [-g GUEST] [-t TEST]... [-r RESULTS]
 #                       [-l LIST[:CPUS]]... [-c CPUS] [-j JOBS] [-k BZIMAGE] [-q]
@@ -263,13 +266,77 @@ test_lines() {
 
 # Every boot is a machine with two NUMA nodes (numa=fake=2), as hosts are.
 # QEMU logs a triple fault of the machine (and every CPU reset) in LOG.qemu.
+# A machine still running at the deadline is asked what it is doing before it
+# is stopped (watchdog); an unknown NMI then panics the kernel, which prints
+# every CPU's backtrace, the blocked tasks and the locks they hold. Returns
+# 124 when the deadline stopped it.
 boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE INITRAMFS CPUS
-	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline $4"
-	local initrd=$5
-	timeout --foreground -k 10 "$2" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" 9>&- \
+	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline unknown_nmi_panic panic_sys_info=all_bt,blocked_tasks,locks $4"
+	local initrd=$5 mon qemu dog status
+	mon=${TMPDIR:-/tmp}/klu-$1-$BASHPID.mon
+	rm -f "$mon" "$3.hang"
+	timeout --foreground -k 10 "$(($2 + 60))" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" 9>&- \
 		-m "$qemu_mem" -nographic -nodefaults -no-reboot -d cpu_reset \
-		-serial file:"$3" -kernel "$kernel" -initrd "$initrd" \
-		-append "$cmdline" </dev/null >"$3.qemu" 2>&1
+		-serial file:"$3" -monitor unix:"$mon",server=on,wait=off \
+		-kernel "$kernel" -initrd "$initrd" \
+		-append "$cmdline" </dev/null >"$3.qemu" 2>&1 &
+	qemu=$!
+	watchdog "$2" "$mon" "$3.hang" "$qemu" 9>&- &
+	dog=$!
+	wait "$qemu"
+	status=$?
+	kill "$dog" 2>/dev/null
+	wait "$dog" 2>/dev/null
+	rm -f "$mon"
+	[ -e "$3.hang" ] && return 124
+	return "$status"
+}
+
+# At the deadline, if the machine still runs: an NMI to every CPU, up to 30 s
+# for the panic's report to reach the serial log and the machine to stop,
+# then every CPU's registers from QEMU; then it is stopped. Notes in HANG.
+watchdog() {	# watchdog SECONDS MONITOR HANG PID
+	local sleeper i
+	sleep "$1" &
+	sleeper=$!
+	# shellcheck disable=SC2064
+	trap "kill $sleeper 2>/dev/null; exit 0" TERM
+	wait "$sleeper"
+	kill -0 "$4" 2>/dev/null || exit 0
+	{ echo "# still running after $1 s: an NMI to every CPU"; monitor "$2" nmi; } >> "$3"
+	for i in $(seq 30); do
+		sleep 1
+		kill -0 "$4" 2>/dev/null || exit 0
+	done
+	{ echo "# still running 30 s after the NMI: every CPU's registers"
+	  monitor "$2" "info registers -a"; } >> "$3"
+	kill -TERM "$4"
+}
+
+# Sends HMP commands to a QEMU monitor socket and prints the answers.
+monitor() {	# monitor SOCKET COMMAND...
+	python3 - "$@" 2>&1 <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+def answer():
+    got = b""
+    end = time.monotonic() + 10
+    while not got.endswith(b"(qemu) ") and time.monotonic() < end:
+        try:
+            part = s.recv(65536)
+        except socket.timeout:
+            break
+        if not part:
+            break
+        got += part
+    return got.decode(errors="replace")
+answer()
+for cmd in sys.argv[2:]:
+    s.sendall(cmd.encode() + b"\n")
+    sys.stdout.write(answer() + "\n")
+PY
 }
 
 # Kernel trouble in a log, as one line, or nothing: panics, BUG (KASAN among
@@ -340,7 +407,7 @@ run_one() {
 	local start secs status trouble
 	[ "$kind" = boot ] && extra=""
 	[ "${KLU_INJECT_FAIL:-}" = "$name" ] && extra="$extra klu.expect=1"
-	rm -f "$log" "$log.qemu"
+	rm -f "$log" "$log.qemu" "$log.hang"
 	local initrd=$out/initramfs.cpio stages=1 s
 	case $kind in
 	kexec) stages="1 2" ;;
@@ -354,7 +421,7 @@ run_one() {
 	secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
 
 	if [ "$status" = 124 ] || [ "$status" = 137 ]; then
-		record FAIL "$name" "$secs" "timed out after ${tmo}s, log $log"
+		record FAIL "$name" "$secs" "timed out after ${tmo}s, log $log (its CPUs at the deadline: in the log and $log.hang)"
 		return
 	fi
 	if grep -q '^Triple fault' "$log.qemu"; then
@@ -419,7 +486,7 @@ main() {
 	lines=$(test_lines)
 	# Nothing left of an earlier run of these tests is taken for this one's.
 	while read -r name _; do
-		[ -z "$name" ] || rm -f "$logs/$name.log" "$logs/$name.log.qemu"
+		[ -z "$name" ] || rm -f "$logs/$name.log" "$logs/$name.log.qemu" "$logs/$name.log.hang"
 	done <<< "$lines"
 	echo "# building test binaries and the initramfs in $out"
 	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm &&

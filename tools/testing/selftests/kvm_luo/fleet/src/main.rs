@@ -452,8 +452,8 @@ fn refuses(f: &mut Fleet, a: &Args, cmdline: &str) {
         Ok(_) => f.fail("the agent armed an update a VMM was not ready for"),
     }
     drop((a_client, b_client));
-    // Every guest goes on: two resumed from where they stopped, checks passing, and the
-    // one that was never stopped; each with a new session.
+    // Every guest goes on: those that were stopped resume from where they stopped, checks
+    // passing, and the one that was never stopped; each with a new session.
     let s = f.wait_states(&all(&names, VmmState::Continued), 900);
     if s.vmms.iter().any(|v| !v.has_session) {
         f.fail(format!("after the refused update: {s:?}"));
