@@ -15,6 +15,9 @@
 #                    (tools/kvm_luo_protocol), the agent (tools/kvm_luo_agent) and its
 #                    tests (tools/testing/selftests/kvm_luo/fleet), their tests included
 #   lint:checkpatch  scripts/checkpatch.pl on patches/*.patch and new C files
+#   lint:kernel-doc  scripts/kernel-doc -Wall on the project's headers, and every
+#                    DOC section and identifier a project .rst pulls in with a
+#                    kernel-doc directive found in its file (no Sphinx here)
 #   lint:systemd     systemd-analyze verify on the agent's units
 #                    (tools/kvm_luo_agent/systemd), enabled in a root that has
 #                    the system's units and stand-ins for the binaries they
@@ -152,10 +155,49 @@ lint_checkpatch() {
 	fi
 }
 
+# Prints what a project .rst pulls in with kernel-doc directives, one
+# "FILE doc|id NAME" line each.
+kernel_doc_refs() {	# kernel_doc_refs RST
+	awk '/^\.\. kernel-doc::/ { file = $3; next }
+	     file && /^ +:doc: / { sub(/^ +:doc: +/, ""); print file, "doc", $0; next }
+	     file && /^ +:identifiers: / {
+		sub(/^ +:identifiers: +/, ""); n = split($0, ids, / +/)
+		for (i = 1; i <= n; i++) print file, "id", ids[i]; next }
+	     !/^ +:/ { file = "" }' "$1"
+}
+
+lint_kernel_doc() {
+	local t0=$SECONDS headers out rst file kind name bad=0 n=0
+	headers=$(project_files '\.h$')
+	if [ -n "$headers" ]; then
+		out=$(cd "$KLU_SRC" && scripts/kernel-doc -none -Wall $headers 2>&1)
+		[ -z "$out" ] || { echo "$out"; bad=1; }
+	fi
+	for rst in $(project_files '\.rst$'); do
+		while read -r file kind name; do
+			n=$((n + 1))
+			out=$(cd "$KLU_SRC" && scripts/kernel-doc -rst -function "$name" "$file" 2>&1)
+			if [ "$kind" = id ]; then
+				echo "$out" | grep -qE "^\.\. c:[a-z]+:: ([a-z]+ )?$name\b" && continue
+			else
+				echo "$out" | grep -q '[[:alnum:]]' && continue
+			fi
+			echo "$rst: $file has no kernel-doc for $kind \"$name\""
+			bad=1
+		done < <(kernel_doc_refs "$KLU_TOP/$rst")
+	done
+	if [ "$bad" = 0 ]; then
+		klu_record PASS lint:kernel-doc $((SECONDS - t0)) "$(echo "$headers" | grep -c .) headers, $n references"
+	else
+		klu_record FAIL lint:kernel-doc $((SECONDS - t0)) "see the report above"
+	fi
+}
+
 [ -d "$KLU_SRC" ] && [ -f "$KLU_OBJ/.config" ] || klu_die "build the kernel first (make kernel)"
 lint_rustfmt
 lint_clippy
 lint_vmm_clippy
 lint_checkpatch
+lint_kernel_doc
 lint_systemd
 exit "$failed"
