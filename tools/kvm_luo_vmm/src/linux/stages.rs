@@ -171,8 +171,8 @@ pub fn boot_and_preserve(opts: &Opts) {
     hold_and_exit(luo, session, keep);
 }
 
-/// Stage 2 of 3: retrieve, restore, resume and check; finish the session while the guest
-/// runs; then leave what stage 3 needs to time a bare kexec.
+/// Stage 2: retrieve, restore, resume and check; finish the session while the guest runs; then
+/// leave what a stage 3 needs to time a bare kexec, for the tests that have one.
 pub fn resume(opts: &Opts) {
     let name = SessionName::new(SESSION).expect("a valid name");
     let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));

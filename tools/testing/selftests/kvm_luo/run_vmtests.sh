@@ -7,8 +7,8 @@
 # the guest), and reports every test as passed or failed with its duration.
 # Ends with "N passed, N failed" and exits non-zero if anything failed.
 # A machine still running at its test's timeout is asked what it does first
-# (an NMI: its kernel panics with every CPU's backtrace; then QEMU's view of
-# its CPUs, in LOG.hang), and the test fails.
+# (an NMI to its boot CPU: its kernel panics with every CPU's backtrace; then
+# QEMU's view of its CPUs, in LOG.hang), and the test fails.
 #
 # Usage: run_vmtests.sh -s SRC -b BUILD -o OUT [-g GUEST] [-t TEST]... [-r RESULTS]
 #                       [-l LIST[:CPUS]]... [-c CPUS] [-j JOBS] [-k BZIMAGE] [-q]
@@ -87,6 +87,7 @@ done
 # Every result of this run, "PASS|FAIL name", written by the tests running
 # in parallel and counted at the end.
 tally=""
+mon_root=""
 
 # A debug kernel (KASAN, kmemleak): KASAN's shadow makes KHO's default scratch
 # sizing fail at boot, so size it, and give QEMU room for it. Every stage of
@@ -267,43 +268,46 @@ test_lines() {
 # Every boot is a machine with two NUMA nodes (numa=fake=2), as hosts are.
 # QEMU logs a triple fault of the machine (and every CPU reset) in LOG.qemu.
 # A machine still running at the deadline is asked what it is doing before it
-# is stopped (watchdog); an unknown NMI then panics the kernel, which prints
-# every CPU's backtrace, the blocked tasks and the locks they hold. Returns
-# 124 when the deadline stopped it.
+# is stopped (watchdog): QEMU's NMI reaches the boot CPU, and an unknown NMI
+# panics the kernel, which prints every CPU's backtrace, the blocked tasks and
+# the locks they hold. Returns 124 when the deadline stopped it.
 boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE INITRAMFS CPUS
 	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline unknown_nmi_panic panic_sys_info=all_bt,blocked_tasks,locks $4"
-	local initrd=$5 mon qemu dog status
-	mon=${TMPDIR:-/tmp}/klu-$1-$BASHPID.mon
-	rm -f "$mon" "$3.hang"
+	local initrd=$5 mon_dir qemu_pid dog status
+	rm -f "$3.hang"
+	mon_dir=$(mktemp -d "$mon_root/XXXXXX") || return 1
 	timeout --foreground -k 10 "$(($2 + 60))" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" 9>&- \
 		-m "$qemu_mem" -nographic -nodefaults -no-reboot -d cpu_reset \
-		-serial file:"$3" -monitor unix:"$mon",server=on,wait=off \
+		-serial file:"$3" -monitor unix:"$mon_dir/mon",server=on,wait=off \
 		-kernel "$kernel" -initrd "$initrd" \
 		-append "$cmdline" </dev/null >"$3.qemu" 2>&1 &
-	qemu=$!
-	watchdog "$2" "$mon" "$3.hang" "$qemu" 9>&- &
+	qemu_pid=$!
+	watchdog "$2" "$mon_dir/mon" "$3.hang" "$qemu_pid" 9>&- &
 	dog=$!
-	wait "$qemu"
+	wait "$qemu_pid"
 	status=$?
 	kill "$dog" 2>/dev/null
 	wait "$dog" 2>/dev/null
-	rm -f "$mon"
+	rm -rf "$mon_dir"
 	[ -e "$3.hang" ] && return 124
 	return "$status"
 }
 
-# At the deadline, if the machine still runs: an NMI to every CPU, up to 30 s
-# for the panic's report to reach the serial log and the machine to stop,
-# then every CPU's registers from QEMU; then it is stopped. Notes in HANG.
+# At the deadline, if the machine still runs: an NMI, up to 30 s for the
+# panic's report to reach the serial log and the machine to stop, then every
+# CPU's registers from QEMU; then it is stopped. Notes in HANG. Stopped by a
+# signal, it stops its sleep too (a job's sleep would hold the runner's
+# output open until the deadline), and it waits to be stopped after stopping
+# the machine, so that boot never signals a reused pid.
 watchdog() {	# watchdog SECONDS MONITOR HANG PID
-	local sleeper i
+	local sleeper="" i
+	trap '[ -z "$sleeper" ] || kill "$sleeper" 2>/dev/null; exit 0' TERM INT HUP QUIT
 	sleep "$1" &
 	sleeper=$!
-	# shellcheck disable=SC2064
-	trap "kill $sleeper 2>/dev/null; exit 0" TERM
 	wait "$sleeper"
+	sleeper=""
 	kill -0 "$4" 2>/dev/null || exit 0
-	{ echo "# still running after $1 s: an NMI to every CPU"; monitor "$2" nmi; } >> "$3"
+	{ echo "# still running after $1 s: an NMI"; monitor "$2" nmi; } >> "$3"
 	for i in $(seq 30); do
 		sleep 1
 		kill -0 "$4" 2>/dev/null || exit 0
@@ -311,22 +315,28 @@ watchdog() {	# watchdog SECONDS MONITOR HANG PID
 	{ echo "# still running 30 s after the NMI: every CPU's registers"
 	  monitor "$2" "info registers -a"; } >> "$3"
 	kill -TERM "$4"
+	sleep 120 &
+	sleeper=$!
+	wait "$sleeper"
 }
 
 # Sends HMP commands to a QEMU monitor socket and prints the answers.
 monitor() {	# monitor SOCKET COMMAND...
 	python3 - "$@" 2>&1 <<'PY'
 import socket, sys, time
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(5)
-s.connect(sys.argv[1])
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(sys.argv[1])
+except OSError as e:
+    sys.exit(f"no QEMU monitor at {sys.argv[1]}: {e}")
 def answer():
     got = b""
     end = time.monotonic() + 10
     while not got.endswith(b"(qemu) ") and time.monotonic() < end:
         try:
             part = s.recv(65536)
-        except socket.timeout:
+        except OSError:
             break
         if not part:
             break
@@ -334,7 +344,10 @@ def answer():
     return got.decode(errors="replace")
 answer()
 for cmd in sys.argv[2:]:
-    s.sendall(cmd.encode() + b"\n")
+    try:
+        s.sendall(cmd.encode() + b"\n")
+    except OSError as e:
+        sys.exit(f"the QEMU monitor went away: {e}")
     sys.stdout.write(answer() + "\n")
 PY
 }
@@ -480,6 +493,8 @@ main() {
 	fi
 	rm -rf "$root"
 	mkdir -p "$logs" "$root"
+	# The machines' monitor sockets, in /tmp: a socket's path must be short.
+	mon_root=$(mktemp -d /tmp/klu-run.XXXXXX) || exit 2
 	tally=$out/tally
 	: > "$tally"
 	local lines name ncpus kind tmo
@@ -500,7 +515,7 @@ main() {
 		local sig
 		for sig in INT TERM; do
 			# shellcheck disable=SC2064
-			trap "for p in \$(jobs -p); do pkill -TERM -P \$p; kill \$p; done 2>/dev/null; trap - $sig; kill -$sig \$\$" $sig
+			trap "for p in \$(jobs -p); do pkill -TERM -P \$p; kill \$p; done 2>/dev/null; rm -rf \"\$mon_root\"; trap - $sig; kill -$sig \$\$" $sig
 		done
 		while read -r name ncpus kind tmo; do
 			[ -n "$name" ] || continue
@@ -518,6 +533,7 @@ main() {
 				record FAIL "$name" 0 "the job running it died before it finished"
 		done <<< "$lines"
 	fi
+	rm -rf "$mon_root"
 	local passed failed
 	passed=$(grep -c '^PASS ' "$tally")
 	failed=$(grep -c '^FAIL ' "$tally")

@@ -462,7 +462,7 @@ fn refuses(f: &mut Fleet, a: &Args, cmdline: &str) {
     if loaded.trim() != "0" {
         f.fail("a kernel is still loaded for kexec after the refused update");
     }
-    say("the other guests went on on the old kernel and their checks pass; no kernel is loaded");
+    say("every other guest went on on the old kernel with its checks passing; no kernel is loaded");
 
     // The agent restarted: every VMM notices, and gets a new session from the new agent.
     f.stop_agent();
