@@ -38,7 +38,10 @@ use crate::{
         Preserved,
         Restored, //
     },
-    module::this_module,
+    module::{
+        this_module,
+        ModuleMetadata, //
+    },
     prelude::*,
     sync::aref::ARef,
     types::{
@@ -336,8 +339,9 @@ pub trait FileHandler: Sized + 'static {
 ///
 /// # Invariants
 ///
-/// `inner` holds a `struct liveupdate_file_handler` built from `T` and registered with
-/// `liveupdate_register_file_handler()`; it is unregistered exactly once, in `drop`.
+/// `inner` holds a `struct liveupdate_file_handler`. When its `ops` is not null, it was built
+/// from `T` and registered with `liveupdate_register_file_handler()`, and is unregistered exactly
+/// once, in `drop`.
 #[pin_data(PinnedDrop)]
 pub struct Registration<T: FileHandler> {
     #[pin]
@@ -357,36 +361,238 @@ impl<T: FileHandler> Registration<T> {
     ///
     /// Returns `EOPNOTSUPP` when live update is disabled, `EEXIST` when another handler uses the
     /// same compatible string, and `EINVAL` when the compatible string is too long.
-    pub fn register() -> impl PinInit<Self, Error> {
+    ///
+    /// # Safety
+    ///
+    /// Files LUO binds to the handler keep pointing at it: the registration must be dropped only
+    /// when the module `T::OwnerModule` goes away, which LUO prevents while it holds such files,
+    /// and must not be dropped once LUO may have bound a file to it if the module's
+    /// initialisation fails (so nothing that can fail may follow it in the module's `init`).
+    /// [`module_liveupdate_handler!`] does this.
+    pub unsafe fn register() -> impl PinInit<Self, Error> {
+        // SAFETY: The caller keeps the promise of `register_if`.
+        unsafe { Self::register_if(true) }
+    }
+
+    /// Registers the handler `T` with LUO if `enabled`; otherwise the registration holds
+    /// nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::register`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::register`].
+    pub unsafe fn register_if(enabled: bool) -> impl PinInit<Self, Error> {
         try_pin_init!(Self {
             inner <- Opaque::try_ffi_init(move |slot: *mut bindings::liveupdate_file_handler| {
-                let name = T::COMPATIBLE.to_bytes_with_nul();
-                if name.len() > COMPATIBLE_LEN {
-                    return Err(EINVAL);
+                if !enabled {
+                    // INVARIANT: A null `ops` says nothing was registered.
+                    // SAFETY: The initializer may write to `slot`.
+                    unsafe { slot.write(pin_init::zeroed()) };
+                    return Ok(());
                 }
-                let mut handler: bindings::liveupdate_file_handler = pin_init::zeroed();
-                handler.ops = &HandlerVTable::<T>::VTABLE;
-                for (dst, src) in handler.compatible.iter_mut().zip(name) {
-                    *dst = *src as c_char;
-                }
-                // SAFETY: The initializer may write to `slot`.
-                unsafe { slot.write(handler) };
-                // SAFETY: `slot` holds a fully initialized handler whose ops outlive it. It is
-                // pinned, and unregistered in `drop` before its memory goes away.
-                // INVARIANT: On success, the handler is registered.
-                to_result(unsafe { bindings::liveupdate_register_file_handler(slot) })
+                // SAFETY: The initializer may write to `slot`, which stays pinned until `drop`
+                // unregisters it. `VTABLE` is static.
+                // INVARIANT: On success, the handler is registered, and its `ops` is not null.
+                unsafe { register_at(slot, T::COMPATIBLE, &HandlerVTable::<T>::VTABLE) }
             }),
             _t: PhantomData,
         })
     }
 }
 
+/// Writes a handler named `name` with `ops` into `slot` and registers it with LUO.
+///
+/// # Safety
+///
+/// `slot` must be valid for writes, not hold a registered handler, and stay at its place and
+/// valid until the handler is unregistered, which the caller must do before the memory goes away
+/// if this succeeds.
+unsafe fn register_at(
+    slot: *mut bindings::liveupdate_file_handler,
+    name: &CStr,
+    ops: &'static bindings::liveupdate_file_ops,
+) -> Result {
+    let name = name.to_bytes_with_nul();
+    if name.len() > COMPATIBLE_LEN {
+        return Err(EINVAL);
+    }
+    let mut handler: bindings::liveupdate_file_handler = pin_init::zeroed();
+    handler.ops = ops;
+    for (dst, src) in handler.compatible.iter_mut().zip(name) {
+        *dst = *src as c_char;
+    }
+    // SAFETY: `slot` is valid for writes by the function's safety requirements.
+    unsafe { slot.write(handler) };
+    // SAFETY: `slot` holds a fully initialized handler whose ops are static, and stays where it
+    // is until it is unregistered, by the function's safety requirements.
+    to_result(unsafe { bindings::liveupdate_register_file_handler(slot) })
+}
+
 #[pinned_drop]
 impl<T: FileHandler> PinnedDrop for Registration<T> {
     fn drop(self: Pin<&mut Self>) {
-        // SAFETY: The handler is registered, by the type invariants.
-        unsafe { bindings::liveupdate_unregister_file_handler(self.inner.get()) };
+        // SAFETY: `inner` was initialized by `register_if`, and is only read here.
+        let registered = unsafe { !(*self.inner.get()).ops.is_null() };
+        if registered {
+            // SAFETY: The handler is registered, by the type invariants, and is unregistered
+            // only here.
+            unsafe { bindings::liveupdate_unregister_file_handler(self.inner.get()) };
+        }
     }
+}
+
+/// Refusals of files that kernels before this one preserved in layouts it no longer reads.
+///
+/// LUO fails every open of `/dev/liveupdate` when the previous kernel preserved a file under a
+/// compatible string that no handler has, so one such file would cost userspace every preserved
+/// session. Under a compatible string registered here, the device opens and each retrieve of
+/// such a file fails with `EOPNOTSUPP`. Neither the retrieve nor the session's finish takes back
+/// anything the previous kernel preserved for the file: like any preserved memory nobody takes
+/// back, it stays reserved until the next boot that does not inherit it.
+///
+/// `M` is the module that registers them: LUO holds a reference to it while an incoming session
+/// has a file of one of these names. A refusal stands in for a handler without file-lifecycle
+/// bound objects (FLBs) only: those of an old handler would never be finished.
+///
+/// Refusals are registered by [`module_liveupdate_handler!`], with its `refused` key.
+///
+/// # Invariants
+///
+/// Each element of `handlers` whose `ops` is not null is registered with
+/// `liveupdate_register_file_handler()`, with [`Self::OPS`], and is unregistered exactly once, in
+/// `drop`.
+#[pin_data(PinnedDrop)]
+pub struct Refusals<M: ModuleMetadata, const N: usize> {
+    #[pin]
+    handlers: Opaque<[bindings::liveupdate_file_handler; N]>,
+    _m: PhantomData<M>,
+}
+
+// SAFETY: Registration and unregistration may happen on any thread.
+unsafe impl<M: ModuleMetadata, const N: usize> Send for Refusals<M, N> {}
+// SAFETY: `&Refusals<M, N>` exposes nothing.
+unsafe impl<M: ModuleMetadata, const N: usize> Sync for Refusals<M, N> {}
+
+impl<M: ModuleMetadata, const N: usize> Refusals<M, N> {
+    const OPS: bindings::liveupdate_file_ops = bindings::liveupdate_file_ops {
+        can_preserve: Some(refused_can_preserve),
+        preserve: Some(refused_preserve),
+        unpreserve: Some(refused_unpreserve),
+        freeze: None,
+        unfreeze: None,
+        retrieve: Some(refused_retrieve),
+        can_finish: None,
+        finish: Some(refused_finish),
+        get_id: None,
+        owner: this_module::<M>().as_ptr(),
+    };
+
+    /// Registers a refusal for each name of `names` that is not `None`, as far as it can: a name
+    /// that cannot be registered (another handler has it, say) is left out and logged, so that
+    /// the handlers the module registers with it stay.
+    ///
+    /// # Safety
+    ///
+    /// As [`Registration::register`], with `M` for the module.
+    pub unsafe fn register(names: [Option<&'static CStr>; N]) -> impl PinInit<Self, Error> {
+        try_pin_init!(Self {
+            handlers <- Opaque::try_ffi_init(
+                move |slots: *mut [bindings::liveupdate_file_handler; N]| {
+                    let slots = slots.cast::<bindings::liveupdate_file_handler>();
+                    for (i, name) in names.iter().enumerate() {
+                        // SAFETY: `i < N`: within the array the initializer may write to.
+                        let slot = unsafe { slots.add(i) };
+                        let Some(name) = name else {
+                            // INVARIANT: A null `ops` marks an element never registered.
+                            // SAFETY: `slot` is valid for writes.
+                            unsafe { slot.write(pin_init::zeroed()) };
+                            continue;
+                        };
+                        // SAFETY: `slot` is valid for writes, holds no registered handler, and
+                        // is pinned until `drop` unregisters it; `OPS` is static.
+                        // INVARIANT: On success, the handler is registered.
+                        if let Err(err) = unsafe { register_at(slot, name, &Self::OPS) } {
+                            pr_warn!("{name}: cannot refuse files of this name: {err:?}\n");
+                            // INVARIANT: A null `ops` marks an element never registered.
+                            // SAFETY: `slot` is valid for writes, and LUO did not keep it.
+                            unsafe { slot.write(pin_init::zeroed()) };
+                        }
+                    }
+                    Ok::<(), Error>(())
+                }
+            ),
+            _m: PhantomData,
+        })
+    }
+}
+
+#[pinned_drop]
+impl<M: ModuleMetadata, const N: usize> PinnedDrop for Refusals<M, N> {
+    fn drop(self: Pin<&mut Self>) {
+        let slots = self
+            .handlers
+            .get()
+            .cast::<bindings::liveupdate_file_handler>();
+        for i in 0..N {
+            // SAFETY: `i < N`, and every element was initialized by `register`.
+            let slot = unsafe { slots.add(i) };
+            // SAFETY: By the type invariants, an element whose `ops` is not null is registered,
+            // and is unregistered only here.
+            if unsafe { !(*slot).ops.is_null() } {
+                // SAFETY: As above.
+                unsafe { bindings::liveupdate_unregister_file_handler(slot) };
+            }
+        }
+    }
+}
+
+/// The compatible string of the handler `args` names.
+///
+/// # Safety
+///
+/// `args` must be valid, and its `handler` a handler written by [`register_at`] (whose name is
+/// NUL-terminated) that stays registered for `'a`.
+unsafe fn handler_name<'a>(args: *mut bindings::liveupdate_file_op_args) -> &'a CStr {
+    // SAFETY: `args` and its handler are valid; `register_at` wrote a NUL-terminated name.
+    unsafe { CStr::from_char_ptr((*(*args).handler).compatible.as_ptr()) }
+}
+
+extern "C" fn refused_can_preserve(
+    _handler: *mut bindings::liveupdate_file_handler,
+    _file: *mut bindings::file,
+) -> bool {
+    false
+}
+
+extern "C" fn refused_preserve(_args: *mut bindings::liveupdate_file_op_args) -> c_int {
+    EOPNOTSUPP.to_errno()
+}
+
+extern "C" fn refused_unpreserve(_args: *mut bindings::liveupdate_file_op_args) {}
+
+/// # Safety
+///
+/// `args` must be valid, for a file of an incoming session, with its handler.
+unsafe extern "C" fn refused_retrieve(args: *mut bindings::liveupdate_file_op_args) -> c_int {
+    // SAFETY: `args` is valid, with its handler, by the function's safety requirements.
+    let name = unsafe { handler_name(args) };
+    pr_err!(
+        "{name}: a file an earlier kernel preserved in a layout this kernel does not read; \
+         refused, its memory stays reserved\n"
+    );
+    EOPNOTSUPP.to_errno()
+}
+
+/// # Safety
+///
+/// `args` must be valid, for a file of an incoming session, with its handler.
+unsafe extern "C" fn refused_finish(args: *mut bindings::liveupdate_file_op_args) {
+    // SAFETY: `args` is valid, with its handler, by the function's safety requirements.
+    let name = unsafe { handler_name(args) };
+    pr_warn!("{name}: finished unread; the memory it preserved stays reserved\n");
 }
 
 struct HandlerVTable<T: FileHandler>(PhantomData<T>);
@@ -702,9 +908,12 @@ pub fn retry_on_enomem<T>(tries: u32, mut f: impl FnMut() -> Result<T>) -> Resul
 /// Declares a kernel module that registers a LUO file handler.
 ///
 /// The module registers the handler when it is initialised and unregisters it when it is
-/// removed. With `legacy`, it registers a second handler too, for files that kernels before this
-/// one preserved under another compatible string. The fields after `type` (and `legacy`) are
-/// those of [`module!`](crate::prelude::module).
+/// removed. With `legacy`, it also registers, if `legacy_if` is true when the module is
+/// initialised, a second handler for files that kernels before this one preserved under another
+/// compatible string in a layout it reads. With `refused`, it registers [`Refusals`] for the
+/// names given as `Some` (`Option<&'static CStr>` expressions, evaluated at initialisation): the
+/// compatible strings of layouts it no longer reads. The fields that follow are those of
+/// [`module!`](crate::prelude::module).
 ///
 /// # Examples
 ///
@@ -716,47 +925,66 @@ pub fn retry_on_enomem<T>(tries: u32, mut f: impl FnMut() -> Result<T>) -> Resul
 ///     description: "Live update of my files",
 ///     license: "GPL",
 /// }
+///
+/// kernel::module_liveupdate_handler! {
+///     type: MyHandler<false>,
+///     legacy: MyHandler<true>,
+///     legacy_if: true,
+///     refused: [Some(c"my-file-v1")],
+///     name: "my_luo",
+///     authors: ["Rust for Linux Contributors"],
+///     description: "Live update of my files",
+///     license: "GPL",
+/// }
 /// ```
 #[macro_export]
 macro_rules! module_liveupdate_handler {
-    (type: $type:ty, legacy: $legacy:ty, $($f:tt)*) => {
-        #[$crate::prelude::pin_data]
-        struct LiveUpdateHandlerModule {
-            #[pin]
-            _registration: $crate::liveupdate::Registration<$type>,
-            #[pin]
-            _legacy: $crate::liveupdate::Registration<$legacy>,
-        }
-
-        impl $crate::InPlaceModule for LiveUpdateHandlerModule {
-            fn init(
-                _module: &'static $crate::ThisModule,
-            ) -> impl ::pin_init::PinInit<Self, $crate::error::Error> {
-                $crate::try_pin_init!(Self {
-                    _registration <- $crate::liveupdate::Registration::register(),
-                    _legacy <- $crate::liveupdate::Registration::register(),
-                })
-            }
-        }
-
-        $crate::prelude::module! {
-            type: LiveUpdateHandlerModule,
-            $($f)*
-        }
+    (
+        type: $type:ty,
+        legacy: $legacy:ty,
+        legacy_if: $reads:expr,
+        refused: [$($refused:expr),* $(,)?],
+        $($f:tt)*
+    ) => {
+        $crate::module_liveupdate_handler!(
+            @module [$type] [$legacy, $reads] [$($refused),*] $($f)*
+        );
     };
     (type: $type:ty, $($f:tt)*) => {
+        $crate::module_liveupdate_handler!(@module [$type] [] [] $($f)*);
+    };
+    (@module [$type:ty] [$($legacy:ty, $reads:expr)?] [$($refused:expr),*] $($f:tt)*) => {
         #[$crate::prelude::pin_data]
         struct LiveUpdateHandlerModule {
             #[pin]
             _registration: $crate::liveupdate::Registration<$type>,
+            $(
+                #[pin]
+                _legacy: $crate::liveupdate::Registration<$legacy>,
+            )?
+            #[pin]
+            _refused: $crate::liveupdate::Refusals<
+                LiveUpdateHandlerModule,
+                { <[&str]>::len(&[$(stringify!($refused)),*]) },
+            >,
         }
 
         impl $crate::InPlaceModule for LiveUpdateHandlerModule {
             fn init(
                 _module: &'static $crate::ThisModule,
             ) -> impl ::pin_init::PinInit<Self, $crate::error::Error> {
+                // SAFETY: The registrations are dropped when the module goes away, and only the
+                // refusals, which cannot fail, follow the handlers in `init`.
                 $crate::try_pin_init!(Self {
-                    _registration <- $crate::liveupdate::Registration::register(),
+                    _registration <- unsafe { $crate::liveupdate::Registration::register() },
+                    $(
+                        _legacy <- unsafe {
+                            $crate::liveupdate::Registration::<$legacy>::register_if($reads)
+                        },
+                    )?
+                    _refused <- unsafe {
+                        $crate::liveupdate::Refusals::register([$($refused),*])
+                    },
                 })
             }
         }

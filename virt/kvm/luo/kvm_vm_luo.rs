@@ -63,6 +63,11 @@ use zerocopy::byteorder::little_endian::U64;
 kernel::module_liveupdate_handler! {
     type: VmHandler<false>,
     legacy: VmHandler<true>,
+    legacy_if: !module_parameters::refuse_legacy.value(),
+    refused: [
+        Some(REFUSED_V1),
+        module_parameters::refuse_legacy.value().then_some(LEGACY_COMPATIBLE),
+    ],
     name: "kvm_vm_luo",
     authors: ["KVM live update in Rust developers"],
     description: "Live update of KVM VM files",
@@ -71,6 +76,10 @@ kernel::module_liveupdate_handler! {
         preserve_legacy: bool {
             default: false,
             description: "Preserve VMs under their earlier name, kvm-vm-rs-v2 (an update back, tests)",
+        },
+        refuse_legacy: bool {
+            default: false,
+            description: "Refuse VMs preserved as kvm-vm-rs-v2 as a kernel without its reader does (tests)",
         },
     },
 }
@@ -81,6 +90,10 @@ const COMPATIBLE: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE);
 /// The name kernels before this one gave the same layout: files preserved under it are read as
 /// this version's.
 const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE_LEGACY);
+
+/// The name of the layout before, which this kernel does not read: such VMs are refused one by
+/// one rather than fail every open of `/dev/liveupdate`.
+const REFUSED_V1: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE_REFUSED_V1);
 
 /// Flag of [`VmSer::flags`]: KVM had marked the VM dead or bugged when it was frozen.
 const VM_SER_DEAD: u64 = bindings::KVM_VM_LUO_DEAD as u64;

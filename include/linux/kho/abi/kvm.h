@@ -34,6 +34,14 @@
 #define KVM_VM_LUO_COMPATIBLE		"kvm-vm-v2"
 #define KVM_VM_LUO_COMPATIBLE_LEGACY	"kvm-vm-rs-v2"
 
+/*
+ * The name of the layout before: not read. The handler registers it only to
+ * refuse such files one by one (a retrieve fails with EOPNOTSUPP and takes
+ * nothing back), because LUO fails every open of /dev/liveupdate when a
+ * preserved file has a name no handler registered.
+ */
+#define KVM_VM_LUO_COMPATIBLE_REFUSED_V1	"kvm-vm-rs-v1"
+
 /* Flags of struct kvm_vm_luo_ser: KVM had marked the VM dead or bugged. */
 #define KVM_VM_LUO_DEAD			(1ULL << 0)
 
@@ -72,6 +80,10 @@ struct kvm_vm_luo_ser {
  */
 #define KVM_GMEM_LUO_COMPATIBLE		"kvm-gmem-v3"
 #define KVM_GMEM_LUO_COMPATIBLE_LEGACY	"kvm-gmem-rs-v3"
+
+/* The names of the layouts before, refused as KVM_VM_LUO_COMPATIBLE_REFUSED_V1. */
+#define KVM_GMEM_LUO_COMPATIBLE_REFUSED_V1	"kvm-gmem-rs-v1"
+#define KVM_GMEM_LUO_COMPATIBLE_REFUSED_V2	"kvm-gmem-rs-v2"
 
 /*
  * File flags of struct kvm_gmem_luo_ser, the ABI's own, mapped to and from

@@ -179,9 +179,15 @@ static int find_test(const char *name, struct test *t)
 		t->kind = strtok_r(NULL, " \t", &save);
 		strtok_r(NULL, " \t", &save);	/* the runner's timeout */
 		t->argc = 0;
+		/*
+		 * boot:WORD arguments are the runner's: WORD is on the first
+		 * kernel's command line (and the next ones', but for what
+		 * next_only() keeps back).
+		 */
 		while (t->argc < MAX_ARGS &&
 		       (tok = strtok_r(NULL, " \t", &save)))
-			t->argv[t->argc++] = tok;
+			if (strncmp(tok, "boot:", 5))
+				t->argv[t->argc++] = tok;
 		t->argv[t->argc] = NULL;
 		fclose(f);
 		return t->kind && t->argc ? 0 : -1;

@@ -136,7 +136,8 @@ build_kvm_luo() {
 	mkdir -p "$root/kvm_luo"
 	for t in memfd_demo kvm_vm_luo_test guest_memfd_luo_test \
 		 guest_memfd_luo_abort_test late_write lazy_restore \
-		 background_restore chain numa fragmented fault_inject luo_bench; do
+		 background_restore chain numa fragmented fault_inject luo_bench \
+		 refused; do
 		gcc -static -O2 -Wall -D_GNU_SOURCE= -isystem "$hdrs" \
 			-I "$sel/liveupdate/lib/include" -I "$sel" \
 			-o "$root/kvm_luo/$t" "$here/$t.c" "$here/klu_util.c" \
@@ -252,14 +253,22 @@ with_next_kernel() {
 
 # --- run -------------------------------------------------------------------
 
-# The tests to run, one "NAME CPUS KIND TIMEOUT" line each, longest timeout
-# first (with -j, the long ones then do not end the run alone).
+# The tests to run, one "NAME CPUS KIND TIMEOUT [BOOT_ARG...]" line each,
+# longest timeout first (with -j, the long ones then do not end the run
+# alone). A test's boot:WORD arguments put WORD on its first kernel's command
+# line (init carries it to the next kernels unless it is a handler's parameter:
+# see next_only() in init.c).
 test_lines() {
-	local l name kind tmo
+	local l name kind tmo args w boot
 	for l in "${list_cpus[@]}"; do
-		grep -v -e '^#' -e '^[[:space:]]*$' "${l% *}" | while read -r name kind tmo _; do
+		grep -v -e '^#' -e '^[[:space:]]*$' "${l% *}" | while read -r name kind tmo args; do
 			if [ ${#only[@]} -eq 0 ] || [[ " ${only[*]} " == *" $name "* ]]; then
-				echo "$name ${l##* } $kind $tmo"
+				boot=""
+				read -ra args <<< "$args"
+				for w in "${args[@]}"; do
+					[[ "$w" != boot:* ]] || boot="$boot ${w#boot:}"
+				done
+				echo "$name ${l##* } $kind $tmo$boot"
 			fi
 		done
 	done | sort -s -k4,4nr
@@ -410,15 +419,15 @@ kunit_results() {	# kunit_results LOG SECONDS
 	[ "$got" -eq "$plan" ] || record FAIL kunit "$secs" "$got of $plan suites reported"
 }
 
-run_test() {	# run_test NAME CPUS KIND TIMEOUT; then "DONE NAME" in the tally
+run_test() {	# run_test NAME CPUS KIND TIMEOUT BOOT_ARGS; then "DONE NAME" in the tally
 	run_one "$@"
 	echo "DONE $1" >> "$tally"
 }
 
 run_one() {
-	local name=$1 cpus=$2 kind=$3 tmo=$(($4 * (jobs + 1) / 2)) log=$logs/$1.log extra="kunit.enable=0"
+	local name=$1 cpus=$2 kind=$3 tmo=$(($4 * (jobs + 1) / 2)) log=$logs/$1.log extra="kunit.enable=0 ${5:-}"
 	local start secs status trouble
-	[ "$kind" = boot ] && extra=""
+	[ "$kind" = boot ] && extra="${5:-}"
 	[ "${KLU_INJECT_FAIL:-}" = "$name" ] && extra="$extra klu.expect=1"
 	rm -f "$log" "$log.qemu" "$log.hang"
 	local initrd=$out/initramfs.cpio stages=1 s
@@ -497,7 +506,7 @@ main() {
 	mon_root=$(mktemp -d /tmp/klu-run.XXXXXX) || exit 2
 	tally=$out/tally
 	: > "$tally"
-	local lines name ncpus kind tmo
+	local lines name ncpus kind tmo boot_args
 	lines=$(test_lines)
 	# Nothing left of an earlier run of these tests is taken for this one's.
 	while read -r name _; do
@@ -517,12 +526,12 @@ main() {
 			# shellcheck disable=SC2064
 			trap "for p in \$(jobs -p); do pkill -TERM -P \$p; kill \$p; done 2>/dev/null; rm -rf \"\$mon_root\"; trap - $sig; kill -$sig \$\$" $sig
 		done
-		while read -r name ncpus kind tmo; do
+		while read -r name ncpus kind tmo boot_args; do
 			[ -n "$name" ] || continue
 			while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
 				wait -n
 			done
-			run_test "$name" "$ncpus" "$kind" "$tmo" </dev/null &
+			run_test "$name" "$ncpus" "$kind" "$tmo" "$boot_args" </dev/null &
 		done <<< "$lines"
 		wait
 		trap - INT TERM

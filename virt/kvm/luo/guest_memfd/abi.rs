@@ -29,6 +29,11 @@ pub(super) const COMPATIBLE: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBL
 /// this version's.
 pub(super) const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBLE_LEGACY);
 
+/// The names of the layouts before, which this kernel does not read: such files are refused one
+/// by one rather than fail every open of `/dev/liveupdate`.
+pub(super) const REFUSED_V1: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBLE_REFUSED_V1);
+pub(super) const REFUSED_V2: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBLE_REFUSED_V2);
+
 /// Extents are preserved in naturally aligned windows of `2^WINDOW_ORDER` physical pages (2 MiB):
 /// the next kernel takes back, and puts in, one window at a time (ABI, since v2).
 pub(super) const WINDOW_ORDER: u32 = bindings::KVM_GMEM_LUO_WINDOW_ORDER;

@@ -82,6 +82,8 @@ use abi::{
     COMPATIBLE,
     LEGACY_COMPATIBLE,
     MAX_FILE_PAGES,
+    REFUSED_V1,
+    REFUSED_V2,
     WINDOW_ORDER, //
 };
 use core::convert::Infallible;
@@ -144,6 +146,12 @@ mod workers;
 kernel::module_liveupdate_handler! {
     type: GmemHandler<false>,
     legacy: GmemHandler<true>,
+    legacy_if: !module_parameters::refuse_legacy.value(),
+    refused: [
+        Some(REFUSED_V1),
+        Some(REFUSED_V2),
+        module_parameters::refuse_legacy.value().then_some(LEGACY_COMPATIBLE),
+    ],
     name: "guest_memfd_luo",
     authors: ["KVM live update in Rust developers"],
     description: "Live update of KVM guest_memfd files",
@@ -156,6 +164,10 @@ kernel::module_liveupdate_handler! {
         preserve_legacy: bool {
             default: false,
             description: "Preserve under the earlier name, kvm-gmem-rs-v3 (an update back, tests)",
+        },
+        refuse_legacy: bool {
+            default: false,
+            description: "Refuse files preserved as kvm-gmem-rs-v3 as a kernel without its reader does (tests)",
         },
     },
 }
