@@ -13,9 +13,9 @@ runner=$KLU_TOP/tools/testing/selftests/kvm_luo/run_vmtests.sh
 
 if [ "$DEMO" = agent_fleet ]; then
 	cat <<'END'
-A live update of a KVM host with three VMs, inside QEMU (TCG, nested SVM): the
-agent tools/kvm_luo_agent holds /dev/liveupdate and hands each of three Rust
-VMMs (tools/kvm_luo_vmm, Linux guests of 128, 160 and 192 MiB) a LUO session
+A live update of a KVM host with two VMs, inside QEMU (TCG, nested SVM): the
+agent tools/kvm_luo_agent holds /dev/liveupdate and hands each of two Rust
+VMMs (tools/kvm_luo_vmm, Linux guests of 128 and 160 MiB) a LUO session
 of its own. Once every guest runs, the operator's update makes every VMM stop
 its guest and preserve it in its session; when all are ready the agent kexecs.
 In the new kernel the agent hands each restarted VMM its session back, and
@@ -28,7 +28,7 @@ tools/kvm_luo_vmm boots a Linux guest whose RAM is in guest_memfds, lets it
 work, stops it, saves its state, preserves the VM, the guest_memfds and the
 state in a LUO session; the host kernel kexecs into a new kernel, and the VMM
 resumes the guest there. First, a bare kexec of the same kernel to compare.
-(DEMO=vmm_demo shows the quick real-mode guest instead, FLEET=1 three VMs
+(DEMO=vmm_demo shows the quick real-mode guest instead, FLEET=1 two VMs
 under the live-update agent.)
 END
 fi
