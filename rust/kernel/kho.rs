@@ -659,7 +659,7 @@ impl RestoredPages {
 
     /// Forgets the first `n` pages not handed out yet (at most all of them), whose references
     /// the caller handed on.
-    #[cfg(all(CONFIG_KVM_X86 = "y", CONFIG_KVM_GUEST_MEMFD))]
+    #[cfg(CONFIG_LIVEUPDATE_GUEST_MEMFD)]
     pub(crate) fn give_up_front(&mut self, n: u64) {
         // INVARIANT: The pages left are still ours.
         self.next += n.min(self.end - self.next);

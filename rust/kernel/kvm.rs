@@ -2,16 +2,22 @@
 
 //! KVM virtual machines, as seen by in-kernel users such as live update handlers.
 //!
-//! C header: [`include/linux/kvm_host.h`](srctree/include/linux/kvm_host.h).
+//! C header: [`include/linux/kvm_luo.h`](srctree/include/linux/kvm_luo.h).
 //!
 //! A VM is a `struct kvm`. Userspace holds it through the file `KVM_CREATE_VM` returns, whose
 //! private data is the VM; the file pins one reference on it. More references are taken with
-//! `kvm_get_kvm()` and dropped with `kvm_put_kvm()`; the VM is destroyed when the last one goes.
-//! [`Kvm`] is that object; `ARef<Kvm>` owns one reference.
+//! `kvm_luo_get_kvm()` and dropped with `kvm_luo_put_kvm()` (which also pin KVM, a VM does not);
+//! the VM is destroyed when the last one goes. [`Kvm`] is that object; `ARef<Kvm>` owns one
+//! reference.
 //!
 //! Guest memory lives in guest_memfd files (`KVM_CREATE_GUEST_MEMFD`), each bound to one VM;
 //! [`GuestMemfd`] describes one, [`FrozenGuestMemfd`] stops its memory from changing, and
 //! [`GuestMemfdFile`] is a new one the kernel hands out and fills later, as its memory is used.
+//!
+//! KVM may be a module, and this crate is built in: it reaches KVM through the `kvm_luo_*()`
+//! functions of [`include/linux/kvm_luo.h`](srctree/include/linux/kvm_luo.h), which call what
+//! KVM registered when it loaded. Until then no file is KVM's, and making a VM fails with
+//! `ENODEV`.
 //!
 //! Memory attributes (`KVM_SET_MEMORY_ATTRIBUTES`) are per guest frame. Only VMs with private
 //! memory support them (e.g. `KVM_X86_SW_PROTECTED_VM`); for other VMs every frame is shared.
@@ -65,22 +71,22 @@ pub struct Kvm {
     inner: Opaque<bindings::kvm>,
 }
 
-// SAFETY: `kvm_get_kvm()` and `kvm_put_kvm()` may be called from any thread.
+// SAFETY: `kvm_luo_get_kvm()` and `kvm_luo_put_kvm()` may be called from any thread.
 unsafe impl Send for Kvm {}
 // SAFETY: The methods on `&Kvm` take KVM's own locks where they need them.
 unsafe impl Sync for Kvm {}
 
-// SAFETY: The refcount is managed by `kvm_get_kvm()` and `kvm_put_kvm()`; a `&Kvm` implies a
-// non-zero count.
+// SAFETY: The refcount is managed by `kvm_luo_get_kvm()` and `kvm_luo_put_kvm()`; a `&Kvm`
+// implies a non-zero count, held by a file of the VM or an `ARef<Kvm>`, either of which pins KVM.
 unsafe impl AlwaysRefCounted for Kvm {
     fn inc_ref(&self) {
-        // SAFETY: The existence of `&self` means the refcount is non-zero.
-        unsafe { bindings::kvm_get_kvm(self.as_ptr()) };
+        // SAFETY: The existence of `&self` means the refcount is non-zero, and KVM is pinned.
+        unsafe { bindings::kvm_luo_get_kvm(self.as_ptr()) };
     }
 
     unsafe fn dec_ref(obj: NonNull<Self>) {
         // SAFETY: The caller owns a reference to give back.
-        unsafe { bindings::kvm_put_kvm(obj.cast().as_ptr()) };
+        unsafe { bindings::kvm_luo_put_kvm(obj.cast().as_ptr()) };
     }
 }
 
@@ -94,7 +100,7 @@ impl Kvm {
     /// The VM lives at least as long as the file.
     pub fn from_file(file: &File) -> Option<&Kvm> {
         // SAFETY: `file` is a valid file.
-        let kvm = unsafe { bindings::kvm_from_vm_file(file.as_ptr()) };
+        let kvm = unsafe { bindings::kvm_luo_from_vm_file(file.as_ptr()) };
         if kvm.is_null() {
             return None;
         }
@@ -107,7 +113,7 @@ impl Kvm {
     /// The type this VM was created with (the argument of `KVM_CREATE_VM`).
     pub fn vm_type(&self) -> u64 {
         // SAFETY: `self` is a valid VM.
-        unsafe { bindings::kvm_vm_type(self.as_ptr()) as u64 }
+        unsafe { bindings::kvm_luo_vm_type(self.as_ptr()) as u64 }
     }
 
     /// Whether the guest memory of this VM is plain memory, private or shared: its pages hold
@@ -121,14 +127,14 @@ impl Kvm {
     /// Whether KVM has marked this VM dead or bugged; such a VM only fails its ioctls.
     pub fn is_dead(&self) -> bool {
         // SAFETY: `self` is a valid VM.
-        unsafe { bindings::kvm_vm_is_dead(self.as_ptr()) }
+        unsafe { bindings::kvm_luo_vm_is_dead(self.as_ptr()) }
     }
 
     /// The memory attributes this VM supports.
     #[cfg(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES)]
     pub fn supported_mem_attributes(&self) -> u64 {
         // SAFETY: `self` is a valid VM.
-        unsafe { bindings::kvm_supported_mem_attributes(self.as_ptr()) }
+        unsafe { bindings::kvm_luo_supported_mem_attributes(self.as_ptr()) }
     }
 
     /// The memory attributes this VM supports: none, without memory attribute support.
@@ -152,7 +158,7 @@ impl Kvm {
         // SAFETY: `self` is a valid VM; `trampoline` receives a pointer to `closure`, which
         // outlives the call.
         to_result(unsafe {
-            bindings::kvm_walk_mem_attr_ranges(
+            bindings::kvm_luo_walk_mem_attr_ranges(
                 self.as_ptr(),
                 Some(trampoline),
                 (&raw mut closure).cast(),
@@ -182,7 +188,7 @@ impl Kvm {
             let attributes = c_ulong::try_from(attributes).map_err(|_| EINVAL)?;
             // SAFETY: `self` is a valid VM; the function validates its arguments.
             to_result(unsafe {
-                bindings::kvm_set_mem_attributes_range(self.as_ptr(), start, end, attributes)
+                bindings::kvm_luo_set_mem_attributes_range(self.as_ptr(), start, end, attributes)
             })
         }
         #[cfg(not(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES))]
@@ -195,8 +201,8 @@ impl Kvm {
     /// Returns the file of this VM, if it is still open.
     pub fn file(&self) -> Option<ARef<File>> {
         // SAFETY: `self` is a valid VM.
-        let file = NonNull::new(unsafe { bindings::kvm_get_vm_file(self.as_ptr()) })?;
-        // SAFETY: `kvm_get_vm_file` returned a new reference, which we now own.
+        let file = NonNull::new(unsafe { bindings::kvm_luo_get_vm_file(self.as_ptr()) })?;
+        // SAFETY: `kvm_luo_get_vm_file` returned a new reference, which we now own.
         Some(unsafe { ARef::from_raw(file.cast()) })
     }
 }
@@ -224,8 +230,9 @@ unsafe extern "C" fn trampoline(
 ///
 /// # Errors
 ///
-/// Returns `EINVAL` for a type this host does not support or a caller without an address space
-/// (a kernel thread), and the errors of VM creation.
+/// Returns `ENODEV` if no KVM is loaded (neither kvm-intel nor kvm-amd, when KVM is a module),
+/// `EINVAL` for a type this host does not support or a caller without an address space (a kernel
+/// thread), and the errors of VM creation.
 ///
 /// # Examples
 ///
@@ -233,15 +240,17 @@ unsafe extern "C" fn trampoline(
 /// use kernel::kvm::{create_vm_file, VM_TYPE_X86_DEFAULT};
 ///
 /// // KUnit runs this in a kernel thread: it has no address space (`mm`) for a VM to belong to.
+/// // At boot, a KVM (or its vendor part) built as a module is not loaded yet either.
 /// let vm = create_vm_file(VM_TYPE_X86_DEFAULT, c"doctest");
-/// assert_eq!(vm.err(), Some(EINVAL));
+/// assert!(matches!(vm.err(), Some(EINVAL | ENODEV)));
 /// ```
 pub fn create_vm_file(vm_type: u64, name: &CStr) -> Result<ARef<File>> {
     let vm_type = usize::try_from(vm_type).map_err(|_| EINVAL)?;
     // SAFETY: `name` is a valid C string for the duration of the call.
-    let file = from_err_ptr(unsafe { bindings::kvm_create_vm_file(vm_type, name.as_char_ptr()) })?;
+    let file =
+        from_err_ptr(unsafe { bindings::kvm_luo_create_vm_file(vm_type, name.as_char_ptr()) })?;
     let file = NonNull::new(file).ok_or(EINVAL)?;
-    // SAFETY: `kvm_create_vm_file` returned a new file, whose reference we now own.
+    // SAFETY: `kvm_luo_create_vm_file` returned a new file, whose reference we now own.
     Ok(unsafe { ARef::from_raw(file.cast()) })
 }
 
@@ -264,8 +273,9 @@ impl<'a> GuestMemfd<'a> {
         let mut size: bindings::loff_t = 0;
         let mut flags = 0u64;
         // SAFETY: `file` is valid; the outputs are valid for writes.
-        if !unsafe { bindings::kvm_gmem_file_info(file.as_ptr(), &mut kvm, &mut size, &mut flags) }
-        {
+        if !unsafe {
+            bindings::kvm_luo_gmem_file_info(file.as_ptr(), &mut kvm, &mut size, &mut flags)
+        } {
             return None;
         }
         // SAFETY: The file holds a reference on its VM for as long as it lives, which is at
@@ -308,7 +318,7 @@ impl FrozenGuestMemfd {
             return Err(EOPNOTSUPP);
         }
         // SAFETY: `file` is a guest_memfd.
-        to_result(unsafe { bindings::kvm_gmem_freeze(file.as_ptr()) })?;
+        to_result(unsafe { bindings::kvm_luo_gmem_freeze(file.as_ptr()) })?;
         // INVARIANT: Frozen above; the VM's memory is plain, checked above.
         Ok(Self { file: file.into() })
     }
@@ -350,7 +360,7 @@ impl FrozenGuestMemfd {
             // use; `descs` has room for `FOLIO_BATCH` descriptions, at most as many as the function
             // writes.
             let found = unsafe {
-                bindings::kvm_gmem_get_folio_descs(
+                bindings::kvm_luo_gmem_get_folio_descs(
                     self.file.as_ptr(),
                     &mut start,
                     descs.as_mut_ptr(),
@@ -411,7 +421,7 @@ const FOLIO_BATCH: u32 = bindings::FOLIO_BATCH_SIZE * 8;
 impl Drop for FrozenGuestMemfd {
     fn drop(&mut self) {
         // SAFETY: The file is a guest_memfd frozen by us, by the type invariants.
-        unsafe { bindings::kvm_gmem_unfreeze(self.file.as_ptr()) };
+        unsafe { bindings::kvm_luo_gmem_unfreeze(self.file.as_ptr()) };
     }
 }
 
@@ -438,11 +448,11 @@ impl GuestMemfdFile {
         let size = bindings::loff_t::try_from(size).map_err(|_| EINVAL)?;
         // SAFETY: `kvm` is a valid VM; the function validates `size` and `flags`.
         let file =
-            from_err_ptr(unsafe { bindings::kvm_gmem_create_file(kvm.as_ptr(), size, flags) })?;
+            from_err_ptr(unsafe { bindings::kvm_luo_gmem_create_file(kvm.as_ptr(), size, flags) })?;
         let file = NonNull::new(file).ok_or(EINVAL)?;
-        // SAFETY: `kvm_gmem_create_file` returned a new file, whose reference we now own.
+        // SAFETY: `kvm_luo_gmem_create_file` returned a new file, whose reference we now own.
         let file = unsafe { ARef::from_raw(file.cast()) };
-        // INVARIANT: `kvm_gmem_create_file` creates guest_memfd files.
+        // INVARIANT: `kvm_luo_gmem_create_file` creates guest_memfd files.
         Ok(Self { file })
     }
 
@@ -508,22 +518,24 @@ mod filler {
         inner: Opaque<bindings::inode>,
     }
 
-    // SAFETY: `ihold()` and `iput()` may be called from any thread.
+    // SAFETY: `kvm_luo_gmem_inode_get()` and `kvm_luo_gmem_inode_put()` may be called from any
+    // thread.
     unsafe impl Send for GmemInode {}
     // SAFETY: The methods on `&GmemInode` take the page cache's own locks.
     unsafe impl Sync for GmemInode {}
 
-    // SAFETY: The refcount is managed by `ihold()` and `iput()`; a `&GmemInode` implies a non-zero
+    // SAFETY: The refcount is managed by `kvm_luo_gmem_inode_get()` and `kvm_luo_gmem_inode_put()`
+    // (`ihold()` and `iput()`, each reference also pinning KVM); a `&GmemInode` implies a non-zero
     // count.
     unsafe impl AlwaysRefCounted for GmemInode {
         fn inc_ref(&self) {
             // SAFETY: The existence of `&self` means the inode is alive, with a reference.
-            unsafe { bindings::ihold(self.inner.get()) };
+            unsafe { bindings::kvm_luo_gmem_inode_get(self.inner.get()) };
         }
 
         unsafe fn dec_ref(obj: NonNull<Self>) {
             // SAFETY: The caller owns a reference to give back.
-            unsafe { bindings::iput(obj.cast().as_ptr()) };
+            unsafe { bindings::kvm_luo_gmem_inode_put(obj.cast().as_ptr()) };
         }
     }
 
@@ -560,7 +572,14 @@ mod filler {
             // are restored order-0 pages whose references `run` owns; the function takes the
             // references of the first `done` pages, which `run` gives up below.
             let result = to_result(unsafe {
-                bindings::kvm_gmem_fill_pages(self.inner.get(), pfn, nr, index, uptodate, &mut done)
+                bindings::kvm_luo_gmem_fill_pages(
+                    self.inner.get(),
+                    pfn,
+                    nr,
+                    index,
+                    uptodate,
+                    &mut done,
+                )
             });
             run.give_up_front(done as u64);
             result
@@ -695,7 +714,12 @@ mod filler {
             // promoted to a static; `ptr` is ours until `release` takes it back; `owner` is a
             // static.
             let r = unsafe {
-                bindings::kvm_gmem_set_filler(self.file.as_ptr(), &Ops::<T>::OPS, ptr.cast(), owner)
+                bindings::kvm_luo_gmem_set_filler(
+                    self.file.as_ptr(),
+                    &Ops::<T>::OPS,
+                    ptr.cast(),
+                    owner,
+                )
             };
             if r != 0 {
                 // SAFETY: Not taken by the file: still ours.
@@ -724,7 +748,7 @@ mod filler {
             return false;
         };
         // SAFETY: The function only reads the cgroups of the calling task.
-        unsafe { bindings::kvm_gmem_memcg_has_room(nr_pages) }
+        unsafe { bindings::kvm_luo_gmem_memcg_has_room(nr_pages) }
     }
 
     /// The filler of `file` and its inode, if `file` is a guest_memfd whose filler is a `T`.
@@ -732,7 +756,7 @@ mod filler {
         let owner = core::ptr::from_ref(&FILLER_OWNER).cast();
         // SAFETY: `file` is valid; the function returns the filler argument of a guest_memfd that
         // `owner` set, or NULL.
-        let ptr = unsafe { bindings::kvm_gmem_filler(file.as_ptr(), owner) };
+        let ptr = unsafe { bindings::kvm_luo_gmem_filler(file.as_ptr(), owner) };
         if ptr.is_null() {
             return None;
         }

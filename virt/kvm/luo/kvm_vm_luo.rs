@@ -475,7 +475,9 @@ mod tests {
     #[test]
     fn no_vm_for_a_kernel_thread() {
         // KUnit runs tests in a kernel thread, which has no address space for a VM to belong to.
-        assert_eq!(kvm::create_vm_file(0, c"kunit").err(), Some(EINVAL));
+        // At boot, a KVM (or its vendor part) built as a module is not loaded yet either.
+        let err = kvm::create_vm_file(0, c"kunit").err();
+        assert!(matches!(err, Some(EINVAL | ENODEV)));
     }
 
     #[test]
