@@ -11,8 +11,10 @@
 #   KEXEC_HANDOVER=n          x86_64, no KHO (so no LUO, no handlers)
 #   LIVEUPDATE=n              x86_64, KHO without LUO
 #   LIVEUPDATE_GUEST_MEMFD=n  x86_64, LUO and KVM without the handlers
-#   KVM_GUEST_MEMFD=n         x86_64 with KVM=y and RUST=y but neither Intel nor
+#   KVM_GUEST_MEMFD=n         x86_64 with KVM=m and RUST=y but neither Intel nor
 #                             AMD support, since KVM_X86 selects KVM_GUEST_MEMFD
+#   KVM=y                     x86_64 with KVM, kvm-intel and kvm-amd built in
+#                             (the tests' kernels have them as modules)
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
 
@@ -62,6 +64,8 @@ check() {
 	done
 	local targets=(rust/)
 	grep -q '^CONFIG_LIVEUPDATE_GUEST_MEMFD=y' "$dir/.config" && targets+=(virt/kvm/luo/)
+	# Built in, KVM's own objects (with what patch 0035 adds) build here too.
+	grep -q '^CONFIG_KVM=y' "$dir/.config" && targets+=(arch/x86/kvm/)
 	# Rebuild the project's objects so that their warnings are printed again.
 	rm -f "$dir/rust/kernel.o" "$dir"/virt/kvm/luo/*.o "$dir"/virt/kvm/luo/*/*.o
 	if ! "${make[@]}" -s "${targets[@]}" > "$log" 2>&1; then
@@ -81,15 +85,18 @@ check() {
 exec 8>"$KLU_CACHE/.kernel.lock"
 flock 8
 
-check KEXEC_HANDOVER=n x86_64 '# CONFIG_KEXEC_HANDOVER is not set' 'CONFIG_RUST=y' 'CONFIG_KVM=y' -- \
+check KEXEC_HANDOVER=n x86_64 '# CONFIG_KEXEC_HANDOVER is not set' 'CONFIG_RUST=y' 'CONFIG_KVM=m' -- \
 	'# CONFIG_KEXEC_HANDOVER is not set'
-check LIVEUPDATE=n x86_64 '# CONFIG_LIVEUPDATE is not set' 'CONFIG_KEXEC_HANDOVER=y' 'CONFIG_KVM=y' -- \
+check LIVEUPDATE=n x86_64 '# CONFIG_LIVEUPDATE is not set' 'CONFIG_KEXEC_HANDOVER=y' 'CONFIG_KVM=m' -- \
 	'# CONFIG_LIVEUPDATE is not set'
 check LIVEUPDATE_GUEST_MEMFD=n x86_64 '# CONFIG_LIVEUPDATE_GUEST_MEMFD is not set' \
-	'CONFIG_LIVEUPDATE=y' 'CONFIG_KVM=y' 'CONFIG_RUST=y' -- \
+	'CONFIG_LIVEUPDATE=y' 'CONFIG_KVM=m' 'CONFIG_RUST=y' -- \
 	'# CONFIG_LIVEUPDATE_GUEST_MEMFD is not set'
-check KVM_GUEST_MEMFD=n x86_64 '!CONFIG_KVM_GUEST_MEMFD=y' 'CONFIG_KVM=y' \
+check KVM_GUEST_MEMFD=n x86_64 '!CONFIG_KVM_GUEST_MEMFD=y' 'CONFIG_KVM=m' \
 	'CONFIG_RUST=y' 'CONFIG_LIVEUPDATE=y' -- \
 	'# CONFIG_KVM_INTEL is not set' '# CONFIG_KVM_AMD is not set' \
 	'# CONFIG_KVM_SW_PROTECTED_VM is not set'
+check KVM=y x86_64 'CONFIG_KVM=y' 'CONFIG_KVM_INTEL=y' 'CONFIG_KVM_AMD=y' \
+	'CONFIG_LIVEUPDATE_GUEST_MEMFD=y' -- \
+	'CONFIG_KVM=y' 'CONFIG_KVM_INTEL=y' 'CONFIG_KVM_AMD=y'
 exit "$failed"

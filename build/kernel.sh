@@ -156,6 +156,10 @@ config() {
 build() {
 	klu_log "building the kernel in $KLU_OBJ"
 	"${KLU_MAKE[@]}" -s bzImage
+	# KVM's modules, which the test runner puts in the initramfs.
+	if grep -q '^CONFIG_MODULES=y' "$KLU_OBJ/.config"; then
+		"${KLU_MAKE[@]}" -s modules
+	fi
 	[ "$KLU_KERNEL" = guest ] || "${KLU_MAKE[@]}" -s headers_install >/dev/null
 	klu_log "built $(make -s -C "$KLU_SRC" O="$KLU_OBJ" kernelrelease 2>/dev/null)"
 }

@@ -20,6 +20,11 @@
  * selftest library reads /sys/module/kvm/parameters), passes each test its
  * real path as argv[0] (the KVM library loads guest code from its own ELF),
  * and runs single-boot tests.
+ *
+ * When the kernel builds KVM as modules, init loads them (klu_kvm_modules.h)
+ * before the test runs, as a host's initramfs or systemd-modules-load would
+ * before its VMMs start; with klu.kvm=late on the command line it leaves that
+ * to the test.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -36,6 +41,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "klu_kvm_modules.h"
 
 #define CMDLINE_MAX	4096
 #define MAX_ARGS	32
@@ -396,6 +403,17 @@ int main(void)
 		halt();
 	}
 
+	if (!cmdline_get("klu.kvm", buf, sizeof(buf)) || strcmp(buf, "late")) {
+		const char *vendor = klu_load_kvm();
+
+		if (!vendor) {
+			say("stage %d of %s: FAIL (cannot load KVM's modules: %s)",
+			    stage, name, strerror(errno));
+			halt();
+		}
+		if (*vendor)
+			say("loaded kvm and %s", vendor);
+	}
 	kmemleak_clear();
 	say("stage %d of %s: starting %s", stage, name, t.argv[0]);
 	rc = run(&t, stage);

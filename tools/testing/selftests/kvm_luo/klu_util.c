@@ -129,6 +129,26 @@ int klu_finish(int session)
 	return r;
 }
 
+int klu_two_stages(int argc, char *argv[], void (*stage1)(int luo_fd),
+		   void (*stage2)(int luo_fd))
+{
+	int stage = 0, opt, luo_fd;
+
+	while ((opt = getopt(argc, argv, "s:")) != -1)
+		if (opt == 's')
+			stage = atoi(optarg);
+	if (stage < 1 || stage > 2)
+		ksft_exit_fail_msg("usage: %s -s 1|2\n", argv[0]);
+	luo_fd = luo_open_device();
+	if (luo_fd < 0)
+		fail_exit("open /dev/liveupdate");
+	if (stage == 1)
+		stage1(luo_fd);
+	else
+		stage2(luo_fd);
+	return 0;
+}
+
 void klu_gmem_reports(struct klu_gmem_report *out, size_t n)
 {
 	struct klu_gmem_report seen[64];

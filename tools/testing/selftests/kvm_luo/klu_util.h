@@ -62,6 +62,14 @@ size_t klu_resident_pages(uint8_t *p, size_t size, size_t *first_hole);
  */
 int klu_finish(int session);
 
+/*
+ * The main() of a two-stage test: with "-s 1" or "-s 2", opens
+ * /dev/liveupdate and gives its fd to @stage1 or @stage2; exits the test on
+ * a bad command line or when the device does not open.
+ */
+int klu_two_stages(int argc, char *argv[], void (*stage1)(int luo_fd),
+		   void (*stage2)(int luo_fd));
+
 /* Free memory in kB: MemFree plus the pages on per-CPU free lists. */
 long klu_mem_free_kb(void);
 

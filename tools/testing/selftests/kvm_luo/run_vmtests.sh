@@ -137,7 +137,7 @@ build_kvm_luo() {
 	for t in memfd_demo kvm_vm_luo_test guest_memfd_luo_test \
 		 guest_memfd_luo_abort_test late_write lazy_restore \
 		 background_restore chain numa fragmented fault_inject luo_bench \
-		 refused; do
+		 refused kvm_module; do
 		gcc -static -O2 -Wall -D_GNU_SOURCE= -isystem "$hdrs" \
 			-I "$sel/liveupdate/lib/include" -I "$sel" \
 			-o "$root/kvm_luo/$t" "$here/$t.c" "$here/klu_util.c" \
@@ -206,6 +206,22 @@ build_kvm() {
 		mkdir -p "$root/kvm/$(dirname "$p")"
 		cp "$out/kvm/$p" "$root/kvm/$p"
 	done
+}
+
+# KVM's modules, when the kernel builds KVM as modules (as distributions do):
+# init loads them from /modules before a test runs (klu_kvm_modules.h).
+# They come from the build of the kernel that boots (-k may be another one's).
+build_modules() {
+	local ko kobj
+	kobj=$(cd "$(dirname "$kernel")/../../.." && pwd) || return 1
+	grep -q '^CONFIG_KVM=m' "$kobj/.config" 2>/dev/null || return 0
+	mkdir -p "$root/modules"
+	for ko in arch/x86/kvm/kvm arch/x86/kvm/kvm-amd arch/x86/kvm/kvm-intel; do
+		cp "$kobj/$ko.ko" "$root/modules/" || return 1
+	done
+	if grep -q '^CONFIG_IRQ_BYPASS_MANAGER=m' "$kobj/.config"; then
+		cp "$kobj/virt/lib/irqbypass.ko" "$root/modules/" || return 1
+	fi
 }
 
 build_initramfs() {
@@ -514,7 +530,7 @@ main() {
 	done <<< "$lines"
 	echo "# building test binaries and the initramfs in $out"
 	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm &&
-	       build_qemu && build_initramfs; }; then
+	       build_qemu && build_modules && build_initramfs; }; then
 		record FAIL "runner-build:$run_name" 0 "building the tests failed"
 	else
 		[ -n "$lines" ] || record FAIL "runner-select:$run_name" 0 "no test matches: ${only[*]}"
