@@ -8,6 +8,8 @@ KLU_CACHE=${KLU_CACHE:-$HOME/.cache/kvm-luo}
 
 # The base kernel: Debian's linux-source-7.3 package.
 KLU_BASE_TARBALL=${KLU_BASE_TARBALL:-/usr/src/linux-source-7.3.tar.xz}
+# Debian's configuration of the same kernel (linux-config-7.3), for build:debian.
+KLU_DEBIAN_CONFIG=${KLU_DEBIAN_CONFIG:-/usr/src/linux-config-7.3/config.amd64_none_amd64.xz}
 KLU_BASE=$KLU_CACHE/base	# pristine unpacked base, never modified
 KLU_SRC=$KLU_CACHE/src		# base + project files + patches
 

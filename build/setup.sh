@@ -11,7 +11,7 @@ APT_PACKAGES=(clang-19 lld-19 llvm-19 libclang-19-dev flex bison bc
 	      libelf-dev libssl-dev cpio rsync dwarves kexec-tools
 	      busybox-static make gcc git xz-utils patch systemd python3)
 BACKPORT_PACKAGES=(qemu-system-x86)
-TRIXIE_BACKPORT_PACKAGES=(linux-source-7.3)
+TRIXIE_BACKPORT_PACKAGES=(linux-source-7.3 linux-config-7.3)
 BINDGEN_VERSION=0.72.1
 
 sudo_cmd() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
