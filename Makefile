@@ -26,7 +26,7 @@ RUNNER_ARGS = -s $(KLU_CACHE)/src -b $(KLU_CACHE)/build -o $(KLU_CACHE)/out \
 	-g $(KLU_CACHE)/build-guest $(foreach t,$(T),-t $(t)) $(if $(J),-j $(J))
 
 .PHONY: check demo setup kernel kernel-release kernel-guest kernel-base test test-nested lint \
-	bench soak clean
+	bench soak series series-check clean
 
 check:
 	@build/check.sh
@@ -57,6 +57,12 @@ test-nested:
 
 lint:
 	@build/lint.sh
+
+series: setup
+	@build/series.sh export
+
+series-check: setup
+	@build/series.sh check
 
 bench: kernel-release
 	@KLU_KERNEL=release build/bench.sh

@@ -355,10 +355,10 @@ impl FrozenGuestMemfd {
         )?;
         let mut start: usize = 0;
         loop {
-            // SAFETY: `self.file` is a frozen guest_memfd of a VM whose memory is plain, by the type
-            // invariants, where zeroing a folio that is not uptodate under its lock is its first
-            // use; `descs` has room for `FOLIO_BATCH` descriptions, at most as many as the function
-            // writes.
+            // SAFETY: `self.file` is a frozen guest_memfd of a VM whose memory is plain, by the
+            // type invariants, where zeroing a folio that is not uptodate under its lock is its
+            // first use; `descs` has room for `FOLIO_BATCH` descriptions, at most as many as the
+            // function writes.
             let found = unsafe {
                 bindings::kvm_luo_gmem_get_folio_descs(
                     self.file.as_ptr(),

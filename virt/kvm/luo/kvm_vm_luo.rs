@@ -75,11 +75,11 @@ kernel::module_liveupdate_handler! {
     params: {
         preserve_legacy: bool {
             default: false,
-            description: "Preserve VMs under their earlier name, kvm-vm-rs-v2 (an update back, tests)",
+            description: "Preserve VMs under their earlier name, kvm-vm-rs-v2 (tests)",
         },
         refuse_legacy: bool {
             default: false,
-            description: "Refuse VMs preserved as kvm-vm-rs-v2 as a kernel without its reader does (tests)",
+            description: "Refuse VMs preserved as kvm-vm-rs-v2, as older kernels do (tests)",
         },
     },
 }
@@ -96,7 +96,7 @@ const LEGACY_COMPATIBLE: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE_LEGA
 const REFUSED_V1: &CStr = compatible(bindings::KVM_VM_LUO_COMPATIBLE_REFUSED_V1);
 
 /// Flag of [`VmSer::flags`]: KVM had marked the VM dead or bugged when it was frozen.
-const VM_SER_DEAD: u64 = bindings::KVM_VM_LUO_DEAD as u64;
+const VM_SER_DEAD: u64 = bindings::KVM_VM_LUO_DEAD;
 
 /// Guest frame numbers must stay below this (52-bit guest physical addresses).
 const GFN_LIMIT: u64 = 1 << (52 - kernel::page::PAGE_SHIFT);

@@ -3,6 +3,7 @@
 #ifndef _LINUX_KHO_ABI_KVM_H
 #define _LINUX_KHO_ABI_KVM_H
 
+#include <linux/bits.h>
 #include <linux/build_bug.h>
 #include <linux/stddef.h>
 #include <linux/types.h>
@@ -43,7 +44,7 @@
 #define KVM_VM_LUO_COMPATIBLE_REFUSED_V1	"kvm-vm-rs-v1"
 
 /* Flags of struct kvm_vm_luo_ser: KVM had marked the VM dead or bugged. */
-#define KVM_VM_LUO_DEAD			(1ULL << 0)
+#define KVM_VM_LUO_DEAD			BIT_ULL(0)
 
 /**
  * struct kvm_vm_luo_attr_range - Guest frames with the same attributes.
@@ -89,8 +90,8 @@ struct kvm_vm_luo_ser {
  * File flags of struct kvm_gmem_luo_ser, the ABI's own, mapped to and from
  * GUEST_MEMFD_FLAG_*: a change of the uAPI values cannot change the ABI.
  */
-#define KVM_GMEM_LUO_FLAG_MMAP		(1U << 0)
-#define KVM_GMEM_LUO_FLAG_INIT_SHARED	(1U << 1)
+#define KVM_GMEM_LUO_FLAG_MMAP		BIT(0)
+#define KVM_GMEM_LUO_FLAG_INIT_SHARED	BIT(1)
 
 /*
  * Memory is preserved in naturally aligned windows of 1 << this many pages
@@ -108,7 +109,7 @@ struct kvm_vm_luo_ser {
 #define KVM_GMEM_LUO_FLAG_BITS		12
 
 /* Extent flag: the pages hold valid contents (set on every extent). */
-#define KVM_GMEM_LUO_EXTENT_UPTODATE	(1ULL << 0)
+#define KVM_GMEM_LUO_EXTENT_UPTODATE	BIT_ULL(0)
 
 /**
  * struct kvm_gmem_luo_extent - Pages contiguous in the file and in memory.

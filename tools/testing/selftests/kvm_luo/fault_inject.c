@@ -476,7 +476,7 @@ static void stage2(int luo_fd, int state_session)
 	if (lost)
 		ksft_exit_fail_msg("guest_memfd retrieve: %d of %d files failed for good: their memory is lost\n",
 				   lost, done_gmem);
-	ksft_print_msg("guest_memfd retrieve: %d allocations, each failed once, retryable: %d files retrieved intact\n",
+	ksft_print_msg("guest_memfd retrieve: %d allocations failed once each: %d files intact\n",
 		       n - 2, retrieved);
 
 	vms = luo_retrieve_session(luo_fd, "fi-vms");
@@ -511,7 +511,7 @@ static void stage2(int luo_fd, int state_session)
 	if (lost)
 		ksft_exit_fail_msg("VM retrieve: %d of %d VMs failed for good: their guests are lost\n",
 				   lost, done_vm - 1);
-	ksft_print_msg("VM retrieve: allocations %d to %d each failed once, retryable: %d VMs retrieved with their private ranges\n",
+	ksft_print_msg("VM retrieve: allocations %d to %d failed once each: %d VMs intact\n",
 		       skip + 1, n - 2, done_vm - 1);
 
 	/* What the loops did not use is freed by finish, as never retrieved. */

@@ -69,7 +69,7 @@ static void stage1(int luo_fd)
 	if (luo_session_preserve_fd(s.session, s.vm, TOKEN_VM) ||
 	    luo_session_preserve_fd(s.session, s.gmem, TOKEN_GMEM))
 		fail_exit("preserve");
-	ksft_print_msg("kernel 1: preserved a VM and its guest_memfd; kexec into a kernel that does not load KVM\n");
+	ksft_print_msg("kernel 1: preserved a VM and its guest_memfd; next kernel: no KVM\n");
 	close(luo_fd);
 	daemonize_and_wait();
 }

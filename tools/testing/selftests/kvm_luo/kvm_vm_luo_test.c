@@ -203,7 +203,7 @@ static int retrieve_big_in_small_memcg(int session)
 	err = -vm;
 	klu_memcg_set_max(MEMCG, -1);
 	if (vm >= 0)
-		ksft_exit_fail_msg("the big VM was retrieved within %lu kB of room: the test cannot see an out-of-memory\n",
+		ksft_exit_fail_msg("big VM retrieved within %lu kB of room: the test sees no OOM\n",
 				   (cost + MEMCG_ROOM) >> 10);
 	if (err != ENOMEM)
 		ksft_exit_fail_msg("the big VM in a small cgroup: %s, expected ENOMEM\n",

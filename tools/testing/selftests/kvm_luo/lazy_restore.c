@@ -227,7 +227,7 @@ static void stage2(int luo_fd, int state_session)
 				   (unsigned long long)expect);
 	n = present(p, 0, GMEM_SIZE);
 	if (n < 1 || n > WINDOW_PAGES || !present(p, TOUCH & ~(PAGE - 1), PAGE))
-		ksft_exit_fail_msg("%zu pages in after one vCPU read, expected its window (1 to %d, with the page read)\n",
+		ksft_exit_fail_msg("%zu pages in after a vCPU read, expected 1 to %d with that page\n",
 				   n, WINDOW_PAGES);
 	ksft_print_msg("a vCPU read the right quadword; its fault put in %zu pages\n", n);
 
@@ -247,13 +247,13 @@ static void stage2(int luo_fd, int state_session)
 				   pattern(first));
 	n = present(p, 0, GMEM_SIZE);
 	if (n != (WRITTEN - HOLE_LEN) / PAGE || present(p, HOLE_START, HOLE_LEN))
-		ksft_exit_fail_msg("%zu pages in (%zu in the hole), expected exactly the %lu preserved outside the hole\n",
+		ksft_exit_fail_msg("%zu pages in (%zu in the hole), expected the %lu outside it\n",
 				   n, present(p, HOLE_START, HOLE_LEN),
 				   (WRITTEN - HOLE_LEN) / PAGE);
 	for (i = HOLE_START; i < GMEM_SIZE; i++)
 		if ((in_hole(i) || i >= WRITTEN) && p[i])
 			ksft_exit_fail_msg("byte %#zx of a hole is %#x\n", i, p[i]);
-	ksft_print_msg("every byte written before the kexec is back; the punched hole and the holes read zero\n");
+	ksft_print_msg("every byte written before the kexec is back; the holes read zero\n");
 
 	if (klu_finish(session))
 		fail_exit("finish");

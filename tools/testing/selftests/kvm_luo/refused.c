@@ -116,7 +116,7 @@ static void stage1(int luo_fd)
 	    fprintf(args, "kvm_vm_luo.refuse_legacy=1 guest_memfd_luo.refuse_legacy=1\n") < 0 ||
 	    fclose(args))
 		fail_exit(NEXT_ARGS);
-	ksft_print_msg("kernel 1: preserved two VMs and a guest_memfd under the earlier names, and two memfds; kexec into a kernel that refuses those names\n");
+	ksft_print_msg("kernel 1: 2 VMs and a guest_memfd as before, 2 memfds; next kernel refuses\n");
 	close(luo_fd);
 	daemonize_and_wait();
 }
@@ -202,7 +202,7 @@ static void stage2(int luo_fd)
 	expect_log("kvm-vm-rs-v2", REFUSED, 1);
 	expect_log("kvm-vm-rs-v2", UNREAD, 2);
 	expect_log("kvm-gmem-rs-v3", UNREAD, 1);
-	ksft_print_msg("kernel 2: every session finished, one closed unread; the refused files' memory stays reserved\n");
+	ksft_print_msg("kernel 2: sessions finished, one unread; refused memory stays reserved\n");
 }
 
 int main(int argc, char *argv[])

@@ -82,7 +82,7 @@ pub(super) fn flags_from_ser(ser: u32) -> Result<u64> {
 
 /// Extent flag: the folios are uptodate (their contents are valid guest memory). Every extent
 /// this version preserves has it.
-pub(super) const EXTENT_UPTODATE: u64 = bindings::KVM_GMEM_LUO_EXTENT_UPTODATE as u64;
+pub(super) const EXTENT_UPTODATE: u64 = bindings::KVM_GMEM_LUO_EXTENT_UPTODATE;
 const KNOWN_EXTENT_FLAGS: u64 = EXTENT_UPTODATE;
 
 /// Bits of [`ExtentSer::pfn_flags`] that hold the flags.

@@ -4,11 +4,11 @@
 //! there: a state per window, claimed by whoever needs it first.
 //!
 //! ```text
-//!   Pending, Partial ──claim──> Filling ──all of it put in──────────────> In
-//!                               Filling ──memory short, or frozen───────> Partial
-//!                               Filling ──KHO or the page cache refused─> Lost
-//!   any but Filling ──a punch-hole over the whole window───────────────> Gone
-//!   Lost ──a punch-hole over the last of its lost pages────────────────> Gone
+//!   Pending, Partial --claim--> Filling --all of it put in--------------> In
+//!                               Filling --memory short, or frozen-------> Partial
+//!                               Filling --KHO or the page cache refused-> Lost
+//!   any but Filling --a punch-hole over the whole window---------------> Gone
+//!   Lost --a punch-hole over the last of its lost pages----------------> Gone
 //! ```
 //!
 //! `In`, `Gone` and `Lost` are settled: [`Progress::left`] counts the windows that are not, and
