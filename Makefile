@@ -79,4 +79,5 @@ clean:
 	rm -rf $(KLU_CACHE)/build $(KLU_CACHE)/build-release $(KLU_CACHE)/build-guest \
 		$(KLU_CACHE)/clippy \
 		$(KLU_CACHE)/vmm-clippy $(KLU_CACHE)/cargo-test $(KLU_CACHE)/out $(KLU_CACHE)/out-release \
-		$(KLU_CACHE)/build-base $(KLU_CACHE)/out-soak
+		$(KLU_CACHE)/build-base $(KLU_CACHE)/out-soak $(KLU_CACHE)/cfg \
+		$(KLU_CACHE)/series-tree $(KLU_CACHE)/series-git series

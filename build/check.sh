@@ -35,7 +35,7 @@ if step setup "$KLU_TOP/build/setup.sh" && step kernel "$KLU_TOP/build/kernel.sh
 	"$KLU_TOP/build/configs.sh" -r "$results"
 	# The series must stay the assembled tree, with every new file in it
 	# (make series; a git identity is needed only to sign it off).
-	if [ -n "$(git config user.email)" ]; then
+	if [ -n "$(git config user.email)" ] && [ -n "$(git config user.name)" ]; then
 		step series "$KLU_TOP/build/series.sh" export
 	else
 		step series env GIT_AUTHOR_NAME="make check" GIT_AUTHOR_EMAIL=check@localhost \

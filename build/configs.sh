@@ -88,22 +88,20 @@ check() {
 	targets+=("${extra[@]}")
 	# An object make does not rebuild prints no warnings. So the project's
 	# objects that the build leaves alone are rebuilt in a second pass,
-	# unless none was rebuilt and warnings.log (kept only after a build that
-	# succeeded) has what their last build printed.
-	local warnings=$dir/warnings.log before after stale
+	# unless none was rebuilt and warnings.log holds what the build of these
+	# very objects printed (warnings.objs: their paths and mtimes then).
+	local warnings=$dir/warnings.log objs=$dir/warnings.objs before after stale
 	before=$(project_objects "$dir")
-	[ -f "$warnings" ] && mv "$warnings" "$warnings.prev"
 	if ! "${make[@]}" -s "${targets[@]}" > "$log" 2>&1; then
 		grep -m20 -E '^(error|warning)' "$log"
+		rm -f "$warnings" "$objs"
 		klu_record FAIL "build:$name" $((SECONDS - t0)) "build failed, log $log"
-		rm -f "$warnings.prev"
 		return
 	fi
 	after=$(project_objects "$dir")
-	if [ -n "$before" ] && [ "$before" = "$after" ] && [ -f "$warnings.prev" ]; then
-		mv "$warnings.prev" "$warnings"
-	else
-		rm -f "$warnings.prev"
+	if [ -z "$after" ] || [ "$before" != "$after" ] || [ ! -f "$warnings" ] ||
+	   [ "$(cat "$objs" 2>/dev/null)" != "$after" ]; then
+		rm -f "$warnings" "$objs"
 		stale=$(comm -12 <(echo "$before") <(echo "$after") | cut -d' ' -f1)
 		if [ -n "$stale" ]; then
 			rm -f $stale
@@ -113,10 +111,11 @@ check() {
 			fi
 		fi
 		cp "$log" "$warnings"
+		project_objects "$dir" > "$objs"
 	fi
 	if grep -E -- '--> ' "$warnings" | grep -qF -f <(project_rust); then
 		grep -B8 -A6 -F -f <(project_rust) "$warnings" | head -40
-		rm -f "$warnings"
+		rm -f "$warnings" "$objs"
 		klu_record FAIL "build:$name" $((SECONDS - t0)) "warnings in project code, log $log"
 		return
 	fi

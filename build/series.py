@@ -188,7 +188,8 @@ def source_message(path):
 
 
 def git(*args, **kw):
-    return out(["git", "-C", REPO] + list(args), **kw)
+    return out(["git", "-c", "core.autocrlf=false", "-c", "core.hooksPath=/dev/null",
+                "-C", REPO] + list(args), **kw)
 
 
 def export():
@@ -205,7 +206,7 @@ def export():
     # changes: the patches need nothing else.
     shutil.rmtree(REPO, ignore_errors=True)
     os.makedirs(REPO)
-    git("init", "-q")
+    git("-c", "init.templateDir=", "init", "-q")
     touched = set()
     for p in patches:
         touched |= patch_targets(os.path.join(PATCHES, p))
@@ -252,7 +253,9 @@ def export():
                                                                os.path.join(BASE, f)))
     differ += sorted(f for f in assembled if f not in mine)
     differ += sorted(f for f in mine & assembled
-                     if not filecmp_same(os.path.join(REPO, f), os.path.join(SRC, f)))
+                     if not filecmp_same(os.path.join(REPO, f), os.path.join(SRC, f))
+                     or os.access(os.path.join(REPO, f), os.X_OK)
+                     != os.access(os.path.join(SRC, f), os.X_OK))
     if differ:
         raise Bad("the series applied to the base is not the assembled tree: " +
                   " ".join(differ[:20]))
@@ -308,32 +311,89 @@ def log(msg):
 
 
 def reset_tree(paths):
-    """The base tree in TREE, for every path the series touches."""
+    """The base tree in TREE, for every path this series or the last one
+    checked there touches. A file put back gets a new mtime, so that what
+    was built from its patched version is rebuilt."""
+    touched = os.path.join(TREE, ".klu-touched")
     if not os.path.isfile(os.path.join(TREE, ".klu-copied")):
         log(f"copying the base tree to {TREE}")
         shutil.rmtree(TREE, ignore_errors=True)
+        shutil.rmtree(OBJ, ignore_errors=True)
         run(["cp", "-a", BASE, TREE])
         open(os.path.join(TREE, ".klu-copied"), "w").close()
-    for f in paths:
+    paths = set(paths)
+    if os.path.isfile(touched):
+        with open(touched) as f:
+            paths |= set(f.read().split())
+    with open(touched, "w") as f:
+        f.write("\n".join(sorted(paths)) + "\n")
+    for f in sorted(paths):
         src, dst = os.path.join(BASE, f), os.path.join(TREE, f)
         if os.path.isfile(src):
             if not filecmp_same(src, dst):
-                shutil.copy2(src, dst)
+                shutil.copyfile(src, dst)
+                os.utime(dst)
         elif os.path.exists(dst):
             os.remove(dst)
 
 
+# Where to look for the users of a header a patch changes, and how many of
+# their directories to build at most (memblock.h has about 50).
+INCLUDERS = ["kernel", "mm", "virt", "arch/x86", "lib", "drivers", "block", "fs", "net"]
+MAX_INCLUDER_DIRS = 16
+
+
+def dir_target(f):
+    """The make target that compiles the C file f."""
+    if f.startswith("virt/kvm/luo/"):
+        return "virt/kvm/luo/"
+    if f.startswith(("virt/kvm/", "arch/x86/kvm/")):
+        return "arch/x86/kvm/"
+    if f.endswith(".c") and not f.startswith(("tools/", "rust/", "samples/")):
+        return os.path.dirname(f) + "/"
+    return None
+
+
 def targets_for(paths):
-    """What to build after a patch that touches paths."""
-    t = ["rust/"]
+    """What to build after a patch that touches paths: rust/, the directories
+    of its C files, and those of the C files that include a header it
+    changes, unless there are too many."""
+    t = {"rust/"}
     for f in paths:
-        if f.startswith("virt/kvm/luo/"):
-            t.append("virt/kvm/luo/")
-        elif f.startswith(("virt/kvm/", "arch/x86/kvm/")):
-            t.append("arch/x86/kvm/")
-        elif f.endswith(".c") and not f.startswith(("tools/", "rust/", "lib/")):
-            t.append(os.path.dirname(f) + "/")
-    return sorted(set(t))
+        d = dir_target(f)
+        if d:
+            t.add(d)
+        elif f.startswith("include/") and f.endswith(".h"):
+            h = f[len("include/"):]
+            r = subprocess.run(["grep", "-rlF", "--include=*.c", f"#include <{h}>"] + INCLUDERS,
+                               cwd=TREE, text=True, stdout=subprocess.PIPE)
+            dirs = {dir_target(u) for u in r.stdout.split()} - {None}
+            if len(dirs) <= MAX_INCLUDER_DIRS:
+                t |= dirs
+    return sorted(t)
+
+
+def expected_object(f):
+    """The object a build that compiles the source file f writes, if any."""
+    if f.startswith(("tools/", "samples/", "Documentation/", "scripts/")):
+        return None
+    if f.startswith("rust/helpers/") and f.endswith(".c"):
+        return "rust/helpers/helpers.o"
+    if f.startswith("rust/kernel/") and f.endswith(".rs"):
+        return "rust/kernel.o"
+    if f.startswith("virt/kvm/luo/guest_memfd/") and f.endswith(".rs"):
+        return "virt/kvm/luo/guest_memfd/guest_memfd_luo.o"
+    if f.endswith(".c"):
+        # A C file another one of its directory includes (a KUnit test
+        # included at the end of what it tests) is compiled in that one.
+        d, name = os.path.split(f)
+        r = subprocess.run(["grep", "-lF", f'#include "{name}"', "--include=*.c", "-r", d],
+                           cwd=TREE, text=True, stdout=subprocess.PIPE)
+        if r.stdout.split():
+            f = r.stdout.split()[0]
+    if f.endswith((".c", ".rs")):
+        return f.rsplit(".", 1)[0] + ".o"
+    return None
 
 
 def check():
@@ -369,18 +429,36 @@ def check():
         run(["patch", "-p1", "-s", "-f", "--no-backup-if-mismatch", "-d", TREE], input=diff)
         paths = git("diff-tree", "--no-commit-id", "--name-only", "-r", c).split()
         if i == 1 or any(os.path.basename(p).startswith("Kconfig") for p in paths):
-            shutil.copy(fragment, os.path.join(OBJ, ".config"))
+            # The tests' configuration, with lib/test_kho.c, which a patch
+            # changes and no other configuration compiles, and KASAN, for
+            # arch/x86/mm/kasan_init_64.c.
+            with open(fragment) as f, open(os.path.join(OBJ, ".config"), "w") as cfg:
+                cfg.write(f.read() + "CONFIG_TEST_KEXEC_HANDOVER=y\nCONFIG_KASAN=y\n")
             run(make + ["-s", "olddefconfig"], stdout=subprocess.DEVNULL)
         tg = targets_for(paths)
+        applied = time.time()
         r = subprocess.run(make + ["-s"] + tg, text=True, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)
         # Errors fail make. Some option probes print rustc errors about
         # clang's output and succeed: only warnings are looked for here.
         warn = [l for l in r.stdout.split("\n") if re.search(r"(: warning: |^warning: )", l)]
-        ok = r.returncode == 0 and not warn
+        # A source the patch changes that this configuration does not
+        # compile is not checked: say so, as a failure.
+        missed = []
+        for p in paths:
+            o = expected_object(p)
+            if o and os.path.exists(os.path.join(TREE, p)):
+                try:
+                    if os.path.getmtime(os.path.join(OBJ, o)) < applied:
+                        missed.append(p)
+                except FileNotFoundError:
+                    missed.append(p)
+        ok = r.returncode == 0 and not warn and not missed
         if not ok:
             failed += 1
             print(r.stdout[-6000:])
+            if missed:
+                print(f"not compiled after {n}: {' '.join(missed)}")
         results.append(f"{'PASS' if ok else 'FAIL'} build {n} {' '.join(tg)}")
         log(f"{'ok  ' if ok else 'FAIL'} {i}/{len(names)} {n} ({time.time() - t:.0f} s)")
     print("\n".join(results))

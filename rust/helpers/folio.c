@@ -8,6 +8,11 @@ __rust_helper void rust_helper_folio_get(struct folio *folio)
 	folio_get(folio);
 }
 
+__rust_helper void rust_helper_folio_put(struct folio *folio)
+{
+	folio_put(folio);
+}
+
 __rust_helper long rust_helper_folio_nr_pages(const struct folio *folio)
 {
 	return folio_nr_pages(folio);

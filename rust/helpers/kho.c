@@ -22,8 +22,3 @@ __rust_helper size_t rust_helper_folio_size(const struct folio *folio)
 {
 	return folio_size(folio);
 }
-
-__rust_helper void rust_helper_folio_put(struct folio *folio)
-{
-	folio_put(folio);
-}

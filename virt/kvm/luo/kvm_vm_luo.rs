@@ -79,7 +79,7 @@ kernel::module_liveupdate_handler! {
         },
         refuse_legacy: bool {
             default: false,
-            description: "Refuse VMs preserved as kvm-vm-rs-v2, as older kernels do (tests)",
+            description: "Refuse kvm-vm-rs-v2 VMs, as a kernel without their reader (tests)",
         },
     },
 }

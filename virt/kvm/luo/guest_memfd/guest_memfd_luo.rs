@@ -167,7 +167,7 @@ kernel::module_liveupdate_handler! {
         },
         refuse_legacy: bool {
             default: false,
-            description: "Refuse files preserved as kvm-gmem-rs-v3, as older kernels do (tests)",
+            description: "Refuse kvm-gmem-rs-v3 files, as a kernel without their reader (tests)",
         },
     },
 }
