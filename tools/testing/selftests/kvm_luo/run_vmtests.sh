@@ -97,7 +97,8 @@ mon_root=""
 # take direct-map addresses for wild ones (pgtable_l5_enabled() reads
 # X86_FEATURE_LA57); an upstream race, not ours, seen in about half the boots.
 debug_kernel=0
-grep -q '^CONFIG_DEBUG_KMEMLEAK=y' "$(dirname "$kernel")/../../../.config" 2>/dev/null && debug_kernel=1
+grep -q '^CONFIG_DEBUG_KMEMLEAK=y' "$(dirname "$kernel")/../../../.config" 2>/dev/null &&
+	debug_kernel=1
 if [ "$debug_kernel" = 1 ]; then
 	qemu_mem=${KLU_QEMU_MEM:-4G}
 	debug_cmdline="kho_scratch=128M,768M,256M no5lvl log_buf_len=4M"
@@ -189,7 +190,8 @@ build_qemu() {
 	[ "$qemu" = 1 ] || return 0
 	mkdir -p "$d/lib" "$d/share" || return 1
 	cp "$bin" "$d/" || return 1
-	for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\/.*ld-linux/ { print $1 }'); do
+	for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }
+				       $1 ~ /^\/.*ld-linux/ { print $1 }'); do
 		cp -L "$lib" "$d/lib/" || return 1
 	done
 	cp -L /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin \
@@ -297,11 +299,13 @@ test_lines() {
 # panics the kernel, which prints every CPU's backtrace, the blocked tasks and
 # the locks they hold. Returns 124 when the deadline stopped it.
 boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE INITRAMFS CPUS
-	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1 $debug_cmdline unknown_nmi_panic panic_sys_info=all_bt,blocked_tasks,locks $4"
+	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 klu.test=$1"
+	cmdline+=" $debug_cmdline unknown_nmi_panic panic_sys_info=all_bt,blocked_tasks,locks $4"
 	local initrd=$5 mon_dir qemu_pid dog status
 	rm -f "$3.hang"
 	mon_dir=$(mktemp -d "$mon_root/XXXXXX") || return 1
-	timeout --foreground -k 10 "$(($2 + 60))" qemu-system-x86_64 -accel tcg -cpu max -smp "$6" 9>&- \
+	timeout --foreground -k 10 "$(($2 + 60))" qemu-system-x86_64 9>&- \
+		-accel tcg -cpu max -smp "$6" \
 		-m "$qemu_mem" -nographic -nodefaults -no-reboot -d cpu_reset \
 		-serial file:"$3" -monitor unix:"$mon_dir/mon",server=on,wait=off \
 		-kernel "$kernel" -initrd "$initrd" \
@@ -383,7 +387,9 @@ PY
 # the fault_inject test makes allocations fail on purpose, and the allocator
 # prints a trace for each.)
 kernel_trouble() {
-	grep -m1 -E 'Kernel panic|BUG:|Oops|WARNING:|general protection|UBSAN:|new suspected memory leaks|INFO: task .* blocked|detected stalls|soft lockup' "$1"
+	local re='Kernel panic|BUG:|Oops|WARNING:|general protection|UBSAN:'
+	re+='|new suspected memory leaks|INFO: task .* blocked|detected stalls|soft lockup'
+	grep -m1 -E "$re" "$1"
 }
 
 # On a debug kernel, every stage that ran (given as "S" per stage) must have
@@ -441,8 +447,9 @@ run_test() {	# run_test NAME CPUS KIND TIMEOUT BOOT_ARGS; then "DONE NAME" in th
 }
 
 run_one() {
-	local name=$1 cpus=$2 kind=$3 tmo=$(($4 * (jobs + 1) / 2)) log=$logs/$1.log extra="kunit.enable=0 ${5:-}"
-	local start secs status trouble
+	local name=$1 cpus=$2 kind=$3 tmo=$(($4 * (jobs + 1) / 2)) log=$logs/$1.log
+	local extra="kunit.enable=0 ${5:-}"
+	local start secs status trouble why
 	[ "$kind" = boot ] && extra="${5:-}"
 	[ "${KLU_INJECT_FAIL:-}" = "$name" ] && extra="$extra klu.expect=1"
 	rm -f "$log" "$log.qemu" "$log.hang"
@@ -459,11 +466,14 @@ run_one() {
 	secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)")
 
 	if [ "$status" = 124 ] || [ "$status" = 137 ]; then
-		record FAIL "$name" "$secs" "timed out after ${tmo}s, log $log (its CPUs at the deadline: in the log and $log.hang)"
+		why="its CPUs at the deadline: in the log and $log.hang"
+		record FAIL "$name" "$secs" "timed out after ${tmo}s, log $log ($why)"
 		return
 	fi
 	if grep -q '^Triple fault' "$log.qemu"; then
-		record FAIL "$name" "$secs" "the QEMU machine took a triple fault$(t=$(kernel_trouble "$log") && echo " after: $t") (log $log, CPU state in $log.qemu)"
+		why="the QEMU machine took a triple fault"
+		why+=$(t=$(kernel_trouble "$log") && echo " after: $t")
+		record FAIL "$name" "$secs" "$why (log $log, CPU state in $log.qemu)"
 		return
 	fi
 	if [ ! -s "$log" ]; then
@@ -491,7 +501,9 @@ run_one() {
 		if grep -q "KLU: stage 1 of $name: PASS" "$log"; then
 			record PASS "$name" "$secs"
 		else
-			record FAIL "$name" "$secs" "$(grep -m1 "KLU: stage 1 of $name" "$log" | tail -c +1 || echo 'no result') (log $log)"
+			why=$(grep -m1 "KLU: stage 1 of $name" "$log" | tail -c +1 ||
+			      echo 'no result')
+			record FAIL "$name" "$secs" "$why (log $log)"
 		fi ;;
 	kexec|kexec2|agent)
 		for s in $stages; do
@@ -526,21 +538,24 @@ main() {
 	lines=$(test_lines)
 	# Nothing left of an earlier run of these tests is taken for this one's.
 	while read -r name _; do
-		[ -z "$name" ] || rm -f "$logs/$name.log" "$logs/$name.log.qemu" "$logs/$name.log.hang"
+		[ -z "$name" ] ||
+			rm -f "$logs/$name.log" "$logs/$name.log.qemu" "$logs/$name.log.hang"
 	done <<< "$lines"
 	echo "# building test binaries and the initramfs in $out"
 	if ! { build_liveupdate && build_kvm_luo && build_vmm && build_guest && build_kvm &&
 	       build_qemu && build_modules && build_initramfs; }; then
 		record FAIL "runner-build:$run_name" 0 "building the tests failed"
 	else
-		[ -n "$lines" ] || record FAIL "runner-select:$run_name" 0 "no test matches: ${only[*]}"
+		[ -n "$lines" ] ||
+			record FAIL "runner-select:$run_name" 0 "no test matches: ${only[*]}"
 		# Stopped, the runner stops its machines (they are in its
 		# process group, timeout --foreground, so a signal to the whole
 		# group reaches them too) and dies of the same signal.
-		local sig
+		local sig stop
+		stop='for p in $(jobs -p); do pkill -TERM -P $p; kill $p; done 2>/dev/null'
 		for sig in INT TERM; do
 			# shellcheck disable=SC2064
-			trap "for p in \$(jobs -p); do pkill -TERM -P \$p; kill \$p; done 2>/dev/null; rm -rf \"\$mon_root\"; trap - $sig; kill -$sig \$\$" $sig
+			trap "$stop; rm -rf \"\$mon_root\"; trap - $sig; kill -$sig \$\$" $sig
 		done
 		while read -r name ncpus kind tmo boot_args; do
 			[ -n "$name" ] || continue
@@ -562,6 +577,14 @@ main() {
 	local passed failed
 	passed=$(grep -c '^PASS ' "$tally")
 	failed=$(grep -c '^FAIL ' "$tally")
+	# What each failure's log says, in a few lines: CI keeps only this
+	# output.
+	local log
+	for log in $(awk '$1 == "FAIL" { sub(/:.*/, "", $2); print $2 }' "$tally" | sort -u); do
+		[ -s "$logs/$log.log" ] || continue
+		echo "# $log, from its log:"
+		python3 "$here/log_digest.py" "$logs/$log.log"
+	done
 	echo "# logs: $logs"
 	[ "$failed" -eq 0 ] || echo "# failed: $(awk '$1 == "FAIL" { printf "%s ", $2 }' "$tally")"
 	echo "$passed passed, $failed failed"
