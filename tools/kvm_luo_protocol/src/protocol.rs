@@ -387,7 +387,11 @@ mod tests {
         );
         assert_eq!(encode(&FromAgent::Prepare), br#"{"type":"prepare"}"#);
         // An older client's dry run is not read as an update.
-        let old: ToAgent = decode(br#"{"op":"update","kernel":"/k","initrd":null,"cmdline":null,"timeout_ms":1,"dry_run":true}"#).unwrap();
+        let old = concat!(
+            r#"{"op":"update","kernel":"/k","initrd":null,"cmdline":null,"#,
+            r#""timeout_ms":1,"dry_run":true}"#
+        );
+        let old: ToAgent = decode(old.as_bytes()).unwrap();
         assert!(matches!(
             old,
             ToAgent::Update(UpdateRequest { dry_run: true, .. })

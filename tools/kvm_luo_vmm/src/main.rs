@@ -401,9 +401,9 @@ fn stage2() {
     say("PASS: the guest survived the host kernel live update");
 }
 
-const USAGE: &str =
-    "usage: kvm-luo-vmm [--linux BZIMAGE --initrd INITRAMFS [OPTIONS]] -s STAGE
-       kvm-luo-vmm --linux BZIMAGE --initrd INITRAMFS [OPTIONS] --agent SOCKET --name NAME [--never-ready]
+const USAGE: &str = "usage: kvm-luo-vmm [--linux BZIMAGE --initrd INITRAMFS [OPTIONS]] -s STAGE
+       kvm-luo-vmm --linux BZIMAGE --initrd INITRAMFS [OPTIONS] --agent SOCKET --name NAME \
+       [--never-ready]
   without --linux: the quick real-mode guest, stages 1 (preserve) and 2 (resume)
   with --linux: a Linux guest, stages 1 (boot and preserve), 2 (resume), 3 (a bare kexec), or
     boot (boot it and watch it for --watch SECS, default 30: the soak's first boot)

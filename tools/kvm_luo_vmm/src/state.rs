@@ -164,10 +164,10 @@ fn deadline_armed(lapic: &kvm_lapic_state) -> bool {
 }
 
 /// A TSC-deadline timer that is armed with a deadline of 0 has lost its interrupt: the guest
-/// waits for a tick that never comes. KVM zeroes the deadline when it injects the timer interrupt; a
-/// save between the two (a posted timer interrupt not yet in the IRR, older kernels) leaves
-/// exactly that. Firecracker repairs it the same way: a deadline of the saved TSC, which
-/// fires as soon as the vCPU runs; a spurious tick is harmless to the guest.
+/// waits for a tick that never comes. KVM zeroes the deadline when it injects the timer
+/// interrupt; a save between the two (a posted timer interrupt not yet in the IRR, older
+/// kernels) leaves exactly that. Firecracker repairs it the same way: a deadline of the saved
+/// TSC, which fires as soon as the vCPU runs; a spurious tick is harmless to the guest.
 fn repair_lost_deadline(lapic: &kvm_lapic_state, msrs: &mut [kvm_bindings::kvm_msr_entry]) -> bool {
     if !deadline_armed(lapic) {
         return false;

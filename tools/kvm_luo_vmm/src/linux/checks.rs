@@ -343,8 +343,8 @@ impl Guest {
             ));
         }
         say(format!(
-            "{label}the guest went on: heartbeat {} -> {first}, its clock {:.3} -> {first_beat:.3} s \
-             ({})",
+            "{label}the guest went on: heartbeat {} -> {first}, its clock {:.3} -> \
+             {first_beat:.3} s ({})",
             p0.beat,
             p0.mono,
             match clock {

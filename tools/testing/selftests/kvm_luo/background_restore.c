@@ -214,7 +214,7 @@ static void check(struct stage2_ctx *c)
 		ksft_exit_fail_msg("the user thread read a sum of %llu, expected %llu\n",
 				   (unsigned long long)c->sum,
 				   (unsigned long long)sum);
-	ksft_print_msg("all in but %zu pages of holes; right: pattern, %lu vCPU quadwords, zero holes\n",
+	ksft_print_msg("all in but %zu hole pages: pattern, %lu vCPU quadwords, zero holes right\n",
 		       hole_pages, (TOP - VCPU_START) / PAGE);
 }
 

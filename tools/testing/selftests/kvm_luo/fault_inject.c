@@ -214,7 +214,7 @@ static void check_pvm(int vm, int token)
 		want = probes[i].private ? KVM_EXIT_MEMORY_FAULT : KVM_EXIT_HLT;
 		exit = klu_vcpu_access(&v, probes[i].gpa, 0, &val);
 		if (exit != want)
-			ksft_exit_fail_msg("VM %d retrieved after failures: %#llx: exit %u, expected %u (%s)\n",
+			ksft_exit_fail_msg("VM %d after failures: %#llx: exit %u, want %u (%s)\n",
 					   token, (unsigned long long)probes[i].gpa,
 					   exit, want, probes[i].private ? "private" : "shared");
 	}
@@ -333,7 +333,7 @@ static int freeze_loop(void)
 			ksft_exit_fail_msg("reboot went on with a guest_memfd without its VM\n");
 		if (!fail_nth_hit()) {
 			if (err != ENOENT)
-				ksft_exit_fail_msg("reboot without a failure: %s, expected ENOENT\n",
+				ksft_exit_fail_msg("reboot, no failure: %s, expected ENOENT\n",
 						   strerror(err));
 			return n - 1;
 		}
@@ -389,7 +389,8 @@ static void stage1(int luo_fd)
 		fail_exit("preserve a guest_memfd without its VM");
 	load_next_kernel();
 	n = freeze_loop();
-	ksft_print_msg("freeze: %d allocations, each failed once, cleanly; reboot refused each time\n", n);
+	ksft_print_msg("freeze: %d allocations each failed cleanly once; reboots all refused\n",
+		       n);
 	close(bad);
 	if (frozen(bad_gmem))
 		ksft_exit_fail_msg("closing the session left the file frozen\n");
@@ -470,11 +471,11 @@ static void stage2(int luo_fd, int state_session)
 		done_gmem = i + 1;
 	}
 	if (!exhausted)
-		ksft_exit_fail_msg("guest_memfd retrieve: %d files used up before every allocation failed\n",
+		ksft_exit_fail_msg("guest_memfd retrieve: %d files: not every allocation failed\n",
 				   PAIRS);
 	/* What it allocates, it allocates before it takes anything back. */
 	if (lost)
-		ksft_exit_fail_msg("guest_memfd retrieve: %d of %d files failed for good: their memory is lost\n",
+		ksft_exit_fail_msg("guest_memfd retrieve: %d of %d files lost for good\n",
 				   lost, done_gmem);
 	ksft_print_msg("guest_memfd retrieve: %d allocations failed once each: %d files intact\n",
 		       n - 2, retrieved);
@@ -509,7 +510,7 @@ static void stage2(int luo_fd, int state_session)
 				   PVMS);
 	/* A VM that fails for good takes its guest_memfds with it. */
 	if (lost)
-		ksft_exit_fail_msg("VM retrieve: %d of %d VMs failed for good: their guests are lost\n",
+		ksft_exit_fail_msg("VM retrieve: %d of %d VMs failed for good: guests lost\n",
 				   lost, done_vm - 1);
 	ksft_print_msg("VM retrieve: allocations %d to %d failed once each: %d VMs intact\n",
 		       skip + 1, n - 2, done_vm - 1);
@@ -535,7 +536,7 @@ static void stage2(int luo_fd, int state_session)
 					   n, strerror(err));
 		after = klu_mem_free_kb();
 		if (after - before < (long)(FINISH_SIZE >> 10) - FREE_SLACK_KB)
-			ksft_exit_fail_msg("finish with allocation %d failing freed %ld kB of %lu kB: memory lost\n",
+			ksft_exit_fail_msg("finish, allocation %d failing: freed %ld of %lu kB\n",
 					   n, after - before, FINISH_SIZE >> 10);
 		close(finish);
 		if (!hit)
@@ -544,7 +545,7 @@ static void stage2(int luo_fd, int state_session)
 	if (i == FINISHES)
 		ksft_exit_fail_msg("finish: %d sessions used up before every allocation failed\n",
 				   FINISHES);
-	ksft_print_msg("finish: %d allocations, each failed once; every unretrieved guest_memfd freed\n",
+	ksft_print_msg("finish: %d allocations, each failed once; unretrieved guest_memfds freed\n",
 		       n - 1);
 	if (klu_finish(state_session))
 		fail_exit("finish the state session");

@@ -114,7 +114,7 @@ static void stage1(int luo_fd)
 		ksft_exit_fail_msg("memory was not fragmented: %ld extents for %lu pages\n",
 				   report.extents, NR_PAGES);
 	if (report.bytes > HEAD_BYTES + BYTES_PER_EXTENT * report.extents)
-		ksft_exit_fail_msg("%ld bytes of metadata for %ld extents: more than %d per extent\n",
+		ksft_exit_fail_msg("%ld metadata bytes for %ld extents: over %d per extent\n",
 				   report.bytes, report.extents, BYTES_PER_EXTENT);
 	close(luo_fd);
 	daemonize_and_wait();
@@ -138,7 +138,7 @@ static void stage2(int luo_fd, int state_session)
 	gmem = luo_session_retrieve_fd(session, TOKEN_GMEM);
 	klu_memcg_set_max(MEMCG, -1);
 	if (gmem >= 0)
-		ksft_exit_fail_msg("retrieved %lu MiB of guest memory in a memory cgroup with room for %lu MiB\n",
+		ksft_exit_fail_msg("retrieved %lu MiB of guest memory with %lu MiB of memcg room\n",
 				   GMEM_SIZE / KLU_MIB, MEMCG_ROOM / KLU_MIB);
 	if (gmem != -ENOMEM)
 		ksft_exit_fail_msg("retrieve in a small memory cgroup: %s, expected ENOMEM\n",

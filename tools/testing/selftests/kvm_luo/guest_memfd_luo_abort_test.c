@@ -24,7 +24,7 @@
 
 #include "klu_util.h"
 
-#define MIB		(1UL << 20)
+#define MIB		(1024UL * 1024)
 #define GMEM_SIZE	(64 * MIB)
 
 static int create_vm_and_gmem(int *vm)

@@ -285,7 +285,7 @@ static void stage2(int luo_fd, int state_session)
 	check_pattern(p);
 	n = klu_resident_pages(p, GMEM_SIZE, &hole);
 	if (n != PATTERN_SIZE / PAGE || hole != PATTERN_SIZE / PAGE)
-		ksft_exit_fail_msg("%zu pages present, first hole at page %zu; expected %lu and %lu\n",
+		ksft_exit_fail_msg("%zu pages present, first hole at %zu; expected %lu and %lu\n",
 				   n, hole, PATTERN_SIZE / PAGE, PATTERN_SIZE / PAGE);
 	ksft_print_msg("the %lu MiB pattern survived; the rest is still a hole\n",
 		       PATTERN_SIZE / MIB);

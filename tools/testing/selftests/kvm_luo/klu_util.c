@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/const.h>
 #include <linux/falloc.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,9 +29,12 @@
 #define PD4_GPA		0x5000UL
 #define CODE64_GPA	0x10000UL
 
-#define PTE_PRESENT	(1ULL << 0)
-#define PTE_WRITE	(1ULL << 1)
-#define PTE_LARGE	(1ULL << 7)
+#define PTE_PRESENT	_BITULL(0)
+#define PTE_WRITE	_BITULL(1)
+#define PTE_LARGE	_BITULL(7)
+
+/* What guest_memfd_luo prints for each file it preserves. */
+#define GMEM_REPORT	"guest_memfd_luo: preserving"
 
 int klu_kvm_dev(void)
 {
@@ -162,10 +166,10 @@ void klu_gmem_reports(struct klu_gmem_report *out, size_t n)
 		ksft_exit_fail_msg("at most %zu reports\n", ARRAY_SIZE(seen));
 	fcntl(fileno(f), F_SETFL, fcntl(fileno(f), F_GETFL) | O_NONBLOCK);
 	while (fgets(line, sizeof(line), f)) {
-		char *p = strstr(line, "guest_memfd_luo: preserving");
+		char *p = strstr(line, GMEM_REPORT);
 		struct klu_gmem_report r;
 
-		if (p && sscanf(p, "guest_memfd_luo: preserving %ld pages in %ld extents, %ld bytes",
+		if (p && sscanf(p, GMEM_REPORT " %ld pages in %ld extents, %ld bytes",
 				&r.pages, &r.extents, &r.bytes) == 3 && r.pages > 0)
 			seen[count++ % ARRAY_SIZE(seen)] = r;
 	}
@@ -376,7 +380,11 @@ struct klu_vcpu klu_vcpu64_create(int vm)
 	if (ioctl(v.fd, KVM_GET_SREGS, &sregs))
 		fail_exit("KVM_GET_SREGS");
 	sregs.cs = code;
-	sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
+	sregs.ds = data;
+	sregs.es = data;
+	sregs.fs = data;
+	sregs.gs = data;
+	sregs.ss = data;
 	sregs.gdt.base = GDT_GPA;
 	sregs.gdt.limit = sizeof(gdt) - 1;
 	sregs.cr3 = PML4_GPA;

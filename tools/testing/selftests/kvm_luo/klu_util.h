@@ -10,7 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define KLU_MIB		(1UL << 20)
+#define KLU_MIB		(1024UL * 1024)
 #define KLU_PAGE	4096UL
 
 struct klu_vcpu {

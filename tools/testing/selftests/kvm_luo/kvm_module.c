@@ -83,7 +83,7 @@ static void expect_enodev(int session, uint64_t token, const char *what)
 		if (fd >= 0)
 			ksft_exit_fail_msg("%s came back without KVM loaded\n", what);
 		if (fd != -ENODEV)
-			ksft_exit_fail_msg("%s: retrieve %d without KVM failed with %s, expected ENODEV\n",
+			ksft_exit_fail_msg("%s: retrieve %d without KVM: %s, expected ENODEV\n",
 					   what, try, strerror(-fd));
 	}
 	ksft_print_msg("%s: ENODEV without KVM, twice\n", what);
@@ -150,7 +150,7 @@ static void stage2(int luo_fd)
 		fail_exit("finish");
 	unload_module(vendor);
 	unload_module("kvm");
-	ksft_print_msg("kernel 2: KVM unloaded once the files were closed and the session finished\n");
+	ksft_print_msg("kernel 2: KVM unloaded once the files closed and the session finished\n");
 }
 
 int main(int argc, char *argv[])

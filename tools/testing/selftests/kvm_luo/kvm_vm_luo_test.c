@@ -49,7 +49,7 @@
  * of its own, so that a vCPU can probe both ends.
  */
 #define BIG_GPA		0x2000UL
-#define BIG_END		(1UL << 32)
+#define BIG_END		(4UL << 30)
 #define BIG_PAGES	((BIG_END - BIG_GPA) / PAGE)
 #define END_SLOT	1
 #define END_SLOT_SIZE	(2UL << 20)
@@ -122,7 +122,7 @@ static void check_vm(int vm, int protected, const char *what)
 			if (exit != KVM_EXIT_MEMORY_FAULT ||
 			    v.run->memory_fault.gpa != probes[i].gpa ||
 			    !(v.run->memory_fault.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE))
-				ksft_exit_fail_msg("%s: %#llx: exit %u, expected a private memory fault\n",
+				ksft_exit_fail_msg("%s: %#llx: exit %u, expected a private fault\n",
 						   what, (unsigned long long)probes[i].gpa,
 						   exit);
 		} else if (exit != KVM_EXIT_HLT) {
@@ -212,7 +212,7 @@ static int retrieve_big_in_small_memcg(int session)
 		       (cost + (long)MEMCG_ROOM) >> 10, strerror(err));
 	vm = luo_session_retrieve_fd(session, TOKEN_BIG);
 	if (vm < 0)
-		ksft_exit_fail_msg("the big VM after the limit was lifted: %s: lost to an out-of-memory\n",
+		ksft_exit_fail_msg("the big VM, limit lifted: %s: lost to an out-of-memory\n",
 				   strerror(-vm));
 
 	/* The rest of the test runs as before. */

@@ -106,14 +106,14 @@ static void expect_lockdep_saw_claims(void)
 
 	/* Dependencies are tracked, and listed, with PROVE_LOCKING only. */
 	if (!f || access("/proc/lockdep_chains", R_OK)) {
-		ksft_print_msg("no lock dependencies in this kernel (no PROVE_LOCKING): claims not checked\n");
+		ksft_print_msg("no PROVE_LOCKING, no lock dependencies: claims not checked\n");
 		if (f)
 			fclose(f);
 		return;
 	}
 	/* A class's line, then a " -> " line per lock taken while it is held. */
 	while (fgets(line, sizeof(line), f)) {
-		int dep = strstr(line, " -> ") != NULL;
+		int dep = !!strstr(line, " -> ");
 
 		if (found && !dep)
 			break;
@@ -126,7 +126,7 @@ static void expect_lockdep_saw_claims(void)
 	}
 	fclose(f);
 	if (!found)
-		ksft_exit_fail_msg("lockdep does not know the window claims (class guest_memfd_luo_filling)\n");
+		ksft_exit_fail_msg("lockdep knows no guest_memfd_luo_filling (window claims)\n");
 	if (!deps)
 		ksft_exit_fail_msg("lockdep recorded no lock taken while a window was claimed\n");
 }
@@ -185,7 +185,7 @@ static void release_before_restored(int luo_fd)
 	close(session);
 	after = klu_mem_free_kb();
 	if (after - before < (long)(RELEASE_SIZE >> 10) - FREE_SLACK_KB)
-		ksft_exit_fail_msg("closing a file before its memory was in freed %ld kB, expected %lu\n",
+		ksft_exit_fail_msg("closing a file not yet in freed %ld kB, expected %lu\n",
 				   after - before, RELEASE_SIZE >> 10);
 	ksft_print_msg("closing a session and file before its memory was in freed %ld kB\n",
 		       after - before);
@@ -211,7 +211,8 @@ static void stage2(int luo_fd, int state_session)
 
 	n = present(p, 0, GMEM_SIZE);
 	if (n)
-		ksft_exit_fail_msg("%zu pages in the file right after retrieve, expected none\n", n);
+		ksft_exit_fail_msg("%zu pages in the file right after retrieve, expected none\n",
+				   n);
 	ksft_print_msg("right after retrieve: no page of the file is in\n");
 	expect_finish_refused(session, "before any memory is in");
 
@@ -227,7 +228,7 @@ static void stage2(int luo_fd, int state_session)
 				   (unsigned long long)expect);
 	n = present(p, 0, GMEM_SIZE);
 	if (n < 1 || n > WINDOW_PAGES || !present(p, TOUCH & ~(PAGE - 1), PAGE))
-		ksft_exit_fail_msg("%zu pages in after a vCPU read, expected 1 to %d with that page\n",
+		ksft_exit_fail_msg("%zu pages in after a vCPU read, expected 1 to %d with it\n",
 				   n, WINDOW_PAGES);
 	ksft_print_msg("a vCPU read the right quadword; its fault put in %zu pages\n", n);
 

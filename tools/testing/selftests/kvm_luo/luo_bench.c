@@ -48,7 +48,7 @@
 
 #include "klu_util.h"
 
-#define MIB		(1UL << 20)
+#define MIB		(1024UL * 1024)
 #define STATE_SESSION	"bench-state"
 #define STATE_TOKEN	99
 #define RESULTS_TOKEN	98

@@ -116,7 +116,7 @@ static void stage1(int luo_fd)
 	    fprintf(args, "kvm_vm_luo.refuse_legacy=1 guest_memfd_luo.refuse_legacy=1\n") < 0 ||
 	    fclose(args))
 		fail_exit(NEXT_ARGS);
-	ksft_print_msg("kernel 1: 2 VMs and a guest_memfd as before, 2 memfds; next kernel refuses\n");
+	ksft_print_msg("kernel 1: 2 VMs, a guest_memfd as before, 2 memfds; next kernel refuses\n");
 	close(luo_fd);
 	daemonize_and_wait();
 }
@@ -137,7 +137,7 @@ static void expect_refused(int session, uint64_t token, const char *what)
 	for (try = 1; try <= 2; try++) {
 		fd = luo_session_retrieve_fd(session, token);
 		if (fd >= 0)
-			ksft_exit_fail_msg("%s came back from a layout this kernel was told not to read\n",
+			ksft_exit_fail_msg("%s came back from a layout this kernel must refuse\n",
 					   what);
 		if (fd != -EOPNOTSUPP)
 			ksft_exit_fail_msg("%s: retrieve %d failed with %s, expected EOPNOTSUPP\n",

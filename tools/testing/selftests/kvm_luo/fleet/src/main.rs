@@ -11,7 +11,7 @@
 //!   sessions its predecessor handed over, every VMM must get its own back and resume its
 //!   guest, with the guest's checks passing;
 //! - `--refuses` (one kernel): one VMM never becomes ready; the update must be refused, the
-//!   other guests go on on the old kernel, nothing is loaded for kexec any more, a session
+//!   other guests keep running on the old kernel, nothing is loaded for kexec any more, a session
 //!   asked for twice and a kernel that does not exist are refused, and after the agent is
 //!   restarted every VMM gets a session again;
 //! - `--creds` (one kernel, no guests): who may do what is decided by the credentials the
@@ -462,7 +462,7 @@ fn refuses(f: &mut Fleet, a: &Args, cmdline: &str) {
     if loaded.trim() != "0" {
         f.fail("a kernel is still loaded for kexec after the refused update");
     }
-    say("every other guest went on on the old kernel with its checks passing; no kernel is loaded");
+    say("every other guest kept running on the old kernel, checks passing; no kernel is loaded");
 
     // The agent restarted: every VMM notices, and gets a new session from the new agent.
     f.stop_agent();
