@@ -35,13 +35,12 @@ if step setup "$KLU_TOP/build/setup.sh" && step kernel "$KLU_TOP/build/kernel.sh
 	"$KLU_TOP/build/configs.sh" -r "$results"
 	# The series must stay the assembled tree, with every new file in it
 	# (make series; a git identity is needed only to sign it off).
-	if [ -n "$(git config user.email)" ] && [ -n "$(git config user.name)" ]; then
-		step series "$KLU_TOP/build/series.sh" export
-	else
-		step series env GIT_AUTHOR_NAME="make check" GIT_AUTHOR_EMAIL=check@localhost \
-			GIT_COMMITTER_NAME="make check" GIT_COMMITTER_EMAIL=check@localhost \
-			"$KLU_TOP/build/series.sh" export
+	ident=()
+	if [ -z "$(git config user.email)" ] || [ -z "$(git config user.name)" ]; then
+		ident=(env GIT_AUTHOR_NAME="make check" GIT_AUTHOR_EMAIL=check@localhost
+		       GIT_COMMITTER_NAME="make check" GIT_COMMITTER_EMAIL=check@localhost)
 	fi
+	step series "${ident[@]}" "$KLU_TOP/build/series.sh" export
 	tests=$KLU_TOP/tools/testing/selftests/kvm_luo
 	runner=("$tests/run_vmtests.sh" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT"
 		-g "$KLU_CACHE/build-guest" -r "$results")

@@ -49,7 +49,7 @@ assemble() {
 		for f in $(patch_targets "$KLU_TOP/patches/$p"); do
 			if [ -f "$KLU_BASE/$f" ] && [ ! -e "$stage/$f" ]; then
 				mkdir -p "$stage/$(dirname "$f")"
-				cp "$KLU_BASE/$f" "$stage/$f"
+				cp --preserve=mode "$KLU_BASE/$f" "$stage/$f"
 			fi
 		done
 	done
@@ -64,7 +64,7 @@ assemble() {
 			klu_die "$f exists upstream: keep changes to it as a patch"
 		fi
 		mkdir -p "$stage/$(dirname "$f")"
-		cp "$KLU_TOP/$f" "$stage/$f"
+		cp --preserve=mode "$KLU_TOP/$f" "$stage/$f"
 	done < <(project_files)
 
 	# Sync into the tree, rewriting only what differs.
@@ -72,9 +72,12 @@ assemble() {
 	new_state=$(cd "$stage" && find . -type f | sed 's|^\./||' | sort)
 	while read -r f; do
 		[ -n "$f" ] || continue
-		if ! cmp -s "$stage/$f" "$KLU_SRC/$f"; then
+		# cp over a file keeps its mode unless told: a mode change alone
+		# counts too.
+		if ! cmp -s "$stage/$f" "$KLU_SRC/$f" ||
+		   [ "$(stat -c %a "$stage/$f")" != "$(stat -c %a "$KLU_SRC/$f")" ]; then
 			mkdir -p "$KLU_SRC/$(dirname "$f")"
-			cp "$stage/$f" "$KLU_SRC/$f"
+			cp --preserve=mode "$stage/$f" "$KLU_SRC/$f"
 			changed=$((changed + 1))
 		fi
 	done <<< "$new_state"
@@ -83,7 +86,8 @@ assemble() {
 	if [ -f "$STATE" ]; then
 		while read -r f; do
 			if [ -f "$KLU_BASE/$f" ]; then
-				cmp -s "$KLU_BASE/$f" "$KLU_SRC/$f" || cp "$KLU_BASE/$f" "$KLU_SRC/$f"
+				cmp -s "$KLU_BASE/$f" "$KLU_SRC/$f" ||
+					cp --preserve=mode "$KLU_BASE/$f" "$KLU_SRC/$f"
 			else
 				rm -f "$KLU_SRC/$f"
 			fi
