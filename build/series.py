@@ -277,6 +277,19 @@ def filecmp_same(a, b):
         return False
 
 
+def base_version():
+    """The base's version, from its Makefile: 7.3.4."""
+    parts = {}
+    with open(os.path.join(BASE, "Makefile")) as f:
+        for line in f:
+            m = re.match(r"(VERSION|PATCHLEVEL|SUBLEVEL) = (\d+)$", line.strip())
+            if m:
+                parts[m.group(1)] = m.group(2)
+    if len(parts) != 3:
+        raise Bad(f"{BASE}/Makefile: no VERSION, PATCHLEVEL and SUBLEVEL")
+    return f"{parts['VERSION']}.{parts['PATCHLEVEL']}.{parts['SUBLEVEL']}"
+
+
 def cover_letter(path, groups, entries):
     with open(COVER) as f:
         text = f.read().rstrip("\n").split("\n")
@@ -290,6 +303,7 @@ def cover_letter(path, groups, entries):
         n += len(members)
         listing.append(f"- {first:2}-{n:2}: {g}")
     blurb = "\n".join(blurb).replace("@GROUPS@", "\n".join(listing))
+    blurb = blurb.replace("@BASE@", base_version())
     with open(path) as f:
         letter = f.read()
     if "*** SUBJECT HERE ***" not in letter or "*** BLURB HERE ***" not in letter:
