@@ -54,7 +54,7 @@ assemble() {
 		done
 	done
 	for p in $(series); do
-		patch -p1 -s -f --no-backup-if-mismatch -d "$stage" < "$KLU_TOP/patches/$p" ||
+		patch -p1 -s -f -F0 --no-backup-if-mismatch -d "$stage" < "$KLU_TOP/patches/$p" ||
 			klu_die "patch $p does not apply"
 	done
 
