@@ -278,16 +278,21 @@ def filecmp_same(a, b):
 
 
 def base_version():
-    """The base's version, from its Makefile: 7.3.4."""
+    """The base's version, from its Makefile: 7.3.4, 7.4-rc1."""
     parts = {}
     with open(os.path.join(BASE, "Makefile")) as f:
         for line in f:
-            m = re.match(r"(VERSION|PATCHLEVEL|SUBLEVEL) = (\d+)$", line.strip())
-            if m:
+            m = re.match(r"(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION) =\s*(\S*)$",
+                         line.strip())
+            if m and m.group(1) not in parts:
                 parts[m.group(1)] = m.group(2)
-    if len(parts) != 3:
+    if not all(parts.get(k) for k in ("VERSION", "PATCHLEVEL", "SUBLEVEL")):
         raise Bad(f"{BASE}/Makefile: no VERSION, PATCHLEVEL and SUBLEVEL")
-    return f"{parts['VERSION']}.{parts['PATCHLEVEL']}.{parts['SUBLEVEL']}"
+    # As the release is tagged (v7.4-rc1; make kernelversion says 7.4.0-rc1).
+    version = f"{parts['VERSION']}.{parts['PATCHLEVEL']}"
+    if parts["SUBLEVEL"] != "0":
+        version += f".{parts['SUBLEVEL']}"
+    return version + parts.get("EXTRAVERSION", "")
 
 
 def cover_letter(path, groups, entries):
