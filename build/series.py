@@ -221,7 +221,7 @@ def export():
     for e in entries:
         for p in e.patches:
             with open(os.path.join(PATCHES, p)) as f:
-                r = subprocess.run(["patch", "-p1", "-s", "-f", "--no-backup-if-mismatch",
+                r = subprocess.run(["patch", "-p1", "-s", "-f", "-F0", "--no-backup-if-mismatch",
                                     "-d", REPO], stdin=f, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             if r.returncode:
@@ -264,8 +264,24 @@ def export():
     git("format-patch", "-q", "--cover-letter", "-o", OUT, f"{base}..HEAD")
     names = sorted(os.listdir(OUT))
     cover_letter(os.path.join(OUT, names[0]), groups, entries)
+
+    # What is sent is the files: applied with git am, they give the same tree.
+    head = git("rev-parse", "HEAD").strip()
+    git("checkout", "-q", "--detach", base)
+    r = subprocess.run(["git", "-C", REPO, "-c", "core.hooksPath=/dev/null", "am", "-q",
+                        "--no-3way"] + [os.path.join(OUT, n) for n in names[1:]],
+                       text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    same = not r.returncode and \
+        git("rev-parse", "HEAD^{tree}") == git("rev-parse", f"{head}^{{tree}}")
+    if r.returncode:
+        subprocess.run(["git", "-C", REPO, "am", "--abort"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    git("checkout", "-q", "--detach", head)
+    if not same:
+        raise Bad(f"git am of {OUT} does not give the series' tree:\n{r.stdout}")
     print(f"series: {len(names) - 1} patches and a cover letter in {OUT}, "
-          f"{len(files)} new files; applied to the base they give the assembled tree")
+          f"{len(files)} new files; applied to the base with git am they give the "
+          "assembled tree")
     return entries
 
 
