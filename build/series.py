@@ -268,9 +268,13 @@ def export():
     # What is sent is the files: applied with git am, they give the same tree.
     head = git("rev-parse", "HEAD").strip()
     git("checkout", "-q", "--detach", base)
-    r = subprocess.run(["git", "-C", REPO, "-c", "core.hooksPath=/dev/null", "am", "-q",
-                        "--no-3way"] + [os.path.join(OUT, n) for n in names[1:]],
-                       text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if len(names) < 2:
+        raise Bad(f"git format-patch wrote no patch to {OUT}")
+    r = subprocess.run(["git", "-C", REPO, "-c", "core.hooksPath=/dev/null",
+                        "-c", "core.autocrlf=false", "am", "-q", "--no-3way", "--no-keep-cr"]
+                       + [os.path.join(OUT, n) for n in names[1:]],
+                       text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
     same = not r.returncode and \
         git("rev-parse", "HEAD^{tree}") == git("rev-parse", f"{head}^{{tree}}")
     if r.returncode:
@@ -278,7 +282,8 @@ def export():
                        stderr=subprocess.DEVNULL)
     git("checkout", "-q", "--detach", head)
     if not same:
-        raise Bad(f"git am of {OUT} does not give the series' tree:\n{r.stdout}")
+        shutil.rmtree(OUT, ignore_errors=True)
+        raise Bad(f"git am of the exported patches does not give the series' tree:\n{r.stdout}")
     print(f"series: {len(names) - 1} patches and a cover letter in {OUT}, "
           f"{len(files)} new files; applied to the base with git am they give the "
           "assembled tree")
@@ -461,7 +466,7 @@ def check():
     for i, (c, n) in enumerate(zip(commits, names), 1):
         t = time.time()
         diff = git("diff", f"{c}~", c, "--binary")
-        run(["patch", "-p1", "-s", "-f", "--no-backup-if-mismatch", "-d", TREE], input=diff)
+        run(["patch", "-p1", "-s", "-f", "-F0", "--no-backup-if-mismatch", "-d", TREE], input=diff)
         paths = git("diff-tree", "--no-commit-id", "--name-only", "-r", c).split()
         if i == 1 or any(os.path.basename(p).startswith("Kconfig") for p in paths):
             # The tests' configuration, with lib/test_kho.c, which a patch
