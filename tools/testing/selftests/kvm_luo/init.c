@@ -6,12 +6,14 @@
  * the test table the runner packed into the initramfs. Single-boot tests run
  * once and the machine powers off. Two-stage tests run with "-s 1", then init
  * kexecs into /kernel with /initrd.img and "klu.stage=2" on the command line,
- * and the new kernel runs the same test with "-s 2". Three-stage tests
- * ("kexec2") kexec once more, from an initramfs that carries a kernel and an
- * image of its own, and run "-s 3". In "agent" tests the test kexecs by
- * itself (through the live-update agent) in stage 1 and prints that stage's
- * line itself before it does; init never kexecs for it, and halts if it
- * returns. Every stage prints one line the runner looks for:
+ * and the new kernel runs the same test with "-s 2". Tests of kind "kexecN"
+ * kexec N times, each kernel running the test with its stage number ("-s 3"
+ * and on). /initrd.img is the image this kernel booted from (the runner's
+ * symbolic link to /sys/firmware/initrd, which retain_initrd keeps), so
+ * every kernel of a test boots the same kernel and image. In "agent" tests
+ * the test kexecs by itself (through the live-update agent) in stage 1 and
+ * prints that stage's line itself before it does; init never kexecs for it,
+ * and halts if it returns. Every stage prints one line the runner looks for:
  *
  *	KLU: stage S of NAME: PASS|FAIL (exit status E, expected X)
  *
@@ -203,13 +205,22 @@ static int find_test(const char *name, struct test *t)
 	return -1;
 }
 
-/* Number of kernels a test runs in. */
+/*
+ * Number of kernels a test runs in: "kexec" and "agent" tests run in two,
+ * "kexecN" tests in N + 1 (N kexecs, 2 to 20).
+ */
 static int stages_of(const struct test *t)
 {
+	char *end;
+	long n;
+
 	if (!strcmp(t->kind, "kexec") || !strcmp(t->kind, "agent"))
 		return 2;
-	if (!strcmp(t->kind, "kexec2"))
-		return 3;
+	if (!strncmp(t->kind, "kexec", 5)) {
+		n = strtol(t->kind + 5, &end, 10);
+		if (end != t->kind + 5 && !*end && n >= 2 && n <= 20)
+			return n + 1;
+	}
 	return 1;
 }
 
@@ -319,9 +330,52 @@ static bool next_only(const char *word)
 	       !strncmp(word, "kvm_vm_luo.", 11);
 }
 
-/* Load the next kernel, with this command line but klu.stage=@stage. */
+/*
+ * The TSC rate this kernel calibrated, in kHz, from its log ("tsc: Refined
+ * TSC clocksource calibration" or "tsc: Detected"), or 0.
+ */
+static unsigned long tsc_khz_of_this_kernel(void)
+{
+	unsigned int mhz, frac;
+	unsigned long khz = 0;
+	char rec[8192], *msg;
+	ssize_t n;
+	int fd;
+
+	fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
+	if (fd < 0)
+		return 0;
+	/* EPIPE: records were overwritten before this read; go on. */
+	while ((n = read(fd, rec, sizeof(rec) - 1)) > 0 || (n < 0 && errno == EPIPE)) {
+		if (n <= 0)
+			continue;
+		rec[n] = '\0';
+		msg = strchr(rec, ';');
+		if (!msg)
+			continue;
+		/* The TSC's own line if the CPU's differs; refined later. */
+		if (sscanf(msg + 1, "tsc: Refined TSC clocksource calibration: %u.%3u MHz",
+			   &mhz, &frac) == 2 ||
+		    sscanf(msg + 1, "tsc: Detected %u.%3u MHz TSC", &mhz, &frac) == 2 ||
+		    (!khz && sscanf(msg + 1, "tsc: Detected %u.%3u MHz processor",
+				    &mhz, &frac) == 2))
+			khz = mhz * 1000UL + frac;
+	}
+	close(fd);
+	return khz;
+}
+
+/*
+ * Load the next kernel, with this command line but klu.stage=@stage. With
+ * klu.early_tsc=1 on it, the next kernel also gets the TSC rate this one
+ * calibrated (tsc_early_khz=): its clock then starts early in setup_arch()
+ * rather than at tsc_init(), which QEMU's TCG leaves to, and the timestamps
+ * of its early boot say where the time goes (boot_phases.py).
+ */
 static int load_next_kernel(int stage)
 {
+	unsigned long tsc_khz = 0;
+	char buf[8];
 	char next[CMDLINE_MAX + 32];
 	const char *p = cmdline;
 	size_t len = 0;
@@ -329,10 +383,13 @@ static int load_next_kernel(int stage)
 	FILE *args;
 	long ret;
 
+	if (cmdline_get("klu.early_tsc", buf, sizeof(buf)) && !strcmp(buf, "1"))
+		tsc_khz = tsc_khz_of_this_kernel();
 	while (*p) {
 		size_t n = strcspn(p, " ");
 
 		if (strncmp(p, "klu.stage=", 10) && !next_only(p) &&
+		    (!tsc_khz || strncmp(p, "tsc_early_khz=", 14)) &&
 		    len + n + 1 < CMDLINE_MAX) {
 			memcpy(next + len, p, n);
 			len += n;
@@ -342,6 +399,8 @@ static int load_next_kernel(int stage)
 		p += strspn(p, " ");
 	}
 	len += snprintf(next + len, sizeof(next) - len, "klu.stage=%d", stage);
+	if (tsc_khz && len + 32 < CMDLINE_MAX)
+		len += snprintf(next + len, sizeof(next) - len, " tsc_early_khz=%lu", tsc_khz);
 	/* What the stage left for the next one: klu.arg.NAME=VALUE words. */
 	args = fopen(NEXT_ARGS, "r");
 	if (args) {
