@@ -5,11 +5,14 @@
  * put in twice, and finish waits for the workers.
  *
  * Stage 1 writes all 128 MiB of a guest_memfd (MMAP | INIT_SHARED, bound at
- * guest physical 4 GiB) with a pattern and preserves the VM and the file;
- * the next kernel restores in the background (the default).
+ * guest physical 4 GiB) with a pattern, and a second one of 8 MiB, and
+ * preserves the VM and the files; the next kernel restores in the
+ * background (the default).
  *
- * Stage 2 retrieves both and, at once, while the workers put memory in from
- * the start of the file, races them where they get last:
+ * Stage 2 retrieves them, checks that the workers wait for the first try to
+ * finish (nothing is in 300 ms after the retrieve), starts them with that
+ * try, and at once, while they put memory in from the start of the file,
+ * races them where they get last:
  * - a second thread punches a hole [x + 12 KiB, x + 1 MiB + 20 KiB) at
  *   every 4th MiB x of the top quarter, [96 MiB, 128 MiB): not 2 MiB-aligned,
  *   so each cuts windows the workers may be putting in;
@@ -19,7 +22,10 @@
  *   reading the first quadword of each page, xoring it with a key and
  *   writing it back: its faults race the workers for windows, and a write
  *   must neither be lost nor be made on zeros;
- * then finish is retried until the workers are done. Afterwards every page
+ * then, with no other finish, the second file must come in whole: the first
+ * try was refused by the first file, and must have started the second's
+ * workers all the same. Then finish is retried until the workers are done.
+ * Afterwards every page
  * of the file is in but the holes' (so the first 32 MiB, which nothing but
  * the workers touched, are in: background restore did that); each byte is
  * the pattern, but the quadwords the vCPU xored and the holes, which read
@@ -47,6 +53,7 @@
 #define SESSION		"background-restore"
 #define TOKEN_VM	1
 #define TOKEN_GMEM	2
+#define TOKEN_SECOND	3
 
 #define MIB		KLU_MIB
 #define PAGE		KLU_PAGE
@@ -62,6 +69,12 @@
 #define VCPU_START	(32 * MIB)
 #define HOLE_HEAD	(3 * PAGE)
 #define HOLE_LEN	(MIB + 2 * PAGE)
+/* How long after the retrieve the workers must still not have started. */
+#define WORKERS_WAIT_US	300000
+/* A second guest_memfd of the VM, preserved after the first, not bound. */
+#define SECOND_SIZE	(8 * MIB)
+/* How long its workers may take to put it in after the first finish. */
+#define SECOND_WAIT_S	60
 
 /*
  * 1: mov rax, [rdi]; xor rax, rdx; mov [rdi], rax; sub rdi, 4096;
@@ -78,8 +91,8 @@ static const uint8_t xor_down_code[] = {
 };
 
 struct stage2_ctx {
-	int vm, gmem;
-	uint8_t *p;
+	int vm, gmem, second;
+	uint8_t *p, *q;
 	uint64_t sum;		/* of the bytes the user thread read */
 };
 
@@ -113,6 +126,8 @@ static int xored(size_t offset)
 static void stage1(int luo_fd)
 {
 	struct klu_setup t;
+	int second;
+	uint8_t *q;
 	size_t i;
 
 	create_state_file(luo_fd, STATE_SESSION, STATE_TOKEN, 2);
@@ -120,8 +135,14 @@ static void stage1(int luo_fd)
 	klu_bind_gmem(t.vm, t.gmem, GMEM_GPA, GMEM_SIZE, t.p);
 	for (i = 0; i < GMEM_SIZE; i++)
 		t.p[i] = pattern(i);
+	second = klu_create_gmem(t.vm, SECOND_SIZE, GUEST_MEMFD_FLAG_MMAP |
+				 GUEST_MEMFD_FLAG_INIT_SHARED);
+	q = klu_map(second, SECOND_SIZE);
+	for (i = 0; i < SECOND_SIZE; i++)
+		q[i] = ~pattern(i);
 	if (luo_session_preserve_fd(t.session, t.vm, TOKEN_VM) ||
-	    luo_session_preserve_fd(t.session, t.gmem, TOKEN_GMEM))
+	    luo_session_preserve_fd(t.session, t.gmem, TOKEN_GMEM) ||
+	    luo_session_preserve_fd(t.session, second, TOKEN_SECOND))
 		fail_exit("preserve");
 	ksft_print_msg("[STAGE 1] wrote %lu MiB; kexec with background restore\n",
 		       GMEM_SIZE / MIB);
@@ -222,17 +243,38 @@ static void stage2(int luo_fd, int state_session)
 {
 	pthread_t vcpu, user, punch;
 	struct stage2_ctx c;
-	int session;
+	int session, r, waited;
+	size_t in, i;
 
 	session = luo_retrieve_session(luo_fd, SESSION);
 	if (session < 0)
 		fail_exit("retrieve session");
 	c.vm = luo_session_retrieve_fd(session, TOKEN_VM);
 	c.gmem = luo_session_retrieve_fd(session, TOKEN_GMEM);
-	if (c.vm < 0 || c.gmem < 0)
-		fail_exit("retrieve the VM and its guest_memfd");
+	c.second = luo_session_retrieve_fd(session, TOKEN_SECOND);
+	if (c.vm < 0 || c.gmem < 0 || c.second < 0)
+		fail_exit("retrieve the VM and its guest_memfds");
 	c.p = klu_map(c.gmem, GMEM_SIZE);
+	c.q = klu_map(c.second, SECOND_SIZE);
 	klu_bind_gmem(c.vm, c.gmem, GMEM_GPA, GMEM_SIZE, c.p);
+
+	/*
+	 * The workers wait for the VMM's first try to finish: a while after
+	 * the retrieve, nothing of the first 32 MiB, which only they touch,
+	 * is in. That try starts them, and is refused.
+	 */
+	usleep(WORKERS_WAIT_US);
+	in = klu_resident_pages(c.p, VCPU_START, NULL) +
+	     klu_resident_pages(c.q, SECOND_SIZE, NULL);
+	if (in)
+		ksft_exit_fail_msg("%zu pages in before finish: the workers did not wait for it\n",
+				   in);
+	r = luo_session_finish(session);
+	if (r != -EBUSY)
+		ksft_exit_fail_msg("first finish: %d (%s), expected EBUSY\n", r,
+				   r < 0 ? strerror(-r) : "success");
+	ksft_print_msg("nothing in %d ms after the retrieve; the first finish starts the workers\n",
+		       WORKERS_WAIT_US / 1000);
 
 	/* How much of the top quarter the workers put in before the race. */
 	ksft_print_msg("at the start: %zu of %lu pages of the top quarter in\n",
@@ -246,6 +288,23 @@ static void stage2(int luo_fd, int state_session)
 	    pthread_join(punch, NULL))
 		fail_exit("pthread_join");
 	ksft_print_msg("the vCPU, the user thread and the punch-holes are done\n");
+
+	/*
+	 * The first finish was refused by the first guest_memfd, whose
+	 * workers were busy: it must have asked the second one too, and
+	 * started its workers, which put it all in with no other finish.
+	 */
+	for (waited = 0; (in = klu_resident_pages(c.q, SECOND_SIZE, NULL)) <
+			 SECOND_SIZE / PAGE && waited < SECOND_WAIT_S * 10; waited++)
+		usleep(100000);
+	if (in < SECOND_SIZE / PAGE)
+		ksft_exit_fail_msg("%zu of %lu pages of the second guest_memfd in %d s after the first finish: its workers did not start\n",
+				   in, SECOND_SIZE / PAGE, SECOND_WAIT_S);
+	for (i = 0; i < SECOND_SIZE; i++)
+		if (c.q[i] != (uint8_t)~pattern(i))
+			ksft_exit_fail_msg("second guest_memfd: byte %zu is %#x, not %#x\n",
+					   i, c.q[i], (uint8_t)~pattern(i));
+	ksft_print_msg("the second guest_memfd came back whole with no other finish\n");
 
 	if (klu_finish(session))
 		fail_exit("finish");

@@ -21,8 +21,9 @@
 //! it takes the extent records back and returns the file, with its memory still preserved: each
 //! window goes into the file the first time something needs memory there (a vCPU fault, a fault
 //! through a mapping, `fallocate()`), or when background work items (unbound, as many as CPUs, at
-//! most 16) get to it, started right after retrieve; at most 512 pages per fault, in a time that
-//! does not depend on the size of the file. A punch-hole frees the pending memory in the hole.
+//! most 16) get to it, started by the first try to finish the session (or its release): until
+//! the VMM says it is done with its restore, the CPUs are its own. At most 512 pages per fault, in
+//! a time that does not depend on the size of the file. A punch-hole frees the pending memory in the hole.
 //! LUO's finish is refused (`EBUSY`) until every window is settled: in, punched out, or lost (KHO
 //! or the page cache refused it, which is logged, and said again at finish). Faults on lost memory
 //! fail with `EIO`, until a punch-hole takes it out: the hole then reads zeros like any other. A
@@ -127,16 +128,16 @@ use kernel::{
     sync::aref::ARef,
     task::cond_resched,
 };
-use lazy::{
-    FileMemory,
-    LazyReserve, //
-};
+use lazy::LazyReserve;
 use windows::{
     sort_by_key,
     window_count,
     windows_of, //
 };
-use workers::WorkerSlots;
+use workers::{
+    Retrieved,
+    RetrievedSlot, //
+};
 
 mod abi;
 mod lazy;
@@ -377,8 +378,8 @@ struct Prepared {
     gmem: GuestMemfdFile,
     extents: VVec<Extent>,
     reserve: LazyReserve<GmemInode>,
-    slot: FillerSlot<FileMemory>,
-    workers: WorkerSlots,
+    slot: FillerSlot<Retrieved>,
+    filler: RetrievedSlot,
 }
 
 /// Everything of a retrieve that can fail for an ordinary reason: the VM, the new file, memory
@@ -411,7 +412,7 @@ fn prepare_retrieve(serialized: &GmemSer, session: &IncomingSession<'_>) -> Resu
         extents: VVec::with_capacity(counts.extents, GFP_KERNEL)?,
         reserve: LazyReserve::new(counts.windows)?,
         slot: FillerSlot::new()?,
-        workers: WorkerSlots::new()?,
+        filler: RetrievedSlot::new()?,
     })
 }
 
@@ -440,8 +441,8 @@ impl<const LEGACY: bool> FileHandler for GmemHandler<LEGACY> {
         }
         // A file retrieved in this kernel may still have memory to put in: all of it must be in
         // the page cache before it is frozen and walked.
-        if let Some((memory, inode)) = filler_of::<FileMemory>(file) {
-            memory.fill_all(&inode)?;
+        if let Some((retrieved, inode)) = filler_of::<Retrieved>(file) {
+            retrieved.memory().fill_all(&inode)?;
         }
         let frozen = FrozenGuestMemfd::freeze(file)?;
         let PreservedMemory {
@@ -496,7 +497,7 @@ impl<const LEGACY: bool> FileHandler for GmemHandler<LEGACY> {
             mut extents,
             reserve,
             slot,
-            workers,
+            filler,
         } = match prepare_retrieve(&serialized, session) {
             Ok(prepared) => prepared,
             Err(err) => return Err(RetrieveError::retry(err, serialized)),
@@ -521,8 +522,8 @@ impl<const LEGACY: bool> FileHandler for GmemHandler<LEGACY> {
                 extents.len()
             );
         })?;
-        gmem.set_filler(slot, memory.clone())?;
-        workers.start(&memory, &gmem.inode());
+        // The background workers wait for the session's finish (see `can_finish`).
+        gmem.set_filler(slot, filler.fill(memory))?;
         if LEGACY {
             pr_info!(
                 "retrieved a guest_memfd an earlier kernel preserved as {LEGACY_COMPATIBLE:?}\n"
@@ -532,16 +533,17 @@ impl<const LEGACY: bool> FileHandler for GmemHandler<LEGACY> {
     }
 
     fn can_finish(file: Option<&File>, _status: RetrieveStatus, releasing: bool) -> bool {
+        let Some((retrieved, inode)) = file.and_then(filler_of::<Retrieved>) else {
+            return true;
+        };
+        // The VMM is done with its restore: the rest of the memory goes in in the background
+        // from now on, while the guest runs.
+        retrieved.start_workers(&inode);
         // Finish means all memory is settled: not before every window is. When the session is
         // released, a refusal would keep it and the file until reboot; the pending memory
-        // belongs to the file, which puts it in as it is used, or frees it when it goes.
-        if releasing {
-            return true;
-        }
-        match file.and_then(filler_of::<FileMemory>) {
-            Some((memory, _)) => memory.is_done(),
-            None => true,
-        }
+        // belongs to the file, which puts it in as it is used (and by the workers), or frees it
+        // when it goes.
+        releasing || retrieved.memory().is_done()
     }
 
     fn finish(_status: RetrieveStatus, unretrieved: Option<Unconsumed<Self>>) {

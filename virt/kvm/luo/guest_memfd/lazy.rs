@@ -37,10 +37,7 @@ use super::{
 use core::mem::MaybeUninit;
 use kernel::{
     kho::RestoredPages,
-    kvm::{
-        GmemFiller,
-        GmemInode, //
-    },
+    kvm::GmemInode,
     liveupdate::retry_on_enomem,
     new_condvar, new_mutex,
     prelude::*,
@@ -513,7 +510,7 @@ impl<S: PageSink> PinnedDrop for LazyMemory<S> {
 }
 
 impl<S: PageSink> LazyMemory<S> {
-    /// Puts in the memory of file page `index`, if it is not in yet ([`GmemFiller::fill`]).
+    /// Puts in the memory of file page `index`, if it is not in yet (`GmemFiller::fill()`).
     pub(super) fn fill_at(&self, sink: &S, index: u64) -> Result {
         match windows_in(&self.windows, index, index.saturating_add(1)) {
             range if range.is_empty() => Ok(()),
@@ -522,7 +519,7 @@ impl<S: PageSink> LazyMemory<S> {
     }
 
     /// Frees the memory of file pages `[start, end)` not put in yet, and puts in the rest of the
-    /// windows partly in that range, for a punch-hole ([`GmemFiller::discard`]).
+    /// windows partly in that range, for a punch-hole (`GmemFiller::discard()`).
     pub(super) fn discard_range(&self, sink: &S, start: u64, end: u64) -> Result {
         let range = windows_in(&self.windows, start, end);
         let inside = |w: &Window| w.index >= start && w.index + w.nr_pages <= end;
@@ -570,23 +567,9 @@ impl<S: PageSink> LazyMemory<S> {
         Ok(())
     }
 
-    /// Stops the background workers ([`GmemFiller::stop`]).
+    /// Stops the background workers (`GmemFiller::stop()`).
     pub(super) fn stop_workers(&self) {
         self.progress.lock().stopped = true;
-    }
-}
-
-impl GmemFiller for FileMemory {
-    fn fill(&self, inode: &GmemInode, index: u64) -> Result {
-        self.fill_at(inode, index)
-    }
-
-    fn discard(&self, inode: &GmemInode, start: u64, end: u64) -> Result {
-        self.discard_range(inode, start, end)
-    }
-
-    fn stop(&self) {
-        self.stop_workers();
     }
 }
 
