@@ -32,12 +32,26 @@ const KERNEL_ADDR: u64 = 0x10_0000;
 const ENTRY_64: u64 = 0x200;
 /// `xloadflags`: the kernel has that 64-bit entry point.
 const XLF_KERNEL_64: u16 = 1 << 0;
+/// Guest RAM below 4 GiB ends here, below the I/O APIC and the local APICs; the rest of it
+/// starts at 4 GiB.
+pub const LOW_RAM_END: u64 = 3 << 30;
+const HIGH_RAM_START: u64 = 4 << 30;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 
 /// GDT entries: null, null, 64-bit code (selector 0x10), data (0x18), as the boot protocol
 /// wants `__BOOT_CS` and `__BOOT_DS`.
 const GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+
+/// Where the byte of guest RAM `offset` bytes from its start (counting RAM alone) is in the
+/// guest's physical address space.
+pub fn ram_gpa(offset: u64) -> u64 {
+    if offset < LOW_RAM_END {
+        offset
+    } else {
+        offset - LOW_RAM_END + HIGH_RAM_START
+    }
+}
 
 fn err(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
@@ -70,7 +84,8 @@ pub fn load_linux(
     // The initramfs at the top of what the kernel can reach, above where the kernel
     // decompresses itself (`init_size` bytes from its preferred address).
     let initrd_data = std::fs::read(initrd)?;
-    let initrd_max = u64::from(hdr.initrd_addr_max).min(mem_size - 1);
+    let low_end = mem_size.min(LOW_RAM_END);
+    let initrd_max = u64::from(hdr.initrd_addr_max).min(low_end - 1);
     let kernel_top = (hdr.pref_address + u64::from(hdr.init_size)).max(loaded.kernel_end);
     let initrd_addr = (initrd_max + 1)
         .checked_sub(initrd_data.len() as u64)
@@ -100,8 +115,12 @@ pub fn load_linux(
         r#type: 1,
     };
     params.e820_table[0] = ram(0, MPTABLE_ADDR);
-    params.e820_table[1] = ram(KERNEL_ADDR, mem_size - KERNEL_ADDR);
+    params.e820_table[1] = ram(KERNEL_ADDR, low_end - KERNEL_ADDR);
     params.e820_entries = 2;
+    if mem_size > LOW_RAM_END {
+        params.e820_table[2] = ram(HIGH_RAM_START, mem_size - LOW_RAM_END);
+        params.e820_entries = 3;
+    }
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE)),
         mem,

@@ -115,6 +115,18 @@ fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// Writes the TSC into the kernel log, as `kvm-luo-vmm: tsc T EVENT`: the log's own timestamp
+/// of that line (`printk.time=1` shows it) places the kernel's timestamps on the TSC, on which
+/// the VMM measures the blackout. `build/bench.sh` splits the kexec into phases with it. Best
+/// effort: without `/dev/kmsg`, nothing is written.
+fn mark_tsc(event: &str) {
+    use std::io::Write;
+    if let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        // One write, one line of the log.
+        let _ = kmsg.write_all(format!("kvm-luo-vmm: tsc {} {event}", rdtsc()).as_bytes());
+    }
+}
+
 fn tsc_hz() -> u64 {
     let (t0, c0) = (Instant::now(), rdtsc());
     std::thread::sleep(Duration::from_millis(100));
@@ -406,13 +418,18 @@ const USAGE: &str = "usage: kvm-luo-vmm [--linux BZIMAGE --initrd INITRAMFS [OPT
        [--never-ready]
   without --linux: the quick real-mode guest, stages 1 (preserve) and 2 (resume)
   with --linux: a Linux guest, stages 1 (boot and preserve), 2 (resume), 3 (a bare kexec), or
-    boot (boot it and watch it for --watch SECS, default 30: the soak's first boot)
+    boot (boot it and watch it for --watch SECS, default 30: the soak's first boot); with
+    --updates N (1 to 9, default 1), stages 1 to 2N+1: N times a live update then a bare
+    kexec, each odd stage after the first booting a new guest
   with --agent: a Linux guest under kvm-luo-agent, in session NAME: resumed from it if the
     previous kernel kept it, booted otherwise; prepared for an update when the agent says
     (--never-ready: a test hook, never answer)
 OPTIONS (with --linux):
-  --mem MIB, --vcpus N    guest RAM (64 to 2048, default 256) and vCPUs (1 to 4, default 2)
+  --mem MIB, --vcpus N    guest RAM (64 to 4096, default 256) and vCPUs (1 to 4, default 2)
   --ram gmem|anon         RAM in guest_memfds (default) or anonymous memory (only -s boot)
+  --prealloc              allocate all of the guest's RAM at boot: the guest_memfds are then
+                          preserved while the guest runs, before it is stopped (outside the
+                          blackout); without it, after the stop
   --no-tsc-deadline       hide the TSC-deadline timer from the guest's CPUID
   --no-kvmclock           hide kvmclock from the guest's CPUID
   --clock hide|advance    across the pause, the guest's clock stops (default: nothing in the
@@ -457,6 +474,8 @@ fn main() {
     let mut watch = 30;
     let mut inner_qemu = None;
     let mut linux_only = false;
+    let mut updates = 1;
+    let mut prealloc = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().unwrap_or_else(|| fail(USAGE));
@@ -504,6 +523,14 @@ fn main() {
             }
             "--inject" => (inject, linux_only) = (parse_inject(&value()), true),
             "--inner-qemu" => (inner_qemu, linux_only) = (Some(value()), true),
+            "--prealloc" => (prealloc, linux_only) = (true, true),
+            "--updates" => {
+                updates = value().parse().unwrap_or_else(|_| fail(USAGE));
+                if !(1..=9).contains(&updates) {
+                    fail("--updates must be 1 to 9");
+                }
+                linux_only = true;
+            }
             "--watch" => {
                 watch = value().parse().unwrap_or_else(|_| fail(USAGE));
                 linux_only = true;
@@ -514,8 +541,8 @@ fn main() {
     match (kernel, initrd) {
         (Some(kernel), Some(initrd)) => {
             // The guest's kernel is built for at most 4 CPUs (CONFIG_NR_CPUS).
-            if !(1..=4).contains(&vcpus) || !(64..=2048).contains(&mem_mib) {
-                fail("--vcpus must be 1 to 4 and --mem 64 to 2048");
+            if !(1..=4).contains(&vcpus) || !(64..=4096).contains(&mem_mib) {
+                fail("--vcpus must be 1 to 4 and --mem 64 to 4096");
             }
             let opts = linux::Opts {
                 kernel,
@@ -528,6 +555,7 @@ fn main() {
                 clock,
                 finish_timeout,
                 inject,
+                prealloc,
             };
             if ram == linux::Ram::Anonymous && stage.as_deref() != Some("boot") {
                 fail("--ram anon is only for -s boot: anonymous memory cannot be preserved");
@@ -555,15 +583,31 @@ fn main() {
             if agent.is_some() || name.is_some() || never_ready {
                 fail(USAGE);
             }
+            let last = 2 * updates + 1;
             match stage.as_deref() {
-                Some("1") => linux::boot_and_preserve(&opts),
-                Some("2") => linux::resume(&opts),
-                Some("3") => linux::bare_kexec_done(),
                 Some("boot") => match &inner_qemu {
                     Some(dir) => linux::boot_in_qemu(&opts, dir, watch),
                     None => linux::boot_only(&opts, watch),
                 },
-                _ => fail(USAGE),
+                Some(s) => match s.parse::<u32>() {
+                    Ok(n) if n >= 1 && n <= last => {
+                        // An odd stage times the bare kexec that brought it (but the first),
+                        // then boots a guest for the next update (but the last); an even one
+                        // resumes the guest.
+                        if n.is_multiple_of(2) {
+                            linux::resume(&opts, n);
+                        } else {
+                            if n > 1 {
+                                linux::bare_kexec_done(n);
+                            }
+                            if n < last {
+                                linux::boot_and_preserve(&opts, n);
+                            }
+                        }
+                    }
+                    _ => fail(format!("-s takes 1 to {last} or boot\n{USAGE}")),
+                },
+                None => fail(USAGE),
             }
         }
         (None, None) if linux_only => fail(USAGE),

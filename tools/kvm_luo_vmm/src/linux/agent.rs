@@ -285,7 +285,7 @@ pub fn serve(opts: &Opts, a: &AgentOpts) {
                         continue;
                     }
                 };
-                let state_fd = match stopped.preserve(&session) {
+                let state_fd = match stopped.preserve(&session, false) {
                     Ok(f) => {
                         let p = &stopped.snapshot.progress;
                         say(format!(

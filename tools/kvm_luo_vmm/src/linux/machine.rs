@@ -66,13 +66,14 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Maps the guest_memfds `ram` as guest RAM from address 0, one memslot each.
+    /// Maps the guest_memfds `ram` as guest RAM from address 0, one memslot each (RAM past
+    /// 3 GiB goes on at 4 GiB: [`boot::ram_gpa`]).
     fn map_ram(vm: &VmFd, ram: &[File]) -> io::Result<GuestMemoryMmap> {
         let mut ranges = Vec::new();
         for (i, f) in ram.iter().enumerate() {
             let size = f.metadata()?.len();
             ranges.push((
-                GuestAddress(i as u64 * REGION),
+                GuestAddress(boot::ram_gpa(i as u64 * REGION)),
                 size as usize,
                 Some(FileOffset::new(f.try_clone()?, 0)),
             ));
@@ -80,7 +81,7 @@ impl Machine {
         let mem = GuestMemoryMmap::from_ranges_with_files(&ranges)
             .map_err(|e| io::Error::other(format!("mapping guest RAM: {e}")))?;
         for (i, f) in ram.iter().enumerate() {
-            let gpa = i as u64 * REGION;
+            let gpa = boot::ram_gpa(i as u64 * REGION);
             let host = mem
                 .get_host_address(GuestAddress(gpa))
                 .map_err(|e| io::Error::other(format!("guest RAM: {e}")))?;
@@ -106,8 +107,11 @@ impl Machine {
     fn map_anonymous(vm: &VmFd, size: u64) -> io::Result<GuestMemoryMmap> {
         let ranges: Vec<_> = (0..size.div_ceil(REGION))
             .map(|i| {
-                let gpa = i * REGION;
-                (GuestAddress(gpa), REGION.min(size - gpa) as usize)
+                let offset = i * REGION;
+                (
+                    GuestAddress(boot::ram_gpa(offset)),
+                    REGION.min(size - offset) as usize,
+                )
             })
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
@@ -218,7 +222,15 @@ pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
                     .map_err(os("KVM_CREATE_GUEST_MEMFD")),
                 )?;
                 // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new fd that we now own.
-                ram.push(unsafe { File::from_raw_fd(fd) });
+                let f = unsafe { File::from_raw_fd(fd) };
+                if opts.prealloc {
+                    check(
+                        "allocating guest RAM",
+                        rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::KEEP_SIZE, 0, size)
+                            .map_err(io::Error::from),
+                    )?;
+                }
+                ram.push(f);
                 gpa += size;
             }
             check("guest RAM", Machine::map_ram(&vm, &ram))?
@@ -393,27 +405,40 @@ impl Guest {
     }
 }
 
-impl Stopped {
-    /// Preserves the VM, its guest_memfds and its state in `session`; returns the memfd that
-    /// holds the state.
-    pub fn preserve(&mut self, session: &Session) -> io::Result<File> {
-        let lu = |what: &'static str| {
-            move |e: liveupdate::Error| io::Error::other(format!("{what}: {e}"))
-        };
-        if self.m.ram.is_empty() {
+fn lu(what: &'static str) -> impl Fn(liveupdate::Error) -> io::Error {
+    move |e| io::Error::other(format!("{what}: {e}"))
+}
+
+impl Machine {
+    /// Preserves the VM and its guest_memfds in `session`. From then on the guest_memfds are
+    /// frozen: the guest may write its memory (what it writes is carried over) but no page can
+    /// be added, so a running guest must have all of its RAM allocated.
+    pub fn preserve_vm_and_ram(&self, session: &Session) -> io::Result<()> {
+        if self.ram.is_empty() {
             return Err(io::Error::other(
                 "the guest's RAM is anonymous memory, which cannot be preserved",
             ));
         }
-        // SAFETY: The VM fd stays open while `self.m.vm` lives, beyond this borrow.
-        let vm = unsafe { BorrowedFd::borrow_raw(self.m.vm.as_raw_fd()) };
+        // SAFETY: The VM fd stays open while `self.vm` lives, beyond this borrow.
+        let vm = unsafe { BorrowedFd::borrow_raw(self.vm.as_raw_fd()) };
         session
             .preserve(&vm, TOKEN_VM)
             .map_err(lu("preserving the VM"))?;
-        for (i, f) in self.m.ram.iter().enumerate() {
+        for (i, f) in self.ram.iter().enumerate() {
             session
                 .preserve(f, TOKEN_RAM + i as u64)
                 .map_err(lu("preserving a guest_memfd"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Stopped {
+    /// Preserves the VM, its guest_memfds (unless `preserve_vm_and_ram` did while the guest
+    /// ran: `vm_and_ram`) and its state in `session`; returns the memfd that holds the state.
+    pub fn preserve(&mut self, session: &Session, vm_and_ram: bool) -> io::Result<File> {
+        if !vm_and_ram {
+            self.m.preserve_vm_and_ram(session)?;
         }
         self.snapshot.stamps.preserved = rdtsc();
         let state_fd = write_snapshot(&self.snapshot)?;

@@ -46,6 +46,8 @@ const TOKEN_STATE: u64 = 2;
 const TOKEN_RAM: u64 = 16;
 /// Guest RAM comes in guest_memfds of at most this size, one memslot each.
 const REGION: u64 = 128 << 20;
+// No region straddles the hole below 4 GiB.
+const _: () = assert!(crate::boot::LOW_RAM_END.is_multiple_of(REGION));
 const MAGIC: &str = "kvm-luo-vmm linux guest v1";
 const NEXT_ARGS: &str = "/tmp/klu-next-args";
 
@@ -106,12 +108,19 @@ pub struct Opts {
     /// the VMM says so and tries again (the guest runs meanwhile).
     pub finish_timeout: Duration,
     pub inject: Inject,
+    /// Allocate all of the guest's RAM at boot (`fallocate()`): a guest whose RAM is all
+    /// allocated can be preserved while it runs, outside the blackout.
+    pub prealloc: bool,
 }
 
 impl Opts {
     fn cmdline(&self) -> String {
-        // Most of the RAM for the work; the rest for the kernel and the initramfs.
-        let work_mib = self.mem_mib.saturating_sub(96).max(16);
+        // Most of the RAM for the work; the rest for the kernel and the initramfs, and above
+        // 2 GiB for what grows with the RAM (its struct pages, the work's page tables).
+        let work_mib = self
+            .mem_mib
+            .saturating_sub(96 + self.mem_mib.saturating_sub(2048) / 16)
+            .max(16);
         format!(
             "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 nokaslr tsc=reliable \
              8250.nr_uarts=1 work_mib={work_mib}"

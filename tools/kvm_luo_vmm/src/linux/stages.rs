@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
-//! The Linux guest test and demo, one host kernel each (`-s 1`, `-s 2`, `-s 3`), and the
-//! soak's first boot (`-s boot`).
+//! The Linux guest test and demo, one host kernel each (`-s 1`, `-s 2`, `-s 3`, and on for a
+//! chain of updates), and the soak's first boot (`-s boot`).
 
 use super::checks;
 use super::machine::{self, Guest, Held, Restored, Stopped};
 use super::{ms, Opts, NEXT_ARGS, SESSION};
 use crate::state::{DEADLINES_REARMED, DEADLINES_ZEROED, REFUSED_MSR_SKIPPED};
-use crate::{fail, hold_and_exit, rdtsc, say, tsc_hz};
+use crate::{fail, hold_and_exit, mark_tsc, rdtsc, say, tsc_hz};
 use liveupdate::{Device, Session, SessionName};
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
@@ -114,18 +114,36 @@ fn stop_until_saved(mut g: Guest, hz: u64, label: &str, failures: u32) -> Stoppe
     ))
 }
 
-/// Stage 1 of 3: boot the guest, let it work, stop it and preserve it.
-pub fn boot_and_preserve(opts: &Opts) {
+/// Stage 1 (and every odd stage of a chain, after [`bare_kexec_done`]): boot the guest, let it
+/// work, stop it and preserve it.
+pub fn boot_and_preserve(opts: &Opts, stage: u32) {
+    let label = format!("[kernel {stage}] ");
+    let label = label.as_str();
     let hz = tsc_hz();
     super::SAVE_FAILURES.store(opts.inject.save_failures, Ordering::Release);
-    let g = or_fail(machine::boot(opts, "[kernel 1] "));
+    let g = or_fail(machine::boot(opts, label));
     // The session first: nothing that can fail after the guest stopped is left undone.
     let name = SessionName::new(SESSION).expect("a valid name");
     let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));
     let session = luo
         .create_session(&name)
         .unwrap_or_else(|e| fail(format!("create session: {e}")));
-    let mut s = stop_until_saved(g, hz, "[kernel 1] ", opts.inject.save_failures);
+    // A guest whose RAM is all allocated is preserved while it runs: the blackout is left with
+    // the stop, the save and the state. Otherwise a page the guest touches after the preserve
+    // could not be added (the guest_memfds are frozen), so it waits for the stop.
+    let early = opts.prealloc;
+    if early {
+        let t = rdtsc();
+        g.m.preserve_vm_and_ram(&session)
+            .unwrap_or_else(|e| fail(format!("preserving: {e}")));
+        say(format!(
+            "{label}preserved the VM and its {} guest_memfds while the guest runs (its RAM is \
+             all allocated), in {:.1} ms, outside the blackout",
+            g.m.ram.len(),
+            super::ms(rdtsc() - t, hz)
+        ));
+    }
+    let mut s = stop_until_saved(g, hz, label, opts.inject.save_failures);
     if super::SAVE_FAILURES.load(Ordering::Acquire) != 0 {
         fail("an injected save failure never happened: the test did not test");
     }
@@ -141,11 +159,11 @@ pub fn boot_and_preserve(opts: &Opts) {
             ));
         }
         say(format!(
-            "[kernel 1] {zeroed} TSC deadlines saved as 0 by the test, {rearmed} re-armed"
+            "{label}{zeroed} TSC deadlines saved as 0 by the test, {rearmed} re-armed"
         ));
     }
     let state_fd = s
-        .preserve(&session)
+        .preserve(&session, early)
         .unwrap_or_else(|e| fail(format!("preserving: {e}")));
     if opts.inject.slow_finish {
         // The next kernel puts guest memory in on first use only: finish must wait for it.
@@ -154,7 +172,7 @@ pub fn boot_and_preserve(opts: &Opts) {
     }
     let p = &s.snapshot.progress;
     say(format!(
-        "[kernel 1] paused at heartbeat {} (guest clock {:.3} s), generations {:?}; \
+        "{label}paused at heartbeat {} (guest clock {:.3} s), generations {:?}; \
          preserved the VM, {} guest_memfds and its state; kexec",
         p.beat,
         p.mono,
@@ -168,18 +186,23 @@ pub fn boot_and_preserve(opts: &Opts) {
         ram.into_iter()
             .map(|f| Box::new(f) as Box<dyn std::any::Any>),
     );
+    mark_tsc("exit");
     hold_and_exit(luo, session, keep);
 }
 
-/// Stage 2: retrieve, restore, resume and check; finish the session while the guest runs; then
-/// leave what a stage 3 needs to time a bare kexec, for the tests that have one.
-pub fn resume(opts: &Opts) {
+/// Stage 2 (and every even stage of a chain): retrieve, restore, resume and check; finish the
+/// session while the guest runs; then leave what the next stage needs to time a bare kexec, for
+/// the tests that have one.
+pub fn resume(opts: &Opts, stage: u32) {
+    mark_tsc("start");
+    let label = format!("[kernel {stage}] ");
+    let label = label.as_str();
     let name = SessionName::new(SESSION).expect("a valid name");
     let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));
     let session = luo
         .retrieve_session(&name)
         .unwrap_or_else(|e| fail(format!("retrieve session: {e}")));
-    let (mut g, s, t) = match machine::restore(&session, opts.clock, "[kernel 2] ") {
+    let (mut g, s, t) = match machine::restore(&session, opts.clock, label) {
         Ok(r) => r,
         Err(held) => hold(&session, held, Some(TEST_HOLD)),
     };
@@ -192,17 +215,17 @@ pub fn resume(opts: &Opts) {
         opts.finish_timeout,
         &g,
         opts.inject.slow_finish,
-        "[kernel 2] ",
+        label,
     ));
     if opts.inject.slow_finish {
         if busy == 0 {
             fail("finish was not slower than its timeout: the test did not test it");
         }
         say(format!(
-            "[kernel 2] finished the session after {busy} timeouts, the guest running all along"
+            "{label}finished the session after {busy} timeouts, the guest running all along"
         ));
     }
-    or_fail(g.check_went_on(&s.progress, &s.stamps, opts.clock, 0, "[kernel 2] "));
+    or_fail(g.check_went_on(&s.progress, &s.stamps, opts.clock, 0, label));
     let resumed = g.running.first_entry();
     if let Err((_, e)) = g.running.stop(|| Ok(())) {
         fail(format!("stopping the guest: {e}"));
@@ -219,6 +242,7 @@ pub fn resume(opts: &Opts) {
     std::fs::write(NEXT_ARGS, args)
         .unwrap_or_else(|e| fail(format!("write the next kernel's arguments: {e}")));
     say("PASS: the Linux guest kept running across the host kernel live update");
+    mark_tsc("exit");
 }
 
 fn report_blackout(st: &super::Stamps, t: &Restored, resumed: u64) {
@@ -242,9 +266,11 @@ fn report_blackout(st: &super::Stamps, t: &Restored, resumed: u64) {
     }
 }
 
-/// Stage 3 of 3: how long the bare kexec that stage 2 started took, next to the blackout.
-pub fn bare_kexec_done() {
+/// Stage 3 (and every odd stage of a chain after the first): how long the bare kexec that the
+/// previous stage started took, next to the blackout.
+pub fn bare_kexec_done(stage: u32) {
     let now = rdtsc();
+    mark_tsc("start");
     let (Some(start), Some(hz), Some(blackout_us)) = (
         kernel_arg("bare_tsc"),
         kernel_arg("tsc_hz"),
@@ -255,7 +281,7 @@ pub fn bare_kexec_done() {
     let bare = ms(now.saturating_sub(start), hz);
     let blackout = blackout_us as f64 / 1e3;
     say(format!(
-        "[kernel 3] a bare kexec of the same kernel, nothing preserved, took {bare:.0} ms"
+        "[kernel {stage}] a bare kexec of the same kernel, nothing preserved, took {bare:.0} ms"
     ));
     say(format!(
         "blackout {blackout:.0} ms / bare kexec {bare:.0} ms = {:.2}",
