@@ -2,9 +2,11 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # make bench: guest_memfd against memfd preservation, in one boot and one
-# kexec (luo_bench), then the demo's Linux guest at 256 MiB and 2 GiB of RAM
-# across a live update, each next to a bare kexec. Prints the table, saves it
-# as JSON in $KLU_OUT/bench.json, and ends with one "ratios:" line.
+# kexec (luo_bench), then the demo's Linux guest at 256 MiB, 2 GiB and 4 GiB
+# of RAM across five live updates each, every one followed by a bare kexec of
+# the same kernel from the same image. Prints the tables (medians, with their
+# spread, and each kexec in phases), saves luo_bench's as JSON in
+# $KLU_OUT/bench.json, and ends with one "ratios:" line.
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
 
@@ -16,7 +18,13 @@ runner=("$sel/run_vmtests.sh" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT"
 export KLU_QEMU_MEM=${KLU_QEMU_MEM:-16G}
 "${runner[@]}" -t luo_bench
 status=$?
-"${runner[@]}" -c 1 -t bench_guest_256M -t bench_guest_2G || status=1
+guests=(256M 2G 4G)
+only=() logs=()
+for g in "${guests[@]}"; do
+	only+=(-t "bench_guest_$g")
+	logs+=("$g=$KLU_OUT/logs/bench_guest_$g.log")
+done
+"${runner[@]}" -c 1 "${only[@]}" || status=1
 
 log=$KLU_OUT/logs/luo_bench.log
 sed -n 's/^BENCH: //p' "$log" | tr -d '\r'
@@ -29,21 +37,8 @@ fi
 echo "$json" > "$KLU_OUT/bench.json"
 echo "saved $KLU_OUT/bench.json"
 
-# "blackout B ms / bare kexec K ms = R", printed by the VMM's third stage.
-blackout() {
-	tr -d '\r' < "$KLU_OUT/logs/bench_guest_$1.log" 2>/dev/null |
-		sed -n 's/.*vmm: blackout \([0-9]*\) ms \/ bare kexec \([0-9]*\) ms = \([0-9.]*\)$/\1 \2 \3/p' |
-		tail -n 1
-}
-for g in 256M 2G; do
-	set -- $(blackout $g)
-	if [ $# -eq 3 ]; then
-		echo "guest $g: blackout $1 ms, bare kexec $2 ms, ratio $3"
-	else
-		echo "guest $g: no blackout measured (log $KLU_OUT/logs/bench_guest_$g.log)"
-		status=1
-	fi
-done
-set -- $(blackout 2G)
-echo "ratios: $ratios blackout_vs_bare_kexec_2G=${3:-none}"
+# The guests' blackouts next to the bare kexecs, and the kexecs in phases.
+guest_out=$(python3 "$sel/boot_phases.py" --bench "${logs[@]}") || status=1
+grep -v '^BENCH-RATIOS: ' <<< "$guest_out"
+echo "ratios: $ratios $(sed -n 's/^BENCH-RATIOS: //p' <<< "$guest_out")"
 exit "$status"
