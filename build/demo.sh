@@ -27,7 +27,7 @@ A live update of a KVM host, inside QEMU (TCG, nested SVM): the Rust VMM
 tools/kvm_luo_vmm boots a Linux guest whose RAM is in guest_memfds, lets it
 work, stops it, saves its state, preserves the VM, the guest_memfds and the
 state in a LUO session; the host kernel kexecs into a new kernel, and the VMM
-resumes the guest there. First, a bare kexec of the same kernel to compare.
+resumes the guest there. Then a bare kexec of the same kernel, to compare.
 (DEMO=vmm_demo shows the quick real-mode guest instead, FLEET=1 two VMs
 under the live-update agent.)
 END

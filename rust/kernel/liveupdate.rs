@@ -326,7 +326,7 @@ pub trait FileHandler: Sized + 'static {
     /// when it succeeded. `releasing` says the session's last file descriptor is being closed:
     /// a refusal then keeps the session and its files until the next reboot, so a handler should
     /// not refuse then unless it must. Every file of the session is asked, even after one
-    /// refused: a handler may start here what it waits for (it must not block).
+    /// refused: a handler may start here what it waits for, but must not wait for it.
     fn can_finish(_file: Option<&File>, _status: RetrieveStatus, _releasing: bool) -> bool {
         build_error!(VTABLE_DEFAULT_ERROR)
     }

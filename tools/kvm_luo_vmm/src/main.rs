@@ -429,7 +429,7 @@ OPTIONS (with --linux):
   --ram gmem|anon         RAM in guest_memfds (default) or anonymous memory (only -s boot)
   --prealloc              allocate all of the guest's RAM at boot: the guest_memfds are then
                           preserved while the guest runs, before it is stopped (outside the
-                          blackout); without it, after the stop
+                          blackout); without it, after the stop (not under --agent)
   --no-tsc-deadline       hide the TSC-deadline timer from the guest's CPUID
   --no-kvmclock           hide kvmclock from the guest's CPUID
   --clock hide|advance    across the pause, the guest's clock stops (default: nothing in the
@@ -568,6 +568,10 @@ fn main() {
             // The test hooks belong to the test stages (-s 1, 2).
             if agent.is_some() && inject != linux::Inject::default() {
                 fail("--inject is for the test stages (-s 1, -s 2), not under --agent");
+            }
+            // Under the agent the VMM preserves after the stop.
+            if agent.is_some() && prealloc {
+                fail("--prealloc is for the test stages, not under --agent");
             }
             if let (Some(socket), Some(name), None) = (&agent, &name, &stage) {
                 let name = check("--name", SessionName::new(name));

@@ -125,23 +125,34 @@ pub fn boot_and_preserve(opts: &Opts, stage: u32) {
     // The session first: nothing that can fail after the guest stopped is left undone.
     let name = SessionName::new(SESSION).expect("a valid name");
     let luo = Device::open().unwrap_or_else(|e| fail(format!("open /dev/liveupdate: {e}")));
-    let session = luo
-        .create_session(&name)
-        .unwrap_or_else(|e| fail(format!("create session: {e}")));
+    let create = || {
+        luo.create_session(&name)
+            .unwrap_or_else(|e| fail(format!("create session: {e}")))
+    };
+    let mut session = create();
     // A guest whose RAM is all allocated is preserved while it runs: the blackout is left with
     // the stop, the save and the state. Otherwise a page the guest touches after the preserve
     // could not be added (the guest_memfds are frozen), so it waits for the stop.
-    let early = opts.prealloc;
+    let mut early = opts.prealloc;
     if early {
         let t = rdtsc();
-        g.m.preserve_vm_and_ram(&session)
-            .unwrap_or_else(|e| fail(format!("preserving: {e}")));
-        say(format!(
-            "{label}preserved the VM and its {} guest_memfds while the guest runs (its RAM is \
-             all allocated), in {:.1} ms, outside the blackout",
-            g.m.ram.len(),
-            super::ms(rdtsc() - t, hz)
-        ));
+        match g.m.preserve_vm_and_ram(&session) {
+            Ok(()) => say(format!(
+                "{label}preserved the VM and its {} guest_memfds while the guest runs (its RAM \
+                 is all allocated), in {:.1} ms, outside the blackout",
+                g.m.ram.len(),
+                super::ms(rdtsc() - t, hz)
+            )),
+            Err(e) => {
+                // Closing the session gives up what it preserved; the guest runs on.
+                say(format!(
+                    "{label}preserving while the guest runs: {e}; preserving after the stop"
+                ));
+                drop(session);
+                session = create();
+                early = false;
+            }
+        }
     }
     let mut s = stop_until_saved(g, hz, label, opts.inject.save_failures);
     if super::SAVE_FAILURES.load(Ordering::Acquire) != 0 {

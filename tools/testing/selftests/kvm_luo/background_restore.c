@@ -22,9 +22,9 @@
  *   reading the first quadword of each page, xoring it with a key and
  *   writing it back: its faults race the workers for windows, and a write
  *   must neither be lost nor be made on zeros;
- * then, with no other finish, the second file must come in whole: the first
- * try was refused by the first file, and must have started the second's
- * workers all the same. Then finish is retried until the workers are done.
+ * then, with no other finish, the second file must come in whole, and the
+ * first 32 MiB of the first: the first try was refused by whichever file LUO
+ * asked first, and must have started the other's workers all the same. Then finish is retried until the workers are done.
  * Afterwards every page
  * of the file is in but the holes' (so the first 32 MiB, which nothing but
  * the workers touched, are in: background restore did that); each byte is
@@ -297,6 +297,13 @@ static void stage2(int luo_fd, int state_session)
 	for (waited = 0; (in = klu_resident_pages(c.q, SECOND_SIZE, NULL)) <
 			 SECOND_SIZE / PAGE && waited < SECOND_WAIT_S * 10; waited++)
 		usleep(100000);
+	/* And the first one's, whichever LUO asked first. */
+	for (waited = 0; klu_resident_pages(c.p, VCPU_START, NULL) < VCPU_START / PAGE &&
+			 waited < SECOND_WAIT_S * 10; waited++)
+		usleep(100000);
+	if (klu_resident_pages(c.p, VCPU_START, NULL) < VCPU_START / PAGE)
+		ksft_exit_fail_msg("the first %lu MiB of the first guest_memfd not in %d s after the first finish: its workers did not start\n",
+				   VCPU_START / MIB, SECOND_WAIT_S);
 	if (in < SECOND_SIZE / PAGE)
 		ksft_exit_fail_msg("%zu of %lu pages of the second guest_memfd in %d s after the first finish: its workers did not start\n",
 				   in, SECOND_SIZE / PAGE, SECOND_WAIT_S);

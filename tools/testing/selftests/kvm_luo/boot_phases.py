@@ -22,9 +22,9 @@ line ("PHASES: {...}"), each phase in ms, in order:
                   with klu.early_tsc=1; without it the clock starts only at
                   tsc_init() and the phases up to "mem_init" are all in jump)
   setup_arch      to "Zone ranges:" (memblock, KHO's handover data and
-                  scratch, NUMA, the direct map)
-  memmap          to "Kernel command line:" (KHO's radix tree, the zones,
-                  sparse and the memory map: free_area_init(), memmap_init())
+                  scratch, NUMA, the direct map, KHO's radix tree)
+  memmap          to "Kernel command line:" (the zones, sparse and the
+                  memory map: free_area_init(), memmap_init())
   early_params    to "mem auto-init:" (parameters, early caches, traps)
   kho_and_free    to "SLUB:" (KHO's reservation of preserved memory, and
                   memblock_free_all() giving the rest to the page allocator)
@@ -36,7 +36,10 @@ line ("PHASES: {...}"), each phase in ms, in order:
                   the KVM handlers; null when KVM is built in)
   init_to_vmm     to the VMM's start in the new kernel
 
-and "total" from the VMM's exit to its start. A phase whose lines are missing
+and "total" from the VMM's exit to its start. The kernel's timestamps are
+placed on the TSC from the VMM's mark nearest to each, at the rate the kernel
+calibrated; the offset the scheduler clock takes when it is marked stable
+(tens of ms under TCG) is not corrected for, in the phases up to "mem_init". A phase whose lines are missing
 is null. Usage: boot_phases.py LOG...
 
 With --bench SIZE=LOG... (build/bench.sh), the logs are those of a VMM that

@@ -339,6 +339,7 @@ static unsigned long tsc_khz_of_this_kernel(void)
 	unsigned int mhz, frac;
 	unsigned long khz = 0;
 	char rec[8192], *msg;
+	int end;
 	ssize_t n;
 	int fd;
 
@@ -353,12 +354,17 @@ static unsigned long tsc_khz_of_this_kernel(void)
 		msg = strchr(rec, ';');
 		if (!msg)
 			continue;
-		/* The TSC's own line if the CPU's differs; refined later. */
-		if (sscanf(msg + 1, "tsc: Refined TSC clocksource calibration: %u.%3u MHz",
-			   &mhz, &frac) == 2 ||
-		    sscanf(msg + 1, "tsc: Detected %u.%3u MHz TSC", &mhz, &frac) == 2 ||
-		    (!khz && sscanf(msg + 1, "tsc: Detected %u.%3u MHz processor",
-				    &mhz, &frac) == 2))
+		/*
+		 * The TSC's own line if the CPU's differs; refined later. The
+		 * %n after each literal says the whole of it matched.
+		 */
+		end = 0;
+		if ((sscanf(msg + 1, "tsc: Refined TSC clocksource calibration: %u.%3u MHz%n",
+			    &mhz, &frac, &end) == 2 && end) ||
+		    (sscanf(msg + 1, "tsc: Detected %u.%3u MHz TSC%n", &mhz, &frac, &end) == 2 &&
+		     end) ||
+		    (!khz && sscanf(msg + 1, "tsc: Detected %u.%3u MHz processor%n", &mhz, &frac,
+				    &end) == 2 && end))
 			khz = mhz * 1000UL + frac;
 	}
 	close(fd);

@@ -22,13 +22,14 @@
 //! window goes into the file the first time something needs memory there (a vCPU fault, a fault
 //! through a mapping, `fallocate()`), or when background work items (unbound, as many as CPUs, at
 //! most 16) get to it, started by the first try to finish the session (or its release): until
-//! the VMM says it is done with its restore, the CPUs are its own. At most 512 pages per fault, in
-//! a time that does not depend on the size of the file. A punch-hole frees the pending memory in the hole.
-//! LUO's finish is refused (`EBUSY`) until every window is settled: in, punched out, or lost (KHO
-//! or the page cache refused it, which is logged, and said again at finish). Faults on lost memory
-//! fail with `EIO`, until a punch-hole takes it out: the hole then reads zeros like any other. A
-//! session closed without finish finishes at once, and the file keeps putting its memory in, or
-//! frees it when it goes. The module parameter `background_restore=0` leaves it all to first use.
+//! the VMM says it is done with its restore, the CPUs are its own. At most 512 pages per fault,
+//! in a time that does not depend on the size of the file. A punch-hole frees the pending memory
+//! in the hole. LUO's finish is refused (`EBUSY`) until every window is settled: in, punched out,
+//! or lost (KHO or the page cache refused it, which is logged, and said again at finish). Faults
+//! on lost memory fail with `EIO`, until a punch-hole takes it out: the hole then reads zeros like
+//! any other. A session closed without finish finishes at once, and the file keeps putting its
+//! memory in, or frees it when it goes. The module parameter `background_restore=0` leaves it all
+//! to first use.
 //! Lockdep checks a window being put in as a lock, held by whoever puts it in and waited for by
 //! the others.
 //!
@@ -66,6 +67,7 @@
 //!    preserve freezes only once every window is in).
 //! 5. The page cache's own locks, inside `GmemInode::fill_pages()`.
 //!
+//! `workers::Retrieved`'s `idle` spinlock is a leaf: nothing is taken, freed or started under it.
 //! [`lazy::LazyMemory`]'s `progress` mutex is a leaf among the sleeping locks: under it nothing
 //! sleeps but its condvar's wait, which drops it, and only spinlocks are taken (`kfree()` of
 //! page bits, `printk()`).
