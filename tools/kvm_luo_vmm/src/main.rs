@@ -430,6 +430,8 @@ OPTIONS (with --linux):
   --prealloc              allocate all of the guest's RAM at boot: the guest_memfds are then
                           preserved while the guest runs, before it is stopped (outside the
                           blackout); without it, after the stop (not under --agent)
+  --work MIB              the RAM the guest's work fills and checks (at least 16; default and
+                          most: all but what its kernel needs)
   --no-tsc-deadline       hide the TSC-deadline timer from the guest's CPUID
   --no-kvmclock           hide kvmclock from the guest's CPUID
   --clock hide|advance    across the pause, the guest's clock stops (default: nothing in the
@@ -476,6 +478,7 @@ fn main() {
     let mut linux_only = false;
     let mut updates = 1;
     let mut prealloc = false;
+    let mut work_mib = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().unwrap_or_else(|| fail(USAGE));
@@ -524,6 +527,13 @@ fn main() {
             "--inject" => (inject, linux_only) = (parse_inject(&value()), true),
             "--inner-qemu" => (inner_qemu, linux_only) = (Some(value()), true),
             "--prealloc" => (prealloc, linux_only) = (true, true),
+            "--work" => {
+                let mib: u64 = value().parse().unwrap_or_else(|_| fail(USAGE));
+                if mib < 16 {
+                    fail("--work must be at least 16 MiB");
+                }
+                (work_mib, linux_only) = (Some(mib), true);
+            }
             "--updates" => {
                 updates = value().parse().unwrap_or_else(|_| fail(USAGE));
                 if !(1..=9).contains(&updates) {
@@ -556,6 +566,7 @@ fn main() {
                 finish_timeout,
                 inject,
                 prealloc,
+                work_mib,
             };
             if ram == linux::Ram::Anonymous && stage.as_deref() != Some("boot") {
                 fail("--ram anon is only for -s boot: anonymous memory cannot be preserved");

@@ -111,16 +111,19 @@ pub struct Opts {
     /// Allocate all of the guest's RAM at boot (`fallocate()`): a guest whose RAM is all
     /// allocated can be preserved while it runs, outside the blackout.
     pub prealloc: bool,
+    /// The RAM the guest's work fills and checks, in MiB (default: most of it).
+    pub work_mib: Option<u64>,
 }
 
 impl Opts {
     fn cmdline(&self) -> String {
         // Most of the RAM for the work; the rest for the kernel and the initramfs, and above
         // 2 GiB for what grows with the RAM (its struct pages, the work's page tables).
-        let work_mib = self
+        let most = self
             .mem_mib
             .saturating_sub(96 + self.mem_mib.saturating_sub(2048) / 16)
             .max(16);
+        let work_mib = self.work_mib.map_or(most, |w| w.min(most));
         format!(
             "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 nokaslr tsc=reliable \
              8250.nr_uarts=1 work_mib={work_mib}"
