@@ -24,8 +24,8 @@
  *   must neither be lost nor be made on zeros;
  * then, with no other finish, the second file must come in whole, and the
  * first 32 MiB of the first: the first try was refused by whichever file LUO
- * asked first, and must have started the other's workers all the same. Then finish is retried until the workers are done.
- * Afterwards every page
+ * asked first, and must have started the other's workers all the same.
+ * Then finish is retried until the workers are done. Afterwards every page
  * of the file is in but the holes' (so the first 32 MiB, which nothing but
  * the workers touched, are in: background restore did that); each byte is
  * the pattern, but the quadwords the vCPU xored and the holes, which read
@@ -121,6 +121,19 @@ static int in_hole(size_t offset)
 static int xored(size_t offset)
 {
 	return offset >= VCPU_START && offset < TOP && offset % PAGE < 8;
+}
+
+/* Pages of [p, p + size) in, once all are or after SECOND_WAIT_S seconds. */
+static size_t wait_resident(uint8_t *p, size_t size)
+{
+	size_t in = klu_resident_pages(p, size, NULL);
+	int waited;
+
+	for (waited = 0; in < size / PAGE && waited < SECOND_WAIT_S * 10; waited++) {
+		usleep(100000);
+		in = klu_resident_pages(p, size, NULL);
+	}
+	return in;
 }
 
 static void stage1(int luo_fd)
@@ -243,7 +256,7 @@ static void stage2(int luo_fd, int state_session)
 {
 	pthread_t vcpu, user, punch;
 	struct stage2_ctx c;
-	int session, r, waited;
+	int session, r;
 	size_t in, i;
 
 	session = luo_retrieve_session(luo_fd, SESSION);
@@ -290,23 +303,18 @@ static void stage2(int luo_fd, int state_session)
 	ksft_print_msg("the vCPU, the user thread and the punch-holes are done\n");
 
 	/*
-	 * The first finish was refused by the first guest_memfd, whose
-	 * workers were busy: it must have asked the second one too, and
-	 * started its workers, which put it all in with no other finish.
+	 * The first finish was refused by a busy guest_memfd: it must have
+	 * asked the other one too, and started its workers, which put in the
+	 * second file and the first 32 MiB of the first with no other finish.
 	 */
-	for (waited = 0; (in = klu_resident_pages(c.q, SECOND_SIZE, NULL)) <
-			 SECOND_SIZE / PAGE && waited < SECOND_WAIT_S * 10; waited++)
-		usleep(100000);
-	/* And the first one's, whichever LUO asked first. */
-	for (waited = 0; klu_resident_pages(c.p, VCPU_START, NULL) < VCPU_START / PAGE &&
-			 waited < SECOND_WAIT_S * 10; waited++)
-		usleep(100000);
-	if (klu_resident_pages(c.p, VCPU_START, NULL) < VCPU_START / PAGE)
-		ksft_exit_fail_msg("the first %lu MiB of the first guest_memfd not in %d s after the first finish: its workers did not start\n",
-				   VCPU_START / MIB, SECOND_WAIT_S);
+	in = wait_resident(c.q, SECOND_SIZE);
 	if (in < SECOND_SIZE / PAGE)
-		ksft_exit_fail_msg("%zu of %lu pages of the second guest_memfd in %d s after the first finish: its workers did not start\n",
-				   in, SECOND_SIZE / PAGE, SECOND_WAIT_S);
+		ksft_exit_fail_msg("second file: %zu of %lu pages in: no workers\n",
+				   in, SECOND_SIZE / PAGE);
+	in = wait_resident(c.p, VCPU_START);
+	if (in < VCPU_START / PAGE)
+		ksft_exit_fail_msg("first file: %zu of %lu pages in: no workers\n",
+				   in, VCPU_START / PAGE);
 	for (i = 0; i < SECOND_SIZE; i++)
 		if (c.q[i] != (uint8_t)~pattern(i))
 			ksft_exit_fail_msg("second guest_memfd: byte %zu is %#x, not %#x\n",

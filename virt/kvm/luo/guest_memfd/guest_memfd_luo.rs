@@ -538,8 +538,8 @@ impl<const LEGACY: bool> FileHandler for GmemHandler<LEGACY> {
         let Some((retrieved, inode)) = file.and_then(filler_of::<Retrieved>) else {
             return true;
         };
-        // The VMM is done with its restore: the rest of the memory goes in in the background
-        // from now on, while the guest runs.
+        // The VMM is done with its restore: from now on the workers put the rest of the memory
+        // in, while the guest runs.
         retrieved.start_workers(&inode);
         // Finish means all memory is settled: not before every window is. When the session is
         // released, a refusal would keep it and the file until reboot; the pending memory
