@@ -665,6 +665,26 @@ impl RestoredPages {
         self.next += n.min(self.end - self.next);
     }
 
+    /// Splits the run in two at page frame `at`: returns the pages not handed out yet from `at`
+    /// on, which the returned run owns from then on, and keeps those before it. Returns `None`,
+    /// and keeps every page, when none is at or after `at`.
+    ///
+    /// A caller that hands out pages from the middle of a run splits it around them first.
+    pub fn split_off(&mut self, at: u64) -> Option<Self> {
+        if at >= self.end {
+            return None;
+        }
+        let at = at.max(self.next);
+        let tail = Self {
+            next: at,
+            end: self.end,
+        };
+        // INVARIANT: The pages of `[next, at)` stay ours, those of `[at, end)` are the tail's,
+        // which is not empty.
+        self.end = at;
+        Some(tail)
+    }
+
     /// The first page frame number and the number of pages not handed out yet.
     pub fn remaining(&self) -> (u64, u64) {
         (self.next, self.end - self.next)

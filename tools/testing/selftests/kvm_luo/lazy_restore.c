@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * A retrieved guest_memfd's memory goes in on first use, a window at a time,
+ * A retrieved guest_memfd's memory goes in on first use, a chunk at a time,
  * and finish waits for all of it.
  *
  * Stage 1 writes the first 24 MiB of a 32 MiB guest_memfd (MMAP |
@@ -12,7 +12,8 @@
  * - nothing of the file is in the page cache yet (mincore), and finish is
  *   refused (EBUSY);
  * - a vCPU reading one quadword gets what was written, and that fault put in
- *   one window (at most 2 MiB) around it, nothing else;
+ *   one chunk (at most 64 KiB) around it, nothing else: not the 2 MiB window
+ *   the chunk is in;
  * - punching a hole [8M + 12K, 10M - 20K) reads back as zeros afterwards,
  *   while the memory on both sides of it, in windows the hole cuts, is
  *   intact;
@@ -58,7 +59,8 @@
 #define HOLE_LEN	(2 * MIB - 8 * PAGE)
 #define TOUCH		(17 * MIB + 5 * PAGE + 8)
 #define GMEM_GPA	(4UL << 30)
-#define WINDOW_PAGES	512
+/* What a fault puts in: the 64 KiB-aligned physical chunk around it. */
+#define CHUNK_PAGES	16
 #define NEXT_ARGS	"/tmp/klu-next-args"
 #define RELEASE_SESSION	"lazy-release"
 #define RELEASE_SIZE	(16 * MIB)
@@ -226,10 +228,17 @@ static void stage2(int luo_fd, int state_session)
 		ksft_exit_fail_msg("the vCPU read %#llx at %#lx, expected %#llx\n",
 				   (unsigned long long)regs.rax, TOUCH,
 				   (unsigned long long)expect);
+	/*
+	 * The chunk is aligned in physical memory, and the file's pages are
+	 * contiguous there only within an extent: what went in is within
+	 * CHUNK_PAGES - 1 pages on either side of the page read.
+	 */
 	n = present(p, 0, GMEM_SIZE);
-	if (n < 1 || n > WINDOW_PAGES || !present(p, TOUCH & ~(PAGE - 1), PAGE))
-		ksft_exit_fail_msg("%zu pages in after a vCPU read, expected 1 to %d with it\n",
-				   n, WINDOW_PAGES);
+	if (n < 1 || n > CHUNK_PAGES || !present(p, TOUCH & ~(PAGE - 1), PAGE) ||
+	    present(p, (TOUCH & ~(PAGE - 1)) - (CHUNK_PAGES - 1) * PAGE,
+		    (2 * CHUNK_PAGES - 1) * PAGE) != n)
+		ksft_exit_fail_msg("%zu pages in after a vCPU read, expected 1 to %d around it\n",
+				   n, CHUNK_PAGES);
 	ksft_print_msg("a vCPU read the right quadword; its fault put in %zu pages\n", n);
 
 	/* A hole punched in memory not put in yet. */

@@ -4,12 +4,18 @@
 //! there: a state per window, claimed by whoever needs it first.
 //!
 //! ```text
-//!   Pending, Partial --claim--> Filling --all of it put in--------------> In
-//!                               Filling --memory short, or frozen-------> Partial
-//!                               Filling --KHO or the page cache refused-> Lost
-//!   any but Filling --a punch-hole over the whole window---------------> Gone
-//!   Lost --a punch-hole over the last of its lost pages----------------> Gone
+//!   Pending, Partial, Chunked --claim--> Filling --all of it put in--------------> In
+//!                                        Filling --memory short, or frozen-------> Partial
+//!                                        Filling --a fault's chunk put in--------> Chunked
+//!                                        Filling --KHO or the page cache refused-> Lost
+//!   any but Filling --a punch-hole over the whole window------------------------> Gone
+//!   Lost --a punch-hole over the last of its lost pages-------------------------> Gone
 //! ```
+//!
+//! A fault waits for its chunk only: the `2^CHUNK_ORDER` pages around it, aligned in physical
+//! memory. It takes the whole window back from KHO (one block, cheap to take back), cuts it in
+//! chunks, puts its own in and leaves the others, `Chunked`, to later faults and the background
+//! workers, which put in whole windows.
 //!
 //! `In`, `Gone` and `Lost` are settled: [`Progress::left`] counts the windows that are not, and
 //! LUO's finish is refused (`EBUSY`) until it is zero (unless the session is being released).
@@ -64,6 +70,10 @@ pub(super) trait PageSink {
     /// The first of `pages` not put in yet.
     fn next_pfn(pages: &Self::Pages) -> u64;
 
+    /// Splits `pages` at page frame `pfn`: returns those from `pfn` on, if any, and keeps the
+    /// others.
+    fn split_off(pages: &mut Self::Pages, pfn: u64) -> Option<Self::Pages>;
+
     /// Puts `pages` in, the first at file page `index`: on success, all of them. On failure,
     /// those put in are no longer in `pages`, and the others are: with `ENOMEM` (memory short)
     /// or `EBUSY` (the file is frozen) they are for a later try; any other error loses them.
@@ -81,6 +91,10 @@ impl PageSink for GmemInode {
         pages.remaining().0
     }
 
+    fn split_off(pages: &mut RestoredPages, pfn: u64) -> Option<RestoredPages> {
+        pages.split_off(pfn)
+    }
+
     fn put_in(&self, pages: &mut RestoredPages, index: u64, uptodate: bool) -> Result {
         self.fill_pages(pages, index, uptodate)
     }
@@ -92,6 +106,64 @@ pub(super) type FileMemory = LazyMemory<GmemInode>;
 /// How many times a background worker, or a preserve of a retrieved file, tries a window when
 /// memory is short ([`retry_on_enomem`]: 10 ms apart).
 const WORKER_TRIES: u32 = 100;
+
+/// A fault puts in the `2^CHUNK_ORDER` pages (64 KiB) around it, aligned in physical memory.
+const CHUNK_ORDER: u32 = 4;
+
+/// The chunks of a window.
+const CHUNKS: usize = 1 << (WINDOW_ORDER - CHUNK_ORDER);
+
+/// The rest of each chunk of a window, in order: `None` once it is in (or for chunks that hold no
+/// page of the window).
+type Chunks<S> = [Option<<S as PageSink>::Pages>; CHUNKS];
+
+/// The first page frame of the naturally aligned `2^WINDOW_ORDER` pages `window` is in.
+fn window_base(window: &Window) -> u64 {
+    window.pfn & !((1 << WINDOW_ORDER) - 1)
+}
+
+/// The chunk of `window` that file page `index` is in, if the window holds it.
+fn chunk_of(window: &Window, index: u64) -> Option<usize> {
+    let n = index
+        .checked_sub(window.index)
+        .filter(|&n| n < window.nr_pages)?;
+    // The window is inside its aligned `2^WINDOW_ORDER` pages: below `CHUNKS`.
+    usize::try_from((window.pfn - window_base(window) + n) >> CHUNK_ORDER)
+        .ok()
+        .filter(|&k| k < CHUNKS)
+}
+
+/// The file pages of chunk `k` of `window`, as `[start, end)`: empty if it holds none.
+fn chunk_pages(window: &Window, k: usize) -> (u64, u64) {
+    let start = window_base(window) + ((k as u64) << CHUNK_ORDER);
+    let first = start.max(window.pfn);
+    let last = (start + (1 << CHUNK_ORDER)).min(window.pfn + window.nr_pages);
+    if first >= last {
+        return (window.index, window.index);
+    }
+    (
+        window.index + (first - window.pfn),
+        window.index + (last - window.pfn),
+    )
+}
+
+/// Cuts `run`, what is left of `window`, in its chunks.
+fn cut<S: PageSink>(window: &Window, run: S::Pages, chunks: &mut Chunks<S>) {
+    let base = window_base(window);
+    let mut rest = Some(run);
+    for (k, chunk) in chunks.iter_mut().enumerate().rev() {
+        let Some(run) = rest.as_mut() else {
+            break;
+        };
+        let start = base + ((k as u64) << CHUNK_ORDER);
+        // Chunk 0 starts at `base`, at or before the run: it takes the rest, if any is left.
+        *chunk = if S::next_pfn(run) >= start {
+            rest.take()
+        } else {
+            S::split_off(run, start)
+        };
+    }
+}
 
 /// One bit per page of a window.
 type PageBits = [u64; (1 << WINDOW_ORDER) / u64::BITS as usize];
@@ -129,6 +201,32 @@ fn lost_pages(bits: Option<&PageBits>, window: &Window) -> u64 {
     window.nr_pages - kept
 }
 
+/// The state of `window`, cut in `chunks`, lost after chunk `k` was put in up to file page `end`:
+/// the chunks that are `None` are in.
+fn lost_in_chunk<S: PageSink>(
+    window: &Window,
+    chunks: &Chunks<S>,
+    k: usize,
+    end: u64,
+) -> WindowState<S> {
+    // Without memory for the bits, the pages put in count as lost (see `lost_after`).
+    WindowState::Lost(
+        KBox::new(PageBits::default(), GFP_KERNEL)
+            .ok()
+            .map(|mut bits| {
+                for (j, chunk) in chunks.iter().enumerate() {
+                    let (start, chunk_end) = chunk_pages(window, j);
+                    if j == k {
+                        set_page_bits(&mut bits, window, start, end);
+                    } else if chunk.is_none() {
+                        set_page_bits(&mut bits, window, start, chunk_end);
+                    }
+                }
+                bits
+            }),
+    )
+}
+
 /// The state of `window` lost after its first `nr_in` pages were put in the file.
 fn lost_after<S: PageSink>(window: &Window, nr_in: u64) -> WindowState<S> {
     if nr_in == 0 {
@@ -154,6 +252,8 @@ enum WindowState<S: PageSink> {
     Filling,
     /// Taken back, partly put in: the rest, for the next try (memory was short).
     Partial(S::Pages),
+    /// Taken back and cut in chunks, some of them put in by faults: the rest.
+    Chunked(KBox<Chunks<S>>),
     /// In the file.
     In,
     /// Discarded by a punch-hole: its pages were freed.
@@ -163,8 +263,9 @@ enum WindowState<S: PageSink> {
     Lost(Option<KBox<PageBits>>),
 }
 
-// What luo.rst says a window costs until it is in.
+// What luo.rst says a window costs until it is in, and a window cut in chunks more.
 const _: () = assert!(size_of::<Window>() + size_of::<WindowState<GmemInode>>() <= 56);
+const _: () = assert!(size_of::<Chunks<GmemInode>>() <= 768);
 
 impl<S: PageSink> WindowState<S> {
     /// Whether nothing more will happen to the window but a punch-hole.
@@ -302,6 +403,14 @@ impl<S: PageSink> LazyMemory<S> {
             match progress.states[i] {
                 WindowState::Filling => self.settled.wait(&mut progress),
                 WindowState::In | WindowState::Gone => return Ok(None),
+                // A fault on a chunk that is in: a lookup that raced with the fill.
+                WindowState::Chunked(ref chunks)
+                    if at
+                        .and_then(|index| chunk_of(&self.windows[i], index))
+                        .is_some_and(|k| chunks[k].is_none()) =>
+                {
+                    return Ok(None)
+                }
                 WindowState::Lost(ref punched) => {
                     let window = &self.windows[i];
                     return match (at, punched) {
@@ -309,7 +418,7 @@ impl<S: PageSink> LazyMemory<S> {
                         _ => Err(EIO),
                     };
                 }
-                WindowState::Pending | WindowState::Partial(_) => {
+                WindowState::Pending | WindowState::Partial(_) | WindowState::Chunked(_) => {
                     let taken = core::mem::replace(&mut progress.states[i], WindowState::Filling);
                     return Ok(Some(taken));
                 }
@@ -335,7 +444,8 @@ impl<S: PageSink> LazyMemory<S> {
         }
     }
 
-    /// Puts window `i` in if it is pending, or waits for whoever does.
+    /// Puts in the memory of file page `at` (of all the window when `None`) if it is in window
+    /// `i` and pending, or waits for whoever does.
     ///
     /// # Errors
     ///
@@ -348,7 +458,8 @@ impl<S: PageSink> LazyMemory<S> {
         // Until the window settles, at the end of this function.
         let _filling = self.filling.acquire();
         let window = self.windows[i];
-        let mut run = match taken {
+        let run = match taken {
+            WindowState::Chunked(chunks) => return self.fill_chunks(sink, i, chunks, at),
             WindowState::Partial(run) => run,
             _ => match S::take_back(window.pfn, window.nr_pages) {
                 Ok(run) => run,
@@ -363,6 +474,20 @@ impl<S: PageSink> LazyMemory<S> {
                 }
             },
         };
+        // A fault cuts the window in chunks and waits for its own; without memory for them, for
+        // all of the window.
+        if at.is_some() {
+            if let Ok(mut chunks) = KBox::new([const { None }; CHUNKS], GFP_KERNEL) {
+                cut::<S>(&window, run, &mut chunks);
+                return self.fill_chunks(sink, i, chunks, at);
+            }
+        }
+        self.fill_run(sink, i, run)
+    }
+
+    /// Puts in `run`, the rest of window `i`, which the caller claimed.
+    fn fill_run(&self, sink: &S, i: usize, mut run: S::Pages) -> Result {
+        let window = self.windows[i];
         let next = S::next_pfn(&run);
         match sink.put_in(
             &mut run,
@@ -391,6 +516,61 @@ impl<S: PageSink> LazyMemory<S> {
                 Err(EIO)
             }
         }
+    }
+
+    /// Puts in the chunk of window `i` that file page `at` is in (every chunk when `None`): the
+    /// window, which the caller claimed, is cut in `chunks`.
+    fn fill_chunks(
+        &self,
+        sink: &S,
+        i: usize,
+        mut chunks: KBox<Chunks<S>>,
+        at: Option<u64>,
+    ) -> Result {
+        let window = self.windows[i];
+        let wanted = match at.map(|index| chunk_of(&window, index)) {
+            Some(Some(k)) => k..k + 1,
+            // Not in the window: nothing to put in for it.
+            Some(None) => 0..0,
+            None => 0..CHUNKS,
+        };
+        for k in wanted {
+            let Some(mut run) = chunks[k].take() else {
+                continue;
+            };
+            let next = S::next_pfn(&run);
+            match sink.put_in(
+                &mut run,
+                window.index + (next - window.pfn),
+                window.uptodate,
+            ) {
+                Ok(()) => (),
+                // As for a whole window, the rest stays for the next try.
+                Err(err) if err == ENOMEM || err == EBUSY => {
+                    chunks[k] = Some(run);
+                    self.settle(i, WindowState::Chunked(chunks));
+                    return Err(err);
+                }
+                Err(err) => {
+                    let end = window.index + (S::next_pfn(&run) - window.pfn);
+                    pr_err!(
+                        "could not put back guest memory at index {}: {:?}\n",
+                        end,
+                        err
+                    );
+                    // The pages not put in are freed with `run` and `chunks`.
+                    let lost = lost_in_chunk(&window, &chunks, k, end);
+                    self.settle(i, lost);
+                    return Err(EIO);
+                }
+            }
+        }
+        if chunks.iter().all(Option::is_none) {
+            self.settle(i, WindowState::In);
+        } else {
+            self.settle(i, WindowState::Chunked(chunks));
+        }
+        Ok(())
     }
 
     /// Puts in every window still pending, trying each a few times when memory is short.
@@ -466,8 +646,12 @@ impl<S: PageSink> LazyMemory<S> {
             }
             // From the shared cursor; at the end, once more from the start, for windows a fault
             // left partly in when memory was short.
-            let unclaimed =
-                |s: &WindowState<S>| matches!(s, WindowState::Pending | WindowState::Partial(_));
+            let unclaimed = |s: &WindowState<S>| {
+                matches!(
+                    s,
+                    WindowState::Pending | WindowState::Partial(_) | WindowState::Chunked(_)
+                )
+            };
             let start = progress.cursor;
             let Some(i) = progress.states[start..]
                 .iter()
@@ -559,7 +743,8 @@ impl<S: PageSink> LazyMemory<S> {
                 progress.left -= 1;
             }
             drop(progress);
-            // In: the truncation frees the pages. Partial: dropping `taken` frees the rest.
+            // In: the truncation frees the pages. Partial, Chunked: dropping `taken` frees the
+            // rest.
             if matches!(taken, WindowState::Pending) {
                 self.free_window(i);
             }
@@ -756,6 +941,19 @@ mod tests {
             pages.next
         }
 
+        fn split_off(pages: &mut FakePages, pfn: u64) -> Option<FakePages> {
+            if pfn >= pages.end {
+                return None;
+            }
+            let at = pfn.max(pages.next);
+            let tail = FakePages {
+                next: at,
+                end: pages.end,
+            };
+            pages.end = at;
+            Some(tail)
+        }
+
         fn put_in(&self, pages: &mut FakePages, index: u64, uptodate: bool) -> Result {
             let (limit, err) = match self.script.borrow_mut().pop() {
                 Some((limit, err)) => (limit, Err(err)),
@@ -789,20 +987,28 @@ mod tests {
     }
 
     #[test]
-    fn a_fault_puts_in_its_window_once() -> Result {
+    fn a_fault_puts_in_its_chunk_once() -> Result {
         let fake = Fake::default();
         let freed = FREED.load(Relaxed);
         let memory = three_windows()?;
+        // Page 700 is page 188 of the second window: in its chunk 11, pages 176 to 191.
         memory.fill_at(&fake, 700)?;
-        assert_eq!(fake.count(), 512);
-        assert!(fake.holds(512, 0x1200, 512));
+        assert_eq!(fake.count(), 16);
+        assert!(fake.holds(688, 0x12b0, 16));
+        memory.fill_at(&fake, 690)?;
+        assert_eq!(fake.count(), 16);
         memory.fill_at(&fake, 600)?;
-        assert_eq!(fake.count(), 512);
+        assert_eq!(fake.count(), 32);
+        assert!(fake.holds(592, 0x1250, 16));
         // A page of no window: a hole in the file, nothing to put in.
         memory.fill_at(&fake, 5000)?;
         assert!(!memory.is_done());
         memory.fill_at(&fake, 0)?;
         memory.fill_at(&fake, 1535)?;
+        assert_eq!(fake.count(), 64);
+        assert!(fake.holds(1520, 0x15f0, 16));
+        // The rest of each window, once.
+        memory.fill_all(&fake)?;
         assert_eq!(fake.count(), 1536);
         assert!(fake.holds(0, 0x1000, 1536));
         assert!(memory.is_done());
@@ -812,27 +1018,62 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_is_aligned_in_physical_memory() -> Result {
+        let fake = Fake::default();
+        // Windows of 504 pages from pfn 0x1008, and of 496 from 0x1200.
+        let memory = lazy_memory(&[extent(0, 0x1008, 1000, U)])?;
+        memory.fill_at(&fake, 0)?;
+        assert_eq!(fake.count(), 8);
+        assert!(fake.holds(0, 0x1008, 8));
+        memory.fill_at(&fake, 8)?;
+        assert!(fake.holds(8, 0x1010, 16));
+        memory.fill_at(&fake, 503)?;
+        assert!(fake.holds(488, 0x11f0, 16));
+        memory.fill_at(&fake, 999)?;
+        assert!(fake.holds(984, 0x13e0, 16));
+        assert_eq!(fake.count(), 56);
+        // The workers put in the rest, whole windows at a time.
+        memory.restore_in_background(&fake);
+        assert_eq!(fake.count(), 1000);
+        assert!(fake.holds(0, 0x1008, 1000));
+        assert!(memory.is_done());
+        Ok(())
+    }
+
+    #[test]
     fn memory_short_or_a_freeze_leaves_the_rest_for_the_next_try() -> Result {
-        let fake = Fake::failing(&[(100, ENOMEM), (0, EBUSY)])?;
+        let fake = Fake::failing(&[(5, ENOMEM), (0, EBUSY)])?;
         let freed = FREED.load(Relaxed);
         let memory = three_windows()?;
         assert_eq!(memory.fill_at(&fake, 0).err(), Some(ENOMEM));
-        assert_eq!(fake.count(), 100);
-        assert_eq!(memory.fill_at(&fake, 1).err(), Some(EBUSY));
+        assert_eq!(fake.count(), 5);
+        assert_eq!(memory.fill_at(&fake, 6).err(), Some(EBUSY));
         assert!(!memory.is_done());
-        // The rest goes in where it belongs, after the first 100 pages.
-        memory.fill_at(&fake, 300)?;
-        assert_eq!(fake.count(), 512);
-        assert!(fake.holds(0, 0x1000, 512));
+        // The rest of the chunk goes in where it belongs, after its first 5 pages.
+        memory.fill_at(&fake, 7)?;
+        assert_eq!(fake.count(), 16);
+        assert!(fake.holds(0, 0x1000, 16));
         // A worker stops at a frozen file; memory short is tried again, 10 ms later.
         let worker = Fake::failing(&[(0, EBUSY)])?;
         memory.restore_in_background(&worker);
         assert_eq!(worker.count(), 0);
         let worker = Fake::failing(&[(7, ENOMEM)])?;
         memory.restore_in_background(&worker);
-        assert_eq!(worker.count(), 1024);
-        assert!(worker.holds(512, 0x1200, 1024));
+        assert_eq!(worker.count(), 1520);
+        assert!(worker.holds(16, 0x1010, 1520));
         assert!(memory.is_done());
+        drop(memory);
+        assert_eq!(FREED.load(Relaxed), freed);
+        // Memory short for a whole window (a worker's): a fault then cuts what is left of it.
+        let memory = three_windows()?;
+        let fake = Fake::failing(&[(100, ENOMEM)])?;
+        assert_eq!(memory.fill_window(&fake, 0, None).err(), Some(ENOMEM));
+        assert_eq!(fake.count(), 100);
+        memory.fill_at(&fake, 300)?;
+        assert_eq!(fake.count(), 100 + 16);
+        assert!(fake.holds(288, 0x1120, 16));
+        memory.fill_all(&fake)?;
+        assert!(fake.holds(0, 0x1000, 1536));
         drop(memory);
         assert_eq!(FREED.load(Relaxed), freed);
         Ok(())
@@ -892,10 +1133,10 @@ mod tests {
         let memory = three_windows()?;
         assert_eq!(memory.fill_at(&fake, 600).err(), Some(ENOMEM));
         memory.fill_at(&fake, 0)?;
-        assert_eq!(fake.count(), 522);
+        assert_eq!(fake.count(), 26);
         drop(memory);
-        // The window never touched, and the rest of the one partly in.
-        assert_eq!(FREED.load(Relaxed), freed + 512 + 502);
+        // The window never touched, and the rest of the two partly in.
+        assert_eq!(FREED.load(Relaxed), freed + 512 + 502 + 496);
         Ok(())
     }
 
@@ -909,6 +1150,52 @@ mod tests {
         assert_eq!(FREED.load(Relaxed), freed + 502);
         memory.fill_at(&fake, 600)?;
         assert_eq!(fake.count(), 10);
+        memory.fill_all(&fake)?;
+        assert!(memory.is_done());
+        Ok(())
+    }
+
+    #[test]
+    fn a_refused_chunk_keeps_the_chunks_that_are_in() -> Result {
+        let fake = Fake::default();
+        let bad = Fake::failing(&[(3, EFAULT), (0, EBUSY)])?;
+        let freed = FREED.load(Relaxed);
+        let memory = three_windows()?;
+        // Chunk 5 goes in; chunk 0 is refused after 3 pages.
+        memory.fill_at(&fake, 85)?;
+        assert_eq!(memory.fill_at(&bad, 10).err(), Some(EIO));
+        assert_eq!(bad.count(), 3);
+        assert!(bad.holds(0, 0x1000, 3));
+        assert!(fake.holds(80, 0x1050, 16));
+        // The pages that went in are there; the others of the window are lost, and freed.
+        assert!(memory.claim(0, Some(2))?.is_none());
+        assert!(memory.claim(0, Some(95))?.is_none());
+        assert_eq!(memory.claim(0, Some(3)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, Some(96)).err(), Some(EIO));
+        assert_eq!(memory.fill_at(&bad, 200).err(), Some(EIO));
+        assert_eq!(FREED.load(Relaxed), freed + 512 - 19);
+        // A frozen file leaves the chunk for the next try.
+        assert_eq!(memory.fill_at(&bad, 512).err(), Some(EBUSY));
+        assert_eq!(memory.fill_all(&fake).err(), Some(EIO));
+        assert_eq!(fake.count(), 16 + 1024);
+        assert!(fake.holds(512, 0x1200, 1024));
+        assert!(memory.is_done());
+        Ok(())
+    }
+
+    #[test]
+    fn a_punch_hole_frees_the_rest_of_a_window_cut_in_chunks() -> Result {
+        let fake = Fake::default();
+        let freed = FREED.load(Relaxed);
+        let memory = three_windows()?;
+        memory.fill_at(&fake, 600)?;
+        memory.fill_at(&fake, 100)?;
+        // The middle window is in the hole; the first one is an edge, and goes in.
+        memory.discard_range(&fake, 200, 1024)?;
+        assert_eq!(FREED.load(Relaxed), freed + 512 - 16);
+        assert!(fake.holds(0, 0x1000, 512));
+        memory.fill_at(&fake, 700)?;
+        assert_eq!(fake.count(), 16 + 512);
         memory.fill_all(&fake)?;
         assert!(memory.is_done());
         Ok(())
