@@ -47,6 +47,7 @@ use core::{
         size_of,
         size_of_val, //
     },
+    num::NonZeroU64,
     ops::{
         Deref,
         DerefMut, //
@@ -607,14 +608,17 @@ impl Drop for PreservedPages {
 /// A run of pages the previous kernel preserved with [`PreservedPages`], taken back from KHO.
 ///
 /// Each page comes back as an order-0 folio with one reference, owned by this object until
-/// [`RestoredPages::take`] hands it out; dropping this object frees the pages not taken.
+/// [`RestoredPages::take`] hands it out, or [`RestoredPages::split_off`] gives it to another run;
+/// dropping this object frees the pages it still owns.
 ///
 /// # Invariants
 ///
-/// Pages `[next, end)` are restored order-0 folios whose only reference this object owns.
+/// Pages `[next, end)` are restored order-0 folios whose only reference this object owns;
+/// `next <= end`. (`end` is never 0: pfn 0 is never restored, so an `Option<RestoredPages>` is no
+/// larger than a `RestoredPages`.)
 pub struct RestoredPages {
     next: u64,
-    end: u64,
+    end: NonZeroU64,
 }
 
 impl RestoredPages {
@@ -639,12 +643,13 @@ impl RestoredPages {
     /// ```
     pub fn restore(pfn: u64, nr_pages: u64) -> Result<Self> {
         let end = pfn.checked_add(nr_pages).ok_or(EINVAL)?;
+        let end = NonZeroU64::new(end).ok_or(EINVAL)?;
         if nr_pages == 0 || pfn == 0 {
             return Err(EINVAL);
         }
         let phys = pfn
             .checked_mul(PAGE_SIZE as u64)
-            .filter(|_| end.checked_mul(PAGE_SIZE as u64).is_some())
+            .filter(|_| end.get().checked_mul(PAGE_SIZE as u64).is_some())
             .ok_or(EINVAL)?;
         let nr = usize::try_from(nr_pages).map_err(|_| EINVAL)?;
         // SAFETY: `kho_restore_pages` claims every block of the run atomically, for this caller
@@ -662,7 +667,7 @@ impl RestoredPages {
     #[cfg(CONFIG_LIVEUPDATE_GUEST_MEMFD)]
     pub(crate) fn give_up_front(&mut self, n: u64) {
         // INVARIANT: The pages left are still ours.
-        self.next += n.min(self.end - self.next);
+        self.next += n.min(self.end.get() - self.next);
     }
 
     /// Splits the run in two at page frame `at`: returns the pages not handed out yet from `at`
@@ -671,28 +676,26 @@ impl RestoredPages {
     ///
     /// A caller that hands out pages from the middle of a run splits it around them first.
     pub fn split_off(&mut self, at: u64) -> Option<Self> {
-        if at >= self.end {
+        let at = at.max(self.next);
+        if at >= self.end.get() {
             return None;
         }
-        let at = at.max(self.next);
-        let tail = Self {
-            next: at,
-            end: self.end,
-        };
-        // INVARIANT: The pages of `[next, at)` stay ours, those of `[at, end)` are the tail's,
-        // which is not empty.
-        self.end = at;
-        Some(tail)
+        let end = self.end;
+        // INVARIANT: The pages of `[next, at)` stay ours; `at >= next > 0`, since pfn 0 is never
+        // restored.
+        self.end = NonZeroU64::new(at)?;
+        // INVARIANT: Those of `[at, end)` are the tail's, and no longer ours.
+        Some(Self { next: at, end })
     }
 
     /// The first page frame number and the number of pages not handed out yet.
     pub fn remaining(&self) -> (u64, u64) {
-        (self.next, self.end - self.next)
+        (self.next, self.end.get() - self.next)
     }
 
     /// Hands out the next page of the run as a folio, with its reference.
     pub fn take(&mut self) -> Option<ARef<Folio>> {
-        if self.next == self.end {
+        if self.next == self.end.get() {
             return None;
         }
         // SAFETY: `next` is a restored page, by the type invariants.

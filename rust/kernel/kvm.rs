@@ -548,18 +548,25 @@ mod filler {
             unsafe { &*ptr.cast::<Self>() }
         }
 
-        /// Puts the pages of `run` in the page cache, the first at `index` and the others after
-        /// it, marked uptodate if `uptodate` (their contents are valid guest memory; if not,
-        /// guest_memfd zeroes them on first use). The pages put in leave `run`, from its first;
-        /// on error the others stay in it, for a later call.
+        /// Puts the first `max` pages of `run` (all of them if it has fewer) in the page cache,
+        /// the first at `index` and the others after it, marked uptodate if `uptodate` (their
+        /// contents are valid guest memory; if not, guest_memfd zeroes them on first use). The
+        /// pages put in leave `run`, from its first; the others stay in it, for a later call.
         ///
         /// # Errors
         ///
         /// Returns `EINVAL` if the file has no filler (nothing would keep punch-hole out of the
         /// pages) or the run does not fit in it, `EBUSY` if the file is frozen, `EEXIST` if an
         /// index is populated, `ENOMEM`.
-        pub fn fill_pages(&self, run: &mut RestoredPages, index: u64, uptodate: bool) -> Result {
+        pub fn fill_pages(
+            &self,
+            run: &mut RestoredPages,
+            index: u64,
+            uptodate: bool,
+            max: u64,
+        ) -> Result {
             let (pfn, nr) = run.remaining();
+            let nr = nr.min(max);
             let (Ok(pfn), Ok(nr), Ok(index)) = (
                 usize::try_from(pfn),
                 usize::try_from(nr),

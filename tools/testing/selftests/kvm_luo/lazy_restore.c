@@ -12,8 +12,8 @@
  * - nothing of the file is in the page cache yet (mincore), and finish is
  *   refused (EBUSY);
  * - a vCPU reading one quadword gets what was written, and that fault put in
- *   one chunk (at most 64 KiB) around it, nothing else: not the 2 MiB window
- *   the chunk is in;
+ *   the 64 KiB-aligned chunk around it (two, at the edge of a run of pages
+ *   preserved), nothing else: not the 2 MiB window the chunk is in;
  * - punching a hole [8M + 12K, 10M - 20K) reads back as zeros afterwards,
  *   while the memory on both sides of it, in windows the hole cuts, is
  *   intact;
@@ -59,8 +59,12 @@
 #define HOLE_LEN	(2 * MIB - 8 * PAGE)
 #define TOUCH		(17 * MIB + 5 * PAGE + 8)
 #define GMEM_GPA	(4UL << 30)
-/* What a fault puts in: the 64 KiB-aligned physical chunk around it. */
+/*
+ * What a fault puts in: the 64 KiB-aligned physical chunk around it, or all
+ * that is left of its window if that is in two chunks or one.
+ */
 #define CHUNK_PAGES	16
+#define FAULT_PAGES	(2 * CHUNK_PAGES)
 #define NEXT_ARGS	"/tmp/klu-next-args"
 #define RELEASE_SESSION	"lazy-release"
 #define RELEASE_SIZE	(16 * MIB)
@@ -229,16 +233,16 @@ static void stage2(int luo_fd, int state_session)
 				   (unsigned long long)regs.rax, TOUCH,
 				   (unsigned long long)expect);
 	/*
-	 * The chunk is aligned in physical memory, and the file's pages are
+	 * Chunks are aligned in physical memory, and the file's pages are
 	 * contiguous there only within an extent: what went in is within
-	 * CHUNK_PAGES - 1 pages on either side of the page read.
+	 * FAULT_PAGES - 1 pages on either side of the page read.
 	 */
 	n = present(p, 0, GMEM_SIZE);
-	if (n < 1 || n > CHUNK_PAGES || !present(p, TOUCH & ~(PAGE - 1), PAGE) ||
-	    present(p, (TOUCH & ~(PAGE - 1)) - (CHUNK_PAGES - 1) * PAGE,
-		    (2 * CHUNK_PAGES - 1) * PAGE) != n)
+	if (n < 1 || n > FAULT_PAGES || !present(p, TOUCH & ~(PAGE - 1), PAGE) ||
+	    present(p, (TOUCH & ~(PAGE - 1)) - (FAULT_PAGES - 1) * PAGE,
+		    (2 * FAULT_PAGES - 1) * PAGE) != n)
 		ksft_exit_fail_msg("%zu pages in after a vCPU read, expected 1 to %d around it\n",
-				   n, CHUNK_PAGES);
+				   n, FAULT_PAGES);
 	ksft_print_msg("a vCPU read the right quadword; its fault put in %zu pages\n", n);
 
 	/* A hole punched in memory not put in yet. */

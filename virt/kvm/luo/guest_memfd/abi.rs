@@ -35,7 +35,8 @@ pub(super) const REFUSED_V1: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBL
 pub(super) const REFUSED_V2: &CStr = compatible(bindings::KVM_GMEM_LUO_COMPATIBLE_REFUSED_V2);
 
 /// Extents are preserved in naturally aligned windows of `2^WINDOW_ORDER` physical pages (2 MiB):
-/// the next kernel takes back, and puts in, one window at a time (ABI, since v2).
+/// the next kernel takes back one window at a time (ABI, since v2), and puts it in a chunk or a
+/// window at a time.
 pub(super) const WINDOW_ORDER: u32 = bindings::KVM_GMEM_LUO_WINDOW_ORDER;
 
 /// File flags in the ABI, owned by it and mapped to and from the kernel's `GUEST_MEMFD_FLAG_*`.

@@ -18,12 +18,14 @@
 //! In the new kernel, retrieve gets the VM (through the session, so the VMM may retrieve the two
 //! files in any order) and creates a guest_memfd of the same size and flags for it before it
 //! takes any memory back: if either fails, the file stays retrievable and nothing is lost. Then
-//! it takes the extent records back and returns the file, with its memory still preserved: each
-//! window goes into the file the first time something needs memory there (a vCPU fault, a fault
-//! through a mapping, `fallocate()`), or when background work items (unbound, as many as CPUs, at
-//! most 16) get to it, started by the first try to finish the session (or its release): until
-//! the VMM says it is done with its restore, the CPUs are its own. At most 512 pages per fault,
-//! in a time that does not depend on the size of the file. A punch-hole frees the pending memory
+//! it takes the extent records back and returns the file, with its memory still preserved: it
+//! goes into the file the first time something needs memory there (a vCPU fault, a fault through
+//! a mapping, `fallocate()`), 16 pages around the fault (a chunk, aligned in physical memory),
+//! or when background work items (unbound, as many as CPUs, at most 16) get to it, a chunk at a
+//! time, started by the first try to finish the session (or its release): until the VMM says it
+//! is done with its restore, the CPUs are its own. A fault waits for at most 32 pages (512
+//! without memory for a window's chunk table, or behind a preserve or a punch-hole, which put in
+//! whole windows), in a time that does not depend on the size of the file. A punch-hole frees the pending memory
 //! in the hole. LUO's finish is refused (`EBUSY`) until every window is settled: in, punched out,
 //! or lost (KHO or the page cache refused it, which is logged, and said again at finish). Faults
 //! on lost memory fail with `EIO`, until a punch-hole takes it out: the hole then reads zeros like

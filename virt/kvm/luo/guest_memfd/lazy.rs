@@ -4,24 +4,29 @@
 //! there: a state per window, claimed by whoever needs it first.
 //!
 //! ```text
-//!   Pending, Partial, Chunked --claim--> Filling --all of it put in--------------> In
-//!                                        Filling --memory short, or frozen-------> Partial
-//!                                        Filling --a fault's chunk put in--------> Chunked
-//!                                        Filling --KHO or the page cache refused-> Lost
-//!   any but Filling --a punch-hole over the whole window------------------------> Gone
-//!   Lost --a punch-hole over the last of its lost pages-------------------------> Gone
+//!   Pending, Partial, Chunked --claim--> Filling --all of it put in------------------> In
+//!                                        Filling --a worker's chunk put in, or memory
+//!                                                  short, or frozen------------------> Partial
+//!                                        Filling --a fault's chunk put in, or memory
+//!                                                  short, or frozen, once cut---------> Chunked
+//!                                        Filling --KHO or the page cache refused-----> Lost
+//!   any but Filling --a punch-hole over the whole window----------------------------> Gone
+//!   Lost --a punch-hole over the last of its lost pages-----------------------------> Gone
 //! ```
 //!
 //! A fault waits for its chunk only: the `2^CHUNK_ORDER` pages around it, aligned in physical
-//! memory. It takes the whole window back from KHO (one block, cheap to take back), cuts it in
-//! chunks, puts its own in and leaves the others, `Chunked`, to later faults and the background
-//! workers, which put in whole windows.
+//! memory. It takes the window back from KHO (a block, or the few blocks of an unaligned window:
+//! cheap to take back), cuts what is left of it in chunks, puts its own in and leaves the
+//! others, `Chunked`, to later faults and the background workers. A window of at most two chunks
+//! is not cut: the fault puts it all in. The workers put in a chunk per claim, so a fault on a
+//! window they are putting in waits for one chunk too; a preserve and a punch-hole put in whole
+//! windows.
 //!
 //! `In`, `Gone` and `Lost` are settled: [`Progress::left`] counts the windows that are not, and
 //! LUO's finish is refused (`EBUSY`) until it is zero (unless the session is being released).
 //! Only a punch-hole changes a settled window (`In` or `Lost` to `Gone`); one over part of a lost
-//! window leaves it `Lost`, with fewer pages lost. What is `Pending` or `Partial` when the file
-//! goes is freed with it.
+//! window leaves it `Lost`, with fewer pages lost. What is `Pending`, `Partial` or `Chunked` when
+//! the file goes is freed with it.
 //!
 //! Memory is reserved before it is needed: [`LazyReserve`] takes all a [`LazyMemory`] needs before
 //! the retrieve consumes the preserved records, since after that a failed allocation would lose
@@ -74,10 +79,11 @@ pub(super) trait PageSink {
     /// others.
     fn split_off(pages: &mut Self::Pages, pfn: u64) -> Option<Self::Pages>;
 
-    /// Puts `pages` in, the first at file page `index`: on success, all of them. On failure,
-    /// those put in are no longer in `pages`, and the others are: with `ENOMEM` (memory short)
-    /// or `EBUSY` (the file is frozen) they are for a later try; any other error loses them.
-    fn put_in(&self, pages: &mut Self::Pages, index: u64, uptodate: bool) -> Result;
+    /// Puts the first `max` of `pages` in (all of them if there are fewer), the first at file
+    /// page `index`: on success, all of those. Those put in are no longer in `pages`, and the
+    /// others are. On failure, with `ENOMEM` (memory short) or `EBUSY` (the file is frozen) they
+    /// are for a later try; any other error loses them.
+    fn put_in(&self, pages: &mut Self::Pages, index: u64, uptodate: bool, max: u64) -> Result;
 }
 
 impl PageSink for GmemInode {
@@ -95,8 +101,8 @@ impl PageSink for GmemInode {
         pages.split_off(pfn)
     }
 
-    fn put_in(&self, pages: &mut RestoredPages, index: u64, uptodate: bool) -> Result {
-        self.fill_pages(pages, index, uptodate)
+    fn put_in(&self, pages: &mut RestoredPages, index: u64, uptodate: bool, max: u64) -> Result {
+        self.fill_pages(pages, index, uptodate, max)
     }
 }
 
@@ -114,7 +120,7 @@ const CHUNK_ORDER: u32 = 4;
 const CHUNKS: usize = 1 << (WINDOW_ORDER - CHUNK_ORDER);
 
 /// The rest of each chunk of a window, in order: `None` once it is in (or for chunks that hold no
-/// page of the window).
+/// page of the window, or were put in before the window was cut).
 type Chunks<S> = [Option<<S as PageSink>::Pages>; CHUNKS];
 
 /// The first page frame of the naturally aligned `2^WINDOW_ORDER` pages `window` is in.
@@ -165,6 +171,36 @@ fn cut<S: PageSink>(window: &Window, run: S::Pages, chunks: &mut Chunks<S>) {
     }
 }
 
+/// How many chunks the rest of `window`, from page frame `next` on, is in (0 if none is left).
+fn chunk_span(window: &Window, next: u64) -> u64 {
+    let end = window.pfn + window.nr_pages;
+    if next >= end {
+        return 0;
+    }
+    ((end - 1) >> CHUNK_ORDER) - (next >> CHUNK_ORDER) + 1
+}
+
+/// What a claim of a window puts in.
+#[derive(Clone, Copy)]
+enum Want {
+    /// A fault on file page `.0`: its chunk, if the window is worth cutting.
+    Page(u64),
+    /// A background worker's step: the next chunk not in.
+    Step,
+    /// All of the window: for a preserve, and for the windows a punch-hole cuts.
+    All,
+}
+
+impl Want {
+    /// The file page a fault needs.
+    fn page(self) -> Option<u64> {
+        match self {
+            Self::Page(index) => Some(index),
+            _ => None,
+        }
+    }
+}
+
 /// One bit per page of a window.
 type PageBits = [u64; (1 << WINDOW_ORDER) / u64::BITS as usize];
 
@@ -202,7 +238,7 @@ fn lost_pages(bits: Option<&PageBits>, window: &Window) -> u64 {
 }
 
 /// The state of `window`, cut in `chunks`, lost after chunk `k` was put in up to file page `end`:
-/// the chunks that are `None` are in.
+/// the chunks that are `None` are in, and the others up to their first page left.
 fn lost_in_chunk<S: PageSink>(
     window: &Window,
     chunks: &Chunks<S>,
@@ -216,11 +252,12 @@ fn lost_in_chunk<S: PageSink>(
             .map(|mut bits| {
                 for (j, chunk) in chunks.iter().enumerate() {
                     let (start, chunk_end) = chunk_pages(window, j);
-                    if j == k {
-                        set_page_bits(&mut bits, window, start, end);
-                    } else if chunk.is_none() {
-                        set_page_bits(&mut bits, window, start, chunk_end);
-                    }
+                    let in_end = match chunk {
+                        _ if j == k => end,
+                        None => chunk_end,
+                        Some(run) => window.index + (S::next_pfn(run) - window.pfn),
+                    };
+                    set_page_bits(&mut bits, window, start, in_end);
                 }
                 bits
             }),
@@ -265,7 +302,7 @@ enum WindowState<S: PageSink> {
 
 // What luo.rst says a window costs until it is in, and a window cut in chunks more.
 const _: () = assert!(size_of::<Window>() + size_of::<WindowState<GmemInode>>() <= 56);
-const _: () = assert!(size_of::<Chunks<GmemInode>>() <= 768);
+const _: () = assert!(size_of::<Chunks<GmemInode>>() <= 512);
 
 impl<S: PageSink> WindowState<S> {
     /// Whether nothing more will happen to the window but a punch-hole.
@@ -444,22 +481,21 @@ impl<S: PageSink> LazyMemory<S> {
         }
     }
 
-    /// Puts in the memory of file page `at` (of all the window when `None`) if it is in window
-    /// `i` and pending, or waits for whoever does.
+    /// Puts in what `want` asks of window `i`, if it is pending, or waits for whoever does.
     ///
     /// # Errors
     ///
     /// Returns `ENOMEM` and `EBUSY` (the file is frozen): the window stays pending, for another
     /// try; `EIO` if its memory is lost.
-    fn fill_window(&self, sink: &S, i: usize, at: Option<u64>) -> Result {
-        let Some(taken) = self.claim(i, at)? else {
+    fn fill_window(&self, sink: &S, i: usize, want: Want) -> Result {
+        let Some(taken) = self.claim(i, want.page())? else {
             return Ok(());
         };
         // Until the window settles, at the end of this function.
         let _filling = self.filling.acquire();
         let window = self.windows[i];
         let run = match taken {
-            WindowState::Chunked(chunks) => return self.fill_chunks(sink, i, chunks, at),
+            WindowState::Chunked(chunks) => return self.fill_chunks(sink, i, chunks, want),
             WindowState::Partial(run) => run,
             _ => match S::take_back(window.pfn, window.nr_pages) {
                 Ok(run) => run,
@@ -474,28 +510,42 @@ impl<S: PageSink> LazyMemory<S> {
                 }
             },
         };
-        // A fault cuts the window in chunks and waits for its own; without memory for them, for
-        // all of the window.
-        if at.is_some() {
-            if let Ok(mut chunks) = KBox::new([const { None }; CHUNKS], GFP_KERNEL) {
-                cut::<S>(&window, run, &mut chunks);
-                return self.fill_chunks(sink, i, chunks, at);
+        let next = S::next_pfn(&run);
+        let max = match want {
+            // A fault on a run of more than two chunks cuts it and waits for its own chunk;
+            // without memory for the table at once (it is worth no reclaim), for all of the run.
+            Want::Page(_) if chunk_span(&window, next) > 2 => {
+                let table = KBox::new([const { None }; CHUNKS], GFP_NOWAIT | __GFP_NOWARN);
+                if let Ok(mut chunks) = table {
+                    cut::<S>(&window, run, &mut chunks);
+                    return self.fill_chunks(sink, i, chunks, want);
+                }
+                u64::MAX
             }
-        }
-        self.fill_run(sink, i, run)
+            // To the end of the chunk `next` is in.
+            Want::Step => (((next >> CHUNK_ORDER) + 1) << CHUNK_ORDER) - next,
+            _ => u64::MAX,
+        };
+        self.fill_run(sink, i, run, max)
     }
 
-    /// Puts in `run`, the rest of window `i`, which the caller claimed.
-    fn fill_run(&self, sink: &S, i: usize, mut run: S::Pages) -> Result {
+    /// Puts in the first `max` pages of `run`, the rest of window `i`, which the caller claimed.
+    fn fill_run(&self, sink: &S, i: usize, mut run: S::Pages, max: u64) -> Result {
         let window = self.windows[i];
+        let end = window.pfn + window.nr_pages;
         let next = S::next_pfn(&run);
         match sink.put_in(
             &mut run,
             window.index + (next - window.pfn),
             window.uptodate,
+            max,
         ) {
-            Ok(()) => {
+            Ok(()) if S::next_pfn(&run) == end => {
                 self.settle(i, WindowState::In);
+                Ok(())
+            }
+            Ok(()) => {
+                self.settle(i, WindowState::Partial(run));
                 Ok(())
             }
             // Memory is short, or the file is frozen (which preserve does only once every
@@ -518,21 +568,18 @@ impl<S: PageSink> LazyMemory<S> {
         }
     }
 
-    /// Puts in the chunk of window `i` that file page `at` is in (every chunk when `None`): the
-    /// window, which the caller claimed, is cut in `chunks`.
-    fn fill_chunks(
-        &self,
-        sink: &S,
-        i: usize,
-        mut chunks: KBox<Chunks<S>>,
-        at: Option<u64>,
-    ) -> Result {
+    /// Puts in the chunks of window `i` that `want` asks for: the window, which the caller
+    /// claimed, is cut in `chunks`.
+    fn fill_chunks(&self, sink: &S, i: usize, mut chunks: KBox<Chunks<S>>, want: Want) -> Result {
         let window = self.windows[i];
-        let wanted = match at.map(|index| chunk_of(&window, index)) {
-            Some(Some(k)) => k..k + 1,
-            // Not in the window: nothing to put in for it.
-            Some(None) => 0..0,
-            None => 0..CHUNKS,
+        let wanted = match want {
+            // Nothing for a page not in the window (which `fill_at()` does not ask for).
+            Want::Page(index) => chunk_of(&window, index).map_or(0..0, |k| k..k + 1),
+            Want::Step => chunks
+                .iter()
+                .position(Option::is_some)
+                .map_or(0..0, |k| k..k + 1),
+            Want::All => 0..CHUNKS,
         };
         for k in wanted {
             let Some(mut run) = chunks[k].take() else {
@@ -543,6 +590,7 @@ impl<S: PageSink> LazyMemory<S> {
                 &mut run,
                 window.index + (next - window.pfn),
                 window.uptodate,
+                u64::MAX,
             ) {
                 Ok(()) => (),
                 // As for a whole window, the rest stays for the next try.
@@ -573,6 +621,11 @@ impl<S: PageSink> LazyMemory<S> {
         Ok(())
     }
 
+    /// Whether window `i` is settled (in, gone or lost).
+    fn is_settled(&self, i: usize) -> bool {
+        self.progress.lock().states[i].is_settled()
+    }
+
     /// Puts in every window still pending, trying each a few times when memory is short.
     ///
     /// # Errors
@@ -581,7 +634,7 @@ impl<S: PageSink> LazyMemory<S> {
     pub(super) fn fill_all(&self, sink: &S) -> Result {
         let mut result = Ok(());
         for i in 0..self.windows.len() {
-            match retry_on_enomem(WORKER_TRIES, || self.fill_window(sink, i, None)) {
+            match retry_on_enomem(WORKER_TRIES, || self.fill_window(sink, i, Want::All)) {
                 Ok(()) => (),
                 Err(EIO) => result = Err(EIO),
                 Err(err) => return Err(err),
@@ -645,7 +698,7 @@ impl<S: PageSink> LazyMemory<S> {
                 return;
             }
             // From the shared cursor; at the end, once more from the start, for windows a fault
-            // left partly in when memory was short.
+            // left partly in (cut in chunks, or when memory was short).
             let unclaimed = |s: &WindowState<S>| {
                 matches!(
                     s,
@@ -663,14 +716,20 @@ impl<S: PageSink> LazyMemory<S> {
             };
             progress.cursor = i + 1;
             drop(progress);
-            match retry_on_enomem(WORKER_TRIES, || self.fill_window(sink, i, None)) {
-                // Frozen: nothing goes in until it is not.
-                Err(EBUSY) => return,
-                Err(ENOMEM) => {
-                    pr_warn!("memory is short: guest memory is put back on first use only\n");
-                    return;
+            // A chunk per claim: a fault on the window waits for one chunk, not for the window.
+            loop {
+                match retry_on_enomem(WORKER_TRIES, || self.fill_window(sink, i, Want::Step)) {
+                    // Frozen: nothing goes in until it is not.
+                    Err(EBUSY) => return,
+                    Err(ENOMEM) => {
+                        pr_warn!("memory is short: guest memory is put back on first use only\n");
+                        return;
+                    }
+                    Err(_) => break,
+                    Ok(()) if self.is_settled(i) => break,
+                    Ok(()) if self.progress.lock().stopped => return,
+                    Ok(()) => (),
                 }
-                _ => (),
             }
         }
     }
@@ -681,10 +740,16 @@ impl<S: PageSink> PinnedDrop for LazyMemory<S> {
     fn drop(self: Pin<&mut Self>) {
         // Nothing else is left to claim a window: free what is still preserved. Partly put in
         // windows free their pages with their state.
-        let states = core::mem::take(&mut self.progress.lock().states);
-        for (i, state) in states.iter().enumerate() {
-            if matches!(state, WindowState::Pending) {
+        let mut states = core::mem::take(&mut self.progress.lock().states);
+        for (i, state) in states.iter_mut().enumerate() {
+            let state = core::mem::replace(state, WindowState::Gone);
+            let pending = matches!(state, WindowState::Pending);
+            let held = matches!(state, WindowState::Partial(_) | WindowState::Chunked(_));
+            drop(state);
+            if pending {
                 self.free_window(i);
+            }
+            if pending || held {
                 cond_resched();
             } else {
                 pace(i);
@@ -698,7 +763,7 @@ impl<S: PageSink> LazyMemory<S> {
     pub(super) fn fill_at(&self, sink: &S, index: u64) -> Result {
         match windows_in(&self.windows, index, index.saturating_add(1)) {
             range if range.is_empty() => Ok(()),
-            range => self.fill_window(sink, range.start, Some(index)),
+            range => self.fill_window(sink, range.start, Want::Page(index)),
         }
     }
 
@@ -713,7 +778,7 @@ impl<S: PageSink> LazyMemory<S> {
         let mut lost = [None, None];
         for i in range.clone() {
             if !inside(&self.windows[i]) {
-                match self.fill_window(sink, i, None) {
+                match self.fill_window(sink, i, Want::All) {
                     Ok(()) => (),
                     Err(EIO) => {
                         let edge = usize::from(i != range.start);
@@ -748,6 +813,8 @@ impl<S: PageSink> LazyMemory<S> {
             if matches!(taken, WindowState::Pending) {
                 self.free_window(i);
             }
+            drop(taken);
+            cond_resched();
         }
         Ok(())
     }
@@ -942,10 +1009,10 @@ mod tests {
         }
 
         fn split_off(pages: &mut FakePages, pfn: u64) -> Option<FakePages> {
-            if pfn >= pages.end {
+            let at = pfn.max(pages.next);
+            if at >= pages.end {
                 return None;
             }
-            let at = pfn.max(pages.next);
             let tail = FakePages {
                 next: at,
                 end: pages.end,
@@ -954,10 +1021,13 @@ mod tests {
             Some(tail)
         }
 
-        fn put_in(&self, pages: &mut FakePages, index: u64, uptodate: bool) -> Result {
+        fn put_in(&self, pages: &mut FakePages, index: u64, uptodate: bool, max: u64) -> Result {
+            // Like the page cache: a call that put in all it was asked to succeeded.
+            let asked = max.min(pages.end - pages.next);
             let (limit, err) = match self.script.borrow_mut().pop() {
+                Some((limit, _)) if limit >= asked => (asked, Ok(())),
                 Some((limit, err)) => (limit, Err(err)),
-                None => (u64::MAX, Ok(())),
+                None => (asked, Ok(())),
             };
             let mut n = 0;
             while pages.next < pages.end && n < limit {
@@ -995,6 +1065,8 @@ mod tests {
         memory.fill_at(&fake, 700)?;
         assert_eq!(fake.count(), 16);
         assert!(fake.holds(688, 0x12b0, 16));
+        // A chunk that is in is not claimed again.
+        assert!(memory.claim(1, Some(690))?.is_none());
         memory.fill_at(&fake, 690)?;
         assert_eq!(fake.count(), 16);
         memory.fill_at(&fake, 600)?;
@@ -1020,8 +1092,9 @@ mod tests {
     #[test]
     fn a_chunk_is_aligned_in_physical_memory() -> Result {
         let fake = Fake::default();
-        // Windows of 504 pages from pfn 0x1008, and of 496 from 0x1200.
-        let memory = lazy_memory(&[extent(0, 0x1008, 1000, U)])?;
+        let freed = FREED.load(Relaxed);
+        // Windows of 504 pages from pfn 0x1008, and of 497 from 0x1200: its last chunk has one.
+        let memory = lazy_memory(&[extent(0, 0x1008, 1001, U)])?;
         memory.fill_at(&fake, 0)?;
         assert_eq!(fake.count(), 8);
         assert!(fake.holds(0, 0x1008, 8));
@@ -1031,12 +1104,53 @@ mod tests {
         assert!(fake.holds(488, 0x11f0, 16));
         memory.fill_at(&fake, 999)?;
         assert!(fake.holds(984, 0x13e0, 16));
-        assert_eq!(fake.count(), 56);
-        // The workers put in the rest, whole windows at a time.
+        memory.fill_at(&fake, 1000)?;
+        assert!(fake.holds(1000, 0x13f0, 1));
+        assert_eq!(fake.count(), 57);
         memory.restore_in_background(&fake);
-        assert_eq!(fake.count(), 1000);
-        assert!(fake.holds(0, 0x1008, 1000));
+        assert_eq!(fake.count(), 1001);
+        assert!(fake.holds(0, 0x1008, 1001));
         assert!(memory.is_done());
+        drop(memory);
+        assert_eq!(FREED.load(Relaxed), freed);
+        Ok(())
+    }
+
+    #[test]
+    fn a_small_window_is_not_cut() -> Result {
+        let fake = Fake::default();
+        // Windows of 20 pages (two chunks) and 40 (three chunks).
+        let memory = lazy_memory(&[extent(0, 0x11ec, 60, U)])?;
+        memory.fill_at(&fake, 0)?;
+        assert_eq!(fake.count(), 20);
+        memory.fill_at(&fake, 59)?;
+        assert!(fake.holds(52, 0x1220, 8));
+        assert_eq!(fake.count(), 28);
+        Ok(())
+    }
+
+    #[test]
+    fn a_worker_puts_in_a_chunk_per_claim() -> Result {
+        let fake = Fake::default();
+        let freed = FREED.load(Relaxed);
+        // From pfn 0x1008: the first chunk has 8 pages.
+        let memory = lazy_memory(&[extent(0, 0x1008, 504, U)])?;
+        memory.fill_window(&fake, 0, Want::Step)?;
+        assert_eq!(fake.count(), 8);
+        memory.fill_window(&fake, 0, Want::Step)?;
+        assert!(fake.holds(0, 0x1008, 24));
+        assert!(!memory.is_settled(0));
+        // A fault in the middle cuts the rest; the next steps take the chunks in order.
+        memory.fill_at(&fake, 300)?;
+        assert!(fake.holds(296, 0x1130, 16));
+        memory.fill_window(&fake, 0, Want::Step)?;
+        assert!(fake.holds(0, 0x1008, 40));
+        assert_eq!(fake.count(), 56);
+        memory.restore_in_background(&fake);
+        assert!(fake.holds(0, 0x1008, 504));
+        assert!(memory.is_settled(0));
+        drop(memory);
+        assert_eq!(FREED.load(Relaxed), freed);
         Ok(())
     }
 
@@ -1064,10 +1178,10 @@ mod tests {
         assert!(memory.is_done());
         drop(memory);
         assert_eq!(FREED.load(Relaxed), freed);
-        // Memory short for a whole window (a worker's): a fault then cuts what is left of it.
+        // Memory short for a whole window (a preserve's): a fault then cuts what is left of it.
         let memory = three_windows()?;
         let fake = Fake::failing(&[(100, ENOMEM)])?;
-        assert_eq!(memory.fill_window(&fake, 0, None).err(), Some(ENOMEM));
+        assert_eq!(memory.fill_window(&fake, 0, Want::All).err(), Some(ENOMEM));
         assert_eq!(fake.count(), 100);
         memory.fill_at(&fake, 300)?;
         assert_eq!(fake.count(), 100 + 16);
@@ -1180,6 +1294,42 @@ mod tests {
         assert_eq!(fake.count(), 16 + 1024);
         assert!(fake.holds(512, 0x1200, 1024));
         assert!(memory.is_done());
+
+        // In an unaligned window, chunk 1 (pages 8-23) in, chunk 2 refused after 3 pages.
+        let bad = Fake::failing(&[(3, EFAULT)])?;
+        let memory = lazy_memory(&[extent(0, 0x1008, 504, U)])?;
+        memory.fill_at(&fake, 8)?;
+        assert_eq!(memory.fill_at(&bad, 30).err(), Some(EIO));
+        assert!(bad.holds(24, 0x1020, 3));
+        assert!(memory.claim(0, Some(8))?.is_none());
+        assert!(memory.claim(0, Some(26))?.is_none());
+        assert_eq!(memory.claim(0, Some(7)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, Some(27)).err(), Some(EIO));
+
+        // A chunk partly in (memory was short) keeps what went in when another is refused.
+        let short = Fake::failing(&[(5, ENOMEM)])?;
+        let bad = Fake::failing(&[(3, EFAULT)])?;
+        let memory = three_windows()?;
+        assert_eq!(memory.fill_at(&short, 0).err(), Some(ENOMEM));
+        assert_eq!(memory.fill_at(&bad, 40).err(), Some(EIO));
+        assert!(bad.holds(32, 0x1020, 3));
+        assert!(memory.claim(0, Some(4))?.is_none());
+        assert!(memory.claim(0, Some(34))?.is_none());
+        assert_eq!(memory.claim(0, Some(5)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, Some(35)).err(), Some(EIO));
+
+        // Cut after a preserve put in 100 pages: those count as in, with the 3 of the refused
+        // chunk.
+        let short = Fake::failing(&[(100, ENOMEM)])?;
+        let bad = Fake::failing(&[(3, EFAULT)])?;
+        let memory = three_windows()?;
+        assert_eq!(memory.fill_window(&short, 0, Want::All).err(), Some(ENOMEM));
+        assert_eq!(memory.fill_at(&bad, 101).err(), Some(EIO));
+        assert!(bad.holds(100, 0x1064, 3));
+        assert!(memory.claim(0, Some(95))?.is_none());
+        assert!(memory.claim(0, Some(99))?.is_none());
+        assert!(memory.claim(0, Some(102))?.is_none());
+        assert_eq!(memory.claim(0, Some(103)).err(), Some(EIO));
         Ok(())
     }
 
