@@ -28,14 +28,18 @@ typedef int (*kvm_mem_attr_range_fn)(void *opaque, gfn_t start, gfn_t end,
 				     unsigned long attrs);
 
 /**
- * struct kvm_gmem_folio_desc - A folio of a guest_memfd, and where it is.
- * @folio:    The folio, with a reference for the caller.
- * @index:    Its index (in pages) in the file.
+ * struct kvm_gmem_folio_desc - A run of folios of a guest_memfd, and where.
+ * @folio:    Its first folio, never NULL; the caller has a reference to each
+ *            of its folios.
+ * @index:    The index (in pages) of its first page in the file.
  * @pfn:      Its first page frame.
- * @nr_pages: Its number of pages.
+ * @nr_pages: Its number of pages, at least one folio's: its folios follow
+ *            each other in the file and in physical memory.
  * @nid:      The NUMA node of its memory.
  * @uptodate: Whether it holds data: guest_memfd zeroes a folio on first use.
- * @hwpoison: Whether memory failure handling found an error in it.
+ *            A run of more than one folio is uptodate.
+ * @hwpoison: Whether memory failure handling found an error in it. A run of
+ *            more than one folio has none.
  */
 struct kvm_gmem_folio_desc {
 	struct folio *folio;

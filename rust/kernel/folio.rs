@@ -13,10 +13,7 @@
 
 use crate::{
     bindings,
-    sync::aref::{
-        ARef,
-        AlwaysRefCounted, //
-    },
+    sync::aref::AlwaysRefCounted,
     types::Opaque, //
 };
 use core::ptr::NonNull;
@@ -99,37 +96,6 @@ impl Span {
     }
 }
 
-/// A folio, with a reference, and where it is.
-///
-/// # Invariants
-///
-/// `span` is the folio's index, first page frame, number of pages and NUMA node, read while the
-/// reference was held. Its pfn, number of pages and node stay true while the reference is: a
-/// referenced folio is neither split nor freed (nor moved, which needs its references frozen).
-/// Its index is the one read then: the folio may leave its page cache since.
-pub struct SpannedFolio {
-    folio: ARef<Folio>,
-    span: Span,
-}
-
-impl SpannedFolio {
-    /// Pairs `folio` with a span read from it by the caller.
-    ///
-    /// # Safety
-    ///
-    /// `span` must be the folio's index, first page frame, number of pages and NUMA node, read
-    /// while the reference in `folio` was held.
-    pub unsafe fn from_parts(folio: ARef<Folio>, span: Span) -> Self {
-        // INVARIANT: By the safety requirements.
-        Self { folio, span }
-    }
-
-    /// Where the folio is.
-    pub fn span(&self) -> Span {
-        self.span
-    }
-}
-
 /// Folios that follow each other in a file and in physical memory, all on one NUMA node, each
 /// held by a reference the run owns.
 ///
@@ -139,31 +105,38 @@ impl SpannedFolio {
 /// # Invariants
 ///
 /// `span` starts at the first page of a folio and covers whole folios; this object owns one
-/// reference to each of them.
+/// reference to each of them. Their pfns, sizes and node stay true while the references are
+/// held: a referenced folio is neither split nor freed (nor moved, which needs its references
+/// frozen). The index is the one read with the references held: the folios may leave their
+/// page cache since.
 pub struct FolioRun {
     span: Span,
 }
 
 impl FolioRun {
-    /// Starts a run with `folio`, whose reference the run keeps.
-    pub fn new(folio: SpannedFolio) -> Self {
-        // INVARIANT: The span of a `SpannedFolio` is the folio's, from its first page; the
-        // reference it held is the run's now.
-        let span = folio.span;
-        let _ = ARef::into_raw(folio.folio);
+    /// Makes a run of the folios of `span`, whose references the caller gives to the run.
+    ///
+    /// # Safety
+    ///
+    /// `span` must start at the first page of a folio and cover whole folios that follow each
+    /// other from `span.index` in a file and from `span.pfn` in physical memory, on node
+    /// `span.nid`, as read while the caller held a reference to each; the caller gives those
+    /// references to the run.
+    pub unsafe fn from_raw(span: Span) -> Self {
+        // INVARIANT: By the safety requirements.
         Self { span }
     }
 
-    /// Appends `folio`, keeping its reference, if it continues the run (see
+    /// Appends `next`, with its references, if it continues the run (see
     /// [`Span::continues_with`]); gives it back otherwise.
-    pub fn try_append(&mut self, folio: SpannedFolio) -> core::result::Result<(), SpannedFolio> {
-        if !self.span.continues_with(&folio.span) {
-            return Err(folio);
+    pub fn try_join(&mut self, next: FolioRun) -> core::result::Result<(), FolioRun> {
+        if !self.span.continues_with(&next.span) {
+            return Err(next);
         }
-        // INVARIANT: `folio` starts where the run ended and is whole; its reference is the
-        // run's now.
-        self.span.nr_pages += folio.span.nr_pages;
-        let _ = ARef::into_raw(folio.folio);
+        // INVARIANT: `next` starts where the run ended and covers whole folios; its references
+        // are the run's now.
+        self.span.nr_pages += next.span.nr_pages;
+        core::mem::forget(next);
         Ok(())
     }
 

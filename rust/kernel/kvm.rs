@@ -24,9 +24,8 @@
 
 #[cfg(CONFIG_KVM_GUEST_MEMFD)]
 use crate::folio::{
-    Folio,
-    Span,
-    SpannedFolio, //
+    FolioRun,
+    Span, //
 };
 use crate::{
     bindings,
@@ -326,8 +325,9 @@ impl FrozenGuestMemfd {
 
 #[cfg(CONFIG_KVM_GUEST_MEMFD)]
 impl FrozenGuestMemfd {
-    /// Calls `f` for every folio of the file, in index order, with a reference to it that `f`
-    /// keeps or drops.
+    /// Calls `f` for every run of folios of the file (see [`FolioRun`]), in index order: the run
+    /// holds a reference to each of its folios, and `f` keeps or drops it. The runs are as long as
+    /// one call to C finds them: `f` may see a run that continues the one before.
     ///
     /// A folio with a hardware memory error stops the walk with `EHWPOISON` before anything
     /// touches it (memory failure handling may have unmapped it from the kernel).
@@ -339,15 +339,16 @@ impl FrozenGuestMemfd {
     /// written after this call are in the folio's memory like any others. (That is sound because
     /// the file is frozen, so its VM's memory is plain, by the type invariants.)
     ///
-    /// The folios are looked up, used and described a batch at a time, in one call to C.
+    /// The folios are looked up, used and gathered in runs a batch at a time, in one call to C:
+    /// the walk does nothing per folio in Rust.
     ///
     /// # Errors
     ///
     /// Returns `EHWPOISON` for a poisoned folio, `ENOMEM`, and stops at, and returns, the first
     /// error of `f`.
-    pub fn for_each_folio<F>(&self, mut f: F) -> Result
+    pub fn for_each_run<F>(&self, mut f: F) -> Result
     where
-        F: FnMut(SpannedFolio) -> Result,
+        F: FnMut(FolioRun) -> Result,
     {
         let mut descs = KVVec::<bindings::kvm_gmem_folio_desc>::with_capacity(
             FOLIO_BATCH as usize,
@@ -379,41 +380,38 @@ impl FrozenGuestMemfd {
             unsafe { descs.inc_len(found) };
             let mut result = Ok(());
             for desc in descs.drain_all() {
-                let Some(ptr) = NonNull::new(desc.folio.cast::<Folio>()) else {
+                // Never: a run has a first folio (`kvm_luo.h`). Its references would leak.
+                if crate::warn_on!(desc.folio.is_null() || desc.nr_pages == 0) {
                     continue;
+                }
+                let span = Span {
+                    index: desc.index as u64,
+                    pfn: desc.pfn as u64,
+                    nr_pages: desc.nr_pages as u64,
+                    nid: desc.nid,
                 };
-                // SAFETY: The lookup took a reference on the folio for us; it moves into this
-                // `ARef`, and the description is not used for it again.
-                let folio = unsafe { ARef::from_raw(ptr) };
-                // After an error, the rest of the batch is only dropped.
+                // SAFETY: `kvm_gmem_get_folio_descs()` describes a run of whole folios that follow
+                // each other in the file and in physical memory on one node, read with a
+                // reference to each taken for us, which moves into the run; the description is
+                // not used for them again.
+                let run = unsafe { FolioRun::from_raw(span) };
+                // After an error, the rest of the batch is only dropped. Not uptodate after the
+                // lookup's first use: poisoned.
                 if result.is_ok() {
-                    result = Self::describe(folio, &desc).and_then(&mut f);
+                    result = if desc.hwpoison || !desc.uptodate {
+                        Err(EHWPOISON)
+                    } else {
+                        f(run)
+                    };
                 }
             }
             result?;
         }
     }
-
-    /// Checks a folio looked up by [`Self::for_each_folio`] and pairs it with where it is.
-    fn describe(folio: ARef<Folio>, desc: &bindings::kvm_gmem_folio_desc) -> Result<SpannedFolio> {
-        // Not uptodate after the lookup's first use: poisoned.
-        if desc.hwpoison || !desc.uptodate {
-            return Err(EHWPOISON);
-        }
-        let span = Span {
-            index: desc.index as u64,
-            pfn: desc.pfn as u64,
-            nr_pages: desc.nr_pages as u64,
-            nid: desc.nid,
-        };
-        // SAFETY: `kvm_gmem_get_folio_descs()` read the span from the folio after taking the
-        // reference `folio` holds.
-        Ok(unsafe { SpannedFolio::from_parts(folio, span) })
-    }
 }
 
-/// How many folios [`FrozenGuestMemfd::for_each_folio`] looks up in one call to C: a multiple of
-/// the page cache's batch, which the C function needs at least.
+/// How many runs of folios [`FrozenGuestMemfd::for_each_run`] has room for in one call to C: a
+/// multiple of the page cache's batch, which the C function needs at least.
 #[cfg(CONFIG_KVM_GUEST_MEMFD)]
 const FOLIO_BATCH: u32 = bindings::FOLIO_BATCH_SIZE * 8;
 

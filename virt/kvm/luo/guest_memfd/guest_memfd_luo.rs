@@ -93,10 +93,7 @@ use abi::{
 };
 use core::convert::Infallible;
 use kernel::{
-    folio::{
-        FolioRun,
-        SpannedFolio, //
-    },
+    folio::FolioRun,
     fs::File,
     kho::{
         Preserved,
@@ -217,17 +214,18 @@ fn collect_runs(frozen: &FrozenGuestMemfd) -> Result<VVec<FolioRun>> {
     let mut runs: VVec<FolioRun> = VVec::new();
     let mut step = 0;
     frozen
-        .for_each_folio(|folio: SpannedFolio| {
+        .for_each_run(|run: FolioRun| {
             pace(step);
             step += 1;
-            let folio = match runs.last_mut() {
-                Some(last) => match last.try_append(folio) {
+            // The walk cuts runs where its calls to C end.
+            let run = match runs.last_mut() {
+                Some(last) => match last.try_join(run) {
                     Ok(()) => return Ok(()),
-                    Err(folio) => folio,
+                    Err(run) => run,
                 },
-                None => folio,
+                None => run,
             };
-            runs.push(FolioRun::new(folio), GFP_KERNEL)?;
+            runs.push(run, GFP_KERNEL)?;
             Ok(())
         })
         .inspect_err(|err| {
