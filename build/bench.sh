@@ -16,6 +16,13 @@ runner=("$sel/run_vmtests.sh" -s "$KLU_SRC" -b "$KLU_OBJ" -o "$KLU_OUT"
 # 16G: luo_bench holds about 11 GiB of files at once, and 1 GiB more while
 # it fragments memory for fragmented-1G.
 export KLU_QEMU_MEM=${KLU_QEMU_MEM:-16G}
+# All of it allocated before the machine starts: this host allocates a
+# machine's memory on its first touch, and memory that no kernel touched
+# before made a kexec slower for the kernel that first did (measured
+# 2026-12-06: with KHO, memmap_init() 300-600 ms longer in 3 of 5 updates
+# of the 4 GiB guest, the jump to the new kernel 60-160 ms longer; with
+# all of it allocated, both as in the bare kexecs).
+export KLU_QEMU_PREALLOC=${KLU_QEMU_PREALLOC:-1}
 "${runner[@]}" -t luo_bench
 status=$?
 guests=(256M 2G 4G)

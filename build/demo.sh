@@ -10,6 +10,9 @@ if [ -n "${FLEET:-}" ] && [ "${FLEET:-}" != 0 ]; then
 fi
 DEMO=${DEMO:-vmm_linux_guest}
 runner=$KLU_TOP/tools/testing/selftests/kvm_luo/run_vmtests.sh
+# The blackout is compared with a bare kexec: all of QEMU's memory is
+# allocated first, as make bench does (build/bench.sh says why).
+export KLU_QEMU_PREALLOC=${KLU_QEMU_PREALLOC:-1}
 
 if [ "$DEMO" = agent_fleet ]; then
 	cat <<'END'

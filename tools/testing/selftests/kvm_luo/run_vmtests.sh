@@ -32,6 +32,10 @@
 #       /qemu of the initramfs: the soak's other inner VMM
 # Environment:
 #   KLU_QEMU_MEM     guest memory (default 3G, 4G for a debug kernel)
+#   KLU_QEMU_PREALLOC  1: QEMU allocates all of the guest memory before the
+#                    machine starts (-mem-prealloc), so that no kernel pays
+#                    for this host's first touch of memory that an earlier
+#                    kernel left untouched (make bench)
 #   KLU_INJECT_FAIL  name of a test to run with a wrong expected exit status,
 #                    to show that a failing test fails the run
 
@@ -302,12 +306,13 @@ boot() {	# boot NAME TIMEOUT LOG EXTRA_CMDLINE INITRAMFS CPUS
 	local cmdline="console=ttyS0 panic=-1 oops=panic liveupdate=on numa=fake=2 retain_initrd"
 	cmdline+=" tsc=reliable klu.test=$1"
 	cmdline+=" $debug_cmdline unknown_nmi_panic panic_sys_info=all_bt,blocked_tasks,locks $4"
-	local initrd=$5 mon_dir qemu_pid dog status
+	local initrd=$5 mon_dir qemu_pid dog status prealloc=()
+	[ "${KLU_QEMU_PREALLOC:-0}" = 1 ] && prealloc=(-mem-prealloc)
 	rm -f "$3.hang"
 	mon_dir=$(mktemp -d "$mon_root/XXXXXX") || return 1
 	timeout --foreground -k 10 "$(($2 + 60))" qemu-system-x86_64 9>&- \
 		-accel tcg -cpu max -smp "$6" \
-		-m "$qemu_mem" -nographic -nodefaults -no-reboot -d cpu_reset \
+		-m "$qemu_mem" "${prealloc[@]}" -nographic -nodefaults -no-reboot -d cpu_reset \
 		-serial file:"$3" -monitor unix:"$mon_dir/mon",server=on,wait=off \
 		-kernel "$kernel" -initrd "$initrd" \
 		-append "$cmdline" </dev/null >"$3.qemu" 2>&1 &
