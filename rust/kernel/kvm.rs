@@ -380,8 +380,11 @@ impl FrozenGuestMemfd {
             unsafe { descs.inc_len(found) };
             let mut result = Ok(());
             for desc in descs.drain_all() {
-                // Never: a run has a first folio (`kvm_luo.h`). Its references would leak.
+                // Never: a run has a first folio (`kvm_luo.h`). Fail the walk rather than leave
+                // memory out; the references of such a description are left alone, since it
+                // cannot be trusted to say which they are.
                 if crate::warn_on!(desc.folio.is_null() || desc.nr_pages == 0) {
+                    result = result.and(Err(EINVAL));
                     continue;
                 }
                 let span = Span {

@@ -61,7 +61,8 @@
 #define GMEM_GPA	(4UL << 30)
 /*
  * What a fault puts in: the 64 KiB-aligned physical chunk around it, or all
- * that is left of its window if that is in two chunks or one.
+ * that is left of its window if that is in two chunks or one. (The whole
+ * window, were a 512-byte GFP_NOWAIT allocation to fail: not seen here.)
  */
 #define CHUNK_PAGES	16
 #define FAULT_PAGES	(2 * CHUNK_PAGES)

@@ -6,9 +6,10 @@
  * For each case, a guest_memfd and a memfd of the same size with the same
  * populated bytes are preserved, each in a session of its own. Memory is
  * populated with fallocate(), whose never-used pages both handlers zero at
- * preserve, but in the case "1G-written", written a byte per page. Stage 1
- * times preserve: the median of PRESERVE_ROUNDS, each kind first in turn,
- * all but the last round closing their sessions (which unpreserves). And
+ * their first preserve, but in the case "1G-written", written a byte per
+ * page. Stage 1 times preserve after the freeze rounds below, so without
+ * that zeroing: the median of PRESERVE_ROUNDS, each kind first in turn, all
+ * but the last round closing their sessions (which unpreserves). And
  * freeze: it asks for a kexec that is bound to fail (a last session holds a
  * guest_memfd without its VM), so LUO freezes every file, fails on that one
  * and unfreezes them; that is done once with the memfds only, once with the

@@ -23,11 +23,12 @@
 //! a mapping, `fallocate()`), 16 pages around the fault (a chunk, aligned in physical memory),
 //! or when background work items (unbound, as many as CPUs, at most 16) get to it, a chunk at a
 //! time, started by the first try to finish the session (or its release): until the VMM says it
-//! is done with its restore, the CPUs are its own. A fault waits for at most 32 pages (512
-//! without memory for a window's chunk table, or behind a preserve or a punch-hole, which put in
-//! whole windows), in a time that does not depend on the size of the file. A punch-hole frees the pending memory
-//! in the hole. LUO's finish is refused (`EBUSY`) until every window is settled: in, punched out,
-//! or lost (KHO or the page cache refused it, which is logged, and said again at finish). Faults
+//! is done with its restore, the CPUs are its own. A fault waits for at most 32 pages (what is
+//! left of its window when that lies in two chunks; 512 without memory for a window's chunk
+//! table, or behind a preserve or a punch-hole, which put in whole windows), in a time that does
+//! not depend on the size of the file. A punch-hole frees the pending memory in the hole. LUO's
+//! finish is refused (`EBUSY`) until every window is settled: in, punched out, or lost (KHO or
+//! the page cache refused it, which is logged, and said again at finish). Faults
 //! on lost memory fail with `EIO`, until a punch-hole takes it out: the hole then reads zeros like
 //! any other. A session closed without finish finishes at once, and the file keeps putting its
 //! memory in, or frees it when it goes. The module parameter `background_restore=0` leaves it all

@@ -6,9 +6,9 @@
 //! ```text
 //!   Pending, Partial, Chunked --claim--> Filling --all of it put in------------------> In
 //!                                        Filling --a worker's chunk put in, or memory
-//!                                                  short, or frozen------------------> Partial
-//!                                        Filling --a fault's chunk put in, or memory
-//!                                                  short, or frozen, once cut---------> Chunked
+//!                                                  short, or frozen, not cut----------> Partial
+//!                                        Filling --a chunk put in, or memory short, or
+//!                                                  frozen, once a fault cut it--------> Chunked
 //!                                        Filling --KHO or the page cache refused-----> Lost
 //!   any but Filling --a punch-hole over the whole window----------------------------> Gone
 //!   Lost --a punch-hole over the last of its lost pages-----------------------------> Gone
@@ -17,9 +17,10 @@
 //! A fault waits for its chunk only: the `2^CHUNK_ORDER` pages around it, aligned in physical
 //! memory. It takes the window back from KHO (a block, or the few blocks of an unaligned window:
 //! cheap to take back), cuts what is left of it in chunks, puts its own in and leaves the
-//! others, `Chunked`, to later faults and the background workers. A window of at most two chunks
-//! is not cut: the fault puts it all in. The workers put in a chunk per claim, so a fault on a
-//! window they are putting in waits for one chunk too; a preserve and a punch-hole put in whole
+//! others, `Chunked`, to later faults and the background workers. When what is left of the
+//! window lies in two chunks or one, the fault does not cut it, and puts it all in. The workers
+//! put in a chunk per claim, and leave a window for later when a fault waits for it, so a fault on
+//! a window they are putting in waits for one chunk too; a preserve and a punch-hole put in whole
 //! windows.
 //!
 //! `In`, `Gone` and `Lost` are settled: [`Progress::left`] counts the windows that are not, and
@@ -320,6 +321,8 @@ struct Progress<S: PageSink> {
     reported: bool,
     /// The next window the background workers look at.
     cursor: usize,
+    /// Faults waiting for a window someone is putting in: a worker leaves its window to them.
+    waiting: usize,
     /// The last file was released: the workers stop.
     stopped: bool,
 }
@@ -398,6 +401,7 @@ impl<S: PageSink> LazyReserve<S> {
                     left,
                     reported: false,
                     cursor: 0,
+                    waiting: 0,
                     stopped: false,
                 },
                 "guest_memfd_luo::progress"
@@ -438,6 +442,11 @@ impl<S: PageSink> LazyMemory<S> {
         let mut progress = self.progress.lock();
         loop {
             match progress.states[i] {
+                WindowState::Filling if at.is_some() => {
+                    progress.waiting += 1;
+                    self.settled.wait(&mut progress);
+                    progress.waiting -= 1;
+                }
                 WindowState::Filling => self.settled.wait(&mut progress),
                 WindowState::In | WindowState::Gone => return Ok(None),
                 // A fault on a chunk that is in: a lookup that raced with the fill.
@@ -621,11 +630,6 @@ impl<S: PageSink> LazyMemory<S> {
         Ok(())
     }
 
-    /// Whether window `i` is settled (in, gone or lost).
-    fn is_settled(&self, i: usize) -> bool {
-        self.progress.lock().states[i].is_settled()
-    }
-
     /// Puts in every window still pending, trying each a few times when memory is short.
     ///
     /// # Errors
@@ -726,9 +730,16 @@ impl<S: PageSink> LazyMemory<S> {
                         return;
                     }
                     Err(_) => break,
-                    Ok(()) if self.is_settled(i) => break,
-                    Ok(()) if self.progress.lock().stopped => return,
-                    Ok(()) => (),
+                    Ok(()) => {
+                        let progress = self.progress.lock();
+                        if progress.stopped {
+                            return;
+                        }
+                        // Settled, or a fault waits for it: the scan comes back to it.
+                        if progress.states[i].is_settled() || progress.waiting != 0 {
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -1139,7 +1150,7 @@ mod tests {
         assert_eq!(fake.count(), 8);
         memory.fill_window(&fake, 0, Want::Step)?;
         assert!(fake.holds(0, 0x1008, 24));
-        assert!(!memory.is_settled(0));
+        assert!(!memory.progress.lock().states[0].is_settled());
         // A fault in the middle cuts the rest; the next steps take the chunks in order.
         memory.fill_at(&fake, 300)?;
         assert!(fake.holds(296, 0x1130, 16));
@@ -1148,9 +1159,18 @@ mod tests {
         assert_eq!(fake.count(), 56);
         memory.restore_in_background(&fake);
         assert!(fake.holds(0, 0x1008, 504));
-        assert!(memory.is_settled(0));
+        assert!(memory.progress.lock().states[0].is_settled());
         drop(memory);
         assert_eq!(FREED.load(Relaxed), freed);
+
+        // With a fault waiting, a worker leaves each window after a chunk: it comes back to them.
+        let fake = Fake::default();
+        let memory = three_windows()?;
+        memory.progress.lock().waiting = 1;
+        memory.fill_window(&fake, 1, Want::Step)?;
+        memory.restore_in_background(&fake);
+        assert!(fake.holds(0, 0x1000, 1536));
+        assert!(memory.is_done());
         Ok(())
     }
 
@@ -1318,18 +1338,20 @@ mod tests {
         assert_eq!(memory.claim(0, Some(5)).err(), Some(EIO));
         assert_eq!(memory.claim(0, Some(35)).err(), Some(EIO));
 
-        // Cut after a preserve put in 100 pages: those count as in, with the 3 of the refused
-        // chunk.
+        // Cut after a preserve put in 100 pages, in the middle of chunk 6: those count as in,
+        // with the 3 of the refused chunk 7.
         let short = Fake::failing(&[(100, ENOMEM)])?;
         let bad = Fake::failing(&[(3, EFAULT)])?;
         let memory = three_windows()?;
         assert_eq!(memory.fill_window(&short, 0, Want::All).err(), Some(ENOMEM));
-        assert_eq!(memory.fill_at(&bad, 101).err(), Some(EIO));
-        assert!(bad.holds(100, 0x1064, 3));
+        assert_eq!(memory.fill_at(&bad, 120).err(), Some(EIO));
+        assert!(bad.holds(112, 0x1070, 3));
         assert!(memory.claim(0, Some(95))?.is_none());
         assert!(memory.claim(0, Some(99))?.is_none());
-        assert!(memory.claim(0, Some(102))?.is_none());
-        assert_eq!(memory.claim(0, Some(103)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, Some(100)).err(), Some(EIO));
+        assert_eq!(memory.claim(0, Some(111)).err(), Some(EIO));
+        assert!(memory.claim(0, Some(114))?.is_none());
+        assert_eq!(memory.claim(0, Some(115)).err(), Some(EIO));
         Ok(())
     }
 
