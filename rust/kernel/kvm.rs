@@ -375,8 +375,12 @@ impl FrozenGuestMemfd {
             if found == 0 {
                 return Ok(());
             }
-            // SAFETY: The function initialized the first `found` descriptions, at most
-            // `FOLIO_BATCH`, the capacity; the vector is empty, and they are plain data.
+            // Never: the function describes at most `FOLIO_BATCH` runs.
+            if crate::warn_on!(found > descs.capacity()) {
+                return Err(EINVAL);
+            }
+            // SAFETY: The function initialized the first `found` descriptions, at most the
+            // capacity (checked above); the vector is empty, and they are plain data.
             unsafe { descs.inc_len(found) };
             let mut result = Ok(());
             for desc in descs.drain_all() {
