@@ -205,13 +205,16 @@ def bench(args):
         }
 
     print(f'{"guest":>6} {"runs":>4}  {"blackout ms":>18}  {"bare kexec ms":>18}  '
-          f'{"blackout / bare":>16}')
+          f'{"blackout / bare":>16}  {"blackout - bare ms":>20}')
     ratios = {}
     for size, r in runs.items():
         b, k, q = (list(x) for x in zip(*r['pairs'])) if r['pairs'] else ([], [], [])
+        # Each update against the bare kexec after it, in ms.
+        d = [x - y for x, y in zip(b, k)]
         print(f'{size:>6} {len(q):>4}  {fmt(median(b), 0):>7} ({spread(b):>9})  '
               f'{fmt(median(k), 0):>7} ({spread(k):>9})  '
-              f'{fmt(median(q), 2):>5} ({min(q, default=0):.2f}-{max(q, default=0):.2f})')
+              f'{fmt(median(q), 2):>5} ({min(q, default=0):.2f}-{max(q, default=0):.2f})  '
+              f'{fmt(median(d), 0):>7} ({spread(d):>11})')
         ratios[f'blackout_vs_bare_kexec_{size}'] = median(q)
     sizes = list(runs)
     print('the blackout\'s steps, median ms (the VMM\'s TSC):')
