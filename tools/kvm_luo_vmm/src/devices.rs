@@ -160,7 +160,7 @@ impl Write for ConsoleOut {
 pub type Uart = Serial<IrqTrigger, NoEvents, ConsoleOut>;
 
 /// The registers and input FIFO of the UART, saved with the VM.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 pub struct UartState {
     regs: [u8; 9],
     in_buffer: Vec<u8>,

@@ -127,6 +127,49 @@ fn mark_tsc(event: &str) {
     }
 }
 
+/// The kernel log from a point on (`/dev/kmsg`), to read what the kernel said during a step.
+struct KernelLog(std::fs::File);
+
+impl KernelLog {
+    /// From now on; `None` without `/dev/kmsg`.
+    fn from_now() -> Option<Self> {
+        use std::io::Seek;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg")
+            .ok()?;
+        f.seek(io::SeekFrom::End(0)).ok()?;
+        Some(Self(f))
+    }
+
+    /// The messages logged since that contain `what`.
+    fn since(&mut self, what: &str) -> Vec<String> {
+        use std::io::Read;
+        let mut found = Vec::new();
+        let mut record = vec![0u8; 8192];
+        loop {
+            // One record per read: "level,seq,time,flags;message", then its dictionary.
+            match self.0.read(&mut record) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&record[..n]);
+                    let first = text.lines().next().unwrap_or_default();
+                    let message = first.split_once(';').map_or(first, |(_, m)| m);
+                    if message.contains(what) {
+                        found.push(message.to_string());
+                    }
+                }
+                // Overwritten before it was read: the next one.
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
+                Err(_) => break,
+            }
+        }
+        found
+    }
+}
+
 fn tsc_hz() -> u64 {
     let (t0, c0) = (Instant::now(), rdtsc());
     std::thread::sleep(Duration::from_millis(100));

@@ -88,6 +88,14 @@ impl Progress {
             generations: vec![0; vcpus],
             ..Default::default()
         };
+        p.scan_more(lines);
+        p
+    }
+
+    /// Reads on, in the lines that followed those it was read from.
+    pub fn scan_more(&mut self, lines: &[String]) {
+        let p = self;
+        let vcpus = p.generations.len();
         for line in lines {
             if let Some(b) = Beat::parse(line) {
                 p.beat = b.n;
@@ -106,7 +114,6 @@ impl Progress {
                 }
             }
         }
-        p
     }
 }
 

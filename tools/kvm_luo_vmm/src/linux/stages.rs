@@ -217,6 +217,13 @@ pub fn resume(opts: &Opts, stage: u32) {
         Ok(r) => r,
         Err(held) => hold(&session, held, Some(TEST_HOLD)),
     };
+    let said = machine::KVM_SAID.lock().unwrap().clone();
+    if !said.is_empty() {
+        fail(format!(
+            "{label}restoring the vCPUs, KVM reported what it ignores: {}",
+            said.join("; ")
+        ));
+    }
     if opts.inject.refused_msr && !REFUSED_MSR_SKIPPED.load(Ordering::Relaxed) {
         fail("the MSR no KVM knows was not skipped: the test did not test");
     }

@@ -11,7 +11,7 @@ use crate::say;
 use crate::state::{SaveOpts, VcpuState};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,6 +42,8 @@ struct VcpuCtl {
     told: Condvar,
     /// TSC at the first `KVM_RUN`.
     first_entry: AtomicU64,
+    /// How many vCPUs came to their first `KVM_RUN`.
+    entered: AtomicUsize,
 }
 
 impl VcpuCtl {
@@ -120,6 +122,7 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, ctl: &VcpuCtl) -> (VcpuFd, io::Result<V
     let _ = ctl
         .first_entry
         .compare_exchange(0, rdtsc(), Ordering::SeqCst, Ordering::SeqCst);
+    ctl.entered.fetch_add(1, Ordering::Release);
     let mut result = Ok(());
     loop {
         while result.is_ok() && !ctl.stop.load(Ordering::Acquire) {
@@ -219,6 +222,7 @@ impl Running {
             verdict: Mutex::default(),
             told: Condvar::new(),
             first_entry: AtomicU64::new(0),
+            entered: AtomicUsize::new(0),
         });
         let mut running = Self {
             threads: Vec::new(),
@@ -253,11 +257,24 @@ impl Running {
         self.ctl.first_entry.load(Ordering::SeqCst)
     }
 
-    /// Stops every vCPU; once none runs, `quiesce` runs (to stop what injects interrupts, and
-    /// save what belongs to the whole VM), then each vCPU saves its state. Returns them with
-    /// their states, in vCPU order. On failure the vCPUs run again, and come back with the
-    /// error: a vCPU that does not stop in time, `quiesce` failing (whatever it undid must be
-    /// redone by the caller), or a vCPU whose state cannot be read.
+    /// Waits until every vCPU came to its first `KVM_RUN`, one failed, or `timeout` passed;
+    /// whether they all did. On a host with few CPUs, what the VMM starts next (the kernel's
+    /// background restore, at finish) would otherwise take them from the guest's first
+    /// instructions: the threads just started have not run yet.
+    pub fn wait_entered(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ctl.entered.load(Ordering::Acquire) >= self.threads.len() {
+                return true;
+            }
+            if self.any_failed() || Instant::now() > deadline {
+                return false;
+            }
+            // Sleeping, not yielding: the vCPU threads get this CPU whatever their order.
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
     /// Starts stop number `cycle + 1` and gets every vCPU out of `KVM_RUN`, waiting for its
     /// verdict. Returns how many did not come out in time.
     fn bring_out(&self) -> Result<(), usize> {
@@ -289,6 +306,11 @@ impl Running {
         }
     }
 
+    /// Stops every vCPU; once none runs, `quiesce` runs (to stop what injects interrupts, and
+    /// save what belongs to the whole VM), then each vCPU saves its state. Returns them with
+    /// their states, in vCPU order. On failure the vCPUs run again, and come back with the
+    /// error: a vCPU that does not stop in time, `quiesce` failing (whatever it undid must be
+    /// redone by the caller), or a vCPU whose state cannot be read.
     pub fn stop<T>(
         mut self,
         quiesce: impl FnOnce() -> io::Result<T>,
