@@ -160,7 +160,8 @@ impl Write for ConsoleOut {
 pub type Uart = Serial<IrqTrigger, NoEvents, ConsoleOut>;
 
 /// The registers and input FIFO of the UART, saved with the VM.
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Serialize, Deserialize)]
+#[cfg_attr(test, derive(Default))]
 pub struct UartState {
     regs: [u8; 9],
     in_buffer: Vec<u8>,

@@ -144,8 +144,8 @@ impl KernelLog {
         Some(Self(f))
     }
 
-    /// The messages logged since that contain `what`.
-    fn since(&mut self, what: &str) -> Vec<String> {
+    /// The messages logged since, up to now, that contain `what`.
+    fn lines_with(&mut self, what: &str) -> Vec<String> {
         use std::io::Read;
         let mut found = Vec::new();
         let mut record = vec![0u8; 8192];

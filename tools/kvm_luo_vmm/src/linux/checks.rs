@@ -94,12 +94,11 @@ impl Progress {
 
     /// Reads on, in the lines that followed those it was read from.
     pub fn scan_more(&mut self, lines: &[String]) {
-        let p = self;
-        let vcpus = p.generations.len();
+        let vcpus = self.generations.len();
         for line in lines {
             if let Some(b) = Beat::parse(line) {
-                p.beat = b.n;
-                p.mono = b.mono;
+                self.beat = b.n;
+                self.mono = b.mono;
                 continue;
             }
             let mut w = line.split_whitespace();
@@ -109,7 +108,7 @@ impl Progress {
                 let g = g.trim_end_matches(':');
                 if let (Ok(c), Ok(g)) = (c.parse::<usize>(), g.parse()) {
                     if c < vcpus {
-                        p.generations[c] = g;
+                        self.generations[c] = g;
                     }
                 }
             }

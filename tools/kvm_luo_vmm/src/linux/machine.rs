@@ -29,21 +29,22 @@ use vmm_sys_util::eventfd::EventFd;
 const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
 const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 
-/// The version of the format of [`Snapshot`] this VMM writes, and the latest it reads. A change
-/// an older VMM can ignore (a new field) keeps it; any other raises it: the new kernel's VMM may
-/// be an older build than the one that saved the state, or a newer one.
+/// The version of the format of [`Snapshot`] this VMM writes, and the latest it reads: the new
+/// kernel's VMM may be an older build than the one that saved the state, or a newer one.
 ///
 /// - 1: the [`Snapshot`] in JSON.
 /// - 2: JSON of `magic`, `version` and `state`, the [`Snapshot`] in postcard, in base64. The
 ///   `kvm-bindings` types serialize as bytes, which JSON writes as arrays of numbers: 40 KiB for
 ///   two vCPUs, which took 7 ms to write and 18 ms to read under TCG, all in the blackout
 ///   (measured 2026-12-06, `make bench`'s 256 MiB guest). A VMM that reads format 1 only still
-///   finds `magic` and `version`, and refuses format 2 as later than it reads.
+///   finds `magic` and `version`, and refuses format 2 as later than it reads (so a rollback to
+///   such a VMM holds the guest, or gives its session back under the agent).
+///
+/// Postcard is positional: any change to what [`Snapshot`] holds, down to the `kvm-bindings`
+/// types in it, raises the version, or the older VMM would misread the state without noticing.
+/// A later format keeps `magic` and `version` in a JSON object, so that the older VMM refuses
+/// it as later before reading anything else.
 const STATE_VERSION: u32 = 2;
-
-/// What KVM reported as unhandled while the last restore set the vCPUs' state ("Unhandled
-/// WRMSR"): a write KVM ignores, and a line on the host's console in the blackout.
-pub static KVM_SAID: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 fn first_version() -> u32 {
     1
@@ -355,8 +356,10 @@ impl Guest {
         } = self;
         let n = checks::Vcpus::count(&running);
         // What the guest wrote so far is read while it still runs; only the rest after the stop.
-        let read = m.console.len();
-        let mut progress = Progress::scan(&m.console.since(0), n);
+        let lines = m.console.since(0);
+        let mut progress = Progress::scan(&lines, n);
+        let read = lines.len();
+        drop(lines);
         // From here the guest does not run until it is resumed.
         let kick = rdtsc();
         let stopped = running.stop(|| {
@@ -491,7 +494,11 @@ impl Stopped {
         };
         for (id, (vcpu, state)) in vcpus.iter().zip(&s.vcpus).enumerate() {
             match state.restore(&m.vm, vcpu) {
-                Ok(report) => say_report(id, &report, label),
+                Ok(report) => {
+                    for l in report_lines(id, &report) {
+                        say(format!("{label}{l}"));
+                    }
+                }
                 Err(e) => said(&format!("restoring vCPU {id}"), Err(e.to_string())),
             }
         }
@@ -537,16 +544,22 @@ impl Stopped {
     }
 }
 
-fn say_report(id: usize, report: &state::RestoreReport, label: &str) {
-    for (index, value) in &report.skipped_msrs {
-        say(format!(
-            "{label}vCPU {id}: MSR {index:#x} (value {value:#x}) refused by this kernel's KVM: \
-             skipped"
-        ));
-    }
+/// What a vCPU's restore has to say: the MSRs KVM refused, a TSC rate it could not set.
+fn report_lines(id: usize, report: &state::RestoreReport) -> Vec<String> {
+    let mut lines: Vec<String> = report
+        .skipped_msrs
+        .iter()
+        .map(|(index, value)| {
+            format!(
+                "vCPU {id}: MSR {index:#x} (value {value:#x}) refused by this kernel's KVM: \
+                 skipped"
+            )
+        })
+        .collect();
     if let Some(w) = &report.tsc_khz {
-        say(format!("{label}vCPU {id}: warning: {w}"));
+        lines.push(format!("vCPU {id}: warning: {w}"));
     }
+    lines
 }
 
 /// Tells the guest it was paused, so that its watchdogs do not take the pause for a lockup.
@@ -567,6 +580,9 @@ pub struct Restored {
     pub start: u64,
     pub retrieved: u64,
     pub restored: u64,
+    /// What KVM logged as unhandled for this VM while its vCPUs were restored ("Unhandled
+    /// WRMSR"): a write it ignored, and a line on the host's console in the blackout.
+    pub kvm_said: Vec<String>,
 }
 
 /// A step of a restore that could not be done: everything retrieved so far stays open (the
@@ -674,13 +690,14 @@ pub fn restore(
         }
     };
     match rebuild(&kvm, vm, ram, &s, clock, label) {
-        Ok((g, restored)) => Ok((
+        Ok((g, restored, kvm_said)) => Ok((
             g,
             s,
             Restored {
                 start,
                 retrieved,
                 restored,
+                kvm_said,
             },
         )),
         Err((why, vm, ram)) => {
@@ -695,7 +712,8 @@ pub fn restore(
     }
 }
 
-type Rebuilt = (Guest, u64);
+/// The guest, the TSC when it was restored, and what KVM logged meanwhile.
+type Rebuilt = (Guest, u64, Vec<String>);
 
 /// Rebuilds the VM's memory, devices and vCPUs from `s` and runs them; on failure gives the
 /// VM and its RAM back.
@@ -722,24 +740,33 @@ fn rebuild(
         "KVM_GET_SUPPORTED_CPUID",
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
     );
+    // Said once the vCPUs run (below).
+    let mut notes = Vec::new();
     if let Some(v) = s.vcpus.first() {
         for d in state::cpuid_differences(&v.cpuid, &supported) {
-            say(format!("{label}warning: the guest's {d}"));
+            notes.push(format!("warning: the guest's {d}"));
         }
     }
     // The irqchip and PIT must exist before the vCPUs; their state goes in once the vCPUs
     // are there to take what they replay; the clock last.
     step!("irqchip and PIT", state::create_irqchip_and_pit(&vm));
-    // What KVM says while the vCPUs are restored, before any runs: about the restore only.
+    // What KVM logs for this VM while its vCPUs are restored, before any runs: about the
+    // restore only (`vcpu_unimpl()` names the VMM's process).
     let mut log = crate::KernelLog::from_now();
     let mut vcpus = Vec::new();
     for (id, st) in s.vcpus.iter().enumerate() {
         let vcpu = step!("KVM_CREATE_VCPU", vm.create_vcpu(id as u64));
         let report = step!(format!("restoring vCPU {id}"), st.restore(&vm, &vcpu));
-        say_report(id, &report, label);
+        notes.extend(report_lines(id, &report));
         vcpus.push(vcpu);
     }
-    let reports = log.as_mut().map_or_else(Vec::new, |l| l.since("Unhandled"));
+    let ours = format!("kvm [{}]: ", std::process::id());
+    let kvm_said: Vec<String> = log.as_mut().map_or_else(Vec::new, |l| {
+        l.lines_with(&ours)
+            .into_iter()
+            .filter(|m| m.contains("Unhandled"))
+            .collect()
+    });
     step!("restoring the irqchip and PIT", s.vm.restore_devices(&vm));
     let (io, console, irq) = step!(
         "devices",
@@ -753,12 +780,15 @@ fn rebuild(
     let save = step!("MSR list", SaveOpts::new(kvm, &vm, s.vcpus.len()));
     let restored = rdtsc();
     let running = step!("vCPU threads", Running::start(vcpus, &io, &save));
-    // The vCPUs first, then what the VMM has to say, and what it does next (finishing the
-    // session starts the kernel's background restore): on a host with few CPUs, either took
-    // the CPU from the vCPU threads just started, for up to 16 ms of blackout (measured
-    // 2026-12-06, `make bench`'s guests on one CPU).
+    // The vCPU threads get to KVM_RUN first, then the VMM says what it has to say and goes on
+    // (finishing the session starts the kernel's background restore): on a host with few
+    // CPUs, either took the CPU from the vCPU threads just started, which delayed the blackout's
+    // end by up to 16 ms (measured 2026-12-06, `make bench`'s guests on one CPU).
     if !running.wait_entered(Duration::from_secs(1)) && !running.any_failed() {
         say(format!("{label}not every vCPU came to run in 1 s"));
+    }
+    for n in &notes {
+        say(format!("{label}{n}"));
     }
     say(format!(
         "{label}retrieved the VM, {} guest_memfds and the state; restored {} vCPUs \
@@ -768,12 +798,11 @@ fn rebuild(
         s.vcpus.len(),
         s.vcpus.first().map_or(0, |v| v.msrs.as_slice().len())
     ));
-    for r in &reports {
+    for r in &kvm_said {
         say(format!(
             "{label}warning: restoring the vCPUs, KVM said: {r}"
         ));
     }
-    *KVM_SAID.lock().unwrap() = reports;
     let m = Machine {
         vm,
         ram,
@@ -790,7 +819,7 @@ fn rebuild(
         // The guest answered one ping before it was saved.
         pings: 1,
     };
-    Ok((g, restored))
+    Ok((g, restored, kvm_said))
 }
 
 fn write_snapshot(s: &Snapshot) -> io::Result<File> {
@@ -862,21 +891,31 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<Snapshot> {
         ));
     }
     let bad = |e: String| io::Error::other(format!("the state: {e}"));
-    if h.version == 1 {
-        return serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()));
+    match h.version {
+        1 => serde_json::from_slice(bytes).map_err(|e| bad(e.to_string())),
+        2 => {
+            let p: Packed = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+            let state = BASE64_STANDARD
+                .decode(p.state)
+                .map_err(|e| bad(format!("not base64: {e}")))?;
+            let (s, rest): (Snapshot, _) =
+                postcard::take_from_bytes(&state).map_err(|e| bad(e.to_string()))?;
+            if !rest.is_empty() {
+                return Err(bad(format!("bytes past its end: {}", rest.len())));
+            }
+            if s.magic != MAGIC {
+                return Err(bad("not this VMM's inside".into()));
+            }
+            if s.version != h.version {
+                return Err(bad(format!(
+                    "of format {} inside format {}",
+                    s.version, h.version
+                )));
+            }
+            Ok(s)
+        }
+        v => Err(bad(format!("of format {v}, which no VMM writes"))),
     }
-    let p: Packed = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-    let state = BASE64_STANDARD
-        .decode(p.state)
-        .map_err(|e| bad(format!("not base64: {e}")))?;
-    let s: Snapshot = postcard::from_bytes(&state).map_err(|e| bad(e.to_string()))?;
-    if s.magic != MAGIC || s.version != h.version {
-        return Err(bad(format!(
-            "of format {} inside format {}",
-            s.version, h.version
-        )));
-    }
-    Ok(s)
 }
 
 #[cfg(test)]
@@ -1005,6 +1044,12 @@ mod tests {
         }
     }
 
+    /// Format 2 around `state`, as it is.
+    fn packed(state: &[u8]) -> Vec<u8> {
+        let state = BASE64_STANDARD.encode(state);
+        format!(r#"{{"magic":"{MAGIC}","version":2,"state":"{state}"}}"#).into_bytes()
+    }
+
     #[test]
     fn a_broken_state_of_this_format_is_refused() {
         let e = refusal(format!(r#"{{"magic":"{MAGIC}","version":2}}"#).as_bytes());
@@ -1014,13 +1059,22 @@ mod tests {
         // Cut short, or with a format inside that is not the one outside.
         let mut s = sample();
         let full = postcard::to_stdvec(&s).unwrap();
-        let cut = BASE64_STANDARD.encode(&full[..full.len() / 2]);
-        let e = refusal(format!(r#"{{"magic":"{MAGIC}","version":2,"state":"{cut}"}}"#).as_bytes());
-        assert!(e.starts_with("the state: "), "{e}");
+        let e = refusal(&packed(&full[..full.len() / 2]));
+        assert!(e.starts_with("the state: Hit the end of buffer"), "{e}");
+        let mut longer = full.clone();
+        longer.push(0);
+        assert_eq!(
+            refusal(&packed(&longer)),
+            "the state: bytes past its end: 1"
+        );
+        let e = refusal(format!(r#"{{"magic":"{MAGIC}","version":0}}"#).as_bytes());
+        assert_eq!(e, "the state: of format 0, which no VMM writes");
+        s.magic = "another VMM's".into();
+        let e = refusal(&packed(&postcard::to_stdvec(&s).unwrap()));
+        assert_eq!(e, "the state: not this VMM's inside");
+        s.magic = MAGIC.into();
         s.version = 1;
-        let inner = BASE64_STANDARD.encode(postcard::to_stdvec(&s).unwrap());
-        let e =
-            refusal(format!(r#"{{"magic":"{MAGIC}","version":2,"state":"{inner}"}}"#).as_bytes());
+        let e = refusal(&packed(&postcard::to_stdvec(&s).unwrap()));
         assert_eq!(e, "the state: of format 1 inside format 2");
     }
 }

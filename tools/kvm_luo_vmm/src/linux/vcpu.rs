@@ -42,7 +42,7 @@ struct VcpuCtl {
     told: Condvar,
     /// TSC at the first `KVM_RUN`.
     first_entry: AtomicU64,
-    /// How many vCPUs came to their first `KVM_RUN`.
+    /// How many vCPU threads came to their first `KVM_RUN` (counted just before it).
     entered: AtomicUsize,
 }
 
@@ -257,10 +257,10 @@ impl Running {
         self.ctl.first_entry.load(Ordering::SeqCst)
     }
 
-    /// Waits until every vCPU came to its first `KVM_RUN`, one failed, or `timeout` passed;
-    /// whether they all did. On a host with few CPUs, what the VMM starts next (the kernel's
-    /// background restore, at finish) would otherwise take them from the guest's first
-    /// instructions: the threads just started have not run yet.
+    /// Waits until every vCPU thread came to its first `KVM_RUN` (counted just before the
+    /// ioctl), one failed, or `timeout` passed; whether they all did. On a host with few CPUs,
+    /// what the VMM does next (its console output, finishing the session, which starts the
+    /// kernel's background restore) would otherwise run before the threads just started.
     pub fn wait_entered(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {

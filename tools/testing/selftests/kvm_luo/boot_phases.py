@@ -45,8 +45,9 @@ is null. Usage: boot_phases.py LOG...
 With --bench SIZE=LOG... (build/bench.sh), the logs are those of a VMM that
 alternates live updates (odd kexecs) and bare kexecs (even ones) of the same
 kernel and image (kvm-luo-vmm --updates N): it prints the medians of the
-blackouts and of the bare kexecs with their spread, the phases of each kind
-of kexec side by side, and one "BENCH-RATIOS:" line.
+blackouts and of the bare kexecs with their spread, the median of each
+update's blackout less the bare kexec after it, the phases of each kind of
+kexec side by side, and one "BENCH-RATIOS:" line.
 """
 import json
 import re
@@ -175,7 +176,7 @@ def median(xs):
 
 def spread(xs):
     xs = [x for x in xs if x is not None]
-    return f'{min(xs):.0f}-{max(xs):.0f}' if xs else '-'
+    return f'{min(xs):.0f} to {max(xs):.0f}' if xs else '-'
 
 
 def fmt(x, digits=1):
@@ -204,17 +205,17 @@ def bench(args):
             'bare': [p for p in kexecs[1::2] if p],
         }
 
-    print(f'{"guest":>6} {"runs":>4}  {"blackout ms":>18}  {"bare kexec ms":>18}  '
-          f'{"blackout / bare":>16}  {"blackout - bare ms":>20}')
+    print(f'{"guest":>6} {"runs":>4}  {"blackout ms":>22}  {"bare kexec ms":>22}  '
+          f'{"blackout / bare":>16}  {"blackout - bare ms":>24}')
     ratios = {}
     for size, r in runs.items():
         b, k, q = (list(x) for x in zip(*r['pairs'])) if r['pairs'] else ([], [], [])
         # Each update against the bare kexec after it, in ms.
         d = [x - y for x, y in zip(b, k)]
-        print(f'{size:>6} {len(q):>4}  {fmt(median(b), 0):>7} ({spread(b):>9})  '
-              f'{fmt(median(k), 0):>7} ({spread(k):>9})  '
+        print(f'{size:>6} {len(q):>4}  {fmt(median(b), 0):>7} ({spread(b):>12})  '
+              f'{fmt(median(k), 0):>7} ({spread(k):>12})  '
               f'{fmt(median(q), 2):>5} ({min(q, default=0):.2f}-{max(q, default=0):.2f})  '
-              f'{fmt(median(d), 0):>7} ({spread(d):>11})')
+              f'{fmt(median(d), 0):>7} ({spread(d):>14})')
         ratios[f'blackout_vs_bare_kexec_{size}'] = median(q)
     sizes = list(runs)
     print('the blackout\'s steps, median ms (the VMM\'s TSC):')
