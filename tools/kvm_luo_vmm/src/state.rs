@@ -562,6 +562,12 @@ mod tests {
             indices(without_held(&saved, &held)),
             [MSR_IA32_TSC, 0xc000_0080, MSR_IA32_TSC_DEADLINE]
         );
+        // Another MSR held at the saved value of this one does not count.
+        let held = [msr(MSR_IA32_TSC, 0)];
+        assert_eq!(
+            indices(without_held(&saved, &held)),
+            saved.iter().map(|e| e.index).collect::<Vec<_>>()
+        );
         // Held at another value, or not read: written.
         for held in [&[msr(MSR_IA32_DEBUGCTLMSR, 1)][..], &[]] {
             assert_eq!(

@@ -580,8 +580,10 @@ pub struct Restored {
     pub start: u64,
     pub retrieved: u64,
     pub restored: u64,
-    /// What KVM logged as unhandled for this VM while its vCPUs were restored ("Unhandled
-    /// WRMSR"): a write it ignored, and a line on the host's console in the blackout.
+    /// What KVM logged about this process ignoring an MSR write while the vCPUs were
+    /// restored ([`kvm_complaint`]): a write it ignored, and a line on the host's console in
+    /// the blackout. Best effort: empty without `/dev/kmsg`, in a PID namespace (KVM names
+    /// the process by its pid outside), or past the log's rate limit.
     pub kvm_said: Vec<String>,
 }
 
@@ -712,6 +714,14 @@ pub fn restore(
     }
 }
 
+/// Whether a kernel log message is KVM's about process `pid` writing an MSR it ignored:
+/// "Unhandled WRMSR" (a write it does not implement), or "ignored wrmsr" (`ignore_msrs`).
+/// `vcpu_unimpl()` names the VMM's process, after the module's prefix ("kvm_amd: ").
+fn kvm_complaint(message: &str, pid: u32) -> bool {
+    message.contains(&format!("kvm [{pid}]: "))
+        && (message.contains("Unhandled WRMSR") || message.contains("ignored wrmsr"))
+}
+
 /// The guest, the TSC when it was restored, and what KVM logged meanwhile.
 type Rebuilt = (Guest, u64, Vec<String>);
 
@@ -726,11 +736,18 @@ fn rebuild(
     clock: super::ClockMode,
     label: &str,
 ) -> Result<Rebuilt, (String, VmFd, Vec<File>)> {
+    // What the restore has to say, said once the vCPUs run, or before its failure.
+    let mut notes: Vec<String> = Vec::new();
     macro_rules! step {
         ($what:expr, $r:expr) => {
             match $r {
                 Ok(x) => x,
-                Err(e) => return Err((format!("{}: {e}", $what), vm, ram)),
+                Err(e) => {
+                    for n in &notes {
+                        say(format!("{label}{n}"));
+                    }
+                    return Err((format!("{}: {e}", $what), vm, ram));
+                }
             }
         };
     }
@@ -740,8 +757,6 @@ fn rebuild(
         "KVM_GET_SUPPORTED_CPUID",
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
     );
-    // Said once the vCPUs run (below).
-    let mut notes = Vec::new();
     if let Some(v) = s.vcpus.first() {
         for d in state::cpuid_differences(&v.cpuid, &supported) {
             notes.push(format!("warning: the guest's {d}"));
@@ -760,13 +775,20 @@ fn rebuild(
         notes.extend(report_lines(id, &report));
         vcpus.push(vcpu);
     }
-    let ours = format!("kvm [{}]: ", std::process::id());
-    let kvm_said: Vec<String> = log.as_mut().map_or_else(Vec::new, |l| {
-        l.lines_with(&ours)
-            .into_iter()
-            .filter(|m| m.contains("Unhandled"))
-            .collect()
-    });
+    let kvm_said: Vec<String> = match log.as_mut() {
+        Some(l) => {
+            let pid = std::process::id();
+            l.lines_with("kvm [")
+                .into_iter()
+                .filter(|m| kvm_complaint(m, pid))
+                .collect()
+        }
+        None => {
+            notes
+                .push("warning: no /dev/kmsg: what KVM logged while restoring is not known".into());
+            Vec::new()
+        }
+    };
     step!("restoring the irqchip and PIT", s.vm.restore_devices(&vm));
     let (io, console, irq) = step!(
         "devices",
@@ -989,6 +1011,37 @@ mod tests {
     /// What a state says, to compare two (the `kvm-bindings` types have no `PartialEq`).
     fn said(s: &Snapshot) -> String {
         serde_json::to_string(s).unwrap()
+    }
+
+    #[test]
+    fn only_this_process_ignored_writes_are_complaints() {
+        let line = "kvm_amd: kvm [1234]: vcpu0, guest rIP: 0x401940 Unhandled WRMSR(0x1d9) = 0x0";
+        assert!(kvm_complaint(line, 1234));
+        assert!(!kvm_complaint(line, 123));
+        assert!(!kvm_complaint(line, 12345));
+        assert!(kvm_complaint(
+            "kvm [7]: ignored wrmsr: 0x4b564dff data 0x5a5a",
+            7
+        ));
+        assert!(!kvm_complaint(
+            "kvm [7]: ignored rdmsr: 0x4b564dff data 0x0",
+            7
+        ));
+        assert!(!kvm_complaint(
+            "kvm_amd: kvm [7]: vcpu0 Unhandled RDMSR(0x1d9)",
+            7
+        ));
+    }
+
+    /// The layout of this format: a change to what the `Snapshot` holds changes it, and must
+    /// raise [`STATE_VERSION`] (postcard is positional), then this test's numbers.
+    #[test]
+    fn the_layout_of_the_state_is_that_of_its_version() {
+        let bytes = postcard::to_stdvec(&sample()).unwrap();
+        let sum = bytes
+            .iter()
+            .fold(0u32, |h, &b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        assert_eq!((STATE_VERSION, bytes.len(), sum), (2, 7074, 48_416_169));
     }
 
     #[test]

@@ -206,7 +206,7 @@ def bench(args):
         }
 
     print(f'{"guest":>6} {"runs":>4}  {"blackout ms":>22}  {"bare kexec ms":>22}  '
-          f'{"blackout / bare":>16}  {"blackout - bare ms":>24}')
+          f'{"blackout / bare":>17}  {"blackout - bare ms":>24}')
     ratios = {}
     for size, r in runs.items():
         b, k, q = (list(x) for x in zip(*r['pairs'])) if r['pairs'] else ([], [], [])
