@@ -21,7 +21,8 @@ export KLU_QEMU_MEM=${KLU_QEMU_MEM:-16G}
 # before made a kexec slower for the kernel that first did (measured
 # 2026-12-06: with KHO, memmap_init() 300-600 ms longer in 3 of 5 updates
 # of the 4 GiB guest, the jump to the new kernel 60-160 ms longer; with
-# all of it allocated, both as in the bare kexecs).
+# all of it allocated, the jump as in the bare kexecs, and memmap_init()
+# 0.5-1 s longer in 3 of 17 updates, a cause not found yet).
 export KLU_QEMU_PREALLOC=${KLU_QEMU_PREALLOC:-1}
 "${runner[@]}" -t luo_bench
 status=$?

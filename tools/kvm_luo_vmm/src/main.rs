@@ -131,17 +131,16 @@ fn mark_tsc(event: &str) {
 struct KernelLog(std::fs::File);
 
 impl KernelLog {
-    /// From now on; `None` without `/dev/kmsg`.
-    fn from_now() -> Option<Self> {
+    /// From now on.
+    fn from_now() -> io::Result<Self> {
         use std::io::Seek;
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
-            .open("/dev/kmsg")
-            .ok()?;
-        f.seek(io::SeekFrom::End(0)).ok()?;
-        Some(Self(f))
+            .open("/dev/kmsg")?;
+        f.seek(io::SeekFrom::End(0))?;
+        Ok(Self(f))
     }
 
     /// The messages logged since, up to now, that contain `what`.

@@ -290,9 +290,8 @@ impl VcpuState {
     /// the TSC deadline, events and MP state last. An MSR KVM refuses is skipped (KVM's
     /// parameters and defaults change between kernels, e.g. `enable_pmu`), and a TSC rate it
     /// cannot set leaves the guest's TSC at the host's rate, as QEMU and Cloud Hypervisor do:
-    /// both said in the report rather than losing the guest.
-    pub fn restore(&self, vm: &VmFd, vcpu: &VcpuFd) -> io::Result<RestoreReport> {
-        let mut report = RestoreReport::default();
+    /// both said in `report` rather than losing the guest (also when a later step fails).
+    pub fn restore(&self, vm: &VmFd, vcpu: &VcpuFd, report: &mut RestoreReport) -> io::Result<()> {
         vcpu.set_cpuid2(&self.cpuid).map_err(os("KVM_SET_CPUID2"))?;
         let now = vcpu.get_tsc_khz().map_err(os("KVM_GET_TSC_KHZ"))?;
         if now != self.tsc_khz {
@@ -333,8 +332,7 @@ impl VcpuState {
         vcpu.set_mp_state(self.mp_state)
             .map_err(os("KVM_SET_MP_STATE"))?;
         vcpu.set_debug_regs(&self.debugregs)
-            .map_err(os("KVM_SET_DEBUGREGS"))?;
-        Ok(report)
+            .map_err(os("KVM_SET_DEBUGREGS"))
     }
 
     /// The saved MSRs to set, in order: all but those of [`QUIET_IF_HELD`] that the vCPU
@@ -549,8 +547,9 @@ mod tests {
             msr(0xc000_0080, 0xd01),
             msr(MSR_IA32_TSC_DEADLINE, 0),
         ];
-        let indices = |v: Vec<kvm_bindings::kvm_msr_entry>| -> Vec<u32> {
-            v.iter().map(|e| e.index).collect()
+        // Each entry as it is, data included.
+        let entries = |v: &[kvm_bindings::kvm_msr_entry]| -> Vec<(u32, u64)> {
+            v.iter().map(|e| (e.index, e.data)).collect()
         };
         // Held at its saved value: not written; every other, in order, even when held too.
         let held = [
@@ -559,21 +558,21 @@ mod tests {
             msr(MSR_IA32_TSC, 5),
         ];
         assert_eq!(
-            indices(without_held(&saved, &held)),
-            [MSR_IA32_TSC, 0xc000_0080, MSR_IA32_TSC_DEADLINE]
+            entries(&without_held(&saved, &held)),
+            [
+                (MSR_IA32_TSC, 5),
+                (0xc000_0080, 0xd01),
+                (MSR_IA32_TSC_DEADLINE, 0)
+            ]
         );
-        // Another MSR held at the saved value of this one does not count.
-        let held = [msr(MSR_IA32_TSC, 0)];
-        assert_eq!(
-            indices(without_held(&saved, &held)),
-            saved.iter().map(|e| e.index).collect::<Vec<_>>()
-        );
-        // Held at another value, or not read: written.
-        for held in [&[msr(MSR_IA32_DEBUGCTLMSR, 1)][..], &[]] {
-            assert_eq!(
-                indices(without_held(&saved, held)),
-                saved.iter().map(|e| e.index).collect::<Vec<_>>()
-            );
+        // Another MSR held at the saved value of this one does not count; held at another
+        // value, or not read: written.
+        for held in [
+            &[msr(MSR_IA32_TSC, 0)][..],
+            &[msr(MSR_IA32_DEBUGCTLMSR, 1)],
+            &[],
+        ] {
+            assert_eq!(entries(&without_held(&saved, held)), entries(&saved));
         }
     }
 

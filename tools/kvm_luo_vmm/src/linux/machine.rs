@@ -493,13 +493,13 @@ impl Stopped {
             }
         };
         for (id, (vcpu, state)) in vcpus.iter().zip(&s.vcpus).enumerate() {
-            match state.restore(&m.vm, vcpu) {
-                Ok(report) => {
-                    for l in report_lines(id, &report) {
-                        say(format!("{label}{l}"));
-                    }
-                }
-                Err(e) => said(&format!("restoring vCPU {id}"), Err(e.to_string())),
+            let mut report = state::RestoreReport::default();
+            let r = state.restore(&m.vm, vcpu, &mut report);
+            for l in report_lines(id, &report) {
+                say(format!("{label}{l}"));
+            }
+            if let Err(e) = r {
+                said(&format!("restoring vCPU {id}"), Err(e.to_string()));
             }
         }
         said(
@@ -715,11 +715,20 @@ pub fn restore(
 }
 
 /// Whether a kernel log message is KVM's about process `pid` writing an MSR it ignored:
-/// "Unhandled WRMSR" (a write it does not implement), or "ignored wrmsr" (`ignore_msrs`).
-/// `vcpu_unimpl()` names the VMM's process, after the module's prefix ("kvm_amd: ").
+/// "Unhandled WRMSR" (`vcpu_unimpl()`, a write it does not implement, after the module's
+/// prefix, "kvm_amd: "), or "ignored wrmsr" (`kvm_pr_unimpl()`, with `ignore_msrs`). Both
+/// start with "kvm [PID]: ", PID the VMM's process outside any PID namespace.
 fn kvm_complaint(message: &str, pid: u32) -> bool {
-    message.contains(&format!("kvm [{pid}]: "))
-        && (message.contains("Unhandled WRMSR") || message.contains("ignored wrmsr"))
+    let tag = format!("kvm [{pid}]: ");
+    let rest = message.strip_prefix(&tag).or_else(|| {
+        let (module, rest) = message.split_once(": ")?;
+        let module_like = !module.is_empty()
+            && module
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        rest.strip_prefix(&tag).filter(|_| module_like)
+    });
+    rest.is_some_and(|r| r.contains("Unhandled WRMSR") || r.starts_with("ignored wrmsr"))
 }
 
 /// The guest, the TSC when it was restored, and what KVM logged meanwhile.
@@ -771,24 +780,30 @@ fn rebuild(
     let mut vcpus = Vec::new();
     for (id, st) in s.vcpus.iter().enumerate() {
         let vcpu = step!("KVM_CREATE_VCPU", vm.create_vcpu(id as u64));
-        let report = step!(format!("restoring vCPU {id}"), st.restore(&vm, &vcpu));
+        let mut report = state::RestoreReport::default();
+        let r = st.restore(&vm, &vcpu, &mut report);
         notes.extend(report_lines(id, &report));
+        step!(format!("restoring vCPU {id}"), r);
         vcpus.push(vcpu);
     }
     let kvm_said: Vec<String> = match log.as_mut() {
-        Some(l) => {
+        Ok(l) => {
             let pid = std::process::id();
             l.lines_with("kvm [")
                 .into_iter()
                 .filter(|m| kvm_complaint(m, pid))
                 .collect()
         }
-        None => {
-            notes
-                .push("warning: no /dev/kmsg: what KVM logged while restoring is not known".into());
+        Err(e) => {
+            notes.push(format!(
+                "warning: /dev/kmsg: {e}: what KVM logged while restoring is not known"
+            ));
             Vec::new()
         }
     };
+    for r in &kvm_said {
+        notes.push(format!("warning: restoring the vCPUs, KVM said: {r}"));
+    }
     step!("restoring the irqchip and PIT", s.vm.restore_devices(&vm));
     let (io, console, irq) = step!(
         "devices",
@@ -820,11 +835,6 @@ fn rebuild(
         s.vcpus.len(),
         s.vcpus.first().map_or(0, |v| v.msrs.as_slice().len())
     ));
-    for r in &kvm_said {
-        say(format!(
-            "{label}warning: restoring the vCPUs, KVM said: {r}"
-        ));
-    }
     let m = Machine {
         vm,
         ram,
@@ -1003,7 +1013,10 @@ mod tests {
             },
             stamps: Stamps {
                 hz: 2_600_000_000,
-                ..Default::default()
+                kick: 11,
+                stopped: 12,
+                saved: 13,
+                preserved: 14,
             },
         }
     }
@@ -1031,6 +1044,12 @@ mod tests {
             "kvm_amd: kvm [7]: vcpu0 Unhandled RDMSR(0x1d9)",
             7
         ));
+        // The tag where KVM puts it, not anywhere.
+        assert!(!kvm_complaint(
+            "x: y kvm [7]: Unhandled WRMSR(0x1d9) = 0x0",
+            7
+        ));
+        assert!(!kvm_complaint("Unhandled WRMSR, kvm [7]: ", 7));
     }
 
     /// The layout of this format: a change to what the `Snapshot` holds changes it, and must
@@ -1041,7 +1060,7 @@ mod tests {
         let sum = bytes
             .iter()
             .fold(0u32, |h, &b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-        assert_eq!((STATE_VERSION, bytes.len(), sum), (2, 7074, 48_416_169));
+        assert_eq!((STATE_VERSION, bytes.len(), sum), (2, 7074, 48_755_819));
     }
 
     #[test]
