@@ -9,10 +9,6 @@
  * deserialization marks preserved memory (the magic and the order in the head
  * page's private field), then restore them. A restore counts a block as
  * managed memory again, so marking a block takes it out of the count first.
- *
- * kho_restore_vmalloc() does not count the pages of the area as vmalloc
- * memory (NR_VMALLOC) and vfree() takes them off: each vfree() here lowers
- * that count, as the frees of restored areas by KHO's users do.
  */
 
 #include <kunit/test.h>

@@ -6,8 +6,9 @@
  *   returns an error and the system keeps running, with the file still
  *   frozen until its session is closed.
  * - Closing the session before the kexec unfreezes the file (fallocate works
- *   again) and holds nothing back: once the files are closed, MemFree is back
- *   where it was before 64 MiB of guest memory were allocated and preserved.
+ *   again) and holds nothing back: once the files are closed, free memory is
+ *   back where it was before 64 MiB of guest memory were allocated and
+ *   preserved.
  */
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -106,7 +107,7 @@ static void close_before_kexec(int luo_fd)
 	close(gmem);
 	close(vm);
 	after = klu_mem_free_kb();
-	ksft_print_msg("MemFree %ld kB before, %ld kB after preserve and close\n",
+	ksft_print_msg("free memory %ld kB before, %ld kB after preserve and close\n",
 		       before, after);
 	if (before - after > 2048)
 		ksft_exit_fail_msg("%ld kB were not given back\n", before - after);

@@ -19,7 +19,7 @@
  * intact when read through mmap and by a vCPU; the holes are still holes
  * (mincore), in both files. The protected VM is retrieved before its
  * guest_memfd, and a vCPU reads its private memory back. Finishing the
- * unretrieved session gives its 64 MiB back (MemFree).
+ * unretrieved session gives its 64 MiB back (free memory).
  */
 #include <fcntl.h>
 #include <linux/falloc.h>

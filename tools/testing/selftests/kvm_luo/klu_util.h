@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Helpers shared by the kvm_luo selftests: /dev/kvm, MemFree, and a vCPU in
- * real mode that reads or writes one byte anywhere below 4 GiB.
+ * Helpers shared by the kvm_luo selftests: /dev/kvm, free memory, and a vCPU
+ * in real mode that reads or writes one byte anywhere below 4 GiB.
  */
 #ifndef SELFTESTS_KVM_LUO_KLU_UTIL_H
 #define SELFTESTS_KVM_LUO_KLU_UTIL_H
@@ -70,8 +70,34 @@ int klu_finish(int session);
 int klu_two_stages(int argc, char *argv[], void (*stage1)(int luo_fd),
 		   void (*stage2)(int luo_fd));
 
-/* Free memory in kB: MemFree plus the pages on per-CPU free lists. */
+/*
+ * Free memory in kB: free pages and the pages on per-CPU free lists, read
+ * together (see klu_util.c). Not reentrant.
+ */
 long klu_mem_free_kb(void);
+
+/*
+ * The fields of /proc/meminfo (kB, but counts for HugePages_*), read after
+ * the vm counters are folded, and "FreeWithPerCpu": klu_mem_free_kb().
+ */
+#define KLU_MEMINFO_MAX 80
+struct klu_meminfo {
+	int n;
+	char name[KLU_MEMINFO_MAX][32];
+	long kb[KLU_MEMINFO_MAX];
+};
+
+void klu_meminfo_read(struct klu_meminfo *m);
+
+/* Field @name of @m; fails the test when /proc/meminfo has none. */
+long klu_meminfo_kb(const struct klu_meminfo *m, const char *name);
+
+/*
+ * Print, as one test message, each field that moved by @min_kb or more from
+ * @a to @b: where memory a test expected back went instead.
+ */
+void klu_meminfo_print_moved(const struct klu_meminfo *a,
+			     const struct klu_meminfo *b, long min_kb);
 
 /*
  * Create vCPU 0 of @vm, with memslot 0 (1 MiB of anonymous memory at guest

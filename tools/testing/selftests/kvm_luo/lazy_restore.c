@@ -27,7 +27,7 @@
  * - a second session, with a 16 MiB guest_memfd retrieved and closed before
  *   any of its memory was put in, is released by closing its fd: the release
  *   finishes (it cannot refuse), and the file, gone, frees the memory still
- *   pending: MemFree comes back up by the 16 MiB.
+ *   pending: free memory comes back up by the 16 MiB.
  */
 #include <errno.h>
 #include <fcntl.h>
