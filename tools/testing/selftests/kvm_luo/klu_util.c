@@ -334,14 +334,14 @@ static void vm_stat_refresh(void)
  * from /proc/meminfo and /proc/zoneinfo apart, the two drift by as much: a
  * per-CPU list refilled between the reads (by this process's own
  * allocations, up to its high mark) is counted twice, one drained is not
- * counted. Here both come from one read of /proc/zoneinfo, just after the
- * vm counters are folded, with no page fault and no syscall of this process
- * in between (seq_file prints a record again from scratch when its buffer
- * overflows, so each zone's lines come from one pass). What other CPUs do
- * meanwhile, and the deltas of the free count that the fold leaves or makes
- * (it drains per-CPU lists too), still move the result: by a stat threshold
- * per CPU and zone and a batch, 168 kB at most in 400 reads on a 2-CPU debug
- * machine. Not reentrant (one static buffer).
+ * counted. Here both come from one pass over /proc/zoneinfo, just after the
+ * vm counters are folded, with nothing of this process but read() in
+ * between, and no page fault (seq_file prints a record again from scratch
+ * when its buffer overflows, so each zone's lines come from one pass).
+ * What other CPUs do meanwhile, and the deltas of the free count that the
+ * fold leaves or makes (it drains per-CPU lists too), still move the
+ * result: by a stat threshold per CPU and zone and a batch, 168 kB at most
+ * in 400 reads on a 2-CPU debug machine. Not reentrant (one static buffer).
  */
 long klu_mem_free_kb(void)
 {
