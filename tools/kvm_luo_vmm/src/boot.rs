@@ -226,9 +226,13 @@ pub struct CpuFeatures {
 /// logical processors, and the hypervisor bit so the guest uses kvmclock. Never VMX or SVM:
 /// this VMM does not save nested state (`KVM_GET_NESTED_STATE`), so a guest that turned
 /// virtualization on (a distribution kernel loads kvm_intel or kvm_amd, which enables it at
-/// load) would lose it across an update.
+/// load) would lose it across an update. Nor shadow stacks: a vCPU's current shadow-stack
+/// pointer is not an MSR but a register of its own (`KVM_REG_GUEST_SSP`, `KVM_GET_ONE_REG`),
+/// which this VMM does not save, so a guest process using one would resume with it zeroed and
+/// fault at its next return. (IBT's state is all in MSRs and XSAVE, which it saves.)
 pub fn vcpu_cpuid(supported: &CpuId, id: u8, count: u8, features: &CpuFeatures) -> CpuId {
     const VMX: u32 = 1 << 5; // leaf 1 ECX
+    const SHSTK: u32 = 1 << 7; // leaf 7 subleaf 0 ECX
     const TSC_DEADLINE: u32 = 1 << 24; // leaf 1 ECX
     const HYPERVISOR: u32 = 1 << 31; // leaf 1 ECX
     const SVM: u32 = 1 << 2; // leaf 0x8000_0001 ECX
@@ -243,6 +247,7 @@ pub fn vcpu_cpuid(supported: &CpuId, id: u8, count: u8, features: &CpuFeatures) 
                     e.ecx &= !TSC_DEADLINE;
                 }
             }
+            7 if e.index == 0 => e.ecx &= !SHSTK,
             0xb | 0x1f => e.edx = u32::from(id),
             0x8000_0001 => e.ecx &= !SVM,
             // SVM's own leaf: with SVM hidden it says nothing.
@@ -323,4 +328,46 @@ pub fn setup_lint(vcpu: &VcpuFd) -> io::Result<()> {
     set(LVT_LINT0, 0x7); // ExtINT
     set(LVT_LINT1, 0x4); // NMI
     vcpu.set_lapic(&lapic).map_err(os)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn the_guest_gets_no_shadow_stack_nor_nested_virtualization() {
+        let leaf = |function, index, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let all = u32::MAX;
+        let supported = CpuId::from_entries(&[
+            leaf(1, 0, all, all),
+            leaf(7, 0, all, all),
+            leaf(7, 1, all, all),
+        ])
+        .unwrap();
+        let features = CpuFeatures {
+            tsc_deadline: true,
+            kvmclock: true,
+        };
+        let cpuid = vcpu_cpuid(&supported, 1, 2, &features);
+        let got = |function, index| {
+            *cpuid
+                .as_slice()
+                .iter()
+                .find(|e| e.function == function && e.index == index)
+                .unwrap()
+        };
+        // SHSTK (leaf 7 ECX bit 7) hidden; IBT (EDX bit 20) and the rest as KVM offers them.
+        assert_eq!(got(7, 0).ecx, all & !(1 << 7));
+        assert_eq!(got(7, 0).edx, all);
+        // Subleaf 1 of leaf 7 lists other features in ECX.
+        assert_eq!(got(7, 1).ecx, all);
+        assert_eq!(got(1, 0).ecx & (1 << 5), 0, "VMX hidden");
+    }
 }

@@ -474,6 +474,8 @@ OPTIONS (with --linux):
                           blackout); without it, after the stop (not under --agent)
   --work MIB              the RAM the guest's work fills and checks (at least 16; default and
                           most: all but what its kernel needs)
+  --steps                 say how long each of the VMM's steps in the blackout took (the stop's
+                          before the kexec, the restore's once the guest runs)
   --no-tsc-deadline       hide the TSC-deadline timer from the guest's CPUID
   --no-kvmclock           hide kvmclock from the guest's CPUID
   --clock hide|advance    across the pause, the guest's clock stops (default: nothing in the
@@ -521,6 +523,7 @@ fn main() {
     let mut updates = 1;
     let mut prealloc = false;
     let mut work_mib = None;
+    let mut steps = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().unwrap_or_else(|| fail(USAGE));
@@ -569,6 +572,7 @@ fn main() {
             "--inject" => (inject, linux_only) = (parse_inject(&value()), true),
             "--inner-qemu" => (inner_qemu, linux_only) = (Some(value()), true),
             "--prealloc" => (prealloc, linux_only) = (true, true),
+            "--steps" => (steps, linux_only) = (true, true),
             "--work" => {
                 let mib: u64 = value().parse().unwrap_or_else(|_| fail(USAGE));
                 if mib < 16 {
@@ -609,6 +613,7 @@ fn main() {
                 inject,
                 prealloc,
                 work_mib,
+                steps,
             };
             if ram == linux::Ram::Anonymous && stage.as_deref() != Some("boot") {
                 fail("--ram anon is only for -s boot: anonymous memory cannot be preserved");
@@ -625,6 +630,12 @@ fn main() {
             // Under the agent the VMM preserves after the stop.
             if agent.is_some() && prealloc {
                 fail("--prealloc is for the test stages, not under --agent");
+            }
+            if agent.is_some() && steps {
+                fail("--steps is for the test stages, not under --agent");
+            }
+            if steps {
+                linux::note_steps();
             }
             if let (Some(socket), Some(name), None) = (&agent, &name, &stage) {
                 let name = check("--name", SessionName::new(name));

@@ -29,9 +29,11 @@ pub static REFUSED_MSR_SKIPPED: AtomicBool = AtomicBool::new(false);
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const MSR_IA32_DEBUGCTLMSR: u32 = 0x1d9;
-/// An MSR index no KVM knows (in KVM's own range, past its last MSR): the test's stand-in
-/// for an MSR the new kernel's KVM no longer takes.
-pub const MSR_NOBODY_KNOWS: u32 = 0x4b56_4dff;
+/// An MSR index no KVM knows: the test's stand-in for an MSR the new kernel's KVM no longer
+/// takes. In the middle of KVM's own range (0x4b564d00 to 0x4b564dff), which KVM fills from
+/// both ends: its public MSRs from the bottom, internal ones from the top (the guest's
+/// shadow-stack pointer is 0x4b564dff).
+pub const MSR_NOBODY_KNOWS: u32 = 0x4b56_4d80;
 
 const APIC_ISR: usize = 0x100;
 const APIC_IRR: usize = 0x200;

@@ -94,6 +94,7 @@ impl Machine {
         }
         let mem = GuestMemoryMmap::from_ranges_with_files(&ranges)
             .map_err(|e| io::Error::other(format!("mapping guest RAM: {e}")))?;
+        super::mark_step("mmap");
         for (i, f) in ram.iter().enumerate() {
             let gpa = boot::ram_gpa(i as u64 * REGION);
             let host = mem
@@ -156,6 +157,7 @@ impl Machine {
         let console = Arc::new(Console::continuing(partial));
         let evt = EventFd::new(libc::EFD_NONBLOCK)?;
         vm.register_irqfd(&evt, COM1_IRQ).map_err(os("KVM_IRQFD"))?;
+        super::mark_step("irqfd");
         let irq = evt.try_clone()?;
         let trigger = IrqTrigger(evt);
         let out = ConsoleOut(console.clone());
@@ -367,7 +369,10 @@ impl Guest {
             // flight); then the VM-wide state.
             m.vm.unregister_irqfd(&m.irq, COM1_IRQ)
                 .map_err(os("KVM_IRQFD deassign"))?;
-            VmState::save(&m.vm)
+            super::mark_step("irqfd off");
+            let vm_state = VmState::save(&m.vm);
+            super::mark_step("VM state");
+            vm_state
         });
         let (vm_state, stopped_vcpus) = match stopped {
             Ok(s) => s,
@@ -396,6 +401,7 @@ impl Guest {
         progress.scan_more(&m.console.since(read));
         let uart = UartState::save(&m.io.uart.lock().unwrap());
         let (vcpus, vcpu_states): (Vec<_>, Vec<_>) = stopped_vcpus.into_iter().unzip();
+        super::mark_step("console and UART");
         let saved = rdtsc();
         let snapshot = Snapshot {
             magic: MAGIC.into(),
@@ -458,12 +464,15 @@ impl Stopped {
     pub fn preserve(&mut self, session: &Session, vm_and_ram: bool) -> io::Result<File> {
         if !vm_and_ram {
             self.m.preserve_vm_and_ram(session)?;
+            super::mark_step("VM and RAM preserved");
         }
         self.snapshot.stamps.preserved = rdtsc();
         let state_fd = write_snapshot(&self.snapshot)?;
+        super::mark_step("state written");
         session
             .preserve(&state_fd, TOKEN_STATE)
             .map_err(lu("preserving the state"))?;
+        super::mark_step("state preserved");
         Ok(state_fd)
     }
 
@@ -621,7 +630,9 @@ pub fn restore(
         };
     }
     let state_fd = or_hold!("retrieve the state", session.retrieve(TOKEN_STATE));
+    super::mark_step("state retrieved");
     let s = read_snapshot(&state_fd);
+    super::mark_step("state read");
     files.push(Box::new(state_fd));
     let s = match s {
         // Of a later format: only the state was retrieved, and it stays in the session.
@@ -638,6 +649,7 @@ pub fn restore(
     // The first guest_memfd before its VM, the others after it: any order works.
     let first = or_hold!("retrieve guest_memfd 0", session.retrieve(TOKEN_RAM));
     let mut ram = vec![File::from(first)];
+    super::mark_step("guest_memfd 0");
     let vm_fd = match session.retrieve(TOKEN_VM) {
         Ok(fd) => fd,
         Err(e) => {
@@ -663,6 +675,7 @@ pub fn restore(
             }
         }
     }
+    super::mark_step("the VM and the other guest_memfds");
     let retrieved = rdtsc();
     // From here the VM and its RAM are held by what holds them below, or given to the caller.
     let kvm = match Kvm::new() {
@@ -691,6 +704,7 @@ pub fn restore(
             });
         }
     };
+    super::mark_step("VM adopted");
     match rebuild(&kvm, vm, ram, &s, clock, label) {
         Ok((g, restored, kvm_said)) => Ok((
             g,
@@ -745,14 +759,31 @@ fn rebuild(
     clock: super::ClockMode,
     label: &str,
 ) -> Result<Rebuilt, (String, VmFd, Vec<File>)> {
-    // What the restore has to say, said once the vCPUs run, or before its failure.
+    // What the restore has to say, said once the vCPUs run, or before its failure. The CPUID
+    // features the guest has that this KVM lacks only feed warnings, so
+    // KVM_GET_SUPPORTED_CPUID is asked once the vCPUs run, or to explain a failure.
     let mut notes: Vec<String> = Vec::new();
+    let cpuid_notes = || -> Vec<String> {
+        let Some(v) = s.vcpus.first() else {
+            return Vec::new();
+        };
+        match kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
+            Ok(supported) => state::cpuid_differences(&v.cpuid, &supported)
+                .into_iter()
+                .map(|d| format!("warning: the guest's {d}"))
+                .collect(),
+            Err(e) => vec![format!(
+                "warning: KVM_GET_SUPPORTED_CPUID: {e}: what the guest had that this KVM \
+                 does not offer is not known"
+            )],
+        }
+    };
     macro_rules! step {
         ($what:expr, $r:expr) => {
             match $r {
                 Ok(x) => x,
                 Err(e) => {
-                    for n in &notes {
+                    for n in cpuid_notes().iter().chain(&notes) {
                         say(format!("{label}{n}"));
                     }
                     return Err((format!("{}: {e}", $what), vm, ram));
@@ -761,27 +792,21 @@ fn rebuild(
         };
     }
     let mem = step!("guest RAM", Machine::map_ram(&vm, &ram));
-    // Before anything is set: what the new kernel's KVM offers that the guest had.
-    let supported = step!(
-        "KVM_GET_SUPPORTED_CPUID",
-        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-    );
-    if let Some(v) = s.vcpus.first() {
-        for d in state::cpuid_differences(&v.cpuid, &supported) {
-            notes.push(format!("warning: the guest's {d}"));
-        }
-    }
+    super::mark_step("memslots");
     // The irqchip and PIT must exist before the vCPUs; their state goes in once the vCPUs
     // are there to take what they replay; the clock last.
     step!("irqchip and PIT", state::create_irqchip_and_pit(&vm));
+    super::mark_step("irqchip");
     // What KVM logs for this VM while its vCPUs are restored, before any runs: about the
     // restore only (`vcpu_unimpl()` names the VMM's process).
     let mut log = crate::KernelLog::from_now();
     let mut vcpus = Vec::new();
     for (id, st) in s.vcpus.iter().enumerate() {
         let vcpu = step!("KVM_CREATE_VCPU", vm.create_vcpu(id as u64));
+        super::mark_vcpu_step("created", id);
         let mut report = state::RestoreReport::default();
         let r = st.restore(&vm, &vcpu, &mut report);
+        super::mark_vcpu_step("restored", id);
         notes.extend(report_lines(id, &report));
         step!(format!("restoring vCPU {id}"), r);
         vcpus.push(vcpu);
@@ -804,19 +829,26 @@ fn rebuild(
     for r in &kvm_said {
         notes.push(format!("warning: restoring the vCPUs, KVM said: {r}"));
     }
+    super::mark_step("KVM's log");
     step!("restoring the irqchip and PIT", s.vm.restore_devices(&vm));
+    super::mark_step("irqchip state");
     let (io, console, irq) = step!(
         "devices",
         Machine::devices(&vm, Some(&s.uart), s.console_line.clone())
     );
+    super::mark_step("UART");
     step!(
         "restoring the clock",
         s.vm.restore_clock(&vm, clock == super::ClockMode::Advance)
     );
+    super::mark_step("clock");
     step!("KVM_KVMCLOCK_CTRL", kvmclock_paused(&vcpus));
+    super::mark_step("kvmclock");
     let save = step!("MSR list", SaveOpts::new(kvm, &vm, s.vcpus.len()));
+    super::mark_step("MSR list");
     let restored = rdtsc();
     let running = step!("vCPU threads", Running::start(vcpus, &io, &save));
+    super::mark_step("threads started");
     // The vCPU threads get to KVM_RUN first, then the VMM says what it has to say and goes on
     // (finishing the session starts the kernel's background restore): on a host with few
     // CPUs, either took the CPU from the vCPU threads just started, which delayed the blackout's
@@ -824,7 +856,7 @@ fn rebuild(
     if !running.wait_entered(Duration::from_secs(1)) && !running.any_failed() {
         say(format!("{label}not every vCPU came to run in 1 s"));
     }
-    for n in &notes {
+    for n in cpuid_notes().iter().chain(&notes) {
         say(format!("{label}{n}"));
     }
     say(format!(
@@ -1033,11 +1065,11 @@ mod tests {
         assert!(!kvm_complaint(line, 123));
         assert!(!kvm_complaint(line, 12345));
         assert!(kvm_complaint(
-            "kvm [7]: ignored wrmsr: 0x4b564dff data 0x5a5a",
+            "kvm [7]: ignored wrmsr: 0x4b564d80 data 0x5a5a",
             7
         ));
         assert!(!kvm_complaint(
-            "kvm [7]: ignored rdmsr: 0x4b564dff data 0x0",
+            "kvm [7]: ignored rdmsr: 0x4b564d80 data 0x0",
             7
         ));
         assert!(!kvm_complaint(

@@ -35,9 +35,11 @@ mod vcpu;
 pub use agent::{serve, AgentOpts};
 pub use stages::{bare_kexec_done, boot_and_preserve, boot_in_qemu, boot_only, resume};
 
+use crate::rdtsc;
 use serde::{Deserialize, Serialize};
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 const SESSION: &str = "kvm-luo-vmm-linux";
@@ -113,6 +115,8 @@ pub struct Opts {
     pub prealloc: bool,
     /// The RAM the guest's work fills and checks, in MiB (default: most of it).
     pub work_mib: Option<u64>,
+    /// Say where the VMM's share of the blackout went, step by step ([`step`]).
+    pub steps: bool,
 }
 
 impl Opts {
@@ -147,6 +151,61 @@ fn os(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> io::Error {
 
 fn ms(ticks: u64, hz: u64) -> f64 {
     ticks as f64 * 1e3 / hz as f64
+}
+
+/// Where the VMM's share of a blackout goes (`--steps`): the TSC at which each of its steps
+/// ended, with the step's name and the vCPU it was of, if one. Noted only with `--steps`
+/// ([`note_steps`]); forgotten once said ([`steps_between`]).
+static STEPS: Mutex<Vec<(&str, Option<usize>, u64)>> = Mutex::new(Vec::new());
+static NOTE_STEPS: AtomicBool = AtomicBool::new(false);
+
+/// From now on, note the steps of each blackout (`--steps`).
+pub fn note_steps() {
+    NOTE_STEPS.store(true, Ordering::Relaxed);
+}
+
+/// Notes that step `what` (of vCPU `vcpu`, if given) ended at TSC `at`; with `--steps` only.
+fn mark_step_at(what: &'static str, vcpu: Option<usize>, at: u64) {
+    if NOTE_STEPS.load(Ordering::Relaxed) {
+        STEPS.lock().unwrap().push((what, vcpu, at));
+    }
+}
+
+/// Notes that step `what` of the blackout ended now.
+fn mark_step(what: &'static str) {
+    if NOTE_STEPS.load(Ordering::Relaxed) {
+        mark_step_at(what, None, rdtsc());
+    }
+}
+
+/// Notes that step `what` of vCPU `vcpu` ended now.
+fn mark_vcpu_step(what: &'static str, vcpu: usize) {
+    if NOTE_STEPS.load(Ordering::Relaxed) {
+        mark_step_at(what, Some(vcpu), rdtsc());
+    }
+}
+
+/// The steps that ended from TSC `from` to `until`, in the order they ended, each with the
+/// time since the one before it ended (the first: since `from`), in ms, as "name ms; ...";
+/// forgets every step noted so far. Steps of different vCPUs may overlap: each is then the
+/// time since whatever ended before it.
+fn steps_between(from: u64, until: u64, hz: u64) -> String {
+    let mut steps = std::mem::take(&mut *STEPS.lock().unwrap());
+    steps.retain(|&(_, _, t)| (from..=until).contains(&t));
+    steps.sort_by_key(|&(_, _, t)| t);
+    let mut last = from;
+    let said: Vec<String> = steps
+        .into_iter()
+        .map(|(what, vcpu, t)| {
+            let took = ms(t - last, hz);
+            last = t;
+            match vcpu {
+                Some(id) => format!("vCPU {id} {what} {took:.2}"),
+                None => format!("{what} {took:.2}"),
+            }
+        })
+        .collect();
+    said.join("; ")
 }
 
 /// TSC stamps of the update, in the old kernel.

@@ -181,6 +181,12 @@ pub fn boot_and_preserve(opts: &Opts, stage: u32) {
         std::fs::write(NEXT_ARGS, "guest_memfd_luo.background_restore=0\n")
             .unwrap_or_else(|e| fail(format!("{NEXT_ARGS}: {e}")));
     }
+    if opts.steps {
+        say(format!(
+            "{label}the stop's steps (ms): {}",
+            super::steps_between(s.snapshot.stamps.kick, rdtsc(), hz)
+        ));
+    }
     let p = &s.snapshot.progress;
     say(format!(
         "{label}paused at heartbeat {} (guest clock {:.3} s), generations {:?}; \
@@ -252,6 +258,12 @@ pub fn resume(opts: &Opts, stage: u32) {
     g.m.console.flush();
     report_blackout(&s.stamps, &t, resumed);
     let hz = s.stamps.hz;
+    if opts.steps {
+        say(format!(
+            "{label}the restore's steps (ms): {}",
+            super::steps_between(t.start, resumed, hz)
+        ));
+    }
     let blackout = ms(resumed.saturating_sub(s.stamps.kick), hz);
     // The guest goes, and its memory with it, before the bare kexec is timed: what that kexec
     // is compared with carried the memory over instead of freeing it.

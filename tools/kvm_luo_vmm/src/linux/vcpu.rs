@@ -119,9 +119,14 @@ fn post_mortem(id: usize, vcpu: &VcpuFd, e: &io::Error) {
 }
 
 fn run_vcpu(id: usize, mut vcpu: VcpuFd, ctl: &VcpuCtl) -> (VcpuFd, io::Result<VcpuState>) {
-    let _ = ctl
+    let now = rdtsc();
+    if ctl
         .first_entry
-        .compare_exchange(0, rdtsc(), Ordering::SeqCst, Ordering::SeqCst);
+        .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+    {
+        super::mark_step_at("enters", Some(id), now);
+    }
     ctl.entered.fetch_add(1, Ordering::Release);
     let mut result = Ok(());
     loop {
@@ -176,6 +181,7 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, ctl: &VcpuCtl) -> (VcpuFd, io::Result<V
         }
         VcpuState::save(&vcpu, id, &ctl.save)
     });
+    super::mark_vcpu_step("saved", id);
     (vcpu, state)
 }
 
@@ -324,6 +330,7 @@ impl Running {
             ));
             return Err((self, e));
         }
+        super::mark_step("vCPUs out");
         let quiesced = match quiesce() {
             Ok(q) => q,
             Err(e) => {
@@ -345,6 +352,7 @@ impl Running {
             }
             vcpus.push(vcpu);
         }
+        super::mark_step("joined");
         let failed = self.ctl.failed.load(Ordering::Acquire);
         match error {
             None => Ok((quiesced, vcpus.into_iter().zip(states).collect())),

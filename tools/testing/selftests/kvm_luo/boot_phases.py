@@ -164,6 +164,27 @@ def phases(old, new):
 PAIR = re.compile(r'vmm: blackout (\d+) ms / bare kexec (\d+) ms = ([\d.]+)')
 # The blackout's steps, as the VMM reports them after each update.
 STEP = re.compile(r'vmm:   (\S.*\S)\s+(-?[\d.]+) ms$')
+# The VMM's own steps in the blackout (kvm-luo-vmm --steps): the stop's, said before the
+# kexec, and the restore's, said once the guest runs.
+VMM_STEPS = re.compile(r"vmm: \[kernel \d+\] the (stop|restore)'s steps \(ms\): (.*)$")
+ENTERS = re.compile(r'vCPU \d+ enters$')
+
+
+def vmm_steps(kind, said):
+    """The steps of one "steps" line in the blackout, as (name, ms): the restore's up to the
+    first vCPU's entry into the guest, which ends the blackout."""
+    steps = []
+    for item in said.split('; '):
+        name, _, said_ms = item.rpartition(' ')
+        try:
+            took = float(said_ms)
+        except ValueError:
+            continue
+        if kind == 'restore' and ENTERS.match(name):
+            steps.append(('a vCPU enters', took))
+            break
+        steps.append((name, took))
+    return [(f'{kind}: {name}', took) for name, took in steps]
 
 
 def median(xs):
@@ -187,7 +208,7 @@ def bench(args):
     runs = {}
     for arg in args:
         size, _, path = arg.partition('=')
-        pairs, steps = [], {}
+        pairs, steps, own = [], {}, {}
         with open(path, errors='replace') as f:
             for line in f:
                 line = line.rstrip('\r\n')
@@ -197,10 +218,14 @@ def bench(args):
                 m = STEP.search(line)
                 if m:
                     steps.setdefault(m.group(1), []).append(float(m.group(2)))
+                m = VMM_STEPS.search(line)
+                if m:
+                    for name, took in vmm_steps(m.group(1), m.group(2)):
+                        own.setdefault(name, []).append(took)
         ks = kernels(path)
         kexecs = [phases(a, b) for a, b in zip(ks, ks[1:])]
         runs[size] = {
-            'pairs': pairs, 'steps': steps,
+            'pairs': pairs, 'steps': steps, 'own': own,
             'update': [p for p in kexecs[0::2] if p],
             'bare': [p for p in kexecs[1::2] if p],
         }
@@ -223,6 +248,14 @@ def bench(args):
     for step in runs[sizes[0]]['steps']:
         print(f'  {step:<32}' + ''.join(
             f'{fmt(median(runs[s]["steps"].get(step, []))):>10}' for s in sizes))
+    names = []
+    for s in sizes:
+        names += [n for n in runs[s]['own'] if n not in names]
+    if names:
+        print('the VMM\'s own steps in the blackout, median ms (kvm-luo-vmm --steps):')
+        for name in names:
+            print(f'  {name:<40}' + ''.join(
+                f'{fmt(median(runs[s]["own"].get(name, []))):>10}' for s in sizes))
     print('each kexec in phases, median ms (kernel timestamps on the TSC; '
           'boot_phases.py says what each is):')
     cols = [(s, 'update') for s in sizes] + [(s, 'bare') for s in sizes]
