@@ -519,13 +519,29 @@ impl VmState {
     }
 }
 
-/// The MSRs KVM says it saves and restores.
+/// The MSRs to save: those KVM says it saves and restores, and the MTRRs ([`with_mtrrs`]).
 pub fn msr_indices(kvm: &Kvm) -> io::Result<Vec<u32>> {
-    Ok(kvm
+    let listed = kvm
         .get_msr_index_list()
-        .map_err(os("KVM_GET_MSR_INDEX_LIST"))?
-        .as_slice()
-        .to_vec())
+        .map_err(os("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok(with_mtrrs(listed.as_slice()))
+}
+
+/// `listed` and, after it, the MTRRs it leaves out. KVM keeps the guest's MTRRs as MSRs but
+/// does not list them (QEMU saves them explicitly): the default type, the variable ranges
+/// (KVM has 8 pairs; a save leaves out those it cannot read) and the fixed ones. Not
+/// `MTRRcap`, which KVM does not take back.
+fn with_mtrrs(listed: &[u32]) -> Vec<u32> {
+    const MTRR_DEF_TYPE: u32 = 0x2ff;
+    let variable = 0x200..0x210;
+    let fixed = [0x250, 0x258, 0x259].into_iter().chain(0x268..0x270);
+    let mut all = listed.to_vec();
+    for index in std::iter::once(MTRR_DEF_TYPE).chain(variable).chain(fixed) {
+        if !all.contains(&index) {
+            all.push(index);
+        }
+    }
+    all
 }
 
 #[cfg(test)]
@@ -539,6 +555,19 @@ mod tests {
             data,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_mtrrs_are_saved_once_each_after_what_kvm_lists() {
+        let listed = [0x10, 0x2ff, 0x1d9];
+        let all = with_mtrrs(&listed);
+        assert_eq!(all[..3], listed);
+        // The default type (listed already), 16 variable-range MSRs, 11 fixed-range ones.
+        assert_eq!(all.len(), 3 + 16 + 11);
+        for index in [0x200, 0x20f, 0x250, 0x258, 0x259, 0x268, 0x26f] {
+            assert_eq!(all.iter().filter(|&&i| i == index).count(), 1, "{index:#x}");
+        }
+        assert!(!all.contains(&0xfe), "MTRRcap");
     }
 
     #[test]
