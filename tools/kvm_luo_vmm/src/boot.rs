@@ -222,17 +222,32 @@ pub struct CpuFeatures {
     pub kvmclock: bool,
 }
 
+/// Shadow stacks: leaf 7 subleaf 0 ECX.
+const SHSTK: u32 = 1 << 7;
+
+/// Whether `cpuid` offers the guest shadow stacks. A vCPU's current shadow-stack pointer is
+/// not an MSR but a register of its own (`KVM_REG_GUEST_SSP`, `KVM_GET_ONE_REG`), which this
+/// VMM does not save: a guest process using a shadow stack would resume with it zeroed and
+/// fault at its next return. The VMM hides them from the guests it boots, and refuses to
+/// save a vCPU that has them (a guest booted by an older VMM).
+pub fn has_shadow_stack(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 7 && e.index == 0 && e.ecx & SHSTK != 0)
+}
+
 /// The CPUID of vCPU `id` of `count`: what KVM supports, with its APIC ID and the number of
 /// logical processors, and the hypervisor bit so the guest uses kvmclock. Never VMX or SVM:
 /// this VMM does not save nested state (`KVM_GET_NESTED_STATE`), so a guest that turned
 /// virtualization on (a distribution kernel loads kvm_intel or kvm_amd, which enables it at
-/// load) would lose it across an update. Nor shadow stacks: a vCPU's current shadow-stack
-/// pointer is not an MSR but a register of its own (`KVM_REG_GUEST_SSP`, `KVM_GET_ONE_REG`),
-/// which this VMM does not save, so a guest process using one would resume with it zeroed and
-/// fault at its next return. (IBT's state is all in MSRs and XSAVE, which it saves.)
+/// load) would lose it across an update. Nor shadow stacks ([`has_shadow_stack`]), nor the
+/// XSAVE state that only they use (CET's user and supervisor components, leaf 0xd subleaf 1
+/// ECX bits 11 and 12: Linux ties both to shadow stacks). IBT stays: its state is the
+/// `U_CET` and `S_CET` MSRs, which the VMM saves.
 pub fn vcpu_cpuid(supported: &CpuId, id: u8, count: u8, features: &CpuFeatures) -> CpuId {
     const VMX: u32 = 1 << 5; // leaf 1 ECX
-    const SHSTK: u32 = 1 << 7; // leaf 7 subleaf 0 ECX
+    const XSS_CET: u32 = 1 << 11 | 1 << 12; // leaf 0xd subleaf 1 ECX
     const TSC_DEADLINE: u32 = 1 << 24; // leaf 1 ECX
     const HYPERVISOR: u32 = 1 << 31; // leaf 1 ECX
     const SVM: u32 = 1 << 2; // leaf 0x8000_0001 ECX
@@ -248,6 +263,7 @@ pub fn vcpu_cpuid(supported: &CpuId, id: u8, count: u8, features: &CpuFeatures) 
                 }
             }
             7 if e.index == 0 => e.ecx &= !SHSTK,
+            0xd if e.index == 1 => e.ecx &= !XSS_CET,
             0xb | 0x1f => e.edx = u32::from(id),
             0x8000_0001 => e.ecx &= !SVM,
             // SVM's own leaf: with SVM hidden it says nothing.
@@ -349,8 +365,12 @@ mod tests {
             leaf(1, 0, all, all),
             leaf(7, 0, all, all),
             leaf(7, 1, all, all),
+            leaf(0xd, 1, all, all),
+            leaf(0x8000_0001, 0, all, all),
+            leaf(0x8000_000a, 0, all, all),
         ])
         .unwrap();
+        assert!(has_shadow_stack(&supported));
         let features = CpuFeatures {
             tsc_deadline: true,
             kvmclock: true,
@@ -368,6 +388,11 @@ mod tests {
         assert_eq!(got(7, 0).edx, all);
         // Subleaf 1 of leaf 7 lists other features in ECX.
         assert_eq!(got(7, 1).ecx, all);
+        assert!(!has_shadow_stack(&cpuid));
+        // CET's XSAVE components (0xd subleaf 1 ECX bits 11 and 12) go with the shadow stacks.
+        assert_eq!(got(0xd, 1).ecx, all & !(1 << 11 | 1 << 12));
         assert_eq!(got(1, 0).ecx & (1 << 5), 0, "VMX hidden");
+        assert_eq!(got(0x8000_0001, 0).ecx & (1 << 2), 0, "SVM hidden");
+        assert_eq!(got(0x8000_000a, 0).eax, 0, "SVM's leaf empty");
     }
 }

@@ -474,8 +474,9 @@ OPTIONS (with --linux):
                           blackout); without it, after the stop (not under --agent)
   --work MIB              the RAM the guest's work fills and checks (at least 16; default and
                           most: all but what its kernel needs)
-  --steps                 say how long each of the VMM's steps in the blackout took (the stop's
-                          before the kexec, the restore's once the guest runs)
+  --steps                 say how long each of the VMM's steps in the blackout took, once the
+                          guest runs in the new kernel (the stop's steps reach it on the
+                          kernel command line, as klu.arg.stop_step= words)
   --no-tsc-deadline       hide the TSC-deadline timer from the guest's CPUID
   --no-kvmclock           hide kvmclock from the guest's CPUID
   --clock hide|advance    across the pause, the guest's clock stops (default: nothing in the

@@ -115,7 +115,7 @@ pub struct Opts {
     pub prealloc: bool,
     /// The RAM the guest's work fills and checks, in MiB (default: most of it).
     pub work_mib: Option<u64>,
-    /// Say where the VMM's share of the blackout went, step by step ([`step`]).
+    /// Say where the VMM's share of the blackout went, step by step ([`steps_between`]).
     pub steps: bool,
 }
 

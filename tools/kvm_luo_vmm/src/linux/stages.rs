@@ -182,10 +182,20 @@ pub fn boot_and_preserve(opts: &Opts, stage: u32) {
             .unwrap_or_else(|e| fail(format!("{NEXT_ARGS}: {e}")));
     }
     if opts.steps {
-        say(format!(
-            "{label}the stop's steps (ms): {}",
-            super::steps_between(s.snapshot.stamps.kick, rdtsc(), hz)
-        ));
+        // Said by the next kernel's VMM once the guest runs: a console line here would be
+        // blackout. One word for the next kernel's command line per step.
+        let words: String = super::steps_between(s.snapshot.stamps.kick, rdtsc(), hz)
+            .split("; ")
+            .filter(|step| !step.is_empty())
+            .map(|step| format!("klu.arg.stop_step={}\n", step.replace(' ', "_")))
+            .collect();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(NEXT_ARGS)
+            .unwrap_or_else(|e| fail(format!("{NEXT_ARGS}: {e}")));
+        f.write_all(words.as_bytes())
+            .unwrap_or_else(|e| fail(format!("{NEXT_ARGS}: {e}")));
     }
     let p = &s.snapshot.progress;
     say(format!(
@@ -259,6 +269,11 @@ pub fn resume(opts: &Opts, stage: u32) {
     report_blackout(&s.stamps, &t, resumed);
     let hz = s.stamps.hz;
     if opts.steps {
+        let stop: Vec<String> = kernel_args("stop_step")
+            .iter()
+            .map(|w| w.replace('_', " "))
+            .collect();
+        say(format!("{label}the stop's steps (ms): {}", stop.join("; ")));
         say(format!(
             "{label}the restore's steps (ms): {}",
             super::steps_between(t.start, resumed, hz)
@@ -326,12 +341,18 @@ pub fn bare_kexec_done(stage: u32) {
 
 /// A `klu.arg.NAME=` value from the kernel command line.
 fn kernel_arg(name: &str) -> Option<u64> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    kernel_args(name).first().and_then(|v| v.parse().ok())
+}
+
+/// Every `klu.arg.NAME=` value of the kernel command line, in order.
+fn kernel_args(name: &str) -> Vec<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let key = format!("klu.arg.{name}=");
     cmdline
         .split_whitespace()
-        .find_map(|w| w.strip_prefix(key.as_str()))
-        .and_then(|v| v.parse().ok())
+        .filter_map(|w| w.strip_prefix(key.as_str()))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The soak's boot (`-s boot`): boot the guest, check it, and watch it for `watch_secs`: every
