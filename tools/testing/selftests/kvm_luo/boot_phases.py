@@ -254,7 +254,7 @@ def bench(args):
     if names:
         print('the VMM\'s own steps in the blackout, median ms (kvm-luo-vmm --steps):')
         for name in names:
-            print(f'  {name:<40}' + ''.join(
+            print(f'  {name:<44}' + ''.join(
                 f'{fmt(median(runs[s]["own"].get(name, []))):>10}' for s in sizes))
     print('each kexec in phases, median ms (kernel timestamps on the TSC; '
           'boot_phases.py says what each is):')
