@@ -3,7 +3,7 @@
 #
 # make bench: guest_memfd against memfd preservation, in one boot and one
 # kexec (luo_bench), then the demo's Linux guest at 256 MiB, 2 GiB and 4 GiB
-# of RAM across seven live updates each, every one followed by a bare kexec of
+# of RAM across nine live updates each, every one followed by a bare kexec of
 # the same kernel from the same image. Prints the tables (medians, with their
 # spread, and each kexec in phases), saves luo_bench's as JSON in
 # $KLU_OUT/bench.json, and ends with one "ratios:" line.

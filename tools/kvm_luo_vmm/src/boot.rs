@@ -389,6 +389,13 @@ mod tests {
         // Subleaf 1 of leaf 7 lists other features in ECX.
         assert_eq!(got(7, 1).ecx, all);
         assert!(!has_shadow_stack(&cpuid));
+        // A guest booted with them (by an older VMM) is refused before it is stopped.
+        assert!(crate::state::unsaveable(1, &cpuid).is_none());
+        let why = crate::state::unsaveable(1, &supported).unwrap();
+        assert!(
+            why.starts_with("vCPU 1: the guest has shadow stacks"),
+            "{why}"
+        );
         // CET's XSAVE components (0xd subleaf 1 ECX bits 11 and 12) go with the shadow stacks.
         assert_eq!(got(0xd, 1).ecx, all & !(1 << 11 | 1 << 12));
         assert_eq!(got(1, 0).ecx & (1 << 5), 0, "VMX hidden");

@@ -469,6 +469,9 @@ const USAGE: &str = "usage: kvm-luo-vmm [--linux BZIMAGE --initrd INITRAMFS [OPT
 OPTIONS (with --linux):
   --mem MIB, --vcpus N    guest RAM (64 to 4096, default 256) and vCPUs (1 to 4, default 2)
   --ram gmem|anon         RAM in guest_memfds (default) or anonymous memory (only -s boot)
+  --region MIB            the RAM in guest_memfds of MIB each, one memslot each (default
+                          1024; at least 16, and it divides 3072: none straddles the hole at
+                          3 GiB); a restore takes whatever sizes it retrieves
   --prealloc              allocate all of the guest's RAM at boot: the guest_memfds are then
                           preserved while the guest runs, before it is stopped (outside the
                           blackout); without it, after the stop (not under --agent)
@@ -525,6 +528,7 @@ fn main() {
     let mut prealloc = false;
     let mut work_mib = None;
     let mut steps = false;
+    let mut region_mib = linux::DEFAULT_REGION_MIB;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().unwrap_or_else(|| fail(USAGE));
@@ -574,6 +578,13 @@ fn main() {
             "--inner-qemu" => (inner_qemu, linux_only) = (Some(value()), true),
             "--prealloc" => (prealloc, linux_only) = (true, true),
             "--steps" => (steps, linux_only) = (true, true),
+            "--region" => {
+                region_mib = value().parse().unwrap_or_else(|_| fail(USAGE));
+                if region_mib < 16 || !linux::region_fits(region_mib) {
+                    fail("--region must be at least 16 MiB and divide 3072 MiB");
+                }
+                linux_only = true;
+            }
             "--work" => {
                 let mib: u64 = value().parse().unwrap_or_else(|_| fail(USAGE));
                 if mib < 16 {
@@ -615,6 +626,7 @@ fn main() {
                 prealloc,
                 work_mib,
                 steps,
+                region_mib,
             };
             if ram == linux::Ram::Anonymous && stage.as_deref() != Some("boot") {
                 fail("--ram anon is only for -s boot: anonymous memory cannot be preserved");

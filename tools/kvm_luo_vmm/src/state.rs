@@ -71,6 +71,9 @@ pub struct SaveOpts {
     pub deadline_fixup: bool,
     /// Test hook: add an MSR the new kernel's KVM refuses.
     pub refused_msr: bool,
+    /// Why the guest cannot be saved, known before it is stopped ([`unsaveable`]): an update
+    /// is refused without pausing it.
+    pub cannot_save: Option<String>,
 }
 
 impl SaveOpts {
@@ -82,6 +85,7 @@ impl SaveOpts {
             zero_deadline: false,
             deadline_fixup: true,
             refused_msr: false,
+            cannot_save: None,
         })
     }
 }
@@ -223,6 +227,17 @@ fn set_msrs_skipping(
     Ok(skipped)
 }
 
+/// Why vCPU `id`, of CPUID `cpuid`, cannot be saved, if it cannot: shadow stacks.
+pub fn unsaveable(id: usize, cpuid: &CpuId) -> Option<String> {
+    crate::boot::has_shadow_stack(cpuid).then(|| {
+        format!(
+            "vCPU {id}: the guest has shadow stacks, whose current pointer \
+             (KVM_REG_GUEST_SSP) this VMM does not save: boot it again with this VMM, which \
+             does not offer them"
+        )
+    })
+}
+
 impl VcpuState {
     /// Saves the state of vCPU `id`, which is not running; refuses a vCPU with shadow stacks
     /// ([`crate::boot::has_shadow_stack`]). The MP state first of what it saves: reading it
@@ -231,12 +246,8 @@ impl VcpuState {
         let cpuid = vcpu
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map_err(os("KVM_GET_CPUID2"))?;
-        if crate::boot::has_shadow_stack(&cpuid) {
-            return Err(io::Error::other(format!(
-                "vCPU {id}: the guest has shadow stacks, whose current pointer \
-                 (KVM_REG_GUEST_SSP) this VMM does not save: boot it again with this VMM, \
-                 which does not offer them"
-            )));
+        if let Some(why) = unsaveable(id, &cpuid) {
+            return Err(io::Error::other(why));
         }
         let mp_state = vcpu.get_mp_state().map_err(os("KVM_GET_MP_STATE"))?;
         let xsave = if opts.xsave_size > 0 {

@@ -290,11 +290,11 @@ pub fn serve(opts: &Opts, a: &AgentOpts) {
                         let p = &stopped.snapshot.progress;
                         say(format!(
                             "paused at heartbeat {} (guest clock {:.3} s), generations {:?}; \
-                             preserved the VM, {} guest_memfds and its state; ready",
+                             preserved the VM, {} and its state; ready",
                             p.beat,
                             p.mono,
                             p.generations,
-                            stopped.m.ram.len()
+                            super::guest_memfds(stopped.m.ram.len())
                         ));
                         stopped.m.console.flush();
                         tell(&client, VmmState::Ready, "everything preserved");

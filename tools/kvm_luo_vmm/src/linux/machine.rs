@@ -5,7 +5,7 @@
 
 use super::checks::{self, Progress};
 use super::vcpu::Running;
-use super::{os, Opts, Ram, Stamps, MAGIC, REGION, TOKEN_RAM, TOKEN_STATE, TOKEN_VM};
+use super::{os, Opts, Ram, Stamps, MAGIC, TOKEN_RAM, TOKEN_STATE, TOKEN_VM};
 use crate::boot::{self, CpuFeatures};
 use crate::devices::{Console, ConsoleOut, IrqTrigger, PortIo, UartState, COM1_IRQ};
 use crate::state::{self, SaveOpts, VcpuState, VmState};
@@ -80,14 +80,18 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Maps the guest_memfds `ram` as guest RAM from address 0, one memslot each (RAM past
-    /// 3 GiB goes on at 4 GiB: [`boot::ram_gpa`]).
+    /// Maps the guest_memfds `ram` as guest RAM from address 0, one memslot each, one after
+    /// the other ([`ram_layout`]).
     fn map_ram(vm: &VmFd, ram: &[File]) -> io::Result<GuestMemoryMmap> {
+        let sizes = ram
+            .iter()
+            .map(|f| f.metadata().map(|m| m.len()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let layout = ram_layout(&sizes)?;
         let mut ranges = Vec::new();
-        for (i, f) in ram.iter().enumerate() {
-            let size = f.metadata()?.len();
+        for (f, &(gpa, size)) in ram.iter().zip(&layout) {
             ranges.push((
-                GuestAddress(boot::ram_gpa(i as u64 * REGION)),
+                GuestAddress(gpa),
                 size as usize,
                 Some(FileOffset::new(f.try_clone()?, 0)),
             ));
@@ -95,8 +99,7 @@ impl Machine {
         let mem = GuestMemoryMmap::from_ranges_with_files(&ranges)
             .map_err(|e| io::Error::other(format!("mapping guest RAM: {e}")))?;
         super::mark_step("mmap");
-        for (i, f) in ram.iter().enumerate() {
-            let gpa = boot::ram_gpa(i as u64 * REGION);
+        for (i, (f, &(gpa, size))) in ram.iter().zip(&layout).enumerate() {
             let host = mem
                 .get_host_address(GuestAddress(gpa))
                 .map_err(|e| io::Error::other(format!("guest RAM: {e}")))?;
@@ -104,7 +107,7 @@ impl Machine {
                 slot: i as u32,
                 flags: KVM_MEM_GUEST_MEMFD,
                 guest_phys_addr: gpa,
-                memory_size: f.metadata()?.len(),
+                memory_size: size,
                 userspace_addr: host as u64,
                 guest_memfd_offset: 0,
                 guest_memfd: f.as_raw_fd() as u32,
@@ -117,17 +120,13 @@ impl Machine {
         Ok(mem)
     }
 
-    /// Anonymous memory as guest RAM from address 0, in memslots of `REGION` as with
+    /// Anonymous memory as guest RAM from address 0, in memslots of `region` bytes as with
     /// guest_memfds.
-    fn map_anonymous(vm: &VmFd, size: u64) -> io::Result<GuestMemoryMmap> {
-        let ranges: Vec<_> = (0..size.div_ceil(REGION))
-            .map(|i| {
-                let offset = i * REGION;
-                (
-                    GuestAddress(boot::ram_gpa(offset)),
-                    REGION.min(size - offset) as usize,
-                )
-            })
+    fn map_anonymous(vm: &VmFd, size: u64, region: u64) -> io::Result<GuestMemoryMmap> {
+        let layout = ram_layout(&region_sizes(size, region))?;
+        let ranges: Vec<_> = layout
+            .iter()
+            .map(|&(gpa, len)| (GuestAddress(gpa), len as usize))
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| io::Error::other(format!("mapping guest RAM: {e}")))?;
@@ -209,6 +208,46 @@ pub struct Stopped {
     pings: u32,
 }
 
+/// The sizes of the guest_memfds of a new guest of `mem_size` bytes: `region` bytes each, the
+/// last one what is left.
+fn region_sizes(mem_size: u64, region: u64) -> Vec<u64> {
+    (0..mem_size.div_ceil(region))
+        .map(|i| region.min(mem_size - i * region))
+        .collect()
+}
+
+/// Where guest_memfds of `sizes` go in guest memory, one after the other from address 0 (RAM
+/// past 3 GiB goes on at 4 GiB: [`boot::ram_gpa`]): the guest address and size of each.
+fn ram_layout(sizes: &[u64]) -> io::Result<Vec<(u64, u64)>> {
+    let mut offset = 0;
+    let mut layout = Vec::with_capacity(sizes.len());
+    for (i, &size) in sizes.iter().enumerate() {
+        let gpa;
+        (gpa, offset) = place_region(i, offset, size)?;
+        layout.push((gpa, size));
+    }
+    Ok(layout)
+}
+
+/// Places guest_memfd `i`, of `size` bytes, at RAM offset `offset`: its guest address and the
+/// RAM offset after it. It must be whole pages, and must not straddle the hole below 4 GiB.
+fn place_region(i: usize, offset: u64, size: u64) -> io::Result<(u64, u64)> {
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(io::Error::other(format!(
+            "guest_memfd {i} holds {size} bytes, not whole pages"
+        )));
+    }
+    match offset.checked_add(size) {
+        Some(end) if !(offset < boot::LOW_RAM_END && end > boot::LOW_RAM_END) => {
+            Ok((boot::ram_gpa(offset), end))
+        }
+        _ => Err(io::Error::other(format!(
+            "guest_memfd {i} ({size} bytes at RAM offset {offset:#x}) straddles the hole below \
+             4 GiB"
+        ))),
+    }
+}
+
 fn check<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
@@ -225,9 +264,7 @@ pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
     let mut ram = Vec::new();
     let mem = match opts.ram {
         Ram::GuestMemfd => {
-            let mut gpa = 0;
-            while gpa < mem_size {
-                let size = REGION.min(mem_size - gpa);
+            for size in region_sizes(mem_size, opts.region_mib << 20) {
                 let fd = check(
                     "KVM_CREATE_GUEST_MEMFD",
                     vm.create_guest_memfd(kvm_create_guest_memfd {
@@ -247,11 +284,13 @@ pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
                     )?;
                 }
                 ram.push(f);
-                gpa += size;
             }
             check("guest RAM", Machine::map_ram(&vm, &ram))?
         }
-        Ram::Anonymous => check("guest RAM", Machine::map_anonymous(&vm, mem_size))?,
+        Ram::Anonymous => check(
+            "guest RAM",
+            Machine::map_anonymous(&vm, mem_size, opts.region_mib << 20),
+        )?,
     };
     check("irqchip and PIT", state::create_irqchip_and_pit(&vm))?;
     let (io, console, irq) = check("devices", Machine::devices(&vm, None, Vec::new()))?;
@@ -312,7 +351,7 @@ pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
          XSAVE area {} bytes{}{}",
         opts.mem_mib,
         match opts.ram {
-            Ram::GuestMemfd => format!("{} guest_memfds", m.ram.len()),
+            Ram::GuestMemfd => super::guest_memfds(m.ram.len()),
             Ram::Anonymous => "anonymous memory".to_string(),
         },
         opts.vcpus,
@@ -347,8 +386,11 @@ pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
 
 impl Guest {
     /// Stops the vCPUs and saves the whole VM state. If that cannot be done, the guest runs
-    /// again and comes back with the reason.
+    /// again and comes back with the reason; if that is known before, it is not stopped.
     pub fn stop(self, hz: u64) -> Result<Stopped, Box<(Guest, String)>> {
+        if let Some(why) = self.save.cannot_save.clone() {
+            return Err(Box::new((self, why)));
+        }
         let Guest {
             m,
             running,
@@ -645,7 +687,6 @@ pub fn restore(
         }
         s => or_hold!("read the state", s),
     };
-    let regions = s.mem_mib.div_ceil(REGION >> 20);
     // The first guest_memfd before its VM, the others after it: any order works.
     let first = or_hold!("retrieve guest_memfd 0", session.retrieve(TOKEN_RAM));
     let mut ram = vec![File::from(first)];
@@ -661,14 +702,39 @@ pub fn restore(
             });
         }
     };
-    for i in 1..regions {
-        match session.retrieve(TOKEN_RAM + i) {
+    // As many guest_memfds as hold the RAM, whatever their size: the VMM that booted the guest
+    // chose it ([`ram_layout`] checks them).
+    let mem_size = s.mem_mib << 20;
+    let mut have = 0;
+    loop {
+        let i = ram.len() - 1;
+        let more = match ram[i].metadata() {
+            Ok(m) => match place_region(i, have, m.len()) {
+                Ok((_, end)) if end > mem_size => Err(format!(
+                    "the guest_memfds hold {end} bytes, more than the guest's {mem_size}"
+                )),
+                Ok((_, end)) => {
+                    have = end;
+                    Ok(end < mem_size)
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(format!("the size of guest_memfd {i}: {e}")),
+        };
+        let next = match more {
+            Ok(false) => break,
+            Ok(true) => session
+                .retrieve(TOKEN_RAM + i as u64 + 1)
+                .map_err(|e| format!("retrieve guest_memfd {}: {e}", i + 1)),
+            Err(e) => Err(e),
+        };
+        match next {
             Ok(f) => ram.push(File::from(f)),
-            Err(e) => {
+            Err(why) => {
                 files.push(Box::new(vm_fd));
                 files.push(Box::new(ram));
                 return Err(Held {
-                    why: format!("retrieve guest_memfd {i}: {e}"),
+                    why,
                     files,
                     untouched: false,
                 });
@@ -844,7 +910,14 @@ fn rebuild(
     super::mark_step("clock");
     step!("KVM_KVMCLOCK_CTRL", kvmclock_paused(&vcpus));
     super::mark_step("kvmclock");
-    let save = step!("MSR list", SaveOpts::new(kvm, &vm, s.vcpus.len()));
+    let mut save = step!("MSR list", SaveOpts::new(kvm, &vm, s.vcpus.len()));
+    // A guest an older VMM booted with shadow stacks runs, but is not stopped for an update
+    // that its save would refuse.
+    save.cannot_save = s
+        .vcpus
+        .iter()
+        .enumerate()
+        .find_map(|(id, v)| state::unsaveable(id, &v.cpuid));
     super::mark_step("MSR list");
     let restored = rdtsc();
     let running = step!("vCPU threads", Running::start(vcpus, &io, &save));
@@ -860,10 +933,10 @@ fn rebuild(
         say(format!("{label}{n}"));
     }
     say(format!(
-        "{label}retrieved the VM, {} guest_memfds and the state; restored {} vCPUs \
-         (regs, sregs, XSAVE, XCRs, {} MSRs, LAPIC, MP state, events, debug registers), \
-         PIC, IOAPIC, PIT, kvmclock and the UART",
-        ram.len(),
+        "{label}retrieved the VM, {} and the state; restored {} vCPUs (regs, sregs, \
+         XSAVE, XCRs, {} MSRs, LAPIC, MP state, events, debug registers), PIC, IOAPIC, PIT, \
+         kvmclock and the UART",
+        super::guest_memfds(ram.len()),
         s.vcpus.len(),
         s.vcpus.first().map_or(0, |v| v.msrs.as_slice().len())
     ));
@@ -1180,5 +1253,42 @@ mod tests {
         s.version = 1;
         let e = refusal(&packed(&postcard::to_stdvec(&s).unwrap()));
         assert_eq!(e, "the state: of format 1 inside format 2");
+    }
+
+    #[test]
+    fn guest_ram_goes_on_above_the_hole_whatever_the_guest_memfds_sizes() {
+        const MIB: u64 = 1 << 20;
+        // A new guest of 4 GiB in 1 GiB guest_memfds: three below the hole, one above.
+        let sizes = region_sizes(4096 * MIB, 1024 * MIB);
+        assert_eq!(sizes, [1024 * MIB; 4]);
+        let gpas: Vec<u64> = ram_layout(&sizes).unwrap().iter().map(|r| r.0).collect();
+        assert_eq!(gpas, [0, 1024 * MIB, 2048 * MIB, 4096 * MIB]);
+        // What an earlier VMM made, 128 MiB each, and a last one that is smaller.
+        let sizes = region_sizes(3200 * MIB, 128 * MIB);
+        assert_eq!(sizes.len(), 25);
+        let layout = ram_layout(&sizes).unwrap();
+        assert_eq!(layout[23], (2944 * MIB, 128 * MIB));
+        assert_eq!(layout[24], (4096 * MIB, 128 * MIB));
+        assert_eq!(region_sizes(100 * MIB, 64 * MIB), [64 * MIB, 36 * MIB]);
+        // Refused: a guest_memfd across the hole, one of no pages, one of part of a page.
+        let e = ram_layout(&[2048 * MIB, 2048 * MIB]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "guest_memfd 1 (2147483648 bytes at RAM offset 0x80000000) straddles the hole \
+             below 4 GiB"
+        );
+        let e = ram_layout(&[MIB, 0]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "guest_memfd 1 holds 0 bytes, not whole pages"
+        );
+        assert!(ram_layout(&[MIB + 512]).is_err());
+        assert!(ram_layout(&[3072 * MIB, !0xfff]).is_err());
+        for mib in [16, 64, 128, 1024, 1536, 3072] {
+            assert!(super::super::region_fits(mib), "{mib}");
+        }
+        for mib in [0, 100, 2048, 4096] {
+            assert!(!super::super::region_fits(mib), "{mib}");
+        }
     }
 }

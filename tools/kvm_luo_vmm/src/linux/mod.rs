@@ -46,10 +46,10 @@ const SESSION: &str = "kvm-luo-vmm-linux";
 const TOKEN_VM: u64 = 1;
 const TOKEN_STATE: u64 = 2;
 const TOKEN_RAM: u64 = 16;
-/// Guest RAM comes in guest_memfds of at most this size, one memslot each.
-const REGION: u64 = 128 << 20;
-// No region straddles the hole below 4 GiB.
-const _: () = assert!(crate::boot::LOW_RAM_END.is_multiple_of(REGION));
+/// A new guest's RAM comes in guest_memfds of at most this size (`--region`), one memslot
+/// each. A restore takes the sizes of the guest_memfds it retrieves, whatever size the VMM that
+/// booted the guest chose.
+pub const DEFAULT_REGION_MIB: u64 = 1024;
 const MAGIC: &str = "kvm-luo-vmm linux guest v1";
 const NEXT_ARGS: &str = "/tmp/klu-next-args";
 
@@ -117,6 +117,23 @@ pub struct Opts {
     pub work_mib: Option<u64>,
     /// Say where the VMM's share of the blackout went, step by step ([`steps_between`]).
     pub steps: bool,
+    /// The size of a new guest's guest_memfds, in MiB: it divides the RAM below the hole
+    /// ([`region_fits`]).
+    pub region_mib: u64,
+}
+
+/// "1 guest_memfd", "N guest_memfds".
+pub fn guest_memfds(n: usize) -> String {
+    match n {
+        1 => "1 guest_memfd".to_string(),
+        n => format!("{n} guest_memfds"),
+    }
+}
+
+/// Whether guest_memfds of `mib` MiB tile the RAM below the hole at 3 GiB, so that none
+/// straddles it.
+pub fn region_fits(mib: u64) -> bool {
+    mib > 0 && (crate::boot::LOW_RAM_END >> 20).is_multiple_of(mib)
 }
 
 impl Opts {

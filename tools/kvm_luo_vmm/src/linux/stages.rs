@@ -138,9 +138,9 @@ pub fn boot_and_preserve(opts: &Opts, stage: u32) {
         let t = rdtsc();
         match g.m.preserve_vm_and_ram(&session) {
             Ok(()) => say(format!(
-                "{label}preserved the VM and its {} guest_memfds while the guest runs (its RAM \
-                 is all allocated), in {:.1} ms, outside the blackout",
-                g.m.ram.len(),
+                "{label}preserved the VM and its {} while the guest runs (its RAM is all \
+                 allocated), in {:.1} ms, outside the blackout",
+                super::guest_memfds(g.m.ram.len()),
                 super::ms(rdtsc() - t, hz)
             )),
             Err(e) => {
@@ -200,11 +200,11 @@ pub fn boot_and_preserve(opts: &Opts, stage: u32) {
     let p = &s.snapshot.progress;
     say(format!(
         "{label}paused at heartbeat {} (guest clock {:.3} s), generations {:?}; \
-         preserved the VM, {} guest_memfds and its state; kexec",
+         preserved the VM, {} and its state; kexec",
         p.beat,
         p.mono,
         p.generations,
-        s.m.ram.len()
+        super::guest_memfds(s.m.ram.len())
     ));
     s.m.console.flush();
     let (vm, ram) = s.into_files();
