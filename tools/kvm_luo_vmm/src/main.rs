@@ -580,7 +580,7 @@ fn main() {
             "--steps" => (steps, linux_only) = (true, true),
             "--region" => {
                 region_mib = value().parse().unwrap_or_else(|_| fail(USAGE));
-                if region_mib < 16 || !linux::region_fits(region_mib) {
+                if !linux::region_fits(region_mib) {
                     fail("--region must be at least 16 MiB and divide 3072 MiB");
                 }
                 linux_only = true;
@@ -609,7 +609,7 @@ fn main() {
     match (kernel, initrd) {
         (Some(kernel), Some(initrd)) => {
             // The guest's kernel is built for at most 4 CPUs (CONFIG_NR_CPUS).
-            if !(1..=4).contains(&vcpus) || !(64..=4096).contains(&mem_mib) {
+            if !(1..=4).contains(&vcpus) || !linux::MEM_MIB.contains(&mem_mib) {
                 fail("--vcpus must be 1 to 4 and --mem 64 to 4096");
             }
             let opts = linux::Opts {

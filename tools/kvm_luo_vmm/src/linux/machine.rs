@@ -40,11 +40,20 @@ const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 ///   finds `magic` and `version`, and refuses format 2 as later than it reads (so a rollback to
 ///   such a VMM holds the guest, or gives its session back under the agent).
 ///
+/// - 3: format 2, and the sizes of the guest_memfds in the JSON (`guest_memfds`). Formats 1 and
+///   2 had one per 128 MiB of RAM, the last one what was left, which a VMM that reads them
+///   assumes: a guest laid out otherwise must not reach it (with smaller guest_memfds, it would
+///   map them where they are not and leave some unretrieved, to be freed at finish).
+///
 /// Postcard is positional: any change to what [`Snapshot`] holds, down to the `kvm-bindings`
 /// types in it, raises the version, or the older VMM would misread the state without noticing.
+/// So does any change to what the state means to the VMM that reads it, as format 3's did.
 /// A later format keeps `magic` and `version` in a JSON object, so that the older VMM refuses
 /// it as later before reading anything else.
-const STATE_VERSION: u32 = 2;
+const STATE_VERSION: u32 = 3;
+
+/// The guest_memfds of the guests that formats 1 and 2 saved: one per 128 MiB.
+const EARLIER_REGION: u64 = 128 << 20;
 
 fn first_version() -> u32 {
     1
@@ -65,6 +74,10 @@ pub struct Snapshot {
     console_line: Vec<u8>,
     pub progress: Progress,
     pub stamps: Stamps,
+    /// The sizes of the guest_memfds, in the order of their tokens: in format 3's JSON, not in
+    /// postcard.
+    #[serde(skip)]
+    pub guest_memfds: Vec<u64>,
 }
 
 /// A VM with its RAM, its console and its port I/O.
@@ -72,6 +85,8 @@ pub struct Machine {
     pub vm: VmFd,
     /// The guest_memfds that hold the RAM (none for anonymous RAM).
     pub ram: Vec<File>,
+    /// Their sizes.
+    ram_sizes: Vec<u64>,
     pub mem: GuestMemoryMmap,
     pub io: Arc<PortIo>,
     pub console: Arc<Console>,
@@ -80,14 +95,10 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Maps the guest_memfds `ram` as guest RAM from address 0, one memslot each, one after
-    /// the other ([`ram_layout`]).
-    fn map_ram(vm: &VmFd, ram: &[File]) -> io::Result<GuestMemoryMmap> {
-        let sizes = ram
-            .iter()
-            .map(|f| f.metadata().map(|m| m.len()))
-            .collect::<io::Result<Vec<_>>>()?;
-        let layout = ram_layout(&sizes)?;
+    /// Maps the guest_memfds `ram`, of `sizes`, as guest RAM from address 0, one memslot each,
+    /// one after the other ([`ram_layout`]).
+    fn map_ram(vm: &VmFd, ram: &[File], sizes: &[u64]) -> io::Result<GuestMemoryMmap> {
+        let layout = ram_layout(sizes)?;
         let mut ranges = Vec::new();
         for (f, &(gpa, size)) in ram.iter().zip(&layout) {
             ranges.push((
@@ -238,13 +249,16 @@ fn place_region(i: usize, offset: u64, size: u64) -> io::Result<(u64, u64)> {
         )));
     }
     match offset.checked_add(size) {
-        Some(end) if !(offset < boot::LOW_RAM_END && end > boot::LOW_RAM_END) => {
-            Ok((boot::ram_gpa(offset), end))
-        }
-        _ => Err(io::Error::other(format!(
-            "guest_memfd {i} ({size} bytes at RAM offset {offset:#x}) straddles the hole below \
-             4 GiB"
+        None => Err(io::Error::other(format!(
+            "guest_memfd {i} ({size} bytes at RAM offset {offset:#x}) ends past any address"
         ))),
+        Some(end) if offset < boot::LOW_RAM_END && end > boot::LOW_RAM_END => {
+            Err(io::Error::other(format!(
+                "guest_memfd {i} ({size} bytes at RAM offset {offset:#x}) straddles the hole \
+                 below 4 GiB"
+            )))
+        }
+        Some(end) => Ok((boot::ram_gpa(offset), end)),
     }
 }
 
@@ -262,9 +276,11 @@ pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
     )?;
     let mem_size = opts.mem_mib << 20;
     let mut ram = Vec::new();
+    let mut ram_sizes = Vec::new();
     let mem = match opts.ram {
         Ram::GuestMemfd => {
-            for size in region_sizes(mem_size, opts.region_mib << 20) {
+            ram_sizes = region_sizes(mem_size, opts.region_mib << 20);
+            for &size in &ram_sizes {
                 let fd = check(
                     "KVM_CREATE_GUEST_MEMFD",
                     vm.create_guest_memfd(kvm_create_guest_memfd {
@@ -285,7 +301,7 @@ pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
                 }
                 ram.push(f);
             }
-            check("guest RAM", Machine::map_ram(&vm, &ram))?
+            check("guest RAM", Machine::map_ram(&vm, &ram, &ram_sizes))?
         }
         Ram::Anonymous => check(
             "guest RAM",
@@ -341,6 +357,7 @@ pub fn boot(opts: &Opts, label: &str) -> Result<Guest, String> {
     let m = Machine {
         vm,
         ram,
+        ram_sizes,
         mem,
         io,
         console,
@@ -461,6 +478,7 @@ impl Guest {
                 saved,
                 preserved: 0,
             },
+            guest_memfds: m.ram_sizes.clone(),
         };
         Ok(Stopped {
             m,
@@ -702,44 +720,42 @@ pub fn restore(
             });
         }
     };
-    // As many guest_memfds as hold the RAM, whatever their size: the VMM that booted the guest
-    // chose it ([`ram_layout`] checks them).
-    let mem_size = s.mem_mib << 20;
-    let mut have = 0;
-    loop {
-        let i = ram.len() - 1;
-        let more = match ram[i].metadata() {
-            Ok(m) => match place_region(i, have, m.len()) {
-                Ok((_, end)) if end > mem_size => Err(format!(
-                    "the guest_memfds hold {end} bytes, more than the guest's {mem_size}"
-                )),
-                Ok((_, end)) => {
-                    have = end;
-                    Ok(end < mem_size)
-                }
-                Err(e) => Err(e.to_string()),
-            },
-            Err(e) => Err(format!("the size of guest_memfd {i}: {e}")),
-        };
-        let next = match more {
-            Ok(false) => break,
-            Ok(true) => session
-                .retrieve(TOKEN_RAM + i as u64 + 1)
-                .map_err(|e| format!("retrieve guest_memfd {}: {e}", i + 1)),
-            Err(e) => Err(e),
-        };
-        match next {
+    // As many guest_memfds as the state says, each of the size it says (checked when it was
+    // read: they hold the RAM, and none straddles the hole).
+    for i in 1..s.guest_memfds.len() {
+        match session.retrieve(TOKEN_RAM + i as u64) {
             Ok(f) => ram.push(File::from(f)),
-            Err(why) => {
+            Err(e) => {
                 files.push(Box::new(vm_fd));
                 files.push(Box::new(ram));
                 return Err(Held {
-                    why,
+                    why: format!("retrieve guest_memfd {i}: {e}"),
                     files,
                     untouched: false,
                 });
             }
         }
+    }
+    let sizes = ram
+        .iter()
+        .zip(&s.guest_memfds)
+        .enumerate()
+        .find_map(|(i, (f, &want))| match f.metadata() {
+            Ok(m) if m.len() == want => None,
+            Ok(m) => Some(format!(
+                "guest_memfd {i} holds {} bytes, the state says {want}",
+                m.len()
+            )),
+            Err(e) => Some(format!("the size of guest_memfd {i}: {e}")),
+        });
+    if let Some(why) = sizes {
+        files.push(Box::new(vm_fd));
+        files.push(Box::new(ram));
+        return Err(Held {
+            why,
+            files,
+            untouched: false,
+        });
     }
     super::mark_step("the VM and the other guest_memfds");
     let retrieved = rdtsc();
@@ -857,7 +873,7 @@ fn rebuild(
             }
         };
     }
-    let mem = step!("guest RAM", Machine::map_ram(&vm, &ram));
+    let mem = step!("guest RAM", Machine::map_ram(&vm, &ram, &s.guest_memfds));
     super::mark_step("memslots");
     // The irqchip and PIT must exist before the vCPUs; their state goes in once the vCPUs
     // are there to take what they replay; the clock last.
@@ -943,6 +959,7 @@ fn rebuild(
     let m = Machine {
         vm,
         ram,
+        ram_sizes: s.guest_memfds.clone(),
         mem,
         io,
         console,
@@ -986,17 +1003,21 @@ struct SnapshotHeader {
     version: u32,
 }
 
-/// What format 2 writes: its [`SnapshotHeader`], and the [`Snapshot`] in postcard, in base64.
+/// What format 3 writes: its [`SnapshotHeader`], the sizes of the guest_memfds, and the
+/// [`Snapshot`] in postcard, in base64.
 #[derive(Serialize)]
 struct Envelope<'a> {
     magic: &'a str,
     version: u32,
+    guest_memfds: &'a [u64],
     state: &'a str,
 }
 
-/// Format 2's state, read once its header is.
+/// Format 2's and 3's state, read once its header is.
 #[derive(Deserialize)]
 struct Packed {
+    /// Format 3's only.
+    guest_memfds: Option<Vec<u64>>,
     state: String,
 }
 
@@ -1005,6 +1026,7 @@ fn encode_snapshot(s: &Snapshot) -> io::Result<Vec<u8>> {
     let envelope = Envelope {
         magic: MAGIC,
         version: STATE_VERSION,
+        guest_memfds: &s.guest_memfds,
         state: &BASE64_STANDARD.encode(state),
     };
     serde_json::to_vec(&envelope).map_err(io::Error::other)
@@ -1028,10 +1050,19 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<Snapshot> {
         ));
     }
     let bad = |e: String| io::Error::other(format!("the state: {e}"));
-    match h.version {
-        1 => serde_json::from_slice(bytes).map_err(|e| bad(e.to_string())),
-        2 => {
+    let mut s: Snapshot = match h.version {
+        1 => serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?,
+        2 | 3 => {
             let p: Packed = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+            let sizes = match (h.version, p.guest_memfds) {
+                (2, None) => Vec::new(),
+                (3, Some(sizes)) => sizes,
+                (v, _) => {
+                    return Err(bad(format!(
+                        "`guest_memfds` is format 3's, and this is format {v}"
+                    )))
+                }
+            };
             let state = BASE64_STANDARD
                 .decode(p.state)
                 .map_err(|e| bad(format!("not base64: {e}")))?;
@@ -1049,10 +1080,32 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<Snapshot> {
                     s.version, h.version
                 )));
             }
-            Ok(s)
+            Snapshot {
+                guest_memfds: sizes,
+                ..s
+            }
         }
-        v => Err(bad(format!("of format {v}, which no VMM writes"))),
+        v => return Err(bad(format!("of format {v}, which no VMM writes"))),
+    };
+    if !super::MEM_MIB.contains(&s.mem_mib) {
+        return Err(bad(format!("{} MiB of RAM", s.mem_mib)));
     }
+    let mem_size = s.mem_mib << 20;
+    if h.version < 3 {
+        s.guest_memfds = region_sizes(mem_size, EARLIER_REGION);
+    }
+    ram_layout(&s.guest_memfds).map_err(|e| bad(e.to_string()))?;
+    let held = s
+        .guest_memfds
+        .iter()
+        .try_fold(0u64, |sum, &size| sum.checked_add(size));
+    if held != Some(mem_size) {
+        return Err(bad(format!(
+            "its guest_memfds do not hold its {} MiB of RAM",
+            s.mem_mib
+        )));
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -1123,6 +1176,8 @@ mod tests {
                 saved: 13,
                 preserved: 14,
             },
+            // 256 MiB in guest_memfds of 64 and 192 MiB: not what formats 1 and 2 assume.
+            guest_memfds: vec![64 << 20, 192 << 20],
         }
     }
 
@@ -1165,7 +1220,7 @@ mod tests {
         let sum = bytes
             .iter()
             .fold(0u32, |h, &b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-        assert_eq!((STATE_VERSION, bytes.len(), sum), (2, 7074, 48_755_819));
+        assert_eq!((STATE_VERSION, bytes.len(), sum), (3, 7074, 4_234_657_708));
     }
 
     #[test]
@@ -1177,6 +1232,7 @@ mod tests {
         assert_eq!(back.vcpus[0].xsave.as_slice()[1], 0xdead_beef);
         assert_eq!(back.vcpus[0].msrs.as_slice()[0].data, 1 << 40);
         assert_eq!(back.vcpus[0].cpuid.as_slice()[1].function, 0x8000_0001);
+        assert_eq!(back.guest_memfds, [64 << 20, 192 << 20]);
         // Format 2 does not write bytes as JSON arrays of numbers: it is the smaller.
         let v1 = serde_json::to_vec(&s).unwrap();
         assert!(
@@ -1208,10 +1264,10 @@ mod tests {
         );
         assert!(refusal(b"\x00\x01").starts_with("not a state this VMM saved: "));
         // A later format: refused by its version, even though what follows would not parse.
-        let later = format!(r#"{{"magic":"{MAGIC}","version":3,"state":7}}"#);
+        let later = format!(r#"{{"magic":"{MAGIC}","version":4,"state":7}}"#);
         let e = refusal(later.as_bytes());
         assert!(
-            e.starts_with("the state is of format 3, later than this VMM reads (up to 2)"),
+            e.starts_with("the state is of format 4, later than this VMM reads (up to 3)"),
             "{e}"
         );
         // The first format (versioned or not) with a field missing: an error of the state.
@@ -1255,6 +1311,78 @@ mod tests {
         assert_eq!(e, "the state: of format 1 inside format 2");
     }
 
+    /// `s` in format 3's envelope with `guest_memfds` as given (JSON).
+    fn with_guest_memfds(s: &Snapshot, guest_memfds: &str) -> Vec<u8> {
+        let state = BASE64_STANDARD.encode(postcard::to_stdvec(s).unwrap());
+        format!(
+            r#"{{"magic":"{MAGIC}","version":3,"guest_memfds":{guest_memfds},"state":"{state}"}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn the_guest_memfds_are_those_the_state_says() {
+        const MIB: u64 = 1 << 20;
+        // Formats 1 and 2 had one per 128 MiB, the last what was left.
+        let mut s = sample();
+        s.mem_mib = 300;
+        s.version = 2;
+        let back = decode_snapshot(&packed(&postcard::to_stdvec(&s).unwrap())).unwrap();
+        assert_eq!(back.guest_memfds, [128 * MIB, 128 * MIB, 44 * MIB]);
+        s.version = 1;
+        let back = decode_snapshot(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back.guest_memfds, [128 * MIB, 128 * MIB, 44 * MIB]);
+        // Format 3 says them, and they must hold the RAM, no more, no less, in whole pages,
+        // none across the hole.
+        let mut s = sample();
+        s.mem_mib = 4096;
+        let sizes = "[1073741824,2147483648,1073741824]";
+        let back = decode_snapshot(&with_guest_memfds(&s, sizes)).unwrap();
+        assert_eq!(back.guest_memfds, [1024 * MIB, 2048 * MIB, 1024 * MIB]);
+        for (sizes, why) in [
+            ("[1073741824,1073741824]", "do not hold its 4096 MiB"),
+            ("[4294967296,1073741824]", "straddles the hole"),
+            ("[2147483648,2147483648]", "straddles the hole"),
+            ("[1073741824,4096,3221221376]", "straddles the hole"),
+            ("[3221225472,18446744073709547520]", "ends past any address"),
+            ("[3221225472,0,1073741824]", "holds 0 bytes"),
+            ("[3221225472,1073741823,1]", "not whole pages"),
+            ("[]", "do not hold its 4096 MiB"),
+        ] {
+            let e = refusal(&with_guest_memfds(&s, sizes));
+            assert!(
+                e.starts_with("the state: ") && e.contains(why),
+                "{sizes}: {e}"
+            );
+        }
+        // Format 3 without them, format 2 with them: refused.
+        let e = refusal(&packed(&postcard::to_stdvec(&s).unwrap()));
+        assert_eq!(e, "the state: of format 3 inside format 2");
+        let v3 = String::from_utf8(with_guest_memfds(&s, "[4294967296]")).unwrap();
+        let e = refusal(v3.replace(r#""guest_memfds":[4294967296],"#, "").as_bytes());
+        assert_eq!(
+            e,
+            "the state: `guest_memfds` is format 3's, and this is format 3"
+        );
+        s.version = 2;
+        let v2 = with_guest_memfds(&s, "[4294967296]");
+        let e = refusal(
+            &String::from_utf8(v2)
+                .unwrap()
+                .replace(r#""version":3"#, r#""version":2"#)
+                .into_bytes(),
+        );
+        assert_eq!(
+            e,
+            "the state: `guest_memfds` is format 3's, and this is format 2"
+        );
+        // RAM this VMM never gives a guest, whose size would wrap.
+        let mut s = sample();
+        s.mem_mib = (1 << 44) + 256;
+        let e = refusal(&with_guest_memfds(&s, "[268435456]"));
+        assert_eq!(e, format!("the state: {} MiB of RAM", (1u64 << 44) + 256));
+    }
+
     #[test]
     fn guest_ram_goes_on_above_the_hole_whatever_the_guest_memfds_sizes() {
         const MIB: u64 = 1 << 20;
@@ -1264,11 +1392,11 @@ mod tests {
         let gpas: Vec<u64> = ram_layout(&sizes).unwrap().iter().map(|r| r.0).collect();
         assert_eq!(gpas, [0, 1024 * MIB, 2048 * MIB, 4096 * MIB]);
         // What an earlier VMM made, 128 MiB each, and a last one that is smaller.
-        let sizes = region_sizes(3200 * MIB, 128 * MIB);
+        let sizes = region_sizes(3100 * MIB, 128 * MIB);
         assert_eq!(sizes.len(), 25);
         let layout = ram_layout(&sizes).unwrap();
         assert_eq!(layout[23], (2944 * MIB, 128 * MIB));
-        assert_eq!(layout[24], (4096 * MIB, 128 * MIB));
+        assert_eq!(layout[24], (4096 * MIB, 28 * MIB));
         assert_eq!(region_sizes(100 * MIB, 64 * MIB), [64 * MIB, 36 * MIB]);
         // Refused: a guest_memfd across the hole, one of no pages, one of part of a page.
         let e = ram_layout(&[2048 * MIB, 2048 * MIB]).unwrap_err();
@@ -1287,7 +1415,7 @@ mod tests {
         for mib in [16, 64, 128, 1024, 1536, 3072] {
             assert!(super::super::region_fits(mib), "{mib}");
         }
-        for mib in [0, 100, 2048, 4096] {
+        for mib in [0, 1, 8, 100, 2048, 4096] {
             assert!(!super::super::region_fits(mib), "{mib}");
         }
     }

@@ -122,6 +122,9 @@ pub struct Opts {
     pub region_mib: u64,
 }
 
+/// The guest RAM this VMM gives a guest, in MiB.
+pub const MEM_MIB: std::ops::RangeInclusive<u64> = 64..=4096;
+
 /// "1 guest_memfd", "N guest_memfds".
 pub fn guest_memfds(n: usize) -> String {
     match n {
@@ -131,9 +134,9 @@ pub fn guest_memfds(n: usize) -> String {
 }
 
 /// Whether guest_memfds of `mib` MiB tile the RAM below the hole at 3 GiB, so that none
-/// straddles it.
+/// straddles it, and are not so small that a guest needs hundreds.
 pub fn region_fits(mib: u64) -> bool {
-    mib > 0 && (crate::boot::LOW_RAM_END >> 20).is_multiple_of(mib)
+    mib >= 16 && (crate::boot::LOW_RAM_END >> 20).is_multiple_of(mib)
 }
 
 impl Opts {
