@@ -408,6 +408,10 @@ impl Guest {
         if let Some(why) = self.save.cannot_save.clone() {
             return Err(Box::new((self, why)));
         }
+        // Never found at the restore, after the kexec, when the guest could have run on.
+        if let Err(e) = check_guest_memfds(self.mem_mib, &self.m.ram_sizes) {
+            return Err(Box::new((self, format!("the guest's RAM: {e}"))));
+        }
         let Guest {
             m,
             running,
@@ -464,7 +468,7 @@ impl Guest {
         let saved = rdtsc();
         let snapshot = Snapshot {
             magic: MAGIC.into(),
-            version: STATE_VERSION,
+            version: state_version(mem_mib, &m.ram_sizes),
             mem_mib,
             vm: vm_state,
             vcpus: vcpu_states,
@@ -1003,13 +1007,14 @@ struct SnapshotHeader {
     version: u32,
 }
 
-/// What format 3 writes: its [`SnapshotHeader`], the sizes of the guest_memfds, and the
-/// [`Snapshot`] in postcard, in base64.
+/// What formats 2 and 3 write: its [`SnapshotHeader`], the sizes of the guest_memfds (format
+/// 3), and the [`Snapshot`] in postcard, in base64.
 #[derive(Serialize)]
 struct Envelope<'a> {
     magic: &'a str,
     version: u32,
-    guest_memfds: &'a [u64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest_memfds: Option<&'a Vec<u64>>,
     state: &'a str,
 }
 
@@ -1021,12 +1026,22 @@ struct Packed {
     state: String,
 }
 
+/// The format to save a guest's state in: format 2 while its guest_memfds are those format 2
+/// assumes, so that a VMM of the build before can still restore it; format 3 otherwise.
+fn state_version(mem_mib: u64, guest_memfds: &[u64]) -> u32 {
+    if guest_memfds == region_sizes(mem_mib << 20, EARLIER_REGION) {
+        2
+    } else {
+        STATE_VERSION
+    }
+}
+
 fn encode_snapshot(s: &Snapshot) -> io::Result<Vec<u8>> {
     let state = postcard::to_stdvec(s).map_err(|e| io::Error::other(format!("the state: {e}")))?;
     let envelope = Envelope {
         magic: MAGIC,
-        version: STATE_VERSION,
-        guest_memfds: &s.guest_memfds,
+        version: s.version,
+        guest_memfds: (s.version >= 3).then_some(&s.guest_memfds),
         state: &BASE64_STANDARD.encode(state),
     };
     serde_json::to_vec(&envelope).map_err(io::Error::other)
@@ -1057,11 +1072,8 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<Snapshot> {
             let sizes = match (h.version, p.guest_memfds) {
                 (2, None) => Vec::new(),
                 (3, Some(sizes)) => sizes,
-                (v, _) => {
-                    return Err(bad(format!(
-                        "`guest_memfds` is format 3's, and this is format {v}"
-                    )))
-                }
+                (2, Some(_)) => return Err(bad("`guest_memfds` in format 2".into())),
+                (_, _) => return Err(bad("format 3 without `guest_memfds`".into())),
             };
             let state = BASE64_STANDARD
                 .decode(p.state)
@@ -1087,25 +1099,33 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<Snapshot> {
         }
         v => return Err(bad(format!("of format {v}, which no VMM writes"))),
     };
-    if !super::MEM_MIB.contains(&s.mem_mib) {
-        return Err(bad(format!("{} MiB of RAM", s.mem_mib)));
+    if h.version < 3 && super::MEM_MIB.contains(&s.mem_mib) {
+        s.guest_memfds = region_sizes(s.mem_mib << 20, EARLIER_REGION);
     }
-    let mem_size = s.mem_mib << 20;
-    if h.version < 3 {
-        s.guest_memfds = region_sizes(mem_size, EARLIER_REGION);
+    check_guest_memfds(s.mem_mib, &s.guest_memfds).map_err(bad)?;
+    Ok(s)
+}
+
+/// Whether guest_memfds of `sizes` can hold a guest's `mem_mib` MiB of RAM: as much RAM as this
+/// VMM gives a guest, in no more guest_memfds than `--region`'s smallest size makes, whole
+/// pages, none straddling the hole below 4 GiB, and adding up to the RAM.
+fn check_guest_memfds(mem_mib: u64, sizes: &[u64]) -> Result<(), String> {
+    if !super::MEM_MIB.contains(&mem_mib) {
+        return Err(format!("{mem_mib} MiB of RAM"));
     }
-    ram_layout(&s.guest_memfds).map_err(|e| bad(e.to_string()))?;
-    let held = s
-        .guest_memfds
+    if sizes.len() as u64 > super::MEM_MIB.end() / super::MIN_REGION_MIB {
+        return Err(format!("{} guest_memfds", sizes.len()));
+    }
+    ram_layout(sizes).map_err(|e| e.to_string())?;
+    let held = sizes
         .iter()
         .try_fold(0u64, |sum, &size| sum.checked_add(size));
-    if held != Some(mem_size) {
-        return Err(bad(format!(
-            "its guest_memfds do not hold its {} MiB of RAM",
-            s.mem_mib
-        )));
+    if held != Some(mem_mib << 20) {
+        return Err(format!(
+            "its guest_memfds do not hold its {mem_mib} MiB of RAM"
+        ));
     }
-    Ok(s)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1221,6 +1241,14 @@ mod tests {
             .iter()
             .fold(0u32, |h, &b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
         assert_eq!((STATE_VERSION, bytes.len(), sum), (3, 7074, 4_234_657_708));
+        // Format 3 holds in postcard what format 2 did (the numbers of the build before).
+        let mut s = sample();
+        s.version = 2;
+        let bytes = postcard::to_stdvec(&s).unwrap();
+        let sum = bytes
+            .iter()
+            .fold(0u32, |h, &b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        assert_eq!((bytes.len(), sum), (7074, 48_755_819));
     }
 
     #[test]
@@ -1356,31 +1384,57 @@ mod tests {
             );
         }
         // Format 3 without them, format 2 with them: refused.
-        let e = refusal(&packed(&postcard::to_stdvec(&s).unwrap()));
-        assert_eq!(e, "the state: of format 3 inside format 2");
         let v3 = String::from_utf8(with_guest_memfds(&s, "[4294967296]")).unwrap();
         let e = refusal(v3.replace(r#""guest_memfds":[4294967296],"#, "").as_bytes());
-        assert_eq!(
-            e,
-            "the state: `guest_memfds` is format 3's, and this is format 3"
-        );
+        assert_eq!(e, "the state: format 3 without `guest_memfds`");
         s.version = 2;
-        let v2 = with_guest_memfds(&s, "[4294967296]");
-        let e = refusal(
-            &String::from_utf8(v2)
-                .unwrap()
-                .replace(r#""version":3"#, r#""version":2"#)
-                .into_bytes(),
-        );
+        let v2 = String::from_utf8(with_guest_memfds(&s, "[4294967296]")).unwrap();
+        let e = refusal(v2.replace(r#""version":3"#, r#""version":2"#).as_bytes());
+        assert_eq!(e, "the state: `guest_memfds` in format 2");
+        // More guest_memfds than 16 MiB ones would make.
+        let mut s = sample();
+        s.mem_mib = 4096;
+        let many = format!("[{}]", vec!["16777216"; 257].join(","));
         assert_eq!(
-            e,
-            "the state: `guest_memfds` is format 3's, and this is format 2"
+            refusal(&with_guest_memfds(&s, &many)),
+            "the state: 257 guest_memfds"
         );
-        // RAM this VMM never gives a guest, whose size would wrap.
+        let many = format!("[{}]", vec!["16777216"; 256].join(","));
+        let back = decode_snapshot(&with_guest_memfds(&s, &many)).unwrap();
+        assert_eq!(back.guest_memfds.len(), 256);
+        // RAM this VMM never gives a guest, whose size would wrap; in format 2 too.
         let mut s = sample();
         s.mem_mib = (1 << 44) + 256;
         let e = refusal(&with_guest_memfds(&s, "[268435456]"));
         assert_eq!(e, format!("the state: {} MiB of RAM", (1u64 << 44) + 256));
+        for mib in [63, 4097] {
+            s.mem_mib = mib;
+            s.version = 2;
+            let e = refusal(&packed(&postcard::to_stdvec(&s).unwrap()));
+            assert_eq!(e, format!("the state: {mib} MiB of RAM"));
+        }
+    }
+
+    #[test]
+    fn a_guest_in_128_mib_guest_memfds_is_saved_for_the_build_before() {
+        const MIB: u64 = 1 << 20;
+        let mut s = sample();
+        s.guest_memfds = vec![128 * MIB, 128 * MIB];
+        s.version = state_version(s.mem_mib, &s.guest_memfds);
+        let json = String::from_utf8(encode_snapshot(&s).unwrap()).unwrap();
+        assert!(json.contains(r#""version":2,"state":"#), "{json}");
+        assert!(!json.contains("guest_memfds"), "{json}");
+        let back = decode_snapshot(json.as_bytes()).unwrap();
+        assert_eq!(back.guest_memfds, s.guest_memfds);
+        // Any other layout is format 3's.
+        for sizes in [vec![256 * MIB], vec![128 * MIB, 64 * MIB, 64 * MIB]] {
+            s.guest_memfds = sizes;
+            s.version = state_version(s.mem_mib, &s.guest_memfds);
+            let json = String::from_utf8(encode_snapshot(&s).unwrap()).unwrap();
+            assert!(json.contains(r#""version":3,"guest_memfds":["#), "{json}");
+            let back = decode_snapshot(json.as_bytes()).unwrap();
+            assert_eq!(back.guest_memfds, s.guest_memfds);
+        }
     }
 
     #[test]

@@ -47,9 +47,11 @@ const TOKEN_VM: u64 = 1;
 const TOKEN_STATE: u64 = 2;
 const TOKEN_RAM: u64 = 16;
 /// A new guest's RAM comes in guest_memfds of at most this size (`--region`), one memslot
-/// each. A restore takes the sizes of the guest_memfds it retrieves, whatever size the VMM that
+/// each. Its state records their sizes, and a restore takes those, whatever size the VMM that
 /// booted the guest chose.
 pub const DEFAULT_REGION_MIB: u64 = 1024;
+/// The smallest `--region`.
+pub const MIN_REGION_MIB: u64 = 16;
 const MAGIC: &str = "kvm-luo-vmm linux guest v1";
 const NEXT_ARGS: &str = "/tmp/klu-next-args";
 
@@ -136,7 +138,7 @@ pub fn guest_memfds(n: usize) -> String {
 /// Whether guest_memfds of `mib` MiB tile the RAM below the hole at 3 GiB, so that none
 /// straddles it, and are not so small that a guest needs hundreds.
 pub fn region_fits(mib: u64) -> bool {
-    mib >= 16 && (crate::boot::LOW_RAM_END >> 20).is_multiple_of(mib)
+    mib >= MIN_REGION_MIB && (crate::boot::LOW_RAM_END >> 20).is_multiple_of(mib)
 }
 
 impl Opts {
