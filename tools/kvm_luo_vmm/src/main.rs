@@ -471,8 +471,8 @@ OPTIONS (with --linux):
   --ram gmem|anon         RAM in guest_memfds (default) or anonymous memory (only -s boot)
   --region MIB            the RAM in guest_memfds of MIB each, one memslot each (default
                           1024; at least 16, and it divides 3072: none straddles the hole at
-                          3 GiB); the state records them, and a restore takes
-                          them from it
+                          3 GiB); the state records their sizes, and a restore takes them
+                          from it
   --prealloc              allocate all of the guest's RAM at boot: the guest_memfds are then
                           preserved while the guest runs, before it is stopped (outside the
                           blackout); without it, after the stop (not under --agent)

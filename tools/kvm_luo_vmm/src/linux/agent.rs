@@ -280,7 +280,7 @@ pub fn serve(opts: &Opts, a: &AgentOpts) {
                         tell(
                             &client,
                             VmmState::Running,
-                            "the stop failed; the guest runs again",
+                            "the update is refused; the guest runs on",
                         );
                         continue;
                     }

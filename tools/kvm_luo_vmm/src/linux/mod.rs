@@ -136,7 +136,7 @@ pub fn guest_memfds(n: usize) -> String {
 }
 
 /// Whether guest_memfds of `mib` MiB tile the RAM below the hole at 3 GiB, so that none
-/// straddles it, and are not so small that a guest needs hundreds.
+/// straddles it, and are not so small that a guest needs more than 256.
 pub fn region_fits(mib: u64) -> bool {
     mib >= MIN_REGION_MIB && (crate::boot::LOW_RAM_END >> 20).is_multiple_of(mib)
 }
