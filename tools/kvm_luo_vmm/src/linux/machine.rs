@@ -726,33 +726,29 @@ pub fn restore(
     };
     // As many guest_memfds as the state says, each of the size it says (checked when it was
     // read: they hold the RAM, and none straddles the hole).
-    for i in 1..s.guest_memfds.len() {
-        match session.retrieve(TOKEN_RAM + i as u64) {
-            Ok(f) => ram.push(File::from(f)),
-            Err(e) => {
-                files.push(Box::new(vm_fd));
-                files.push(Box::new(ram));
-                return Err(Held {
-                    why: format!("retrieve guest_memfd {i}: {e}"),
-                    files,
-                    untouched: false,
-                });
+    let all = (1..s.guest_memfds.len())
+        .try_for_each(|i| {
+            let f = session
+                .retrieve(TOKEN_RAM + i as u64)
+                .map_err(|e| format!("retrieve guest_memfd {i}: {e}"))?;
+            ram.push(File::from(f));
+            Ok(())
+        })
+        .and_then(|()| {
+            for (i, (f, &want)) in ram.iter().zip(&s.guest_memfds).enumerate() {
+                let have = f
+                    .metadata()
+                    .map_err(|e| format!("the size of guest_memfd {i}: {e}"))?
+                    .len();
+                if have != want {
+                    return Err(format!(
+                        "guest_memfd {i} holds {have} bytes, the state says {want}"
+                    ));
+                }
             }
-        }
-    }
-    let sizes = ram
-        .iter()
-        .zip(&s.guest_memfds)
-        .enumerate()
-        .find_map(|(i, (f, &want))| match f.metadata() {
-            Ok(m) if m.len() == want => None,
-            Ok(m) => Some(format!(
-                "guest_memfd {i} holds {} bytes, the state says {want}",
-                m.len()
-            )),
-            Err(e) => Some(format!("the size of guest_memfd {i}: {e}")),
+            Ok(())
         });
-    if let Some(why) = sizes {
+    if let Err(why) = all {
         files.push(Box::new(vm_fd));
         files.push(Box::new(ram));
         return Err(Held {

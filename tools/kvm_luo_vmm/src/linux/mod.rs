@@ -195,28 +195,24 @@ fn mark_step_at(what: &'static str, vcpu: Option<usize>, at: u64) {
 
 /// Notes that step `what` of the blackout ended now.
 fn mark_step(what: &'static str) {
-    if NOTE_STEPS.load(Ordering::Relaxed) {
-        mark_step_at(what, None, rdtsc());
-    }
+    mark_step_at(what, None, rdtsc());
 }
 
 /// Notes that step `what` of vCPU `vcpu` ended now.
 fn mark_vcpu_step(what: &'static str, vcpu: usize) {
-    if NOTE_STEPS.load(Ordering::Relaxed) {
-        mark_step_at(what, Some(vcpu), rdtsc());
-    }
+    mark_step_at(what, Some(vcpu), rdtsc());
 }
 
-/// The steps that ended from TSC `from` to `until`, in the order they ended, each with the
-/// time since the one before it ended (the first: since `from`), in ms, as "name ms; ...";
-/// forgets every step noted so far. Steps of different vCPUs may overlap: each is then the
-/// time since whatever ended before it.
-fn steps_between(from: u64, until: u64, hz: u64) -> String {
+/// The steps that ended from TSC `from` to `until`, in the order they ended, each as "name ms"
+/// with the time since the one before it ended (the first: since `from`); forgets every step
+/// noted so far. Steps of different vCPUs may overlap: each is then the time since whatever
+/// ended before it.
+fn steps_between(from: u64, until: u64, hz: u64) -> Vec<String> {
     let mut steps = std::mem::take(&mut *STEPS.lock().unwrap());
     steps.retain(|&(_, _, t)| (from..=until).contains(&t));
     steps.sort_by_key(|&(_, _, t)| t);
     let mut last = from;
-    let said: Vec<String> = steps
+    steps
         .into_iter()
         .map(|(what, vcpu, t)| {
             let took = ms(t - last, hz);
@@ -226,8 +222,7 @@ fn steps_between(from: u64, until: u64, hz: u64) -> String {
                 None => format!("{what} {took:.2}"),
             }
         })
-        .collect();
-    said.join("; ")
+        .collect()
 }
 
 /// TSC stamps of the update, in the old kernel.

@@ -185,8 +185,7 @@ pub fn boot_and_preserve(opts: &Opts, stage: u32) {
         // Said by the next kernel's VMM once the guest runs: a console line here would be
         // blackout. One word for the next kernel's command line per step.
         let words: String = super::steps_between(s.snapshot.stamps.kick, rdtsc(), hz)
-            .split("; ")
-            .filter(|step| !step.is_empty())
+            .iter()
             .map(|step| format!("klu.arg.stop_step={}\n", step.replace(' ', "_")))
             .collect();
         let mut f = std::fs::OpenOptions::new()
@@ -276,7 +275,7 @@ pub fn resume(opts: &Opts, stage: u32) {
         say(format!("{label}the stop's steps (ms): {}", stop.join("; ")));
         say(format!(
             "{label}the restore's steps (ms): {}",
-            super::steps_between(t.start, resumed, hz)
+            super::steps_between(t.start, resumed, hz).join("; ")
         ));
     }
     let blackout = ms(resumed.saturating_sub(s.stamps.kick), hz);

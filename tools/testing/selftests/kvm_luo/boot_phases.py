@@ -164,8 +164,8 @@ def phases(old, new):
 PAIR = re.compile(r'vmm: blackout (\d+) ms / bare kexec (\d+) ms = ([\d.]+)')
 # The blackout's steps, as the VMM reports them after each update.
 STEP = re.compile(r'vmm:   (\S.*\S)\s+(-?[\d.]+) ms$')
-# The VMM's own steps in the blackout (kvm-luo-vmm --steps): the stop's, said before the
-# kexec, and the restore's, said once the guest runs.
+# The VMM's own steps in the blackout (kvm-luo-vmm --steps): the stop's and the restore's,
+# both said by the new kernel's VMM once the guest runs, the stop's first.
 VMM_STEPS = re.compile(r"vmm: \[kernel \d+\] the (stop|restore)'s steps \(ms\): (.*)$")
 ENTERS = re.compile(r'vCPU \d+ enters$')
 
@@ -208,7 +208,7 @@ def bench(args):
     runs = {}
     for arg in args:
         size, _, path = arg.partition('=')
-        pairs, steps, own = [], {}, {}
+        pairs, steps, own, totals, stop = [], {}, {}, [], None
         with open(path, errors='replace') as f:
             for line in f:
                 line = line.rstrip('\r\n')
@@ -220,12 +220,20 @@ def bench(args):
                     steps.setdefault(m.group(1), []).append(float(m.group(2)))
                 m = VMM_STEPS.search(line)
                 if m:
-                    for name, took in vmm_steps(m.group(1), m.group(2)):
+                    said = vmm_steps(m.group(1), m.group(2))
+                    for name, took in said:
                         own.setdefault(name, []).append(took)
+                    # Each update's own total: its stop's steps and its restore's.
+                    total = sum(took for _, took in said)
+                    if m.group(1) == 'stop':
+                        stop = total
+                    elif stop is not None:
+                        totals.append(stop + total)
+                        stop = None
         ks = kernels(path)
         kexecs = [phases(a, b) for a, b in zip(ks, ks[1:])]
         runs[size] = {
-            'pairs': pairs, 'steps': steps, 'own': own,
+            'pairs': pairs, 'steps': steps, 'own': own, 'totals': totals,
             'update': [p for p in kexecs[0::2] if p],
             'bare': [p for p in kexecs[1::2] if p],
         }
@@ -256,6 +264,10 @@ def bench(args):
         for name in names:
             print(f'  {name:<44}' + ''.join(
                 f'{fmt(median(runs[s]["own"].get(name, []))):>10}' for s in sizes))
+        # Not the sum of the medians above: steps of one update may be missing, or overlap.
+        label = "in all (median of each update's sum)"
+        print(f'  {label:<44}' + ''.join(
+            f'{fmt(median(runs[s]["totals"])):>10}' for s in sizes))
     print('each kexec in phases, median ms (kernel timestamps on the TSC; '
           'boot_phases.py says what each is):')
     cols = [(s, 'update') for s in sizes] + [(s, 'bare') for s in sizes]
